@@ -1,0 +1,1 @@
+"""kiln: an LLM inference engine that proves what each optimization buys."""
