@@ -1,0 +1,65 @@
+"""Build and load kiln's C++ kernels (compiled on first use against the installed torch).
+
+The library is compiled with `torch.utils.cpp_extension.load` into $KILN_HOME/build and
+cached there; later processes load it in well under a second. If no compiler is present
+(or KILN_NO_NATIVE=1), `load_native()` returns False and callers use the plain-torch
+reference paths instead — slower, never wrong. `native_status()` says which it is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ["paged_attention.cpp"]
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None, "error": None}
+
+
+def _build_dir() -> Path:
+    from kiln.hub import kiln_home
+
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+    path = kiln_home() / "build" / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_native() -> bool:
+    """Compile (first time) and load the kernel library; True when torch.ops.kiln is usable."""
+    with _lock:
+        if _state["loaded"] is not None:
+            return bool(_state["loaded"])
+        if os.environ.get("KILN_NO_NATIVE") == "1":
+            _state.update(loaded=False, error="disabled by KILN_NO_NATIVE=1")
+            return False
+        try:
+            from torch.utils.cpp_extension import load
+
+            flags = ["-O3", "-fopenmp-simd"]
+            if os.environ.get("KILN_PORTABLE_KERNELS") != "1":
+                flags.append("-march=native")
+            load(
+                name="kiln_native",
+                sources=[str(_CSRC / s) for s in _SOURCES],
+                extra_cflags=flags,
+                build_directory=str(_build_dir()),
+                is_python_module=False,
+                verbose=False,
+            )
+            _state.update(loaded=True, error=None)
+        except Exception as exc:  # no compiler, no ninja, ... → reference paths
+            _state.update(loaded=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return bool(_state["loaded"])
+
+
+def native_status() -> str:
+    """One line for `kiln info`: which attention path is in use and why."""
+    if load_native():
+        return "native C++ kernels (torch.ops.kiln)"
+    return f"plain-torch reference kernels ({_state['error']})"

@@ -1,0 +1,85 @@
+"""Fast attention over the paged KV cache (the hot path; its twin is attention_reference).
+
+- Decode sequences (one new token each) go in one call to the native kernel, which reads
+  K/V in place through the block tables. Without the native library, or on a non-CPU
+  device, decodes fall back to a batched gather + SDPA.
+- Prefill chunks (several new tokens, possibly after a cached prefix) go through
+  `scaled_dot_product_attention` per sequence with a causal mask offset by the prefix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.attention_reference import gather_context
+from kiln.kernels.native import load_native
+from kiln.layers.attention_metadata import AttentionMetadata
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store this step's K/V [T, Hkv, D] into their slots of the [blocks, block_size, Hkv, D] caches."""
+    k_cache.view(-1, k_cache.shape[2], k_cache.shape[3]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, v_cache.shape[2], v_cache.shape[3]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _decode_fallback(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Batched decode by gathering padded contexts; used only where the native kernel is absent."""
+    n = meta.num_decodes
+    max_len = max(meta.seq_lens[:n])
+    block_size = k_cache.shape[1]
+    n_blocks = (max_len + block_size - 1) // block_size
+    table = meta.block_tables[:n, :n_blocks].long()
+    k = k_cache[table].flatten(1, 2)[:, :max_len]  # [n, S, Hkv, D]
+    v = v_cache[table].flatten(1, 2)[:, :max_len]
+    lens = meta.seq_lens_tensor[:n].to(q.device)
+    mask = torch.arange(max_len, device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [n, S]
+    out = F.scaled_dot_product_attention(
+        q[:n].unsqueeze(2),  # [n, Hq, 1, D]
+        k.transpose(1, 2).to(q.dtype),
+        v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D] (this step's K/V already written) → out [T, Hq, D]."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty_like(q)
+    n_dec = meta.num_decodes
+    if n_dec:
+        if q.device.type == "cpu" and load_native() and k_cache.dtype == q.dtype:
+            out[:n_dec] = torch.ops.kiln.paged_decode_attention(
+                q[:n_dec], k_cache, v_cache, meta.block_tables[:n_dec], meta.seq_lens_tensor[:n_dec], scale
+            )
+        else:
+            out[:n_dec] = _decode_fallback(q, k_cache, v_cache, meta, scale)
+    for i in range(n_dec, meta.num_seqs):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        q_len, seq_len = end - start, meta.seq_lens[i]
+        k = gather_context(k_cache, meta.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)  # [Hkv, S, D]
+        v = gather_context(v_cache, meta.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)
+        qi = q[start:end].transpose(0, 1)  # [Hq, L, D]
+        if q_len == seq_len:
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [L, S]
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = o.transpose(0, 1)
+    return out

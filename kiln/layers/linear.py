@@ -1,0 +1,92 @@
+"""Linear layers whose weights are loaded shard by shard.
+
+A layer owns its parameters and knows how to load each one (`weight_loader`), so the
+GGUF and safetensors loaders only have to map a checkpoint name to (parameter, shard).
+Fused layers (q,k,v → qkv_proj; gate,up → gate_up_proj) place each shard at its row
+offset; the model code never knows which file format the weights came from.
+
+The math goes through a `LinearMethod` so a quantized format can replace the matmul
+without the model file branching on it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearMethod(Protocol):
+    """How a Linear's output is computed from its (possibly transformed) weights."""
+
+    name: str
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseLinearMethod:
+    """Plain `x @ W.T (+ b)` in the layer's dtype (oneDNN on CPU, cuBLAS on CUDA)."""
+
+    name = "dense"
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with W of shape [sum(output_sizes), input_size].
+
+    `shard_names` lists the logical sub-matrices stacked along the output dimension, in
+    order (a plain Linear has a single shard named None).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        shard_names: list[str | None] | None = None,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.shard_names = list(shard_names) if shard_names is not None else [None]
+        if len(self.shard_names) != len(self.output_sizes):
+            raise ValueError("shard_names and output_sizes must have the same length")
+        out = sum(output_sizes)
+        self.weight = nn.Parameter(torch.empty(out, input_size, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
+        self.method: LinearMethod = DenseLinearMethod()
+        self.loaded_shards: set[tuple[str, str | None]] = set()
+
+    def shard_slice(self, shard: str | None) -> slice:
+        idx = self.shard_names.index(shard)
+        start = sum(self.output_sizes[:idx])
+        return slice(start, start + self.output_sizes[idx])
+
+    def weight_loader(self, param_name: str, loaded: torch.Tensor, shard: str | None = None) -> None:
+        """Copy a checkpoint tensor into `weight` or `bias`, at `shard`'s rows.
+
+        Raises ValueError naming the expected shape when the checkpoint disagrees.
+        """
+        param = self.weight if param_name == "weight" else self.bias
+        if param is None:
+            raise ValueError(f"this layer has no {param_name}")
+        rows = self.shard_slice(shard)
+        target = param.data[rows]
+        if tuple(loaded.shape) != tuple(target.shape):
+            raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(loaded.shape)}")
+        target.copy_(loaded.to(target.dtype))
+        self.loaded_shards.add((param_name, shard))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_sizes}, method={self.method.name}"

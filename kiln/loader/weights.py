@@ -1,0 +1,69 @@
+"""Route checkpoint tensors (Hugging Face names) to the parameters' own weight loaders.
+
+Both file-format loaders produce `(hf_name, tensor)` pairs; this module maps each name to
+a module, parameter and shard (fused q/k/v and gate/up), checks shapes, and reports any
+parameter left unloaded. It is the single place where names meet modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kiln.errors import ModelLoadError
+
+
+def _target(model: nn.Module, hf_name: str) -> tuple[str, str, str | None]:
+    """HF name → (module path in kiln's model, parameter name, shard)."""
+    name = hf_name.removeprefix("model.")
+    module_path, _, param = name.rpartition(".")
+    parent, _, leaf = module_path.rpartition(".")
+    packed = getattr(model, "packed_modules", {})
+    if leaf in packed:
+        fused, shard = packed[leaf]
+        return f"{parent}.{fused}" if parent else fused, param, shard
+    return module_path, param, None
+
+
+def expected_shards(model: nn.Module) -> set[tuple[str, str, str | None]]:
+    """Every (module, parameter, shard) a complete checkpoint must provide."""
+    needed: set[tuple[str, str, str | None]] = set()
+    for mod_name, module in model.named_modules():
+        shard_names = getattr(module, "shard_names", [None])
+        for p_name, _ in module.named_parameters(recurse=False):
+            for shard in shard_names:
+                needed.add((mod_name, p_name, shard))
+    return needed
+
+
+def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: Path | str) -> None:
+    """Load every tensor; raise ModelLoadError naming `source` on a shape mismatch or a missing tensor."""
+    needed = expected_shards(model)
+    tied = getattr(model, "lm_head", None) is None
+    for hf_name, tensor in weights:
+        if tied and hf_name == "lm_head.weight":
+            continue  # a tied checkpoint may still ship lm_head; the embedding is the source of truth
+        if "rotary_emb.inv_freq" in hf_name:
+            continue
+        module_path, param, shard = _target(model, hf_name)
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise ModelLoadError(source, f"unexpected tensor {hf_name!r} (not part of this architecture)") from None
+        try:
+            if hasattr(module, "weight_loader"):
+                module.weight_loader(param, tensor, shard)
+            else:
+                target = getattr(module, param)
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(tensor.shape)}")
+                target.data.copy_(tensor.to(target.dtype))
+        except ValueError as exc:
+            raise ModelLoadError(source, f"tensor {hf_name!r}: {exc}") from None
+        needed.discard((module_path, param, shard))
+    if needed:
+        missing = sorted(f"{m}.{p}" + (f" ({s})" if s else "") for m, p, s in needed)
+        raise ModelLoadError(source, f"missing tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
