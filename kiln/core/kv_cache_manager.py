@@ -170,7 +170,7 @@ class KVCacheManager:
         state = existing if existing is not None else self._state(request)
         if hit_blocks:
             # Touch before allocating so get_new_blocks cannot evict a hit.
-            pass
+            self.block_pool.touch(hit_blocks)
             state.blocks.extend(hit_blocks)
             state.num_cached_blocks = len(hit_blocks)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)

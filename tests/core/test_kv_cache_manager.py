@@ -142,6 +142,16 @@ def test_hit_after_owner_preempted_reuses_blocks() -> None:
     assert [h.ref_cnt for h in hits] == [1, 1] and mgr.get_num_free_blocks() == 3
 
 
+def test_free_is_tail_first_so_prefix_outlives_suffix() -> None:
+    mgr = KVCacheManager(num_blocks=3, block_size=4)
+    a = Req("a", SYS + [1, 2, 3])
+    ids = run_prefill(mgr, a)
+    mgr.free(a)
+    assert mgr.allocate_slots(Req("x", []), 4) is not None  # evicts a's last block
+    assert mgr.get_block_ids("x") == [ids[2]]
+    assert mgr.get_computed_blocks(Req("b", SYS + [9]))[1] == 8  # prefix survived
+
+
 def test_same_step_sharing() -> None:
     mgr = KVCacheManager(num_blocks=10, block_size=4)
     a, b = Req("a", SYS + [1]), Req("b", SYS + [2])

@@ -1,0 +1,215 @@
+"""Iteration-level scheduler: one token budget per step, no prefill/decode phases.
+
+Each step, running requests are served first (a decode needs one token; an unfinished
+prompt needs its next chunk), then waiting requests are admitted while the budget,
+`max_num_seqs` and free KV blocks allow. Chunked prefill, prefix-cache hits and decode
+all fall out of "give each request the tokens it still needs to compute, up to the
+budget". When blocks run out, the newest running request (lowest priority first) is
+preempted by recompute: its blocks are freed, its progress reset, and it goes back to
+the front of the waiting queue with its output so far.
+
+The scheduler never touches tensors; it emits a SchedulerOutput for the model runner
+and is told the sampled tokens back via `update_from_output`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kiln.config import SchedulerConfig
+from kiln.core.kv_cache_manager import KVCacheManager
+from kiln.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step: compute `num_tokens` tokens starting at `start`."""
+
+    request: Request  # read-only for the runner
+    start: int  # = request.num_computed_tokens at scheduling time
+    num_tokens: int  # new tokens computed this step (prompt chunk, 1 decode token, or 1 + drafts)
+    block_ids: list[int]
+    spec_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so a token is sampled."""
+        return self.start + self.num_tokens - len(self.spec_token_ids) >= self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    preempted_ids: list[str]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_preemptions_total: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request, ordered by (priority, arrival): lower priority value runs first."""
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        key = (request.priority, request.arrival_time)
+        index = len(self.waiting)
+        while index > 0 and (self.waiting[index - 1].priority, self.waiting[index - 1].arrival_time) > key \
+                and self.waiting[index - 1].status == RequestStatus.WAITING:
+            index -= 1
+        self.waiting.insert(index, request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Finish (stop / abort / error) a request in any state; frees its KV blocks. Idempotent."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        request.metrics.finished_time = time.monotonic()
+        self.kv.free(request)
+        return request
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- scheduling -----------------------------------------------------------------
+    def _tokens_needed(self, request: Request) -> int:
+        return request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.spec_token_ids = []
+        victim.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    def _pick_victim(self) -> Request:
+        # Lowest priority (largest value) first, then the newest arrival.
+        return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        now = time.monotonic()
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(self._tokens_needed(request), budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            while True:
+                if self.kv.allocate_slots(request, num_new) is not None:
+                    break
+                victim = self._pick_victim()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted itself; `running` shrank, same index now holds the next one
+            spec = request.spec_token_ids if num_new == self._tokens_needed(request) else []
+            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new,
+                                              self.kv.get_block_ids(request.request_id), list(spec)))
+            budget -= num_new
+            index += 1
+
+        # Admit waiting requests, unless this step already had to preempt (memory is tight).
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_hits = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hits
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hits
+            request.metrics.num_cached_tokens = max(request.metrics.num_cached_tokens, num_hits)
+            request.status = RequestStatus.RUNNING
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, num_hits, num_new, self.kv.get_block_ids(request.request_id)))
+            budget -= num_new
+
+        return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, preempted)
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, list[int]]
+    ) -> list[Request]:
+        """Advance computed-token counts, append sampled tokens and apply token-level stops.
+
+        `sampled[request_id]` holds the accepted tokens of requests that sampled this step.
+        Returns the requests that finished (their blocks are already freed).
+        """
+        finished: list[Request] = []
+        now = time.monotonic()
+        for item in output.scheduled:
+            request = item.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            drafts = len(item.spec_token_ids)
+            request.num_computed_tokens += item.num_tokens - drafts
+            request.spec_token_ids = []
+            tokens = sampled.get(request.request_id)
+            if not tokens:
+                continue
+            if drafts:
+                # Accepted drafts' KV is valid; the rejected ones' slots will be overwritten.
+                request.num_computed_tokens += len(tokens) - 1
+            for token in tokens:
+                request.append_output_token(token)
+                if request.metrics.first_token_time is None:
+                    request.metrics.first_token_time = now
+                request.metrics.last_token_time = now
+                status = request.check_token_stop()
+                if status is not None:
+                    self.finish_request(request.request_id, status)
+                    finished.append(request)
+                    break
+        return finished
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_usage=self.kv.usage,
+            num_preemptions_total=self.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_cache_queries,
+            prefix_cache_hits=self.kv.prefix_cache_hits,
+        )
