@@ -70,3 +70,29 @@ class ModelConfig:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of K+V cache one token occupies across all layers (only KV heads are cached)."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing.
+
+    `kv_cache_memory` (bytes) wins when set; otherwise `kv_cache_fraction` of the memory
+    available at start-up is used, capped at `kv_cache_max_default` bytes.
+    """
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    kv_cache_fraction: float = 0.25
+    kv_cache_max_default: int = 2 << 30
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto = the model dtype
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step limits: tokens in one forward and sequences in flight."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    enable_chunked_prefill: bool = True
+    max_model_len: int | None = None  # None: the model's context length

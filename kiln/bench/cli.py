@@ -1,0 +1,106 @@
+"""`kiln bench throughput|latency`: kiln and its peers on the same prompts, in one run, as ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln.bench import kiln_runs, peers
+from kiln.bench.data import gsm8k_questions, long_text
+from kiln.bench.runner import run_isolated
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["throughput", "latency"])
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, default=1024, help="latency: prompt length for the prefill figure")
+    p.add_argument("--peers", default="transformers,llama_cpp", help="comma list of peers, or 'none'")
+    p.add_argument("--hf-batch-size", type=int, default=8)
+    p.add_argument("--bench-threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="write results as JSON to this file")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from kiln.engine.kv_budget import parse_memory
+
+    return {
+        "kv_cache_memory": parse_memory(args.kv_cache_memory),
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enable_prefix_caching": not args.no_prefix_caching,
+    }
+
+
+def _prompts(args: argparse.Namespace):
+    from kiln.hub import resolve_model
+    from kiln.loader.gguf_loader import open_gguf  # noqa: F401 (fail early on a bad file)
+    from kiln.loader.tokenizer import Tokenizer
+
+    path = resolve_model(args.model)
+    tok = Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_hf_dir(path)
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in gsm8k_questions(args.num_prompts)]
+    return path, tok, [tok.encode(c, add_special_tokens=False) for c in chats]
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    path, tok, prompts = _prompts(args)
+    wanted = [] if args.peers == "none" else [p.strip() for p in args.peers.split(",")]
+    eos = sorted(tok.eos_token_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    threads = args.bench_threads
+    results: list[dict[str, Any]] = []
+    if args.kind == "throughput":
+        results.append(run_isolated(kiln_runs.kiln_throughput, args.model, args.dtype, prompts, args.output_len,
+                                    _engine_kwargs(args), threads=threads))
+        if "transformers" in wanted and peers.transformers_available() and path.suffix == ".gguf":
+            results.append(run_isolated(peers.transformers_generate_static, path, prompts, args.output_len,
+                                        args.hf_batch_size, pad, threads=threads))
+        if "llama_cpp" in wanted and peers.llama_cpp_available() and path.suffix == ".gguf":
+            results.append(run_isolated(peers.llama_cpp_sequential, path, prompts, args.output_len, threads, eos,
+                                        threads=threads))
+        for r in results:
+            if "elapsed_s" in r:
+                r["requests_per_s"] = len(prompts) / r["elapsed_s"]
+                r["output_tok_s"] = r["output_tokens"] / r["elapsed_s"]
+                r["total_tok_s"] = (r["output_tokens"] + sum(map(len, prompts))) / r["elapsed_s"]
+        key = "output_tok_s"
+    else:
+        prompt = prompts[0]
+        long_prompt = tok.encode(long_text(20000), add_special_tokens=False)[: args.prefill_len]
+        results.append(run_isolated(kiln_runs.kiln_latency, args.model, args.dtype, prompt, long_prompt,
+                                    args.output_len, _engine_kwargs(args), threads=threads))
+        if "transformers" in wanted and peers.transformers_available() and path.suffix == ".gguf":
+            results.append(run_isolated(peers.transformers_latency, path, prompt, long_prompt, args.output_len,
+                                        threads=threads))
+        if "llama_cpp" in wanted and peers.llama_cpp_available() and path.suffix == ".gguf":
+            results.append(run_isolated(peers.llama_cpp_latency, path, prompt, long_prompt, args.output_len, threads,
+                                        eos, threads=threads))
+        key = "decode_tok_s"
+    base = results[0]
+    ratios = {}
+    for r in results[1:]:
+        if key in r and key in base:
+            ratios[r["system"]] = {k: base[k] / r[k] for k in (key, "prefill_tok_s") if k in r and k in base}
+    report = {
+        "benchmark": args.kind,
+        "model": str(args.model),
+        "num_prompts": len(prompts),
+        "output_len": args.output_len,
+        "threads": threads,
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "results": results,
+        "kiln_over_peer": ratios,
+        "missing_peers": [p for p in wanted if not any(p.split("_")[0] in r.get("system", "").replace(".", "_")
+                                                         for r in results)],
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,44 @@
+"""`kiln info`: what a model is and what it costs to hold in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.config import ModelConfig
+
+
+def describe_config(cfg: ModelConfig) -> list[str]:
+    n = cfg.num_parameters
+    return [
+        f"architecture     {cfg.architecture} ({cfg.name})",
+        f"parameters       {n / 1e6:.1f} M",
+        f"layers           {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}",
+        f"attention        {cfg.num_attention_heads} query heads, {cfg.num_key_value_heads} KV heads, head_dim {cfg.head_dim}"
+        + (" (GQA)" if cfg.num_key_value_heads < cfg.num_attention_heads else ""),
+        f"vocabulary       {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}",
+        f"context          {cfg.max_position_embeddings} tokens, rope theta {cfg.rope_theta:g}"
+        + (f", scaling {cfg.rope_scaling.rope_type} x{cfg.rope_scaling.factor:g}" if cfg.rope_scaling else ""),
+        "weights memory   " + ", ".join(f"{name} {n * b / (1 << 20):.0f} MiB" for name, b in
+                                       (("fp32", 4), ("bf16", 2), ("int8", 1), ("int4", 0.5))),
+        f"KV cache         {cfg.kv_bytes_per_token(2) / 1024:.1f} KiB/token at bf16, "
+        f"{cfg.kv_bytes_per_token(4) / 1024:.1f} KiB/token at fp32",
+    ]
+
+
+def print_info(model: str, dtype: str = "auto") -> None:
+    from kiln.hub import resolve_model
+    from kiln.kernels.native import native_status
+    from kiln.loader.model_loader import load_model
+
+    path = resolve_model(model)
+    loaded = load_model(path, dtype)
+    print(f"file             {path} ({loaded.file_format}, {Path(path).stat().st_size / (1 << 20):.1f} MiB)"
+          if Path(path).is_file() else f"folder           {path} ({loaded.file_format})")
+    for line in describe_config(loaded.config):
+        print(line)
+    print("tensor types     " + ", ".join(f"{k}: {v}" for k, v in sorted(loaded.tensor_types.items())))
+    print(f"compute dtype    {loaded.model.dtype} (quantized tensors are dequantized at load)")
+    methods = sorted({m.method.name for m in loaded.model.modules() if hasattr(m, "method")})
+    print(f"linear path      {', '.join(methods)}")
+    print(f"attention path   {native_status()}")
+    print(f"chat template    {'yes' if loaded.tokenizer.chat_template else 'no'}")

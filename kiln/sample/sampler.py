@@ -1,0 +1,114 @@
+"""Token sampling for a batch of rows, each with its own SamplingParams.
+
+Order of operations (as in vLLM / HF): min_tokens masking → repetition, frequency and
+presence penalties → greedy argmax, or temperature → top-k → top-p → min-p → draw.
+Seeded rows draw with their own torch.Generator, so a request's tokens depend only on
+its seed and its tokens, never on what else is in the batch. Logprobs are reported from
+the raw model distribution (before penalties and truncation), like vLLM's default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SampleRow:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+    eos_token_ids: frozenset[int]
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    # per row: (sampled token logprob, top-n [(token, logprob)]) or None when not requested
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.has_penalties:
+            continue
+        device = logits.device
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(row.prompt_token_ids + row.output_token_ids, dtype=torch.long, device=device).unique()
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if row.output_token_ids and (p.frequency_penalty or p.presence_penalty):
+            out = torch.tensor(row.output_token_ids, dtype=torch.long, device=device)
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    for i, row in enumerate(rows):
+        p = row.params
+        if len(row.output_token_ids) < p.min_tokens:
+            banned = set(p.stop_token_ids or [])
+            if not p.ignore_eos:
+                banned |= row.eos_token_ids
+            if banned:
+                logits[i, list(banned)] = float("-inf")
+    return logits
+
+
+def truncate_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on one row of logits → probabilities."""
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it stays)
+        remove = (cumulative - sorted_probs) >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(remove, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Sample one index from a probability row (exponential race: argmax p / E, E ~ Exp(1))."""
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return int(torch.argmax(probs / noise))
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+        """logits [N, V] fp32 (modified in place) → one token per row."""
+        want_logprobs = any(r.params.logprobs is not None for r in rows)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = apply_min_tokens(logits, rows)
+        logits = apply_penalties(logits, rows)
+        tokens = [0] * len(rows)
+        greedy_idx = [i for i, r in enumerate(rows) if r.params.greedy]
+        if greedy_idx:
+            argmax = logits[greedy_idx].argmax(-1).tolist()
+            for i, t in zip(greedy_idx, argmax):
+                tokens[i] = t
+        for i, row in enumerate(rows):
+            if not row.params.greedy:
+                tokens[i] = draw(truncate_probs(logits[i], row.params), row.generator)
+        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            for i, row in enumerate(rows):
+                n = row.params.logprobs
+                if n is None:
+                    continue
+                top = torch.topk(raw_logprobs[i], n) if n > 0 else None
+                top_list = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+                logprobs[i] = (float(raw_logprobs[i, tokens[i]]), top_list)
+        return SampleResult(tokens, logprobs)

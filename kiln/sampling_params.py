@@ -1,0 +1,81 @@
+"""SamplingParams: how one request's tokens are chosen and when it stops (vLLM-compatible names).
+
+Every field is validated at construction; a bad value raises ValueError naming the field
+and its allowed range, so the server can turn it into a 400 without touching the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._check("n", self.n, lambda v: isinstance(v, int) and 1 <= v <= 128, "an integer in [1, 128]")
+        self._check("temperature", self.temperature, lambda v: 0.0 <= v <= 100.0, "in [0, 100] (0 = greedy)")
+        self._check("top_p", self.top_p, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+        self._check("top_k", self.top_k, lambda v: isinstance(v, int) and v >= -1, "-1, 0 (disabled) or a positive integer")
+        self._check("min_p", self.min_p, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        self._check("presence_penalty", self.presence_penalty, lambda v: -2.0 <= v <= 2.0, "in [-2, 2]")
+        self._check("frequency_penalty", self.frequency_penalty, lambda v: -2.0 <= v <= 2.0, "in [-2, 2]")
+        self._check("repetition_penalty", self.repetition_penalty, lambda v: 0.0 < v <= 10.0, "in (0, 10]")
+        self._check("max_tokens", self.max_tokens, lambda v: v is None or (isinstance(v, int) and v >= 1), "a positive integer or None")
+        self._check("min_tokens", self.min_tokens, lambda v: isinstance(v, int) and v >= 0, "a non-negative integer")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            self._check(name, getattr(self, name), lambda v: v is None or (isinstance(v, int) and 0 <= v <= 20), "None or an integer in [0, 20]")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or s == "" for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        self._stop_list = stops
+        if self.stop_token_ids is not None and any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be a list of non-negative integers")
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @staticmethod
+    def _check(name: str, value: object, ok, allowed: str) -> None:
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return self._stop_list
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

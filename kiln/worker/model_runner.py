@@ -1,0 +1,132 @@
+"""SchedulerOutput → tensors → one forward → logits → sampled tokens.
+
+The runner owns the model, the KV cache tensors and per-request sampling state (seeded
+generators). It reads Requests but never changes them; the scheduler applies the result.
+Decode rows are placed first in the flat batch so attention can take them in one kernel
+call; logits are computed only for rows that sample (or that need prompt logprobs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
+from kiln.layers.attention_metadata import build_attention_metadata
+from kiln.models.llama import LlamaForCausalLM
+from kiln.sample.sampler import SampleRow, Sampler
+
+TopLogprobs = list[tuple[int, float]]
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    # request id → per sampled token: (logprob, top-n)
+    logprobs: dict[str, list[tuple[float, TopLogprobs]]] = field(default_factory=dict)
+    # request id → per prompt position computed this step: (token, logprob, top-n)
+    prompt_logprobs: dict[str, list[tuple[int, float, TopLogprobs]]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(
+        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None
+    ) -> None:
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        cfg = model.config
+        dtype = kv_dtype or model.dtype
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+
+    def remove_requests(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+
+    def _generator(self, item: ScheduledRequest) -> torch.Generator | None:
+        seed = item.request.sampling_params.seed
+        if seed is None:
+            return None
+        rid = item.request.request_id
+        gen = self.generators.get(rid)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self.generators[rid] = gen
+        return gen
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        items = sorted(sched.scheduled, key=lambda s: s.num_tokens != 1)  # decodes first, stable
+        token_ids: list[int] = []
+        positions: list[int] = []
+        for item in items:
+            req = item.request
+            end = item.start + item.num_tokens - len(item.spec_token_ids)
+            token_ids.extend(req.all_token_ids[item.start:end])
+            token_ids.extend(item.spec_token_ids)
+            positions.extend(range(item.start, item.start + item.num_tokens))
+        meta = build_attention_metadata(
+            [i.num_tokens for i in items],
+            [i.start + i.num_tokens for i in items],
+            [i.block_ids for i in items],
+            self.block_size,
+            self.device,
+        )
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, meta, self.kv_caches)
+
+        out = RunnerOutput()
+        sample_rows: list[int] = []
+        sample_items: list[ScheduledRequest] = []
+        for i, item in enumerate(items):
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            if item.request.sampling_params.prompt_logprobs is not None and item.start < item.request.num_prompt_tokens:
+                out.prompt_logprobs[item.request.request_id] = self._prompt_logprobs(item, hidden[start:end])
+            if item.samples:
+                sample_rows.append(end - 1)
+                sample_items.append(item)
+        if not sample_rows:
+            return out
+        logits = self.model.compute_logits(hidden[sample_rows])
+        rows = [
+            SampleRow(
+                item.request.sampling_params,
+                item.request.prompt_token_ids,
+                item.request.output_token_ids,
+                self._generator(item),
+                item.request.eos_token_ids,
+            )
+            for item in sample_items
+        ]
+        result = self.sampler(logits, rows)
+        for item, token, lp in zip(sample_items, result.token_ids, result.logprobs):
+            rid = item.request.request_id
+            out.sampled[rid] = [token]
+            if lp is not None:
+                out.logprobs[rid] = [lp]
+        return out
+
+    def _prompt_logprobs(self, item: ScheduledRequest, hidden: torch.Tensor) -> list[tuple[int, float, TopLogprobs]]:
+        """Logprob of each next prompt token given the tokens before it, for this chunk's rows."""
+        req = item.request
+        n_top = req.sampling_params.prompt_logprobs or 0
+        last_prompt_row = min(item.num_tokens, req.num_prompt_tokens - 1 - item.start)
+        if last_prompt_row <= 0:
+            return []
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:last_prompt_row]), dim=-1)
+        result = []
+        for r in range(last_prompt_row):
+            target = req.prompt_token_ids[item.start + r + 1]
+            top = torch.topk(logprobs[r], n_top) if n_top else None
+            top_list = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            result.append((target, float(logprobs[r, target]), top_list))
+        return result
