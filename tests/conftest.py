@@ -26,3 +26,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.fail(f"evaluation data not found at {SHARED_DATA}; the tests expect ../shared/data next to the repo")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def llm_fp32(default_gguf_path: Path):
+    """The real default model in fp32 (the precision the reference comparisons use)."""
+    from kiln import LLM
+
+    return LLM(str(default_gguf_path), dtype="float32", kv_cache_memory="256MiB")
+
+
+@pytest.fixture(scope="session")
+def hf_reference(default_gguf_path: Path):
+    """transformers loading the same GGUF (dequantized to fp32): the reference implementation."""
+    transformers = pytest.importorskip("transformers", reason="reference tests need the test extras")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_gguf_path.parent), gguf_file=default_gguf_path.name, dtype=torch.float32
+    )
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(default_gguf_path.parent), gguf_file=default_gguf_path.name)
+    return model, tokenizer

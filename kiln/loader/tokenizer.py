@@ -61,8 +61,9 @@ _PRE_SPLITS: dict[str, str | None] = {
     "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",
     "command-r": "digits", "exaone": "digits", "minerva-7b": "digits",
 }
-# llama.cpp uses a token that is a whole pre-token as-is, before merging, for these vocabularies.
-_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "dbrx"}
+# llama.cpp (like Llama 3's own tokenizer.json) takes a pre-token that is itself in the vocabulary
+# as one token, without merging, for these.
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 
 
 def _byte_pre_tokenizer(pre: str, path: object) -> pre_tokenizers.PreTokenizer:
@@ -97,6 +98,39 @@ def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]
                 ranked.append((-scores[i], i, cut, left, right))
     ranked.sort()
     return [(left, right) for _, _, _, left, right in ranked]
+
+
+def _byte_level_bpe(reader: gguf.GGUFReader, path: object, tokens: list[str]) -> Backend:
+    """GPT-2 style BPE over the byte alphabet, split first by the regex `tokenizer.ggml.pre` names."""
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not merges:
+        raise ModelLoadError(path, "byte-level BPE tokenizer has no tokenizer.ggml.merges")
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = Backend(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre in _IGNORE_MERGES))
+    backend.pre_tokenizer = _byte_pre_tokenizer(pre, path)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(reader: gguf.GGUFReader, tokens: list[str], types: list[int], unk: int | None) -> Backend:
+    """SentencePiece BPE as llama.cpp runs it: merges by score, ▁ for spaces, <0xXX> byte fallback."""
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if merges:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        pairs = _merges_from_scores(tokens, _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens), types)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk_token = tokens[unk] if unk is not None else None
+    backend = Backend(models.BPE(vocab, pairs, byte_fallback=True, fuse_unk=True, unk_token=unk_token))
+    # llama.cpp prepends the space to every run of text, including one after a special token,
+    # and keeps leading spaces ("  hi" → "▁▁▁hi"); a normalizer (run per segment) does both.
+    space_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    prepend = [normalizers.Prepend("▁")] if space_prefix else []
+    backend.normalizer = normalizers.Sequence([*prepend, normalizers.Replace(" ", "▁")])
+    strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    return backend
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
@@ -141,6 +175,8 @@ class Tokenizer:
         self.pad_token_id = pad_token_id
         self.chat_template = chat_template
         added = backend.get_added_tokens_decoder()
+        # Added tokens (special or user-defined) are matched whole and spelled literally.
+        self.added_token_ids: frozenset[int] = frozenset(added)
         named = {i for i in (bos_token_id, eos_token_id, pad_token_id) if i is not None}
         self.all_special_ids: list[int] = sorted(named | {i for i, tok in added.items() if tok.special})
         special = set(self.all_special_ids)
@@ -149,7 +185,7 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset({i for i in (eos_token_id,) if i is not None} | turn_ends | set(extra_eos_ids))
         probe = backend.encode("a", add_special_tokens=True).ids
         self.add_bos_token: bool = bos_token_id is not None and probe[:1] == [bos_token_id]
-        # Whether token strings are spelled in GPT-2's byte alphabet (decides `token_bytes`).
+        # Whether vocabulary strings are spelled in GPT-2's byte alphabet (vs SentencePiece's ▁ and <0xXX>).
         self.byte_level: bool = b'"ByteLevel"' in backend.decoder.__getstate__() if backend.decoder else False
 
     # ----------------------------------------------------------------- construction
@@ -157,7 +193,7 @@ class Tokenizer:
     def from_gguf(cls, path_or_reader: str | Path | gguf.GGUFReader) -> Tokenizer:
         """Build the tokenizer a GGUF file describes; ModelLoadError if it describes none we support."""
         if isinstance(path_or_reader, gguf.GGUFReader):
-            reader, path = path_or_reader, getattr(path_or_reader, "path", "<gguf>")
+            reader, path = path_or_reader, getattr(path_or_reader.data, "filename", "<gguf>")
         else:
             path = Path(path_or_reader)
             try:
@@ -171,34 +207,9 @@ class Tokenizer:
         types: list[int] = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
         special_id = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding", "eot", "eom")}
         if kind == "gpt2":
-            merges = _field(reader, "tokenizer.ggml.merges")
-            if not merges:
-                raise ModelLoadError(path, "byte-level BPE tokenizer has no tokenizer.ggml.merges")
-            pre = _field(reader, "tokenizer.ggml.pre", "default")
-            backend = Backend(models.BPE(
-                {t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
-                ignore_merges=pre in _IGNORE_MERGES,
-            ))
-            backend.pre_tokenizer = _byte_pre_tokenizer(pre, path)
-            backend.decoder = decoders.ByteLevel()
-            default_add_bos = False
+            backend = _byte_level_bpe(reader, path, tokens)
         elif kind == "llama":
-            scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-            merges = _field(reader, "tokenizer.ggml.merges")
-            pairs = [tuple(m.split(" ", 1)) for m in merges] if merges else _merges_from_scores(tokens, scores, types)
-            unk = special_id["unknown"]
-            backend = Backend(models.BPE(
-                {t: i for i, t in enumerate(tokens)}, pairs, byte_fallback=True, fuse_unk=True,
-                unk_token=tokens[unk] if unk is not None else None,
-            ))
-            # llama.cpp prepends the space to every run of text, including one after a special
-            # token, and keeps leading spaces ("  hi" → "▁▁▁hi"); a per-segment normalizer does both.
-            space_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
-            steps = [normalizers.Prepend("▁")] if space_prefix else []
-            backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
-            strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []
-            backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
-            default_add_bos = True  # SentencePiece models get BOS unless the file says otherwise
+            backend = _sentencepiece_bpe(reader, tokens, types, special_id["unknown"])
         else:
             raise ModelLoadError(path, f"unsupported tokenizer.ggml.model {kind!r}; kiln supports 'gpt2' and 'llama'")
         backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == _USER_DEFINED])
@@ -209,7 +220,8 @@ class Tokenizer:
         name = {k: tokens[v] for k, v in (("bos", bos), ("eos", eos)) if v is not None}
         backend.post_processor = _post_processor(
             name.get("bos"), name.get("eos"), {tokens[i]: i for i in (bos, eos) if i is not None},
-            bool(_field(reader, "tokenizer.ggml.add_bos_token", default_add_bos)),
+            # SentencePiece models get BOS unless the file says otherwise (llama.cpp's default).
+            bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")),
             bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
         )
         return cls(
@@ -285,17 +297,6 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The exact bytes one token stands for (for logprobs and byte-level stop strings)."""
-        token = self.convert_ids_to_tokens([token_id])[0]
-        if token_id in self.backend.get_added_tokens_decoder():
-            return token.encode("utf-8")
-        if self.byte_level:
-            return bytes(_UNICODE_TO_BYTE.get(ch, 0x3F) for ch in token)
-        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            return bytes([int(token[3:5], 16)])
-        return token.replace("▁", " ").encode("utf-8")
-
     @property
     def bos_token(self) -> str | None:
         return None if self.bos_token_id is None else self.backend.id_to_token(self.bos_token_id)
@@ -325,18 +326,3 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelLoadError(path, f"cannot parse JSON ({exc})") from exc
     return data if isinstance(data, dict) else {}
 
-
-def _byte_alphabet() -> dict[str, int]:
-    """GPT-2's byte ↔ printable-character table, inverted: character → byte.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...) are
-    moved, in order, to the characters from U+0100 up, so every token is printable text.
-    """
-    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    moved = [b for b in range(256) if b not in kept]
-    table = {chr(b): b for b in kept}
-    table.update({chr(256 + n): b for n, b in enumerate(moved)})
-    return table
-
-
-_UNICODE_TO_BYTE = _byte_alphabet()
