@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kiln.kernels.fused import add_rms_norm
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Plain-torch RMSNorm in fp32, as HF Llama computes it (cast back to x's dtype)."""
@@ -28,7 +30,5 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
-        if residual is None:
-            return rms_norm_reference(x, self.weight, self.eps)
-        x = x + residual
-        return rms_norm_reference(x, self.weight, self.eps), x
+        out, new_residual = add_rms_norm(x, residual, self.weight, self.eps)
+        return out if residual is None else (out, new_residual)

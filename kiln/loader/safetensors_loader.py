@@ -46,7 +46,11 @@ def hf_model_config(folder: Path) -> ModelConfig:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         scaling = None
+        # transformers 5 writes RoPE settings under "rope_parameters"; older files at top level.
+        rope_params = raw.get("rope_parameters") or {}
         rs = raw.get("rope_scaling") or None
+        if rs is None and rope_params.get("rope_type", "default") != "default":
+            rs = rope_params
         if rs:
             kind = rs.get("rope_type", rs.get("type"))
             if kind == "llama3":
@@ -73,7 +77,7 @@ def hf_model_config(folder: Path) -> ModelConfig:
             num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rope_theta=float(raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
             rope_scaling=scaling,
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -89,7 +93,10 @@ def hf_model_config(folder: Path) -> ModelConfig:
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(index, f"invalid JSON ({exc})") from None
         files = sorted({folder / name for name in weight_map.values()})
     else:
         files = sorted(folder.glob("*.safetensors"))

@@ -16,7 +16,7 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.kernels.paged_attention import paged_attention, write_kv
-from kiln.layers.activation import silu_and_mul
+from kiln.kernels.fused import rope_qkv_, silu_and_mul
 from kiln.layers.attention_metadata import AttentionMetadata
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
@@ -53,11 +53,12 @@ class LlamaAttention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        # RoPE in place on the fused projection output: one pass, no q/k copies.
+        rope_qkv_(qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
         # Every token's K/V is written before any attention is computed, so a sequence may
         # attend to slots another sequence of the same step just filled (shared prefix).
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)

@@ -10,16 +10,28 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
-template <typename T>
-inline float dot_row(const float* q, const T* k, int64_t d) {
+// bf16 -> fp32 is a 16-bit shift; spelled out on raw bits so the loop vectorizes.
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t d) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+}
+
+inline void to_float(const float* src, float* dst, int64_t d) {
+  std::memcpy(dst, src, d * sizeof(float));
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t d) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < d; ++i) s += q[i] * static_cast<float>(k[i]);
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
   return s;
 }
 
@@ -41,7 +53,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t block_stride = BS * token_stride;
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), scores;
+    std::vector<float> qf(G * D), acc(G * D), scores, row(D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t S = sl[b];
@@ -53,8 +65,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       std::vector<float> row_max(G, -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < S; ++t) {
         const T* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h * D;
+        to_float(krow, row.data(), D);
         for (int64_t g = 0; g < G; ++g) {
-          const float s = dot_row(qf.data() + g * D, krow, D);
+          const float s = dot_f32(qf.data() + g * D, row.data(), D);
           scores[g * S + t] = s;
           if (s > row_max[g]) row_max[g] = s;
         }
@@ -69,11 +82,13 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < S; ++t) {
         const T* vrow = vp + table[t / BS] * block_stride + (t % BS) * token_stride + h * D;
+        to_float(vrow, row.data(), D);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * S + t];
           float* a = acc.data() + g * D;
+          const float* v = row.data();
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) a[i] += p * static_cast<float>(vrow[i]);
+          for (int64_t i = 0; i < D; ++i) a[i] += p * v[i];
         }
       }
       for (int64_t g = 0; g < G; ++g) {

@@ -1,0 +1,83 @@
+"""Every fast kernel against its plain-torch twin, on random shapes and both dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.kernels import fused
+from kiln.kernels.attention_reference import paged_attention_reference
+from kiln.kernels.native import load_native
+from kiln.kernels.paged_attention import _decode_fallback, paged_attention, write_kv
+from kiln.layers.attention_metadata import build_attention_metadata
+
+pytestmark = pytest.mark.skipif(not load_native(), reason="needs the native kernel library (a C++ compiler)")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm(dtype, with_residual) -> None:
+    torch.manual_seed(0)
+    x, r, w = torch.randn(7, 96, dtype=dtype), torch.randn(7, 96, dtype=dtype), torch.randn(96, dtype=dtype)
+    ref_out, ref_res = fused.add_rms_norm_reference(x, r if with_residual else None, w, 1e-5)
+    out, res = torch.ops.kiln.add_rms_norm(x, r if with_residual else x, w, 1e-5, with_residual)
+    assert torch.allclose(out.float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(res, ref_res)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype) -> None:
+    gate_up = torch.randn(5, 2 * 80, dtype=dtype) * 4
+    assert torch.allclose(torch.ops.kiln.silu_and_mul(gate_up).float(),
+                          fused.silu_and_mul_reference(gate_up).float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_qkv(dtype) -> None:
+    from kiln.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(32, 256, 10000.0)
+    qkv = torch.randn(6, (4 + 2 * 2) * 32, dtype=dtype)
+    pos = torch.tensor([0, 1, 7, 100, 255, 3])
+    ref = qkv.clone()
+    fused.rope_qkv_reference(ref, pos, rope.cos, rope.sin, 4, 2, 32)
+    torch.ops.kiln.rope_qkv_(qkv, pos, rope.cos, rope.sin, 4, 2, 32)
+    assert torch.allclose(qkv.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(qkv[:, -2 * 32:], ref[:, -2 * 32:])  # v untouched
+
+
+def _random_paged_batch(dtype, query_lens, seq_lens, hq=6, hkv=2, d=32, block_size=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = sum((s + block_size - 1) // block_size for s in seq_lens) + 3
+    perm = torch.randperm(n_blocks, generator=g).tolist()  # scattered, non-contiguous blocks
+    block_ids, used = [], 0
+    for s in seq_lens:
+        n = (s + block_size - 1) // block_size
+        block_ids.append(perm[used:used + n])
+        used += n
+    meta = build_attention_metadata(query_lens, seq_lens, block_ids, block_size)
+    k_cache = torch.randn(n_blocks, block_size, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(n_blocks, block_size, hkv, d, generator=g).to(dtype)
+    t = sum(query_lens)
+    q = torch.randn(t, hq, d, generator=g).to(dtype)
+    write_kv(torch.randn(t, hkv, d, generator=g).to(dtype), torch.randn(t, hkv, d, generator=g).to(dtype),
+             k_cache, v_cache, meta.slot_mapping)
+    return q, k_cache, v_cache, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("query_lens, seq_lens", [
+    ([1, 1, 1], [1, 9, 33]),  # decodes only
+    ([1, 1, 5, 12], [4, 17, 5, 20]),  # decodes + a fresh prefill + a chunk after a cached prefix
+    ([7], [7]),  # prefill only
+])
+def test_paged_attention_matches_reference(dtype, query_lens, seq_lens) -> None:
+    q, k_cache, v_cache, meta = _random_paged_batch(dtype, query_lens, seq_lens)
+    ref = paged_attention_reference(q, k_cache, v_cache, meta)
+    out = paged_attention(q, k_cache, v_cache, meta)
+    assert torch.allclose(out.float(), ref.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype])
+    if meta.num_decodes:
+        fb = _decode_fallback(q, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
+        n = meta.num_decodes
+        assert torch.allclose(fb.float(), ref[:n].float(), atol=TOL[dtype] * 5, rtol=TOL[dtype])
