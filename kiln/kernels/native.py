@@ -41,12 +41,15 @@ def load_native() -> bool:
         try:
             from torch.utils.cpp_extension import load
 
-            flags = ["-O3", "-fopenmp-simd"]
+            # -fopenmp: at::parallel_for is header code and runs serially without it.
+            flags = ["-O3", "-fopenmp"]
             if os.environ.get("KILN_PORTABLE_KERNELS") != "1":
                 flags.append("-march=native")
             load(
                 name="kiln_native",
                 sources=[str(_CSRC / s) for s in _SOURCES],
+                extra_include_paths=[str(_CSRC)],
+                extra_ldflags=["-fopenmp"],
                 extra_cflags=flags,
                 build_directory=str(_build_dir()),
                 is_python_module=False,

@@ -60,10 +60,14 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D] (this step's K/V already written) → out [T, Hq, D]."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out = torch.empty_like(q)
     n_dec = meta.num_decodes
+    native = q.device.type == "cpu" and k_cache.dtype == q.dtype and load_native()
+    if n_dec == meta.num_seqs and native:  # pure decode step: no output copy
+        return torch.ops.kiln.paged_decode_attention(q, k_cache, v_cache, meta.block_tables,
+                                                     meta.seq_lens_tensor, scale)
+    out = torch.empty_like(q)
     if n_dec:
-        if q.device.type == "cpu" and load_native() and k_cache.dtype == q.dtype:
+        if native:
             out[:n_dec] = torch.ops.kiln.paged_decode_attention(
                 q[:n_dec], k_cache, v_cache, meta.block_tables[:n_dec], meta.seq_lens_tensor[:n_dec], scale
             )

@@ -96,7 +96,9 @@ class Sampler:
         tokens = [0] * len(rows)
         greedy_idx = [i for i, r in enumerate(rows) if r.params.greedy]
         if greedy_idx:
-            argmax = logits[greedy_idx].argmax(-1).tolist()
+            # Index only when needed: gathering rows of a [N, vocab] tensor costs a full copy.
+            greedy_logits = logits if len(greedy_idx) == len(rows) else logits[greedy_idx]
+            argmax = greedy_logits.argmax(-1).tolist()
             for i, t in zip(greedy_idx, argmax):
                 tokens[i] = t
         for i, row in enumerate(rows):

@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <cmath>
+#include <vector>
+
+#include "fast_math.h"
 
 namespace {
 
@@ -71,9 +74,10 @@ void silu_mul_kernel(const at::Tensor& gate_up, at::Tensor& out) {
       const T* g = gp + r * 2 * I;
       const T* u = g + I;
       T* o = op + r * I;
+#pragma omp simd
       for (int64_t i = 0; i < I; ++i) {
         const float gv = static_cast<float>(g[i]);
-        const T act = static_cast<T>(gv / (1.f + std::exp(-gv)));
+        const T act = static_cast<T>(gv / (1.f + kiln_exp(-gv)));
         o[i] = static_cast<T>(static_cast<float>(act) * static_cast<float>(u[i]));
       }
     }

@@ -11,13 +11,27 @@
 #include <c10/util/BFloat16.h>
 #include <cmath>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
+
+#include "fast_math.h"
 
 namespace {
 
 // bf16 -> fp32 is a 16-bit shift; spelled out on raw bits so the loop vectorizes.
 inline void to_float(const c10::BFloat16* src, float* dst, int64_t d) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+    return;
+  }
+#endif
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
 #pragma omp simd
@@ -29,10 +43,30 @@ inline void to_float(const float* src, float* dst, int64_t d) {
 }
 
 inline float dot_f32(const float* a, const float* b, int64_t d) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
   return s;
+}
+
+inline void axpy_f32(float p, const float* x, float* y, int64_t d) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int64_t i = 0; i < d; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) y[i] += p * x[i];
 }
 
 template <typename T>
@@ -52,49 +86,53 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t token_stride = Hkv * D;  // between consecutive tokens of a block
   const int64_t block_stride = BS * token_stride;
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), scores, row(D);
+  // One task per sequence when there are enough sequences to keep every thread busy (then
+  // each K/V row of Hkv*D values is read once, contiguously); otherwise one task per
+  // (sequence, kv head) so a single long decode still uses all threads.
+  const bool split_heads = B < 2 * at::get_num_threads();
+  const int64_t heads_per_task = split_heads ? 1 : Hkv;
+  const int64_t tasks = B * (Hkv / heads_per_task);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t NH = heads_per_task * G;  // query heads served by one task
+    std::vector<float> qf(NH * D), acc(NH * D), scores, row(heads_per_task * D), row_max(NH), denom(NH);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t b = split_heads ? item / Hkv : item;
+      const int64_t h0 = split_heads ? item % Hkv : 0;
       const int64_t S = sl[b];
       const int32_t* table = bt + b * max_blocks;
-      for (int64_t g = 0; g < G; ++g)
+      const int64_t q_head0 = h0 * G;
+      for (int64_t j = 0; j < NH; ++j)
         for (int64_t i = 0; i < D; ++i)
-          qf[g * D + i] = static_cast<float>(qp[(b * Hq + h * G + g) * D + i]) * static_cast<float>(scale);
-      scores.resize(G * S);
-      std::vector<float> row_max(G, -std::numeric_limits<float>::infinity());
+          qf[j * D + i] = static_cast<float>(qp[(b * Hq + q_head0 + j) * D + i]) * static_cast<float>(scale);
+      scores.resize(NH * S);
+      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < S; ++t) {
-        const T* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h * D;
-        to_float(krow, row.data(), D);
-        for (int64_t g = 0; g < G; ++g) {
-          const float s = dot_f32(qf.data() + g * D, row.data(), D);
-          scores[g * S + t] = s;
-          if (s > row_max[g]) row_max[g] = s;
+        const T* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
+        to_float(krow, row.data(), heads_per_task * D);
+        for (int64_t j = 0; j < NH; ++j) {
+          const float sc = dot_f32(qf.data() + j * D, row.data() + (j / G) * D, D);
+          scores[j * S + t] = sc;
+          if (sc > row_max[j]) row_max[j] = sc;
         }
       }
-      std::vector<float> denom(G, 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * S;
+      for (int64_t j = 0; j < NH; ++j) {
+        float* sg = scores.data() + j * S;
         float z = 0.f;
-        for (int64_t t = 0; t < S; ++t) { sg[t] = std::exp(sg[t] - row_max[g]); z += sg[t]; }
-        denom[g] = z;
+        const float m = row_max[j];
+#pragma omp simd reduction(+ : z)
+        for (int64_t t = 0; t < S; ++t) { sg[t] = kiln_exp(sg[t] - m); z += sg[t]; }
+        denom[j] = z;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < S; ++t) {
-        const T* vrow = vp + table[t / BS] * block_stride + (t % BS) * token_stride + h * D;
-        to_float(vrow, row.data(), D);
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * S + t];
-          float* a = acc.data() + g * D;
-          const float* v = row.data();
-#pragma omp simd
-          for (int64_t i = 0; i < D; ++i) a[i] += p * v[i];
-        }
+        const T* vrow = vp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
+        to_float(vrow, row.data(), heads_per_task * D);
+        for (int64_t j = 0; j < NH; ++j) axpy_f32(scores[j * S + t], row.data() + (j / G) * D, acc.data() + j * D, D);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const float inv = 1.f / denom[g];
-        T* o = op + (b * Hq + h * G + g) * D;
-        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[g * D + i] * inv);
+      for (int64_t j = 0; j < NH; ++j) {
+        const float inv = 1.f / denom[j];
+        T* o = op + (b * Hq + q_head0 + j) * D;
+        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[j * D + i] * inv);
       }
     }
   });
