@@ -48,8 +48,10 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             self._check(name, getattr(self, name), lambda v: v is None or (isinstance(v, int) and 0 <= v <= 20), "None or an integer in [0, 20]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            # torch.Generator.manual_seed takes any value that fits 64 bits (signed or unsigned)
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or s == "" for s in stops):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")

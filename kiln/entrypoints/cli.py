@@ -1,4 +1,4 @@
-"""`kiln` command line: pull, info, generate, chat, bench.
+"""`kiln` command line: pull, info, generate, chat, serve, bench.
 
 User errors (KilnError, ValueError from validation) print one line and exit 2; anything
 else is a bug and keeps its traceback.
@@ -104,6 +104,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run_chat(build_llm(args), sampling_from_args(args), args.system)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from kiln.engine.async_engine import AsyncEngine
+    from kiln.entrypoints.openai.api_server import run_server
+
+    llm = build_llm(args)  # prints the KV budget line
+    engine = AsyncEngine(llm.engine, max_queue=args.max_queue or None)
+    run_server(
+        engine, args.served_model_name or args.model, args.host, args.port,
+        api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from kiln.bench.cli import run_bench
 
@@ -138,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     add_sampling_args(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, /metrics)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before new requests get 503 (0: no limit)")
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks: throughput (batch), latency (single stream)")
     from kiln.bench.cli import add_bench_args

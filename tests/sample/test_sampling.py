@@ -21,7 +21,7 @@ def row(params: SamplingParams, prompt=(1,), output=(), seed_gen=None) -> Sample
      ({"top_k": -5}, "top_k"), ({"min_p": 2}, "min_p"), ({"presence_penalty": 3}, "presence_penalty"),
      ({"frequency_penalty": -3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
      ({"max_tokens": 0}, "max_tokens"), ({"min_tokens": -1}, "min_tokens"), ({"n": 0}, "n"),
-     ({"logprobs": 50}, "logprobs"), ({"stop": [""]}, "stop"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens")],
+     ({"logprobs": 50}, "logprobs"), ({"stop": [""]}, "stop"), ({"seed": 2**64}, "seed"), ({"seed": "7"}, "seed"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens")],
 )
 def test_invalid_params_name_the_field(kwargs, field) -> None:
     with pytest.raises(ValueError, match=field):

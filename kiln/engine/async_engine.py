@@ -1,0 +1,343 @@
+"""AsyncEngine: one LLMEngine driven by one background thread, for asyncio callers (the server).
+
+Threading contract:
+* Only the engine thread touches the LLMEngine's mutable state (add_request, step, abort_request,
+  stats). Other threads hand it commands through a list guarded by one Condition, so the engine
+  itself needs no locks, and a forward pass never blocks the event loop.
+* `add_request` validates on the caller's thread with the engine's read-only parts (tokenizer,
+  model config, KV budget; SamplingParams validate themselves), so bad input raises ValueError
+  to the caller at once; a full waiting queue raises QueueFullError, a stopped engine
+  EngineUnavailableError.
+* Outputs go back to the caller's event loop through `loop.call_soon_threadsafe` onto an
+  asyncio.Queue. Every accepted request ends with exactly one RequestOutput with finished=True
+  (finish reason stop, length, abort or error), so no consumer waits forever.
+* An exception inside `step()` finishes the requests that step was running with
+  finish_reason "error" (and `RequestOutput.error` set); the loop keeps serving the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kiln.engine.llm_engine import LLMEngine, PromptInput
+from kiln.metrics import EngineMetrics
+from kiln.outputs import CompletionOutput, RequestOutput
+from kiln.sampling_params import SamplingParams
+
+logger = logging.getLogger("kiln.async_engine")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds `max_queue` sequences already; retry later (HTTP 503)."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine loop is shutting down or has died; no new requests are taken (HTTP 503)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Tracked:
+    """Engine-thread bookkeeping for one request: where its outputs go, and its timings."""
+
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    n: int
+    arrival: float
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    last: RequestOutput | None = None
+
+    def put(self, out: RequestOutput) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+
+class RequestStream:
+    """The outputs of one request, in order; the last has `finished=True`.
+
+    Iterate it (once) to consume them; leaving the loop early (break, cancellation, a client
+    that went away) aborts the request, which frees its KV blocks. Callers that passed a shared
+    `queue` to `add_request` read that queue themselves instead.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue = queue
+
+    def abort(self) -> None:
+        self.engine.abort(self.request_id)
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out: RequestOutput = await self.queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort()
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None, metrics: EngineMetrics | None = None) -> None:
+        self.engine = engine
+        self.max_queue = max_queue  # waiting sequences allowed (None: unbounded); read at each add
+        self.metrics = metrics or EngineMetrics()
+        self._cv = threading.Condition()
+        # Guarded by _cv: the command list and what the engine thread publishes to callers.
+        self._commands: list[tuple[str, Any]] = []
+        self._pending_adds = 0  # sequences queued as commands, not yet in the scheduler
+        self._num_waiting = 0  # scheduler's waiting sequences after the last iteration
+        self._active_ids: set[str] = set()
+        self._accepting = True
+        self._stopping = False
+        self._dead: str | None = None
+        self._thread: threading.Thread | None = None
+        # Engine thread only.
+        self._tracked: dict[str, _Tracked] = {}
+
+    # ---- read-only facts (safe from any thread) ----------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def num_active_requests(self) -> int:
+        with self._cv:
+            return len(self._active_ids)
+
+    def is_alive(self) -> bool:
+        """True while the engine loop runs and takes requests (what /health reports)."""
+        t = self._thread
+        return t is not None and t.is_alive() and self._dead is None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+                self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let in-flight ones finish for up to `timeout` s, abort the rest, stop."""
+        with self._cv:
+            self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.is_alive() and time.monotonic() < deadline:
+            with self._cv:
+                if not self._active_ids:
+                    break
+            time.sleep(0.02)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+
+    # ---- requests (any thread with a running event loop) -------------------------------
+    def add_request(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        queue: asyncio.Queue | None = None,
+    ) -> RequestStream:
+        """Validate and queue a request. Raises ValueError (bad input), QueueFullError, EngineUnavailableError.
+
+        Must be called from the event loop that consumes the outputs.
+        """
+        loop = asyncio.get_running_loop()
+        params = params or SamplingParams()
+        text, token_ids = self.engine.tokenize_prompt(prompt)
+        self.engine.validate_prompt(token_ids)
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        queue = queue if queue is not None else asyncio.Queue()
+        tracked = _Tracked(request_id, loop, queue, params.n, time.monotonic())
+        with self._cv:
+            if self._dead is not None or not self._accepting:
+                raise EngineUnavailableError(
+                    "the server is shutting down" if self._dead is None else f"the engine loop died: {self._dead}"
+                )
+            if request_id in self._active_ids:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            if self.max_queue is not None and self._num_waiting + self._pending_adds + params.n > self.max_queue:
+                raise QueueFullError(
+                    f"the waiting queue is full ({self.max_queue} sequences); retry shortly"
+                )
+            self._active_ids.add(request_id)
+            self._pending_adds += params.n
+            payload = (tracked, {"prompt": text, "prompt_token_ids": token_ids}, params, priority)
+            self._commands.append(("add", payload))
+            self._cv.notify()
+        return RequestStream(self, request_id, queue)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request in any state (thread-safe, idempotent); its stream gets a final 'abort' output."""
+        with self._cv:
+            if request_id not in self._active_ids:
+                return
+            self._commands.append(("abort", request_id))
+            self._cv.notify()
+
+    async def generate(
+        self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs as they come (validation errors raise on the first iteration)."""
+        stream = self.add_request(prompt, params, request_id, priority)
+        async for out in stream:
+            yield out
+
+    # ---- the engine thread -------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
+                        self._cv.wait()
+                    commands, self._commands = self._commands, []
+                    stopping = self._stopping
+                if commands:  # publish before the step, so the queue-length check sees them at once
+                    self._publish(self._apply(commands))
+                if stopping:
+                    self._finish_all("abort", None)
+                    self._publish(0)
+                    return
+                if self.engine.has_unfinished_requests():
+                    progressed = self._step()
+                    self._publish(0)
+                else:
+                    progressed = True
+                if not progressed:
+                    # Work exists but nothing was schedulable: wait a little instead of spinning.
+                    with self._cv:
+                        if not self._commands:
+                            self._cv.wait(0.005)
+        except BaseException as exc:  # a bug in this loop: fail loudly, and let /health say so
+            logger.exception("kiln engine loop died")
+            with self._cv:
+                self._dead = f"{type(exc).__name__}: {exc}"
+            self._finish_all("error", f"the engine loop died: {self._dead}")
+
+    def _apply(self, commands: list[tuple[str, Any]]) -> int:
+        added = 0
+        for kind, payload in commands:
+            if kind == "add":
+                tracked, prompt, params, priority = payload
+                added += params.n
+                try:
+                    self.engine.add_request(prompt, params, tracked.request_id, priority, tracked.arrival)
+                except Exception as exc:  # validated already; anything here is unexpected
+                    logger.exception("engine rejected request %s", tracked.request_id)
+                    self._tracked[tracked.request_id] = tracked
+                    self._finish(tracked, "error", f"{type(exc).__name__}: {exc}")
+                    continue
+                self._tracked[tracked.request_id] = tracked
+            elif kind == "abort":
+                tracked = self._tracked.get(payload)
+                if tracked is not None:
+                    self.engine.abort_request(payload)
+                    self._finish(tracked, "abort", None)
+        return added
+
+    def _step(self) -> bool:
+        before = self.engine.step_count
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            self._on_step_error(exc)
+            return True
+        now = time.monotonic()
+        for out in outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue
+            if any(o.delta_token_ids for o in out.outputs):
+                if tracked.first_token_time is None:
+                    tracked.first_token_time = now
+                    self.metrics.observe_first_token(now - tracked.arrival)
+                else:
+                    self.metrics.observe_inter_token(now - (tracked.last_token_time or now))
+                tracked.last_token_time = now
+            tracked.last = out
+            if out.finished:
+                self._finish(tracked, out=out)
+            else:
+                tracked.put(out)
+        return self.engine.step_count != before
+
+    def _on_step_error(self, exc: Exception) -> None:
+        logger.exception("engine step failed; finishing the requests it was running with an error")
+        self.metrics.step_errors.inc()
+        message = f"internal error while generating: {type(exc).__name__}: {exc}"
+        try:  # the requests the failed step ran; their engine state is suspect, so drop them
+            running = {self.engine.seq_to_request.get(r.request_id) for r in self.engine.scheduler.running}
+            affected = [rid for rid in running if rid in self._tracked]
+        except Exception:
+            affected = []
+        for rid in affected or list(self._tracked):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:
+                logger.exception("abort of %s after a failed step also failed", rid)
+            self._finish(self._tracked[rid], "error", message)
+
+    def _finish_all(self, reason: str, error: str | None) -> None:
+        for tracked in list(self._tracked.values()):
+            try:
+                self.engine.abort_request(tracked.request_id)
+            except Exception:
+                logger.exception("abort of %s failed", tracked.request_id)
+            self._finish(tracked, reason, error)
+
+    def _finish(
+        self, tracked: _Tracked, reason: str | None = None, error: str | None = None, out: RequestOutput | None = None
+    ) -> None:
+        """Deliver the last output of a request (synthesized for abort/error) and record its metrics."""
+        if out is None:
+            out = self._final_output(tracked, reason or "abort", error)
+        self._tracked.pop(tracked.request_id, None)
+        with self._cv:
+            self._active_ids.discard(tracked.request_id)
+        now = time.monotonic()
+        tokens = max((len(o.token_ids) for o in out.outputs), default=0)
+        tpot = None
+        if tracked.first_token_time is not None and tracked.last_token_time is not None and tokens > 1:
+            tpot = (tracked.last_token_time - tracked.first_token_time) / (tokens - 1)
+        self.metrics.observe_finished([o.finish_reason for o in out.outputs], now - tracked.arrival, tpot)
+        tracked.put(out)
+
+    @staticmethod
+    def _final_output(tracked: _Tracked, reason: str, error: str | None) -> RequestOutput:
+        last = tracked.last
+        if last is None:
+            outputs = [CompletionOutput(index=i, text="", token_ids=[], finish_reason=reason) for i in range(tracked.n)]
+            return RequestOutput(tracked.request_id, None, [], outputs, finished=True, error=error)
+        outputs = [
+            replace(o, finish_reason=o.finish_reason or reason, delta_text="", delta_token_ids=[]) for o in last.outputs
+        ]
+        return replace(last, outputs=outputs, finished=True, error=error)
+
+    def _publish(self, added: int) -> None:
+        stats = self.engine.stats()
+        self.metrics.observe_engine(stats)
+        with self._cv:
+            self._pending_adds -= added
+            self._num_waiting = stats.scheduler.num_waiting
