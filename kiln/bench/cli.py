@@ -1,4 +1,4 @@
-"""`kiln bench throughput|latency`: kiln and its peers on the same prompts, in one run, as ratios."""
+"""`kiln bench throughput|latency|serving`: kiln and its peers on the same prompts, in one run, as ratios."""
 
 from __future__ import annotations
 
@@ -15,13 +15,19 @@ from kiln.bench.runner import run_isolated
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["throughput", "latency"])
+    p.add_argument("kind", choices=["throughput", "latency", "serving"])
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=1024, help="latency: prompt length for the prefill figure")
     p.add_argument("--peers", default="transformers,llama_cpp", help="comma list of peers, or 'none'")
     p.add_argument("--hf-batch-size", type=int, default=8)
     p.add_argument("--bench-threads", type=int, default=2)
+    p.add_argument("--request-rates", default="0.25,0.5,1,1.5,2,3,4,6",
+                   help="serving: ascending request rates (req/s) to sweep")
+    p.add_argument("--duration", type=float, default=45.0, help="serving: seconds of arrivals at each rate")
+    p.add_argument("--slo-ttft", type=float, default=1.0, help="serving: p95 time-to-first-token SLO in seconds")
+    p.add_argument("--no-dequantized-baseline", action="store_true",
+                   help="skip the extra kiln run with GGUF weights dequantized to --dtype")
     p.add_argument("--out", default=None, help="write results as JSON to this file")
 
 
@@ -33,7 +39,13 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": not args.no_prefix_caching,
+        "quantized_weights": args.quantized_weights,
     }
+
+
+def _compare_dequantized(args: argparse.Namespace, path: Path) -> bool:
+    """Also run kiln with GGUF weights expanded to bf16, so the quantized kernels' gain is a ratio."""
+    return path.suffix == ".gguf" and args.quantized_weights != "dequantize" and not args.no_dequantized_baseline
 
 
 def _prompts(args: argparse.Namespace):
@@ -47,7 +59,28 @@ def _prompts(args: argparse.Namespace):
     return path, tok, [tok.encode(c, add_special_tokens=False) for c in chats]
 
 
+def _run_serving(args: argparse.Namespace) -> dict[str, Any]:
+    from kiln.bench.serving import run_serving_bench
+    from kiln.hub import resolve_model
+
+    path = resolve_model(args.model)
+    wanted = [] if args.peers == "none" else [p.strip() for p in args.peers.split(",")]
+    with_llama = "llama_cpp" in wanted and peers.llama_cpp_server_available() and path.suffix == ".gguf"
+    rates = sorted(float(r) for r in args.request_rates.split(","))
+    pool = gsm8k_questions(max(args.num_prompts, round(max(rates) * args.duration)))
+    report = {"benchmark": "serving", "model": str(args.model),
+              "output_len": args.output_len, "threads": args.bench_threads,
+              "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+              "date": time.strftime("%Y-%m-%d %H:%M"),
+              **run_serving_bench(str(args.model), path, pool, rates, args.output_len, args.slo_ttft, args.duration,
+                                  args.num_prompts, args.bench_threads, args.dtype, with_llama),
+              "missing_peers": [] if with_llama or "llama_cpp" not in wanted else ["llama_cpp (server extra)"]}
+    return report
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.kind == "serving":
+        return _write(args, _run_serving(args))
     path, tok, prompts = _prompts(args)
     wanted = [] if args.peers == "none" else [p.strip() for p in args.peers.split(",")]
     eos = sorted(tok.eos_token_ids)
@@ -57,6 +90,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.kind == "throughput":
         results.append(run_isolated(kiln_runs.kiln_throughput, args.model, args.dtype, prompts, args.output_len,
                                     _engine_kwargs(args), threads=threads))
+        if _compare_dequantized(args, path):
+            results.append(run_isolated(kiln_runs.kiln_throughput, args.model, args.dtype, prompts, args.output_len,
+                                        {**_engine_kwargs(args), "quantized_weights": "dequantize"}, threads=threads))
         if "transformers" in wanted and peers.transformers_available() and path.suffix == ".gguf":
             results.append(run_isolated(peers.transformers_generate_static, path, prompts, args.output_len,
                                         args.hf_batch_size, pad, threads=threads))
@@ -74,6 +110,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         long_prompt = tok.encode(long_text(20000), add_special_tokens=False)[: args.prefill_len]
         results.append(run_isolated(kiln_runs.kiln_latency, args.model, args.dtype, prompt, long_prompt,
                                     args.output_len, _engine_kwargs(args), threads=threads))
+        if _compare_dequantized(args, path):
+            results.append(run_isolated(kiln_runs.kiln_latency, args.model, args.dtype, prompt, long_prompt,
+                                        args.output_len, {**_engine_kwargs(args), "quantized_weights": "dequantize"},
+                                        threads=threads))
         if "transformers" in wanted and peers.transformers_available() and path.suffix == ".gguf":
             results.append(run_isolated(peers.transformers_latency, path, prompt, long_prompt, args.output_len,
                                         threads=threads))
@@ -99,6 +139,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "missing_peers": [p for p in wanted if not any(p.split("_")[0] in r.get("system", "").replace(".", "_")
                                                          for r in results)],
     }
+    return _write(args, report)
+
+
+def _write(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

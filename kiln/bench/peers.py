@@ -29,6 +29,15 @@ def llama_cpp_available() -> bool:
     return True
 
 
+def llama_cpp_server_available() -> bool:
+    """llama-cpp-python with its [server] extra (sse-starlette, starlette-context, pydantic-settings)."""
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_transformers(gguf_path: Path):
     import torch
     from transformers import AutoModelForCausalLM

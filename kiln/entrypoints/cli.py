@@ -22,6 +22,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--quantized-weights", default="auto", choices=["auto", "native", "dequantize"],
+                   help="GGUF Q4_0/Q4_1/Q8_0: run in blocks with native kernels (auto/native) or expand to --dtype")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -51,6 +53,7 @@ def build_llm(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
+        quantized_weights=args.quantized_weights,
     )
     print(llm.engine.kv_budget.describe(), file=sys.stderr)
     return llm
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks: throughput (batch), latency (single stream)")
+    p = sub.add_parser("bench", help="benchmarks vs peers: throughput (batch), latency (single stream), serving (request-rate sweep)")
     from kiln.bench.cli import add_bench_args
 
     add_bench_args(p)

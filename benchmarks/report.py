@@ -1,0 +1,103 @@
+"""Render the README's benchmark tables from benchmarks/results/*.json.
+
+    python benchmarks/report.py            # rewrite the tables in README.md in place
+    python benchmarks/report.py --check    # exit 1 if README.md's tables differ from the results
+
+Each table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers, so the README
+never carries a number that is not in a checked-in result file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _footer(d: dict[str, Any], script: str) -> str:
+    return (f"\n_From `benchmarks/{script}` → `benchmarks/results/{script.replace('.py', '.json')}`, "
+            f"one run, {d['date']}, {d['machine']}, {d['threads']} threads per system._")
+
+
+def throughput_table() -> str:
+    d = _load("throughput")
+    if d is None:
+        return "_not measured yet_"
+    base = d["results"][0]["output_tok_s"]
+    rows = ["| system | output tok/s | kiln is | peak RSS (MiB) |", "|---|---:|---:|---:|"]
+    for r in d["results"]:
+        rows.append(f"| {r['system']} | {r['output_tok_s']:.1f} | {base / r['output_tok_s']:.2f}× | "
+                    f"{r['peak_rss_mib']:.0f} |")
+    head = f"{d['num_prompts']} GSM8K chat prompts × {d['output_len']} new tokens.\n\n"
+    return head + "\n".join(rows) + _footer(d, "throughput.py")
+
+
+def latency_table() -> str:
+    d = _load("latency")
+    if d is None:
+        return "_not measured yet_"
+    base = d["results"][0]
+    rows = ["| system | decode tok/s (1 stream) | kiln is | prefill tok/s (1024 tokens) | kiln is |",
+            "|---|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        rows.append(f"| {r['system']} | {r['decode_tok_s']:.1f} | {base['decode_tok_s'] / r['decode_tok_s']:.2f}× | "
+                    f"{r['prefill_tok_s']:.0f} | {base['prefill_tok_s'] / r['prefill_tok_s']:.2f}× |")
+    return "\n".join(rows) + _footer(d, "latency.py")
+
+
+def serving_table() -> str:
+    d = _load("serving")
+    if d is None:
+        return "_not measured yet_"
+    slo = d["slo"]["ttft_p95_s"]
+    rows = ["| system | highest rate with p95 TTFT ≤ {:g} s | first rate over the SLO: p95 TTFT | "
+            "output tok/s at the sustained rate |".format(slo), "|---|---:|---:|---:|"]
+    for name, s in d["systems"].items():
+        pts = s["points"]
+        over = next((p for p in pts if not p["meets_slo"]), None)
+        at = next((p for p in pts if p["request_rate"] == s["max_sustained_rate"]), None)
+        over_txt = f"{over['request_rate']:g} req/s: {over['ttft_p95_s']:.2f} s" if over else "none in the sweep"
+        rate_txt = f"{s['max_sustained_rate']:g} req/s" if s["max_sustained_rate"] else f"< {pts[0]['request_rate']:g} req/s"
+        tok_txt = f"{at['output_tok_s']:.1f}" if at else "–"
+        rows.append(f"| {name} | {rate_txt} | {over_txt} | {tok_txt} |")
+    ratio = d.get("kiln_over_peer_sustained_rate")
+    names = list(d["systems"])
+    if ratio is not None:
+        note = f"\n\nkiln sustains **{ratio:.1f}×** the request rate of the peer at the same SLO."
+    elif len(names) == 2:
+        kiln_rate = d["systems"][names[0]]["max_sustained_rate"]
+        lowest = d["systems"][names[1]]["points"][0]["request_rate"]
+        note = (f"\n\nThe peer missed the SLO even at the lowest rate tried ({lowest:g} req/s), so the ratio is only "
+                f"bounded: kiln sustains **more than {kiln_rate / lowest:.0f}×** its request rate.")
+    else:
+        note = ""
+    return "\n".join(rows) + note + _footer(d, "serving.py")
+
+
+TABLES = {"throughput": throughput_table, "latency": latency_table, "serving": serving_table}
+
+
+def render(readme: str) -> str:
+    for name, fn in TABLES.items():
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+        readme = pattern.sub(lambda m: m.group(1) + fn() + m.group(2), readme)
+    return readme
+
+
+if __name__ == "__main__":
+    path = ROOT / "README.md"
+    old = path.read_text()
+    new = render(old)
+    if "--check" in sys.argv:
+        sys.exit(0 if new == old else 1)
+    path.write_text(new)
