@@ -1,17 +1,17 @@
 """Quantized matmul kernels vs the bf16 GEMM, on the default model's layer shapes.
 
-For each shape [N, K] and batch M: kiln's native int8·int4 (Q4_1) / int8·int8 (Q8_0) block
-kernel, the same weights dequantized per call + bf16 GEMM (what kiln does above the
-crossover), and a resident bf16 weight with `F.linear` (the dense baseline). Median of
-repeated timings in one process, 2 threads. Writes benchmarks/results/quant_kernels.json; the
-crossover M it reports is where `GGUFQuantLinearMethod.dense_threshold` comes from.
+For each batch size M, every matmul of one decode step of the default model (30 layers of
+qkv/o/gate_up/down in Q4_1 with distinct weights, so they stream from DRAM as in real decoding,
+and the Q8_0 LM head) through: kiln's native int16·int4 / int16·int8 block kernel, a resident
+bf16 copy with `F.linear` (the dense baseline), and per-call dequantize + bf16 GEMM (the
+memory-lean path). 2 threads. Writes benchmarks/results/quant_kernels.json; the crossover M
+it reports is where `GGUFQuantLinearMethod`'s default `dense_threshold` comes from.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,48 +33,60 @@ SHAPES = [("qkv_proj", 960, 576, "Q4_1"), ("o_proj", 576, 576, "Q4_1"), ("gate_u
 MS = [1, 2, 4, 8, 16, 32, 64]
 
 
-def timeit(fn, repeats: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def model_stack(num_layers: int) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, bool, torch.Tensor]]:
+    """Distinct weights for every layer of the model (so timings stream from DRAM as in a real
+    decode step, not from a cache-hot single matrix): (name, qs, d, m, is_q4, bf16 dense)."""
+    layers = []
+    rng = np.random.default_rng(0)
+    for i in range(num_layers):
+        for name, n, k, qtype in SHAPES[:-1]:
+            w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+            qs, d, m = pack_blocks(GGUFQuantizedTensor(qtype, torch.from_numpy(quantize(w, GGMLQuantizationType[qtype])), k))
+            layers.append((name, qs, d, m, True, dequantize(qs, d, m, True, torch.bfloat16)))
+    name, n, k, qtype = SHAPES[-1]
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    qs, d, m = pack_blocks(GGUFQuantizedTensor(qtype, torch.from_numpy(quantize(w, GGMLQuantizationType[qtype])), k))
+    layers.append((name, qs, d, m, False, dequantize(qs, d, m, False, torch.bfloat16)))
+    return layers
 
 
 def main() -> None:
     torch.set_num_threads(2)
     if not load_native():
         sys.exit("native kernels unavailable; nothing to measure")
+    stack = model_stack(30)
     rows = []
-    for name, n, k, qtype in SHAPES:
-        w = (np.random.default_rng(0).standard_normal((n, k)) * 0.05).astype(np.float32)
-        t = GGUFQuantizedTensor(qtype, torch.from_numpy(quantize(w, GGMLQuantizationType[qtype])), k)
-        qs, d, m = pack_blocks(t)
-        is_q4 = qtype != "Q8_0"
-        dense = dequantize(qs, d, m, is_q4, torch.bfloat16)
-        for mm in MS:
-            x = torch.randn(mm, k, dtype=torch.bfloat16)
-            kernel = timeit(lambda: torch.ops.kiln.quant_matmul(x, qs, d, m, is_q4))
-            deq = timeit(lambda: F.linear(x, dequantize(qs, d, m, is_q4, torch.bfloat16)))
-            bf16 = timeit(lambda: F.linear(x, dense))
-            rows.append({"layer": name, "N": n, "K": k, "type": qtype, "M": mm, "kernel_us": kernel * 1e6,
-                         "dequant_gemm_us": deq * 1e6, "bf16_resident_us": bf16 * 1e6,
-                         "kernel_speedup_over_bf16": bf16 / kernel})
-            print(f"{name:13s} M={mm:3d}  kernel {kernel*1e6:8.1f} us  dequant+gemm {deq*1e6:8.1f} us  "
-                  f"bf16 {bf16*1e6:8.1f} us  ({bf16/kernel:.2f}x)", file=sys.stderr)
-    crossover = {}
     for mm in MS:
-        kern = sum(r["kernel_us"] for r in rows if r["M"] == mm and r["type"] == "Q4_1")
-        deq = sum(r["dequant_gemm_us"] for r in rows if r["M"] == mm and r["type"] == "Q4_1")
-        crossover[mm] = {"kernel_us": kern, "dequant_gemm_us": deq}
+        xs = {k: torch.randn(mm, k, dtype=torch.bfloat16) for k in {576, 1536}}
+        per_layer = {name: {"kernel": 0.0, "bf16": 0.0, "dequant": 0.0} for name, *_ in SHAPES}
+        for _ in range(5):  # rounds; each times every layer once per path, weights streaming from DRAM
+            for name, qs, d, m, is_q4, dense in stack:
+                x = xs[dense.shape[1]]
+                for path, fn in (("kernel", lambda: torch.ops.kiln.quant_matmul(x, qs, d, m, is_q4)),
+                                 ("bf16", lambda: F.linear(x, dense)),
+                                 ("dequant", lambda: F.linear(x, dequantize(qs, d, m, is_q4, torch.bfloat16)))):
+                    if path == "dequant" and name == "lm_head":
+                        continue  # 50+ ms per call; never chosen
+                    t0 = time.perf_counter()
+                    fn()
+                    per_layer[name][path] += (time.perf_counter() - t0) / 5
+        for name, t in per_layer.items():
+            rows.append({"layer": name, "M": mm, "kernel_us": t["kernel"] * 1e6, "bf16_resident_us": t["bf16"] * 1e6,
+                         "dequant_gemm_us": t["dequant"] * 1e6 if name != "lm_head" else None})
+        total = {p: sum(t[p] for t in per_layer.values()) * 1e3 for p in ("kernel", "bf16")}
+        print(f"M={mm:3d}: one decode step's matmuls  kernel {total['kernel']:6.2f} ms  bf16 {total['bf16']:6.2f} ms "
+              f"({total['bf16'] / total['kernel']:.2f}x)", file=sys.stderr)
+    steps = {mm: {p: sum(r[p] for r in rows if r["M"] == mm and r[p] is not None) / 1e3
+                  for p in ("kernel_us", "bf16_resident_us")} for mm in MS}
     report = {"benchmark": "quant_kernels", "threads": 2, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "rows": rows,
-              "per_layer_set_q4_1_by_M": crossover,
-              "kernel_beats_dequant_gemm_up_to_M": max([mm for mm, c in crossover.items()
-                                                       if c["kernel_us"] < c["dequant_gemm_us"]], default=0)}
+              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+              "what": "sum over one decode step's matmuls of SmolLM2-135M (30 layers x qkv/o/gate_up/down in Q4_1 "
+                      "+ Q8_0 LM head), distinct weights per layer, mean of 5 rounds, milliseconds",
+              "step_ms_by_M": {mm: {"kernel": v["kernel_us"], "bf16_resident": v["bf16_resident_us"],
+                                    "kernel_speedup": v["bf16_resident_us"] / v["kernel_us"]} for mm, v in steps.items()},
+              "kernel_beats_bf16_up_to_M": max([mm for mm, v in steps.items() if v["kernel_us"] < v["bf16_resident_us"]],
+                                               default=0),
+              "rows": rows}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))

@@ -25,7 +25,7 @@ def _load(name: str) -> dict[str, Any] | None:
 
 
 def _footer(d: dict[str, Any], script: str) -> str:
-    return (f"\n_From `benchmarks/{script}` → `benchmarks/results/{script.replace('.py', '.json')}`, "
+    return (f"\n\n_From `benchmarks/{script}` → `benchmarks/results/{script.replace('.py', '.json')}`, "
             f"one run, {d['date']}, {d['machine']}, {d['threads']} threads per system._")
 
 
@@ -73,7 +73,15 @@ def serving_table() -> str:
     ratio = d.get("kiln_over_peer_sustained_rate")
     names = list(d["systems"])
     if ratio is not None:
-        note = f"\n\nkiln sustains **{ratio:.1f}×** the request rate of the peer at the same SLO."
+        note = f"\n\nkiln sustains **{ratio:.1f}×** the request rate of the peer at the same SLO"
+        fails = [next((p["request_rate"] for p in d["systems"][n]["points"] if not p["meets_slo"]), None) for n in names]
+        if None not in fails:
+            lo = d["systems"][names[0]]["max_sustained_rate"] / fails[1]
+            hi = fails[0] / d["systems"][names[1]]["max_sustained_rate"]
+            note += (f" (the sweep's rate grid bounds the true ratio between {lo:.0f}× and {hi:.0f}×: each "
+                     f"system's limit lies between its last sustained and first failed rate).")
+        else:
+            note += "."
     elif len(names) == 2:
         kiln_rate = d["systems"][names[0]]["max_sustained_rate"]
         lowest = d["systems"][names[1]]["points"][0]["request_rate"]
@@ -89,8 +97,8 @@ TABLES = {"throughput": throughput_table, "latency": latency_table, "serving": s
 
 def render(readme: str) -> str:
     for name, fn in TABLES.items():
-        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
-        readme = pattern.sub(lambda m: m.group(1) + fn() + m.group(2), readme)
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
+        readme = pattern.sub(lambda m: m.group(1) + fn() + "\n" + m.group(2), readme)
     return readme
 
 

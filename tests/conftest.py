@@ -33,7 +33,7 @@ def llm_fp32(default_gguf_path: Path):
     """The real default model in fp32 (the precision the reference comparisons use)."""
     from kiln import LLM
 
-    return LLM(str(default_gguf_path), dtype="float32", kv_cache_memory="256MiB")
+    return LLM(str(default_gguf_path), dtype="float32", kv_cache_memory="256MiB", quantized_weights="dequantize")
 
 
 @pytest.fixture(scope="session")

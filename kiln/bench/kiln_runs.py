@@ -12,6 +12,14 @@ def _llm(model: str, dtype: str, engine_kwargs: dict[str, Any]):
     return LLM(model, dtype=dtype, **engine_kwargs)
 
 
+def _weights(llm) -> str:
+    """'torch.bfloat16' or e.g. 'Q4_1/Q8_0 blocks, bf16 activations' for the system label."""
+    model = llm.engine.loaded.model
+    types = sorted({t for m in model.modules() for t in getattr(getattr(m, "method", None), "source_types", ())})
+    act = str(model.dtype).removeprefix("torch.")
+    return f"{'/'.join(types)} native kernels, {act} activations" if types else act
+
+
 def kiln_throughput(model: str, dtype: str, prompts: list[list[int]], max_tokens: int,
                     engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     from kiln.sampling_params import SamplingParams
@@ -38,7 +46,7 @@ def kiln_throughput(model: str, dtype: str, prompts: list[list[int]], max_tokens
     elapsed = time.perf_counter() - start
     stats = engine.stats()
     return {
-        "system": f"kiln ({llm.engine.loaded.model.dtype}, continuous batching)",
+        "system": f"kiln ({_weights(llm)}, continuous batching)",
         "elapsed_s": elapsed,
         "output_tokens": generated,
         "kv_blocks_peak": peak_blocks,
@@ -64,4 +72,4 @@ def kiln_latency(model: str, dtype: str, prompt: list[int], long_prompt: list[in
                                    SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)):
         times.append(time.perf_counter())
     decode = (len(times) - 1) / (times[-1] - times[0])
-    return {"system": f"kiln ({llm.engine.loaded.model.dtype})", "prefill_tok_s": prefill, "decode_tok_s": decode}
+    return {"system": f"kiln ({_weights(llm)})", "prefill_tok_s": prefill, "decode_tok_s": decode}

@@ -80,10 +80,12 @@ class LLMEngine:
         device: str = "cpu",
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
+        quantized_weights: str = "auto",
     ) -> "LLMEngine":
         from kiln.hub import resolve_model
 
-        return cls(load_model(resolve_model(model), dtype, device), cache_config, scheduler_config)
+        loaded = load_model(resolve_model(model), dtype, device, quantized_weights=quantized_weights)
+        return cls(loaded, cache_config, scheduler_config)
 
     # ---- requests ---------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:

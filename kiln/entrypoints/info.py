@@ -37,8 +37,13 @@ def print_info(model: str, dtype: str = "auto") -> None:
     for line in describe_config(loaded.config):
         print(line)
     print("tensor types     " + ", ".join(f"{k}: {v}" for k, v in sorted(loaded.tensor_types.items())))
-    print(f"compute dtype    {loaded.model.dtype} (quantized tensors are dequantized at load)")
-    methods = sorted({m.method.name for m in loaded.model.modules() if hasattr(m, "method")})
-    print(f"linear path      {', '.join(methods)}")
+    print(f"compute dtype    {loaded.model.dtype} (activations; quantized weights see 'linear path')")
+    counts: dict[str, int] = {}
+    for m in loaded.model.modules():
+        if hasattr(m, "method"):
+            counts[m.method.name] = counts.get(m.method.name, 0) + 1
+    print("linear path      " + "\n                 ".join(f"{n} layer(s): {name}" for name, n in sorted(counts.items())))
+    if loaded.model.quantized_tied_head is None and loaded.config.tie_word_embeddings:
+        print("lm head          tied to the dense embedding")
     print(f"attention path   {native_status()}")
     print(f"chat template    {'yes' if loaded.tokenizer.chat_template else 'no'}")

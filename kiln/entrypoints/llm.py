@@ -35,7 +35,10 @@ class LLM:
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
         enable_chunked_prefill: bool = True,
+        quantized_weights: str = "auto",
     ) -> None:
+        """`quantized_weights`: 'auto' runs GGUF Q4_0/Q4_1/Q8_0 matrices in their blocks with kiln's
+        native kernels (CPU), 'dequantize' expands them to `dtype` (see kiln.loader.model_loader)."""
         cache = CacheConfig(
             block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory), enable_prefix_caching=enable_prefix_caching
         )
@@ -45,7 +48,7 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
             max_model_len=max_model_len,
         )
-        self.engine = LLMEngine.from_model(model, dtype, device, cache, sched)
+        self.engine = LLMEngine.from_model(model, dtype, device, cache, sched, quantized_weights=quantized_weights)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

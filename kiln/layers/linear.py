@@ -11,11 +11,14 @@ without the model file branching on it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from kiln.layers.gguf_quant import GGUFQuantizedTensor
 
 
 class LinearMethod(Protocol):
@@ -70,11 +73,34 @@ class Linear(nn.Module):
         start = sum(self.output_sizes[:idx])
         return slice(start, start + self.output_sizes[idx])
 
-    def weight_loader(self, param_name: str, loaded: torch.Tensor, shard: str | None = None) -> None:
+    def set_method(self, method: LinearMethod) -> None:
+        """Switch to another LinearMethod before loading; it may replace `weight` by its own buffers."""
+        create = getattr(method, "create_weights", None)
+        if create is not None:
+            create(self)
+        self.method = method
+
+    def checkpoint_params(self) -> list[str]:
+        """Names a checkpoint must provide for this layer (whatever buffers the method keeps)."""
+        return ["weight"] + (["bias"] if self.bias is not None else [])
+
+    def weight_loader(self, param_name: str, loaded: "torch.Tensor | GGUFQuantizedTensor", shard: str | None = None) -> None:
         """Copy a checkpoint tensor into `weight` or `bias`, at `shard`'s rows.
 
-        Raises ValueError naming the expected shape when the checkpoint disagrees.
+        A GGUF block tensor goes to a quantized method when the layer has one, else it is
+        dequantized here. Raises ValueError naming the expected shape when the checkpoint disagrees.
         """
+        from kiln.layers.gguf_quant import GGUFQuantizedTensor
+
+        if isinstance(loaded, GGUFQuantizedTensor):
+            load_shard = getattr(self.method, "load_shard", None)
+            if param_name == "weight" and load_shard is not None:
+                load_shard(self, loaded, self.shard_slice(shard))
+                self.loaded_shards.add((param_name, shard))
+                return
+            loaded = loaded.dequantize()
+        elif param_name == "weight" and not hasattr(self, "weight"):
+            raise ValueError(f"this layer keeps quantized blocks ({self.method.name}); got a dense tensor")
         param = self.weight if param_name == "weight" else self.bias
         if param is None:
             raise ValueError(f"this layer has no {param_name}")

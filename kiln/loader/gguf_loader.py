@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kiln.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from kiln.layers.gguf_quant import BLOCK_BYTES, NATIVE_TYPES, GGUFQuantizedTensor
 from kiln.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
@@ -132,14 +133,42 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
     return dequantize(tensor.data, tensor.tensor_type)
 
 
-def iter_gguf_weights(reader: Any, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (hf_name, float32 tensor) for every tensor of the model, Q/K un-permuted for llama."""
+def _raw_blocks(tensor: Any, path: Path) -> GGUFQuantizedTensor:
+    """A Q4_0/Q4_1/Q8_0 matrix as its raw blocks (uint8 [rows, bytes per row]), no dequantization."""
+    cols = int(tensor.shape[0])  # GGUF lists dims innermost first
+    rows = int(np.prod(tensor.shape[1:]))
+    data = np.asarray(tensor.data)
+    row_bytes = cols // 32 * BLOCK_BYTES[tensor.tensor_type.name]
+    if cols % 32 or data.size != rows * row_bytes:
+        raise ModelLoadError(path, f"tensor {tensor.name!r} is corrupt or truncated ({data.size} bytes for {rows}x{cols})")
+    return GGUFQuantizedTensor(tensor.tensor_type.name, torch.from_numpy(np.array(data, dtype=np.uint8).reshape(rows, row_bytes)), cols)
+
+
+def iter_gguf_weights(
+    reader: Any, cfg: ModelConfig, path: Path, keep_blocks: bool = False
+) -> Iterator[tuple[str, torch.Tensor | GGUFQuantizedTensor]]:
+    """Yield (hf_name, tensor) for every tensor of the model, Q/K un-permuted for llama.
+
+    Tensors are float32, except that with `keep_blocks` a 2-D Q4_0 / Q4_1 / Q8_0 tensor is
+    yielded as a `GGUFQuantizedTensor` (its rows un-permuted the same way) for layers that
+    run those blocks natively; the weight loaders dequantize it for layers that do not.
+    """
     for tensor in reader.tensors:
         name = hf_name_for(tensor.name)
         if name is None:
             if tensor.name == "rope_freqs.weight":
                 continue  # Llama 3.1 frequency factors: handled via config (see load_gguf)
             raise ModelLoadError(path, f"unexpected tensor {tensor.name!r} for architecture {cfg.architecture}")
+        if keep_blocks and tensor.tensor_type.name in NATIVE_TYPES and len(tensor.shape) == 2:
+            blocks = _raw_blocks(tensor, path)
+            heads = _qk_heads(tensor.name, cfg)
+            if heads is not None:
+                if blocks.shape != (heads * cfg.head_dim, cfg.hidden_size):
+                    raise ModelLoadError(path, f"tensor {tensor.name!r}: shape mismatch: expected "
+                                               f"{(heads * cfg.head_dim, cfg.hidden_size)}, got {blocks.shape}")
+                blocks.raw = unpermute_qk(blocks.raw, heads).contiguous()
+            yield name, blocks
+            continue
         try:
             array = dequantize_tensor(tensor)
         except NotImplementedError:
@@ -165,6 +194,27 @@ def iter_gguf_weights(reader: Any, cfg: ModelConfig, path: Path) -> Iterator[tup
                     )
                 weight = unpermute_qk(weight, heads)
         yield name, weight
+
+
+def _qk_heads(gguf_name: str, cfg: ModelConfig) -> int | None:
+    """Heads whose rows llama.cpp permuted in this tensor (llama arch Q/K), else None."""
+    if cfg.architecture not in ("llama", "mistral"):
+        return None
+    if gguf_name.endswith("attn_q.weight") or gguf_name.endswith("attn_q.bias"):
+        return cfg.num_attention_heads
+    if gguf_name.endswith("attn_k.weight") or gguf_name.endswith("attn_k.bias"):
+        return cfg.num_key_value_heads
+    return None
+
+
+def gguf_layer_types(reader: Any) -> dict[str, set[str]]:
+    """HF module path (before q/k/v and gate/up fusion) → tensor types of its 2-D weights."""
+    types: dict[str, set[str]] = {}
+    for tensor in reader.tensors:
+        name = hf_name_for(tensor.name)
+        if name is not None and name.endswith(".weight") and len(tensor.shape) == 2:
+            types.setdefault(name.removesuffix(".weight"), set()).add(tensor.tensor_type.name)
+    return types
 
 
 def rope_freq_factors(reader: Any) -> torch.Tensor | None:

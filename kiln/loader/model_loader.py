@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.errors import ModelLoadError
@@ -47,7 +48,53 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> LoadedModel:
+def use_gguf_blocks(mode: str, device: torch.device) -> bool:
+    """Whether GGUF Q4_0/Q4_1/Q8_0 weights stay in blocks: 'native' always, 'dequantize' never,
+    'auto' on CPU when the native kernels built (the reference path would be slower than dense)."""
+    if mode not in ("auto", "native", "dequantize"):
+        raise ValueError(f"quantized_weights must be 'auto', 'native' or 'dequantize', got {mode!r}")
+    if mode == "auto":
+        from kiln.kernels.native import load_native
+
+        return device.type == "cpu" and load_native()
+    return mode == "native"
+
+
+def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: bool) -> dict[str, str]:
+    """Switch every Linear whose GGUF shards all share a native block layout to that layout.
+
+    Returns {module path: 'Q4' | 'Q8'}; other layers stay dense and get dequantized weights.
+    """
+    from kiln.layers.gguf_quant import GGUFQuantLinearMethod, family_of
+    from kiln.layers.linear import Linear
+    from kiln.loader.gguf_loader import gguf_layer_types
+    from kiln.loader.weights import _target
+
+    per_module: dict[str, set[str]] = {}
+    for hf_module, types in gguf_layer_types(reader).items():
+        module_path, _, _ = _target(model, hf_module + ".weight")
+        per_module.setdefault(module_path, set()).update(types)
+    plan: dict[str, str] = {}
+    for module_path, types in per_module.items():
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            continue  # unexpected tensors are reported by the weight loader
+        family = family_of(types)
+        if isinstance(module, Linear) and family is not None and module.input_size % 32 == 0:
+            module.set_method(GGUFQuantLinearMethod(family, keep_dense=keep_dense))
+            plan[module_path] = family
+    return plan
+
+
+def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               quantized_weights: str = "auto") -> LoadedModel:
+    """Load a GGUF file or a Hugging Face folder.
+
+    `quantized_weights` (GGUF only): 'auto' keeps Q4_0/Q4_1/Q8_0 matrices in their blocks and
+    runs them with kiln's native kernels when those are available on CPU; 'native' forces it;
+    'dequantize' expands every tensor to `dtype` (the reference path the tests compare with).
+    """
     from kiln.loader.tokenizer import Tokenizer
 
     path = Path(path)
@@ -78,7 +125,15 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         if factors is not None:
             cfg.extra["rope_freq_factors"] = factors
         model = LlamaForCausalLM(cfg, torch_dtype, device)
-        load_named_weights(model, iter_gguf_weights(reader, cfg, path), path)
+        keep_blocks = use_gguf_blocks(quantized_weights, device)
+        keep_dense = quantized_weights == "auto"
+        if keep_blocks:
+            plan_gguf_quantized_layers(model, reader, keep_dense)
+            model.keep_gguf_blocks = True
+            model.keep_dense_copies = keep_dense
+        load_named_weights(model, iter_gguf_weights(reader, cfg, path, keep_blocks=keep_blocks), path)
+        if keep_blocks:
+            model.finalize_quantized_layers()
         tokenizer = Tokenizer.from_gguf(path)
         types = {}
         for t in reader.tensors:

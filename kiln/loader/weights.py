@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kiln.errors import ModelLoadError
+from kiln.layers.gguf_quant import GGUFQuantizedTensor
 
 
 def _target(model: nn.Module, hf_name: str) -> tuple[str, str, str | None]:
@@ -33,7 +34,9 @@ def expected_shards(model: nn.Module) -> set[tuple[str, str, str | None]]:
     needed: set[tuple[str, str, str | None]] = set()
     for mod_name, module in model.named_modules():
         shard_names = getattr(module, "shard_names", [None])
-        for p_name, _ in module.named_parameters(recurse=False):
+        names = module.checkpoint_params() if hasattr(module, "checkpoint_params") else [
+            p for p, _ in module.named_parameters(recurse=False)]
+        for p_name in names:
             for shard in shard_names:
                 needed.add((mod_name, p_name, shard))
     return needed
@@ -57,6 +60,10 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             if hasattr(module, "weight_loader"):
                 module.weight_loader(param, tensor, shard)
             else:
+                if isinstance(tensor, GGUFQuantizedTensor):
+                    if tied and hf_name.endswith("embed_tokens.weight") and hasattr(model, "attach_quantized_tied_head"):
+                        model.attach_quantized_tied_head(tensor)  # the LM head reads the blocks natively
+                    tensor = tensor.dequantize()
                 target = getattr(module, param)
                 if tuple(target.shape) != tuple(tensor.shape):
                     raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(tensor.shape)}")

@@ -10,6 +10,7 @@ and gate/up are fused at load time via `packed_modules`.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from kiln.config import ModelConfig
 from kiln.kernels.paged_attention import paged_attention, write_kv
 from kiln.kernels.fused import rope_qkv_, silu_and_mul
 from kiln.layers.attention_metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from kiln.layers.gguf_quant import GGUFQuantizedTensor
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
@@ -123,6 +127,11 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, dtype, device) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        # Set by the GGUF loader when a tied embedding in Q8_0/Q4 blocks should also serve as a
+        # natively quantized LM head (the largest matrix of a small model).
+        self.quantized_tied_head: Linear | None = None
+        self.keep_gguf_blocks = False
+        self.keep_dense_copies = False
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -139,7 +148,29 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
+    def attach_quantized_tied_head(self, blocks: "GGUFQuantizedTensor") -> None:
+        """Keep the tied embedding's GGUF blocks as a quantized LM head (embedding lookups stay dense)."""
+        from kiln.layers.gguf_quant import GGUFQuantLinearMethod, family_of
+
+        family = family_of({blocks.qtype})
+        if not self.keep_gguf_blocks or family is None:
+            return
+        head = Linear(self.config.hidden_size, [self.config.vocab_size], dtype=self.dtype, device=self.device)
+        head.set_method(GGUFQuantLinearMethod(family, keep_dense=self.keep_dense_copies))
+        head.weight_loader("weight", blocks)
+        self.quantized_tied_head = head
+
+    def finalize_quantized_layers(self) -> None:
+        """After loading: quantized layers build their dense copies (the tied head adopts the embedding)."""
+        for module in self.modules():
+            finalize = getattr(getattr(module, "method", None), "finalize", None)
+            if finalize is not None:
+                finalize(module, self.embed_tokens.weight if module is self.quantized_tied_head else None)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] → fp32 logits [N, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        if self.quantized_tied_head is not None:
+            return self.quantized_tied_head(hidden).float()
+        return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()

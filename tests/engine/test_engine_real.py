@@ -31,7 +31,7 @@ def test_batched_greedy_equals_one_at_a_time(llm_fp32: LLM) -> None:
 
 
 def _fresh(llm: LLM, **kwargs) -> LLM:
-    return LLM(str(llm.engine.loaded.source), dtype="float32", **kwargs)
+    return LLM(str(llm.engine.loaded.source), dtype="float32", quantized_weights="dequantize", **kwargs)
 
 
 def test_prefix_caching_same_outputs_and_hits(llm_fp32: LLM) -> None:

@@ -55,7 +55,7 @@ def loaded(tiny: TinyModels):
     def get(fmt: str, key: str) -> LoadedModel:
         if (fmt, key) not in cache:
             path = tiny.gguf[key] if fmt == "gguf" else tiny.hf[key]
-            cache[fmt, key] = load_model(path, dtype="float32", device="cpu")
+            cache[fmt, key] = load_model(path, dtype="float32", device="cpu", quantized_weights="dequantize")
         return cache[fmt, key]
 
     return get
@@ -167,7 +167,7 @@ def test_logits_match_transformers(loaded, hf_reference, key: str) -> None:
 def test_unpermuted_qk_gguf_is_detected(tiny: TinyModels, hf_reference) -> None:
     """Sensitivity check: a GGUF whose Q/K rows are *not* in llama.cpp's order gives clearly different logits,
     so the match above really tests the un-permutation."""
-    bad = load_model(tiny.gguf["tied_unpermuted"], dtype="float32")
+    bad = load_model(tiny.gguf["tied_unpermuted"], dtype="float32", quantized_weights="dequantize")
     ids = SEQUENCES[2]
     assert (prefill_logits(bad, ids) - hf_logits(hf_reference("tied"), ids)).abs().max().item() > 1e-2
 
@@ -176,7 +176,7 @@ def test_wrong_rope_theta_is_detected(tiny: TinyModels, hf_reference, tmp_path: 
     """Sensitivity check: the same weights with kiln's default theta (10000) in the metadata give clearly
     different logits, so the transformers match also checks that rope.freq_base / rope_theta are read."""
     ckpt = TinyCheckpoint(dataclasses.replace(tiny.tied.spec, rope_theta=10000.0), tiny.tied.gguf_raw, tiny.tied.hf)
-    other = load_model(write_gguf(ckpt, tmp_path / "theta-10000.gguf"), dtype="float32")
+    other = load_model(write_gguf(ckpt, tmp_path / "theta-10000.gguf"), dtype="float32", quantized_weights="dequantize")
     assert other.config.rope_theta == 10000.0
     ids = SEQUENCES[2]
     assert (prefill_logits(other, ids) - hf_logits(hf_reference("tied"), ids)).abs().max().item() > 1e-2

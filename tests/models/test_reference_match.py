@@ -19,7 +19,10 @@ PROMPTS = [
 
 def kiln_prefill_logits(llm, token_ids: list[int]) -> torch.Tensor:
     """All-position logits from one prefill forward through kiln's paged attention."""
-    model = llm.engine.loaded.model
+    return model_prefill_logits(llm.engine.loaded.model, token_ids)
+
+
+def model_prefill_logits(model, token_ids: list[int]) -> torch.Tensor:
     cfg = model.config
     block_size = 16
     n_blocks = (len(token_ids) + block_size - 1) // block_size

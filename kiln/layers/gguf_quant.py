@@ -1,0 +1,150 @@
+"""GGUF Q4_0 / Q4_1 / Q8_0 weights kept in their 4- and 8-bit form inside a `Linear`.
+
+The GGUF loader hands such tensors over as `GGUFQuantizedTensor` (raw blocks, rows already
+in kiln's order); a Linear switched to `GGUFQuantLinearMethod` repacks them once into the
+layout `kiln.kernels.quant_matmul` reads (scales as float32 next to the packed quants) and
+holds a dense copy only when asked to. Decode-sized batches (M <= `dense_threshold`) run the
+int16·int4 kernel; larger ones (prefill chunks, big decode batches) use the dense GEMM, which
+wins there (benchmarks/results/quant_kernels.json): with `keep_dense` on a resident copy in the
+model dtype (fastest; ~2.4x the weight memory of blocks alone), otherwise on weights
+dequantized per call (memory-lean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.quant_matmul import QK, dequantize, quant_matmul, use_native_quant
+
+# GGUF block sizes in bytes (32 weights each): fp16 d [+ fp16 m] + quants.
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+Q4_TYPES = ("Q4_0", "Q4_1")
+NATIVE_TYPES = frozenset(BLOCK_BYTES)
+
+# Measured crossovers on this CPU (benchmarks/quant_kernels.py): the block kernel beats a
+# resident bf16 GEMM up to M=4, and dequantize-per-call + GEMM up to M=16.
+THRESHOLD_VS_RESIDENT_DENSE = 4
+THRESHOLD_VS_DEQUANTIZE = 16
+
+
+@dataclass
+class GGUFQuantizedTensor:
+    """A 2-D GGUF tensor still in its blocks: `raw` is uint8 [rows, K / 32 * block_bytes]."""
+
+    qtype: str
+    raw: torch.Tensor
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.raw.shape[0], self.cols)
+
+    def dequantize(self) -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        return torch.from_numpy(np.ascontiguousarray(
+            gguf_dequantize(self.raw.numpy(), GGMLQuantizationType[self.qtype]), dtype=np.float32))
+
+
+def pack_blocks(t: GGUFQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF blocks → (qs, d, m) in the kernel layout (see kiln.kernels.quant_matmul)."""
+    n, k = t.shape
+    nb = k // QK
+    blocks = t.raw.reshape(n, nb, BLOCK_BYTES[t.qtype])
+    d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, nb).float()
+    if t.qtype == "Q4_1":
+        m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, nb).float()
+        qs = blocks[..., 4:].contiguous()
+    elif t.qtype == "Q4_0":
+        m = -8.0 * d
+        qs = blocks[..., 2:].contiguous()
+    else:
+        m = torch.empty(0)
+        qs = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k)
+    return qs, d.contiguous(), m.contiguous()
+
+
+class GGUFQuantLinearMethod:
+    """x @ W^T for a Linear whose W stays in GGUF Q4 or Q8 blocks."""
+
+    def __init__(self, qtype_family: str, keep_dense: bool = False, dense_threshold: int | None = None) -> None:
+        if qtype_family not in ("Q4", "Q8"):
+            raise ValueError(f"qtype_family must be 'Q4' or 'Q8', got {qtype_family!r}")
+        self.is_q4 = qtype_family == "Q4"
+        self.keep_dense = keep_dense
+        self.dense_threshold = dense_threshold if dense_threshold is not None else (
+            THRESHOLD_VS_RESIDENT_DENSE if keep_dense else THRESHOLD_VS_DEQUANTIZE)
+        self.source_types: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        types = "/".join(sorted(self.source_types)) or ("Q4" if self.is_q4 else "Q8")
+        path = "native int16·int{} kernel".format(4 if self.is_q4 else 8) if use_native_quant(torch.empty(0)) \
+            else "reference (dequantize + matmul)"
+        dense = "resident dense copy" if self.keep_dense else "dequantized per call"
+        return f"gguf {types}: {path} for M<={self.dense_threshold}, dense GEMM above ({dense})"
+
+    def accepts(self, qtype: str) -> bool:
+        return qtype in (Q4_TYPES if self.is_q4 else ("Q8_0",))
+
+    def create_weights(self, layer: torch.nn.Module) -> None:
+        """Replace the dense `weight` by packed buffers (allocated once, filled shard by shard)."""
+        n, k = sum(layer.output_sizes), layer.input_size
+        if k % QK:
+            raise ValueError(f"input size {k} is not a multiple of {QK}")
+        device, dtype = layer.weight.device, layer.weight.dtype
+        del layer.weight
+        nb = k // QK
+        qs_shape, qs_dtype = ((n, nb, 16), torch.uint8) if self.is_q4 else ((n, k), torch.int8)
+        layer.register_buffer("qs", torch.zeros(qs_shape, dtype=qs_dtype, device=device))
+        layer.register_buffer("d", torch.zeros(n, nb, dtype=torch.float32, device=device))
+        layer.register_buffer("m", torch.zeros((n, nb) if self.is_q4 else (0,), dtype=torch.float32, device=device))
+        layer.dense_weight = None
+        layer.dense_dtype = dtype
+
+    def finalize(self, layer: torch.nn.Module, dense: torch.Tensor | None = None) -> None:
+        """After every shard is loaded: build (or adopt, e.g. a tied embedding) the dense copy."""
+        if self.keep_dense:
+            layer.dense_weight = dense if dense is not None else dequantize(
+                layer.qs, layer.d, layer.m, self.is_q4, layer.dense_dtype)
+
+    def load_shard(self, layer: torch.nn.Module, t: GGUFQuantizedTensor, rows: slice) -> None:
+        if not self.accepts(t.qtype):
+            raise ValueError(f"tensor type {t.qtype} does not fit this layer's {'Q4' if self.is_q4 else 'Q8'} blocks")
+        expected = (rows.stop - rows.start, layer.input_size)
+        if t.shape != expected:
+            raise ValueError(f"shape mismatch: expected {expected}, got {t.shape}")
+        qs, d, m = pack_blocks(t)
+        layer.qs[rows].copy_(qs)
+        layer.d[rows].copy_(d)
+        if self.is_q4:
+            layer.m[rows].copy_(m)
+        self.source_types.add(t.qtype)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= self.dense_threshold:
+            y = quant_matmul(x2, layer.qs, layer.d, layer.m, self.is_q4)
+            if layer.bias is not None:
+                y = y + layer.bias
+        else:
+            w = layer.dense_weight
+            if w is None or w.dtype != x.dtype:
+                w = dequantize(layer.qs, layer.d, layer.m, self.is_q4, x.dtype)
+            y = F.linear(x2, w, layer.bias)
+        return y.reshape(*lead, y.shape[-1])
+
+
+def family_of(qtypes: set[str]) -> str | None:
+    """'Q4' / 'Q8' when every shard of a layer can share one packed layout, else None (dense)."""
+    if qtypes and qtypes <= set(Q4_TYPES):
+        return "Q4"
+    if qtypes == {"Q8_0"}:
+        return "Q8"
+    return None

@@ -1,0 +1,155 @@
+"""GGUF block-quantized matmul: packing equals the gguf library's dequantization, the native
+kernel equals its plain-torch twin on random shapes, and the default model run natively in
+Q4_1/Q8_0 stays within a small KL divergence of the dequantized reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from kiln.kernels.native import load_native
+from kiln.kernels.quant_matmul import dequantize_reference, quant_matmul_reference
+from kiln.layers.gguf_quant import GGUFQuantizedTensor, GGUFQuantLinearMethod, pack_blocks
+from kiln.layers.linear import Linear
+
+QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def blocks(n: int, k: int, qtype: str, seed: int = 0) -> tuple[GGUFQuantizedTensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    raw = gguf_quantize(w, GGMLQuantizationType[qtype])
+    return GGUFQuantizedTensor(qtype, torch.from_numpy(np.ascontiguousarray(raw)), k), \
+        gguf_dequantize(raw, GGMLQuantizationType[qtype]).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_packed_blocks_dequantize_to_the_gguf_values(qtype: str) -> None:
+    t, expected = blocks(7, 96, qtype)
+    qs, d, m = pack_blocks(t)
+    got = dequantize_reference(qs, d, m, qtype != "Q8_0")
+    assert torch.equal(got, torch.from_numpy(expected))
+
+
+def test_reference_matmul_is_close_to_dense() -> None:
+    """The twin's int8 activation rounding costs well under 1% of the output scale."""
+    t, w = blocks(64, 256, "Q4_1")
+    qs, d, m = pack_blocks(t)
+    x = torch.randn(3, 256)
+    dense = x @ torch.from_numpy(w).t()
+    err = (quant_matmul_reference(x, qs, d, m, True) - dense).abs().max() / dense.abs().max()
+    assert err < 1e-2
+
+
+needs_native = pytest.mark.skipif(not load_native(), reason="native kernels unavailable (no compiler)")
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m_rows", [1, 2, 3, 5, 16, 33, 64])
+@pytest.mark.parametrize("n, k", [(1, 32), (37, 96), (129, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_matmul_equals_reference(qtype: str, m_rows: int, n: int, k: int, dtype: torch.dtype) -> None:
+    t, _ = blocks(n, k, qtype, seed=n + k)
+    qs, d, m = pack_blocks(t)
+    x = (torch.randn(m_rows, k) * 3).to(dtype)
+    got = torch.ops.kiln.quant_matmul(x, qs, d, m, qtype != "Q8_0")
+    want = quant_matmul_reference(x.float(), qs, d, m, qtype != "Q8_0")
+    assert got.dtype == dtype and got.shape == (m_rows, n)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max().item()), (got.float() - want).abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_dequantize_equals_reference(qtype: str, dtype: torch.dtype) -> None:
+    t, _ = blocks(33, 160, qtype)
+    qs, d, m = pack_blocks(t)
+    got = torch.ops.kiln.quant_dequantize(qs, d, m, qtype != "Q8_0", dtype)
+    assert torch.equal(got, dequantize_reference(qs, d, m, qtype != "Q8_0", dtype))
+
+
+@pytest.mark.parametrize("m_rows", [1, 4, 40])
+def test_fused_linear_loads_shards_and_uses_both_paths(m_rows: int) -> None:
+    """qkv-style fused layer: Q4_0 and Q4_1 shards share one Q4 layout; small M runs the block
+    kernel, large M the dequantized GEMM; both agree with the dense layer, bias included."""
+    a, wa = blocks(64, 128, "Q4_0", seed=1)
+    b, wb = blocks(32, 128, "Q4_1", seed=2)
+    layer = Linear(128, [64, 32], ["q", "v"], bias=True)
+    layer.set_method(GGUFQuantLinearMethod("Q4", dense_threshold=8))  # no dense copy: dequantizes above M=8
+    layer.weight_loader("weight", a, "q")
+    layer.weight_loader("weight", b, "v")
+    layer.bias.data.copy_(torch.arange(96.0) / 100)
+    assert not hasattr(layer, "weight") and layer.method.source_types == {"Q4_0", "Q4_1"}
+    x = torch.randn(m_rows, 128)
+    dense = x @ torch.from_numpy(np.concatenate([wa, wb])).t() + layer.bias
+    err = (layer(x) - dense).abs().max() / dense.abs().max()
+    assert err < (1e-5 if m_rows > 8 else 2e-2)
+
+
+def test_dense_tensor_into_a_quantized_layer_is_rejected() -> None:
+    layer = Linear(64, [16])
+    layer.set_method(GGUFQuantLinearMethod("Q8"))
+    with pytest.raises(ValueError, match="quantized blocks"):
+        layer.weight_loader("weight", torch.zeros(16, 64))
+    t, _ = blocks(16, 64, "Q4_1")
+    with pytest.raises(ValueError, match="Q4_1"):
+        layer.weight_loader("weight", t)
+
+
+@needs_native
+@pytest.mark.real_model
+def test_default_model_native_q4_1_stays_close_to_dequantized(default_gguf_path, shared_data) -> None:
+    """KL(dequantized fp32 reference || native Q4_1/Q8_0 blocks) over 512 tokens of held-out text.
+
+    Greedy outputs are not token-identical in general (the kernel rounds activations to int8,
+    as llama.cpp does), so the issue's KL criterion applies: mean KL < 1e-3 nats."""
+    from kiln.loader.model_loader import load_model
+    from kiln.loader.tokenizer import Tokenizer
+
+    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()[:8000]
+    ids = Tokenizer.from_gguf(default_gguf_path).encode(text)[:512]
+    logits = {}
+    for mode in ("dequantize", "native"):
+        loaded = load_model(default_gguf_path, dtype="float32", quantized_weights=mode)
+        for module in loaded.model.modules():
+            if isinstance(getattr(module, "method", None), GGUFQuantLinearMethod):
+                module.method.dense_threshold = 1 << 30  # every row through the block kernel (rows are independent)
+        logits[mode] = prefill_logits(loaded.model, ids)
+    native_layers = {m.method.name for m in loaded.model.modules() if hasattr(m, "method")}
+    assert all("Q4_1" in n or "Q8_0" in n for n in native_layers), native_layers
+    assert loaded.model.quantized_tied_head is not None
+    ref = torch.log_softmax(logits["dequantize"], -1)
+    nat = torch.log_softmax(logits["native"], -1)
+    kl = (ref.exp() * (ref - nat)).sum(-1).mean().item()
+    agree = (ref.argmax(-1) == nat.argmax(-1)).float().mean().item()
+    assert kl < 1e-3, kl
+    assert agree > 0.95, agree
+
+
+def prefill_logits(model, ids: list[int]) -> torch.Tensor:
+    from tests.models.test_reference_match import model_prefill_logits
+
+    return model_prefill_logits(model, ids)
+
+
+@needs_native
+@pytest.mark.real_model
+def test_default_model_greedy_in_blocks_equals_dequantized(llm_fp32) -> None:
+    """End to end through the engine ('auto': block kernel for decode, resident dense copy for
+    prefill): greedy 64-token continuations token-for-token equal to the dequantized reference."""
+    from kiln import LLM, SamplingParams
+
+    native = LLM(str(llm_fp32.engine.loaded.source), dtype="float32", kv_cache_memory="128MiB", quantized_weights="auto")
+    methods = {type(m.method).__name__ for m in native.engine.loaded.model.modules() if hasattr(m, "method")}
+    assert methods == {"GGUFQuantLinearMethod"}
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+               "The three laws of thermodynamics are", "List five prime numbers:"]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    for ours, ref in zip(native.generate(prompts, params), llm_fp32.generate(prompts, params)):
+        assert ours.outputs[0].token_ids == ref.outputs[0].token_ids, ours.prompt
