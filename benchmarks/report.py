@@ -92,7 +92,24 @@ def serving_table() -> str:
     return "\n".join(rows) + note + _footer(d, "serving.py")
 
 
-TABLES = {"throughput": throughput_table, "latency": latency_table, "serving": serving_table}
+def quant_kernels_table() -> str:
+    d = _load("quant_kernels")
+    if d is None:
+        return "_not measured yet_"
+    rows = ["| batch M | block kernel (ms) | resident bf16 GEMM (ms) | kernel is |", "|---:|---:|---:|---:|"]
+    for m, v in d["step_ms_by_M"].items():
+        rows.append(f"| {m} | {v['kernel']:.2f} | {v['bf16_resident']:.2f} | {v['kernel_speedup']:.2f}× |")
+    per = {r["layer"]: r for r in d["rows"] if r["M"] == 1}
+    layer_note = ", ".join(f"{name} {r['bf16_resident_us'] / r['kernel_us']:.2f}×" for name, r in per.items())
+    return ("All matmuls of one decode step of the default model (30 layers of Q4_1 qkv/o/gate_up/down, "
+            "distinct weights per layer, plus the Q8_0 LM head).\n\n" + "\n".join(rows)
+            + f"\n\nPer layer at M=1 (bf16 time / kernel time, summed over the 30 layers): {layer_note}."
+            + "\n\n_From `benchmarks/quant_kernels.py` → `benchmarks/results/quant_kernels.json`, one run, "
+            + f"{d['date']}, {d['machine']}, {d['threads']} threads._")
+
+
+TABLES = {"throughput": throughput_table, "latency": latency_table, "serving": serving_table,
+          "quant_kernels": quant_kernels_table}
 
 
 def render(readme: str) -> str:
