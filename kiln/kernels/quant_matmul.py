@@ -1,10 +1,13 @@
 """Block-quantized weight matmul (GGUF Q4_0 / Q4_1 / Q8_0 layouts) and its plain-torch twin.
 
 Packed layout (what `kiln.layers.gguf_quant` produces at load, and the kernel reads):
-  * Q4: `qs` uint8 [N, K/32, 16] — byte j of a block holds element j (low nibble) and
-    element j + 16 (high nibble); `d`, `m` float32 [N, K/32]; w = d * q + m, q in [0, 15].
-    (GGUF Q4_0 is stored with m = -8 d, so one kernel serves both.)
-  * Q8: `qs` int8 [N, K]; `d` float32 [N, K/32]; w = d * q. `m` is unused (pass an empty tensor).
+  * Q4: `qs` uint8 [N, ceil(K/64), 32] — byte j of pair p holds element j of block 2p (low
+    nibble) and element j of block 2p+1 (high nibble; zero past the last block); `d`, `m`
+    float16 [N, K/32]; w = d * q + m, q in [0, 15]. (GGUF Q4_0 is stored with m = -8 d, so one
+    kernel serves both.)
+  * Q8: `qs` int8 [N, K]; `d` float16 [N, K/32]; w = d * q. `m` is unused (pass an empty tensor).
+Scales stay float16 as in GGUF, so the repack is exact and the weights take 20 (Q4) or 34 (Q8)
+bytes per 32, like the file.
 
 The matmul quantizes each activation row per 32-block to int16 (scale max|x| / 32767, rounding
 half away from zero) and does exact integer block dot products, like the reference below;
@@ -29,10 +32,20 @@ def use_native_quant(x: torch.Tensor) -> bool:
 
 
 # ---- references --------------------------------------------------------------------------------
-def unpack_q4(qs: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/32, 16] → uint8 [N, K] of 4-bit values in element order."""
-    n, nb, _ = qs.shape
-    return torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(n, nb * QK)
+def unpack_q4(qs: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """uint8 [N, P, 32] pair-interleaved → uint8 [N, num_blocks * 32] of 4-bit values in element order."""
+    n, pairs, _ = qs.shape
+    both = torch.stack((qs & 0x0F, qs >> 4), dim=2)  # [N, P, 2, 32]: block 2p, block 2p+1
+    return both.reshape(n, pairs * 2 * QK)[:, : num_blocks * QK]
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, nb, 32] of 4-bit values → the pair-interleaved uint8 [N, ceil(nb/2), 32]."""
+    n, nb, _ = q.shape
+    if nb % 2:
+        q = torch.cat((q, torch.zeros(n, 1, QK, dtype=q.dtype)), dim=1)
+    q = q.view(n, -1, 2, QK)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()
 
 
 def dequantize_reference(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, is_q4: bool,
@@ -40,10 +53,10 @@ def dequantize_reference(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, is_
     """Dense W [N, K] from the packed form."""
     n, nb = d.shape
     if is_q4:
-        q = unpack_q4(qs.view(n, nb, 16)).float().view(n, nb, QK)
-        w = q * d.unsqueeze(-1) + m.unsqueeze(-1)
+        q = unpack_q4(qs.view(n, -1, QK), nb).float().view(n, nb, QK)
+        w = q * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
     else:
-        w = qs.view(n, nb, QK).float() * d.unsqueeze(-1)
+        w = qs.view(n, nb, QK).float() * d.float().unsqueeze(-1)
     return w.reshape(n, nb * QK).to(dtype)
 
 
@@ -63,12 +76,12 @@ def quant_matmul_reference(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m
     """y [M, N] = x @ W^T with int16-quantized activation blocks (the kernel's arithmetic)."""
     n, nb = d.shape
     xq, dx = quantize_activations_reference(x)  # [M, nb, 32], [M, nb]
-    wq = unpack_q4(qs.view(n, nb, 16)).double().view(n, nb, QK) if is_q4 else qs.view(n, nb, QK).double()
+    wq = unpack_q4(qs.view(n, -1, QK), nb).double().view(n, nb, QK) if is_q4 else qs.view(n, nb, QK).double()
     isum = torch.einsum("mbj,nbj->mnb", xq.double(), wq).float()  # exact integers (< 2**31), as in the kernel
-    y = (isum * d.unsqueeze(0) * dx.unsqueeze(1)).sum(-1)
+    y = (isum * d.float().unsqueeze(0) * dx.unsqueeze(1)).sum(-1)
     if is_q4:
         sx = dx * xq.sum(-1)  # [M, nb]
-        y = y + sx @ m.t()
+        y = y + sx @ m.float().t()
     return y.to(x.dtype)
 
 

@@ -2,7 +2,7 @@
 
 The GGUF loader hands such tensors over as `GGUFQuantizedTensor` (raw blocks, rows already
 in kiln's order); a Linear switched to `GGUFQuantLinearMethod` repacks them once into the
-layout `kiln.kernels.quant_matmul` reads (scales as float32 next to the packed quants) and
+layout `kiln.kernels.quant_matmul` reads (pairs of blocks interleaved by nibble, fp16 scales) and
 holds a dense copy only when asked to. Decode-sized batches (M <= `dense_threshold`) run the
 int16·int4 kernel; larger ones (prefill chunks, big decode batches) use the dense GEMM, which
 wins there (benchmarks/results/quant_kernels.json): with `keep_dense` on a resident copy in the
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.quant_matmul import QK, dequantize, quant_matmul, use_native_quant
+from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, quant_matmul, use_native_quant
 
 # GGUF block sizes in bytes (32 weights each): fp16 d [+ fp16 m] + quants.
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -52,21 +52,21 @@ class GGUFQuantizedTensor:
 
 
 def pack_blocks(t: GGUFQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GGUF blocks → (qs, d, m) in the kernel layout (see kiln.kernels.quant_matmul)."""
+    """GGUF blocks → (qs, d, m) in the kernel layout (see kiln.kernels.quant_matmul); exact."""
     n, k = t.shape
     nb = k // QK
     blocks = t.raw.reshape(n, nb, BLOCK_BYTES[t.qtype])
-    d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, nb).float()
+    d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, nb)
+    if t.qtype == "Q8_0":
+        return blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), d.contiguous(), torch.empty(0, dtype=torch.float16)
     if t.qtype == "Q4_1":
-        m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, nb).float()
-        qs = blocks[..., 4:].contiguous()
-    elif t.qtype == "Q4_0":
+        m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, nb)
+        packed = blocks[..., 4:]
+    else:  # Q4_0: w = d * (q - 8) = d * q + (-8 d), exact in float16
         m = -8.0 * d
-        qs = blocks[..., 2:].contiguous()
-    else:
-        m = torch.empty(0)
-        qs = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k)
-    return qs, d.contiguous(), m.contiguous()
+        packed = blocks[..., 2:]
+    q = torch.cat((packed & 0x0F, packed >> 4), dim=-1)  # GGUF: byte j = element j | element j+16 << 4
+    return pack_q4(q), d.contiguous(), m.contiguous()
 
 
 class GGUFQuantLinearMethod:
@@ -100,10 +100,10 @@ class GGUFQuantLinearMethod:
         device, dtype = layer.weight.device, layer.weight.dtype
         del layer.weight
         nb = k // QK
-        qs_shape, qs_dtype = ((n, nb, 16), torch.uint8) if self.is_q4 else ((n, k), torch.int8)
+        qs_shape, qs_dtype = ((n, (nb + 1) // 2, QK), torch.uint8) if self.is_q4 else ((n, k), torch.int8)
         layer.register_buffer("qs", torch.zeros(qs_shape, dtype=qs_dtype, device=device))
-        layer.register_buffer("d", torch.zeros(n, nb, dtype=torch.float32, device=device))
-        layer.register_buffer("m", torch.zeros((n, nb) if self.is_q4 else (0,), dtype=torch.float32, device=device))
+        layer.register_buffer("d", torch.zeros(n, nb, dtype=torch.float16, device=device))
+        layer.register_buffer("m", torch.zeros((n, nb) if self.is_q4 else (0,), dtype=torch.float16, device=device))
         layer.dense_weight = None
         layer.dense_dtype = dtype
 
