@@ -1,4 +1,4 @@
-"""`kiln bench throughput|latency|serving`: kiln and its peers on the same prompts, in one run, as ratios."""
+"""`kiln bench throughput|latency|serving|serve`: kiln and its peers on the same prompts, in one run, as ratios."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from kiln.bench.runner import run_isolated
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["throughput", "latency", "serving"])
+    p.add_argument("kind", choices=["throughput", "latency", "serving", "serve"],
+                   help="throughput: offline batch; latency: single stream; serving: kiln serve vs llama-cpp-python "
+                        "server over a rate sweep; serve: load-generate against any OpenAI-compatible --base-url")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=1024, help="latency: prompt length for the prefill figure")
@@ -26,6 +28,17 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="serving: ascending request rates (req/s) to sweep")
     p.add_argument("--duration", type=float, default=45.0, help="serving: seconds of arrivals at each rate")
     p.add_argument("--slo-ttft", type=float, default=1.0, help="serving: p95 time-to-first-token SLO in seconds")
+    g = p.add_argument_group("serve (load generator)")
+    g.add_argument("--base-url", default="http://127.0.0.1:8000", help="serve: the server to load")
+    g.add_argument("--served-model", default=None, help="serve: model name sent in requests (default: --model)")
+    g.add_argument("--dataset", default="gsm8k", help="serve: gsm8k, mtbench or a file with one prompt per line")
+    g.add_argument("--request-rate", default=None,
+                   help="serve: Poisson request rate(s) in req/s, comma-separated for a curve (default: all at once)")
+    g.add_argument("--max-concurrency", type=int, default=None, help="serve: at most this many requests in flight")
+    g.add_argument("--slo-ttft-ms", type=float, default=None, help="serve: TTFT SLO for goodput")
+    g.add_argument("--slo-tpot-ms", type=float, default=None, help="serve: TPOT SLO for goodput")
+    g.add_argument("--api-key", default=None, help="serve: sent as 'Authorization: Bearer KEY'")
+    g.add_argument("--plot", default=None, help="serve: write latency CDFs (and a throughput/latency curve) as PNG")
     p.add_argument("--no-dequantized-baseline", action="store_true",
                    help="skip the extra kiln run with GGUF weights dequantized to --dtype")
     p.add_argument("--out", default=None, help="write results as JSON to this file")
@@ -78,7 +91,23 @@ def _run_serving(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from kiln.bench.load_generator import run_serve_bench
+
+    rates: list[float | None] = [float(r) for r in args.request_rate.split(",")] if args.request_rate else [None]
+    if any(r is not None and r <= 0 for r in rates):
+        raise ValueError("--request-rate must be positive")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError("--max-concurrency must be >= 1")
+    return run_serve_bench(
+        args.base_url, args.served_model or str(args.model), args.dataset, args.num_prompts, args.output_len, rates,
+        args.max_concurrency, args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
+        args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, args.api_key, Path(args.plot) if args.plot else None)
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.kind == "serve":
+        return _write(args, _run_serve(args))
     if args.kind == "serving":
         return _write(args, _run_serving(args))
     path, tok, prompts = _prompts(args)

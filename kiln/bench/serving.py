@@ -11,28 +11,18 @@ kiln's is reported as a ratio to the peer's.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import random
 import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 
-
-@dataclass
-class RequestResult:
-    ok: bool
-    ttft_s: float = 0.0
-    e2e_s: float = 0.0
-    output_chunks: int = 0
-    error: str = ""
+from kiln.bench.load_generator import run_load, summarize
 
 
 def free_port() -> int:
@@ -84,68 +74,22 @@ def running_server(cmd: list[str], port: int, threads: int, startup_timeout: flo
         log.close()
 
 
-async def one_request(client: httpx.AsyncClient, url: str, question: str, max_tokens: int) -> RequestResult:
-    body = {"model": "bench", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": True}
-    start = time.perf_counter()
-    ttft = 0.0
-    chunks = 0
-    try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                return RequestResult(False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                if (choices[0].get("delta") or {}).get("content"):
-                    chunks += 1
-                    if ttft == 0.0:
-                        ttft = time.perf_counter() - start
-    except httpx.HTTPError as exc:
-        return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
-    return RequestResult(chunks > 0, ttft, time.perf_counter() - start, chunks, "" if chunks else "no tokens")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[idx]
-
-
 async def run_rate(url: str, questions: list[str], rate: float, max_tokens: int, seed: int) -> dict[str, Any]:
     """Open-loop: request i is sent at its Poisson arrival time whether or not earlier ones finished."""
-    rng = random.Random(seed)
-    arrivals, t = [], 0.0
-    for _ in questions:
-        arrivals.append(t)
-        t += rng.expovariate(rate)
-    limits = httpx.Limits(max_connections=len(questions) + 8)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        start = time.perf_counter()
-
-        async def fire(at: float, q: str) -> RequestResult:
-            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            return await one_request(client, url, q, max_tokens)
-
-        results = await asyncio.gather(*(fire(a, q) for a, q in zip(arrivals, questions)))
-        elapsed = time.perf_counter() - start
-    good = [r for r in results if r.ok]
-    ttfts = [r.ttft_s for r in good]
-    tpots = [(r.e2e_s - r.ttft_s) / (r.output_chunks - 1) for r in good if r.output_chunks > 1]
+    results, elapsed = await run_load(url, "bench", questions, max_tokens, rate, None, seed=seed)
+    summary = summarize(results, elapsed)
     return {
         "request_rate": rate,
-        "num_requests": len(results),
-        "errors": len(results) - len(good),
-        "first_error": next((r.error for r in results if not r.ok), None),
+        "num_requests": summary["num_requests"],
+        "errors": summary["errors"],
+        "first_error": summary["first_error"],
         "elapsed_s": elapsed,
-        "output_tok_s": sum(r.output_chunks for r in good) / elapsed,
-        "ttft_p50_s": percentile(ttfts, 50),
-        "ttft_p95_s": percentile(ttfts, 95),
-        "tpot_mean_s": sum(tpots) / len(tpots) if tpots else float("nan"),
-        "e2e_p95_s": percentile([r.e2e_s for r in good], 95),
+        "output_tok_s": summary["output_tok_s"],
+        "ttft_p50_s": summary["ttft_s"]["p50"],
+        "ttft_p95_s": summary["ttft_s"]["p95"] if summary["ttft_s"]["p95"] is not None else float("inf"),
+        "tpot_mean_s": summary["tpot_s"]["mean"],
+        "itl_p95_s": summary["itl_s"]["p95"],
+        "e2e_p95_s": summary["e2e_s"]["p95"],
     }
 
 
@@ -161,7 +105,7 @@ def requests_for_rate(pool: list[str], rate: float, duration_s: float, min_reque
 def sweep(url: str, pool: list[str], rates: list[float], max_tokens: int, slo_s: float, duration_s: float,
           min_requests: int) -> dict[str, Any]:
     """Rates in ascending order; stop after the first rate that breaks the SLO (higher ones only queue more)."""
-    asyncio.run(one_request_sync_warmup(url, pool[0], max_tokens))
+    asyncio.run(run_load(url, "bench", pool[:1], max_tokens, None, None))  # warm-up
     points = []
     sustained = 0.0
     for i, rate in enumerate(rates):
@@ -175,11 +119,6 @@ def sweep(url: str, pool: list[str], rates: list[float], max_tokens: int, slo_s:
             break
         sustained = rate
     return {"points": points, "max_sustained_rate": sustained}
-
-
-async def one_request_sync_warmup(url: str, question: str, max_tokens: int) -> None:
-    async with httpx.AsyncClient(timeout=600) as client:
-        await one_request(client, url, question, max_tokens)
 
 
 def run_serving_bench(model: str, gguf: Path, pool: list[str], rates: list[float], max_tokens: int, slo_s: float,

@@ -1,0 +1,60 @@
+"""`kiln bench serve` (the load generator) against a real kiln server: open and closed loop,
+percentiles that are ordered, goodput bounded by throughput, a PNG written, errors counted."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kiln.bench.load_generator import load_prompts, run_load, run_serve_bench, summarize
+
+pytestmark = pytest.mark.real_model
+
+MODEL = "kiln-test-model"
+
+
+def test_open_and_closed_loop_report(server, tmp_path) -> None:
+    png = tmp_path / "serve.png"
+    report = run_serve_bench(server.url, MODEL, "mtbench", num_prompts=6, max_tokens=4, request_rates=[20.0, None],
+                             max_concurrency=None, slo_ttft_s=60.0, slo_tpot_s=60.0, api_key=None, plot_path=png)
+    assert len(report["runs"]) == 2
+    for run in report["runs"]:
+        assert run["errors"] == 0 and run["num_requests"] == 6
+        for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            p = run[metric]
+            assert 0 < p["p50"] <= p["p90"] <= p["p95"] <= p["p99"], (metric, p)
+        assert run["ttft_s"]["p99"] <= run["e2e_s"]["p99"]
+        assert run["goodput_req_s"] == pytest.approx(run["request_throughput"])  # generous SLOs: all good
+        assert run["output_tok_s"] > 0
+    assert png.stat().st_size > 10_000
+
+
+def test_prompts_cycle_when_more_are_asked_for(tmp_path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("one\n\ntwo\n")
+    assert load_prompts(str(f), 5) == ["one", "two", "one", "two", "one"]
+
+
+def test_closed_loop_respects_concurrency_and_slo_cuts_goodput(server, metrics) -> None:
+    results, elapsed = asyncio.run(run_load(server.url, MODEL, load_prompts("gsm8k", 4), 4, None, max_concurrency=1))
+    summary = summarize(results, elapsed, slo_ttft_s=1e-9)
+    assert summary["errors"] == 0 and summary["goodput_req_s"] == 0.0
+    scrape, wait_idle = metrics
+    assert wait_idle(server)["kiln:kv_cache_blocks_in_use"] == 0
+
+
+def test_errors_are_counted_not_raised(server) -> None:
+    results, elapsed = asyncio.run(run_load(server.url, "no-such-model", ["hi", "there"], 4, None, None))
+    summary = summarize(results, elapsed)
+    assert summary["errors"] == 2 and "404" in summary["first_error"]
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="cannot reach"):
+        run_serve_bench("http://127.0.0.1:9", MODEL, "gsm8k", 1, 4, [None], None, None, None, None, None)
+
+
+def test_bad_dataset_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="--dataset"):
+        load_prompts("no/such/file.txt", 2)
