@@ -96,3 +96,28 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # None: the model's context length
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding. `method` 'ngram' (prompt lookup) is the proposer kiln has today.
+
+    Speculation is skipped for a step when more than `max_batch_size` sequences run: a big
+    batch already keeps the cores busy, and verifying k drafts per sequence would multiply
+    the step's tokens for little gain.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    ngram_min: int = 1
+    ngram_max: int = 4
+    max_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative method must be 'ngram' (draft models are not supported yet), got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+

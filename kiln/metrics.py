@@ -62,6 +62,10 @@ class EngineMetrics:
         self.preemptions = Counter("kiln:num_preemptions", "Sequences preempted (KV freed, recomputed later).", registry=r)
         self.steps = Counter("kiln:engine_steps", "Engine steps (one forward pass each).", registry=r)
         self.step_errors = Counter("kiln:engine_step_errors", "Engine steps that raised; their requests finished with an error.", registry=r)
+        self.spec_proposed = Counter("kiln:spec_decode_num_draft_tokens", "Speculative draft tokens verified.", registry=r)
+        self.spec_accepted = Counter("kiln:spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.", registry=r)
+        self.spec_steps = Counter("kiln:spec_decode_num_steps",
+                                  "Sequence-steps that speculated (skipped when the batch is large).", registry=r)
         # Running totals already counted, so counters advance by the difference.
         self._seen: dict[str, int] = {}
 
@@ -80,6 +84,9 @@ class EngineMetrics:
         self._advance(self.prefix_hits, "hits", s.prefix_cache_hits)
         self._advance(self.preemptions, "preemptions", s.num_preemptions_total)
         self._advance(self.steps, "steps", stats.step_count)
+        self._advance(self.spec_proposed, "spec_proposed", stats.spec_proposed_total)
+        self._advance(self.spec_accepted, "spec_accepted", stats.spec_accepted_total)
+        self._advance(self.spec_steps, "spec_steps", stats.spec_steps_total)
 
     def _advance(self, counter: Counter, key: str, total: int) -> None:
         delta = total - self._seen.get(key, 0)

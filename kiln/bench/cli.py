@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-tpot-ms", type=float, default=None, help="serve: TPOT SLO for goodput")
     g.add_argument("--api-key", default=None, help="serve: sent as 'Authorization: Bearer KEY'")
     g.add_argument("--plot", default=None, help="serve: write latency CDFs (and a throughput/latency curve) as PNG")
+    p.add_argument("--profile", action="store_true",
+                   help="latency: also print where a decode step and a prefill chunk spend their time")
     p.add_argument("--no-dequantized-baseline", action="store_true",
                    help="skip the extra kiln run with GGUF weights dequantized to --dtype")
     p.add_argument("--out", default=None, help="write results as JSON to this file")
@@ -53,6 +56,10 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": not args.no_prefix_caching,
         "quantized_weights": args.quantized_weights,
+        "speculative_model": args.speculative_model,
+        "num_speculative_tokens": args.num_speculative_tokens,
+        "ngram_min": args.ngram_min,
+        "ngram_max": args.ngram_max,
     }
 
 
@@ -138,7 +145,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         prompt = prompts[0]
         long_prompt = tok.encode(long_text(20000), add_special_tokens=False)[: args.prefill_len]
         results.append(run_isolated(kiln_runs.kiln_latency, args.model, args.dtype, prompt, long_prompt,
-                                    args.output_len, _engine_kwargs(args), threads=threads))
+                                    args.output_len, _engine_kwargs(args), args.profile, threads=threads))
+        if args.profile and "profile" in results[0]:
+            from kiln.bench.profile import format_profile
+
+            print(format_profile(results[0]["profile"]), file=sys.stderr)
         if _compare_dequantized(args, path):
             results.append(run_isolated(kiln_runs.kiln_latency, args.model, args.dtype, prompt, long_prompt,
                                         args.output_len, {**_engine_kwargs(args), "quantized_weights": "dequantize"},

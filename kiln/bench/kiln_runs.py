@@ -17,7 +17,19 @@ def _weights(llm) -> str:
     model = llm.engine.loaded.model
     types = sorted({t for m in model.modules() for t in getattr(getattr(m, "method", None), "source_types", ())})
     act = str(model.dtype).removeprefix("torch.")
-    return f"{'/'.join(types)} native kernels, {act} activations" if types else act
+    label = f"{'/'.join(types)} native kernels, {act} activations" if types else act
+    spec = llm.engine.speculative_config
+    return label + (f", {spec.method} speculation k={spec.num_speculative_tokens}" if spec else "")
+
+
+def _spec_stats(engine) -> dict[str, Any]:
+    """Speculative decoding figures (empty when it is off): acceptance rate and tokens per step."""
+    if engine.speculative_config is None:
+        return {}
+    s = engine.stats()
+    return {"speculative": engine.speculative_config.method,
+            "spec_acceptance_rate": s.spec_acceptance_rate,
+            "spec_mean_accepted_per_step": s.spec_accepted_total / s.spec_steps_total if s.spec_steps_total else None}
 
 
 def kiln_throughput(model: str, dtype: str, prompts: list[list[int]], max_tokens: int,
@@ -54,11 +66,12 @@ def kiln_throughput(model: str, dtype: str, prompts: list[list[int]], max_tokens
         "steps": stats.step_count,
         "preemptions": stats.scheduler.num_preemptions_total,
         "ttft_mean_s": sum(ttfts) / max(len(ttfts), 1),
+        **_spec_stats(engine),
     }
 
 
 def kiln_latency(model: str, dtype: str, prompt: list[int], long_prompt: list[int], max_tokens: int,
-                 engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+                 engine_kwargs: dict[str, Any], profile: bool = False) -> dict[str, Any]:
     from kiln.sampling_params import SamplingParams
 
     engine_kwargs = dict(engine_kwargs, enable_prefix_caching=False, max_num_batched_tokens=max(2048, len(long_prompt)))
@@ -72,4 +85,10 @@ def kiln_latency(model: str, dtype: str, prompt: list[int], long_prompt: list[in
                                    SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)):
         times.append(time.perf_counter())
     decode = (len(times) - 1) / (times[-1] - times[0])
-    return {"system": f"kiln ({_weights(llm)})", "prefill_tok_s": prefill, "decode_tok_s": decode}
+    result: dict[str, Any] = {"system": f"kiln ({_weights(llm)})", "prefill_tok_s": prefill, "decode_tok_s": decode,
+                              **_spec_stats(llm.engine)}
+    if profile:  # after the timed runs, so the profiler's overhead never enters the figures
+        from kiln.bench.profile import profile_engine
+
+        result["profile"] = profile_engine(llm, prompt, long_prompt)
+    return result

@@ -127,6 +127,8 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.spec_token_ids and self._tokens_needed(request) > budget:
+                request.spec_token_ids = []  # drafts only ever run whole, never split across steps
             num_new = min(self._tokens_needed(request), budget)
             if num_new <= 0:
                 index += 1
@@ -174,7 +176,8 @@ class Scheduler:
     ) -> list[Request]:
         """Advance computed-token counts, append sampled tokens and apply token-level stops.
 
-        `sampled[request_id]` holds the accepted tokens of requests that sampled this step.
+        `sampled[request_id]` holds the accepted tokens of requests that sampled this step; when a
+        token stop ends a request part-way through them, the entry is cut to the kept tokens.
         Returns the requests that finished (their blocks are already freed).
         """
         finished: list[Request] = []
@@ -192,7 +195,7 @@ class Scheduler:
             if drafts:
                 # Accepted drafts' KV is valid; the rejected ones' slots will be overwritten.
                 request.num_computed_tokens += len(tokens) - 1
-            for token in tokens:
+            for count, token in enumerate(tokens, start=1):
                 request.append_output_token(token)
                 if request.metrics.first_token_time is None:
                     request.metrics.first_token_time = now
@@ -201,6 +204,8 @@ class Scheduler:
                 if status is not None:
                     self.finish_request(request.request_id, status)
                     finished.append(request)
+                    # accepted drafts after a stop token (EOS, max_tokens) are not part of the output
+                    sampled[request.request_id] = tokens[:count]
                     break
         return finished
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
-from kiln.config import CacheConfig, SchedulerConfig
+from kiln.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from kiln.core.kv_cache_manager import KVCacheManager
-from kiln.core.scheduler import Scheduler, SchedulerStats
+from kiln.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from kiln.detokenizer import IncrementalDetokenizer
 from kiln.engine.kv_budget import KVBudget, plan_kv_cache
 from kiln.engine.output_processor import RequestState, SequenceState
@@ -25,7 +26,8 @@ from kiln.loader.model_loader import LoadedModel, load_model
 from kiln.outputs import RequestOutput
 from kiln.request import Request, RequestStatus
 from kiln.sampling_params import SamplingParams
-from kiln.worker.model_runner import ModelRunner
+from kiln.spec_decode.ngram_proposer import NgramProposer
+from kiln.worker.model_runner import ModelRunner, RunnerOutput
 
 logger = logging.getLogger("kiln")
 
@@ -39,6 +41,13 @@ class EngineStats:
     step_count: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_proposed_total: int = 0
+    spec_accepted_total: int = 0
+    spec_steps_total: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.spec_accepted_total / self.spec_proposed_total if self.spec_proposed_total else None
 
 
 class LLMEngine:
@@ -47,8 +56,15 @@ class LLMEngine:
         loaded: LoadedModel,
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         self.loaded = loaded
+        self.speculative_config = speculative_config
+        self.proposer = (NgramProposer(speculative_config.ngram_min, speculative_config.ngram_max)
+                         if speculative_config is not None else None)
+        self.spec_proposed_total = 0  # draft tokens verified
+        self.spec_accepted_total = 0  # of those, accepted
+        self.spec_steps_total = 0  # sequence-steps that speculated
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.cache_config = cache_config or CacheConfig()
@@ -81,11 +97,12 @@ class LLMEngine:
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         quantized_weights: str = "auto",
+        speculative_config: SpeculativeConfig | None = None,
     ) -> "LLMEngine":
         from kiln.hub import resolve_model
 
         loaded = load_model(resolve_model(model), dtype, device, quantized_weights=quantized_weights)
-        return cls(loaded, cache_config, scheduler_config)
+        return cls(loaded, cache_config, scheduler_config, speculative_config)
 
     # ---- requests ---------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
@@ -169,11 +186,38 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        # record_function labels cost ~nothing unless a profiler runs (`kiln bench latency --profile`)
+        with record_function("kiln::schedule"):
+            self._propose_drafts()
+            sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         self.step_count += 1
         result = self.runner.execute(sched)
+        with record_function("kiln::process_outputs"):
+            return self._process_outputs(sched, result)
+
+    def _propose_drafts(self) -> None:
+        """Give each decoding sequence up to k draft tokens (none when the batch is large)."""
+        cfg = self.speculative_config
+        running = self.scheduler.running
+        if cfg is None or self.proposer is None or not running or len(running) > cfg.max_batch_size:
+            return
+        for request in running:
+            if request.num_computed_tokens != request.num_tokens - 1:
+                continue  # still prefilling
+            params = request.sampling_params
+            room = (params.max_tokens - len(request.output_token_ids) - 1) if params.max_tokens is not None else cfg.num_speculative_tokens
+            room = min(room, self.max_model_len - request.num_tokens - 1)
+            if room > 0:
+                request.spec_token_ids = self.proposer.propose(request.all_token_ids, min(cfg.num_speculative_tokens, room))
+
+    def _process_outputs(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        for item in sched.scheduled:
+            if item.spec_token_ids and item.request.request_id in result.sampled:
+                self.spec_steps_total += 1
+                self.spec_proposed_total += len(item.spec_token_ids)
+                self.spec_accepted_total += len(result.sampled[item.request.request_id]) - 1
         self.scheduler.update_from_output(sched, result.sampled)
         touched: dict[str, RequestState] = {}
         for item in sched.scheduled:
@@ -189,7 +233,8 @@ class LLMEngine:
             tokens = result.sampled.get(seq_id)
             if tokens:
                 self.generation_tokens_total += len(tokens)
-                self._record_logprobs(seq, result.logprobs.get(seq_id))
+                lps = result.logprobs.get(seq_id)
+                self._record_logprobs(seq, lps[: len(tokens)] if lps else lps)
                 try:
                     if seq.add_tokens(tokens):
                         self.scheduler.finish_request(seq_id, RequestStatus.FINISHED_STOPPED)
@@ -223,6 +268,7 @@ class LLMEngine:
         return EngineStats(
             self.scheduler.stats(), self.kv_budget.num_blocks, self.step_count,
             self.prompt_tokens_total, self.generation_tokens_total,
+            self.spec_proposed_total, self.spec_accepted_total, self.spec_steps_total,
         )
 
     @torch.inference_mode()

@@ -22,6 +22,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--speculative-model", default=None, choices=["ngram"],
+                   help="speculative decoding proposer (ngram: prompt lookup); off by default")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step")
+    p.add_argument("--ngram-min", type=int, default=1, help="ngram proposer: shortest suffix to match")
+    p.add_argument("--ngram-max", type=int, default=4, help="ngram proposer: longest suffix to match")
     p.add_argument("--quantized-weights", default="auto", choices=["auto", "native", "dequantize"],
                    help="GGUF Q4_0/Q4_1/Q8_0: run in blocks with native kernels (auto/native) or expand to --dtype")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -54,6 +59,10 @@ def build_llm(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         quantized_weights=args.quantized_weights,
+        speculative_model=args.speculative_model,
+        num_speculative_tokens=args.num_speculative_tokens,
+        ngram_min=args.ngram_min,
+        ngram_max=args.ngram_max,
     )
     print(llm.engine.kv_budget.describe(), file=sys.stderr)
     return llm

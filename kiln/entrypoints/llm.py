@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kiln.config import CacheConfig, SchedulerConfig
+from kiln.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from kiln.engine.kv_budget import parse_memory
 from kiln.engine.llm_engine import LLMEngine, PromptInput
 from kiln.outputs import RequestOutput
@@ -36,9 +36,15 @@ class LLM:
         max_model_len: int | None = None,
         enable_chunked_prefill: bool = True,
         quantized_weights: str = "auto",
+        speculative_model: str | None = None,
+        num_speculative_tokens: int = 4,
+        ngram_min: int = 1,
+        ngram_max: int = 4,
     ) -> None:
         """`quantized_weights`: 'auto' runs GGUF Q4_0/Q4_1/Q8_0 matrices in their blocks with kiln's
-        native kernels (CPU), 'dequantize' expands them to `dtype` (see kiln.loader.model_loader)."""
+        native kernels (CPU), 'dequantize' expands them to `dtype` (see kiln.loader.model_loader).
+        `speculative_model='ngram'` turns on prompt-lookup speculative decoding with up to
+        `num_speculative_tokens` drafts per step (lossless: outputs follow the model's distribution)."""
         cache = CacheConfig(
             block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory), enable_prefix_caching=enable_prefix_caching
         )
@@ -48,7 +54,11 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
             max_model_len=max_model_len,
         )
-        self.engine = LLMEngine.from_model(model, dtype, device, cache, sched, quantized_weights=quantized_weights)
+        spec = None
+        if speculative_model is not None:
+            spec = SpeculativeConfig(speculative_model, num_speculative_tokens, ngram_min, ngram_max)
+        self.engine = LLMEngine.from_model(model, dtype, device, cache, sched, quantized_weights=quantized_weights,
+                                           speculative_config=spec)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
-from kiln.layers.attention_metadata import build_attention_metadata
+from kiln.layers.attention_metadata import AttentionMetadata, build_attention_metadata
 from kiln.models.llama import LlamaForCausalLM
 from kiln.sample.sampler import SampleRow, Sampler
+from kiln.spec_decode.verify import verify_drafts
 
 TopLogprobs = list[tuple[int, float]]
 
@@ -64,6 +66,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        with record_function("kiln::prepare_inputs"):
+            items, ids, pos, meta = self._prepare(sched)
+        with record_function("kiln::forward"):
+            hidden = self.model(ids, pos, meta, self.kv_caches)
+        with record_function("kiln::logits_and_sample"):
+            return self._sample(items, meta, hidden)
+
+    def _prepare(
+        self, sched: SchedulerOutput
+    ) -> tuple[list[ScheduledRequest], torch.Tensor, torch.Tensor, AttentionMetadata]:
         items = sorted(sched.scheduled, key=lambda s: s.num_tokens != 1)  # decodes first, stable
         token_ids: list[int] = []
         positions: list[int] = []
@@ -82,8 +94,9 @@ class ModelRunner:
         )
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, meta, self.kv_caches)
+        return items, ids, pos, meta
 
+    def _sample(self, items: list[ScheduledRequest], meta: AttentionMetadata, hidden: torch.Tensor) -> RunnerOutput:
         out = RunnerOutput()
         sample_rows: list[int] = []
         sample_items: list[ScheduledRequest] = []
@@ -92,28 +105,44 @@ class ModelRunner:
             if item.request.sampling_params.prompt_logprobs is not None and item.start < item.request.num_prompt_tokens:
                 out.prompt_logprobs[item.request.request_id] = self._prompt_logprobs(item, hidden[start:end])
             if item.samples:
-                sample_rows.append(end - 1)
+                # a speculating sequence samples at its last token and at each of its k drafts
+                sample_rows.extend(range(end - 1 - len(item.spec_token_ids), end))
                 sample_items.append(item)
         if not sample_rows:
             return out
         logits = self.model.compute_logits(hidden[sample_rows])
-        rows = [
-            SampleRow(
-                item.request.sampling_params,
-                item.request.prompt_token_ids,
-                item.request.output_token_ids,
-                self._generator(item),
-                item.request.eos_token_ids,
-            )
-            for item in sample_items
-        ]
-        result = self.sampler(logits, rows)
-        for item, token, lp in zip(sample_items, result.token_ids, result.logprobs):
-            rid = item.request.request_id
-            out.sampled[rid] = [token]
-            if lp is not None:
-                out.logprobs[rid] = [lp]
+        plain = [(j, item) for j, item in enumerate(sample_items) if not item.spec_token_ids]
+        offsets, at = [], 0
+        for item in sample_items:
+            offsets.append(at)
+            at += 1 + len(item.spec_token_ids)
+        if plain:
+            plain_logits = logits if len(plain) == len(sample_items) else logits[[offsets[j] for j, _ in plain]]
+            rows = [self._sample_row(item, item.request.output_token_ids) for _, item in plain]
+            result = self.sampler(plain_logits, rows)
+            for (_, item), token, lp in zip(plain, result.token_ids, result.logprobs):
+                rid = item.request.request_id
+                out.sampled[rid] = [token]
+                if lp is not None:
+                    out.logprobs[rid] = [lp]
+        for j, item in enumerate(sample_items):
+            drafts = item.spec_token_ids
+            if not drafts:
+                continue
+            req = item.request
+            generator = self._generator(item)
+            rows = [self._sample_row(item, req.output_token_ids + drafts[:d], generator) for d in range(len(drafts) + 1)]
+            tokens, lps = verify_drafts(logits[offsets[j]:offsets[j] + len(drafts) + 1].clone(), rows, drafts)
+            out.sampled[req.request_id] = tokens
+            if lps[0] is not None:
+                out.logprobs[req.request_id] = lps  # type: ignore[assignment]
         return out
+
+    def _sample_row(self, item: ScheduledRequest, output_token_ids: list[int],
+                    generator: torch.Generator | None = None) -> SampleRow:
+        req = item.request
+        return SampleRow(req.sampling_params, req.prompt_token_ids, output_token_ids,
+                         generator if generator is not None else self._generator(item), req.eos_token_ids)
 
     def _prompt_logprobs(self, item: ScheduledRequest, hidden: torch.Tensor) -> list[tuple[int, float, TopLogprobs]]:
         """Logprob of each next prompt token given the tokens before it, for this chunk's rows."""

@@ -1,0 +1,56 @@
+"""n-gram speculative decoding on the real default model: greedy output token-for-token equal
+to plain decoding, inside continuous batching with prefix caching, with drafts accepted."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln import LLM, SamplingParams
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "Repeat this list three times: apple, banana, cherry, date, elderberry.",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+    "Copy the sentence exactly: The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "Count: 1, 2, 3, 4, 5, 6, 7, 8,",
+]
+
+
+@pytest.fixture(scope="module")
+def spec_llm(llm_fp32) -> LLM:
+    return LLM(str(llm_fp32.engine.loaded.source), dtype="float32", kv_cache_memory="128MiB",
+               quantized_weights="dequantize", speculative_model="ngram", num_speculative_tokens=4)
+
+
+def test_greedy_with_ngram_drafts_equals_plain_decoding(llm_fp32, spec_llm) -> None:
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    plain = llm_fp32.generate(PROMPTS, params)
+    before = spec_llm.engine.spec_accepted_total
+    spec = spec_llm.generate(PROMPTS, params)
+    for a, b in zip(spec, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, a.prompt
+        assert a.outputs[0].text == b.outputs[0].text
+    engine = spec_llm.engine
+    assert engine.spec_accepted_total - before > 20  # these prompts repeat: drafts must land
+    assert engine.kv_manager.get_num_free_blocks() == engine.kv_budget.num_blocks  # nothing leaked
+
+
+def test_stops_inside_accepted_drafts_cut_the_output(llm_fp32, spec_llm) -> None:
+    """max_tokens and stop strings that fall in the middle of an accepted run of drafts."""
+    for params in (SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=40, stop=["cherry"])):
+        a = spec_llm.generate(PROMPTS[:1], params)[0].outputs[0]
+        b = llm_fp32.generate(PROMPTS[:1], params)[0].outputs[0]
+        assert a.text == b.text and a.finish_reason == b.finish_reason
+        if params.max_tokens == 7:
+            assert a.token_ids == b.token_ids and len(a.token_ids) == 7
+
+
+def test_seeded_sampling_with_drafts_is_reproducible(spec_llm) -> None:
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=32, logprobs=1)
+    first = spec_llm.generate(PROMPTS[:2], params)
+    again = spec_llm.generate(PROMPTS[:2], params)
+    for a, b in zip(first, again):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(a.outputs[0].logprobs) == len(a.outputs[0].token_ids)
