@@ -108,8 +108,24 @@ def quant_kernels_table() -> str:
             + f"{d['date']}, {d['machine']}, {d['threads']} threads._")
 
 
+def spec_decode_table() -> str:
+    d = _load("spec_decode")
+    if d is None:
+        return "_not measured yet_"
+    rows = ["| requests at once | speculation off (tok/s) | n-gram, k=8 (tok/s) | speedup | acceptance | same output |",
+            "|---:|---:|---:|---:|---:|---|"]
+    for name, r in d["runs"].items():
+        acc = r["ngram_k8"].get("spec_acceptance_rate")
+        rows.append(f"| {name.removeprefix('batch_')} | {r['speculation_off']['output_tok_s']:.1f} | "
+                    f"{r['ngram_k8']['output_tok_s']:.1f} | {r['speedup']:.2f}× | "
+                    f"{'–' if acc is None else f'{100 * acc:.0f}%'} | {'yes' if r['outputs_identical'] else 'no'} |")
+    return (f"{d['workload']}, {d['num_prompts']} prompts, up to {d['max_tokens']} tokens.\n\n" + "\n".join(rows)
+            + "\n\n_From `benchmarks/spec_decode.py` → `benchmarks/results/spec_decode.json`, one run, "
+            + f"{d['date']}, {d['threads']} threads._")
+
+
 TABLES = {"throughput": throughput_table, "latency": latency_table, "serving": serving_table,
-          "quant_kernels": quant_kernels_table}
+          "quant_kernels": quant_kernels_table, "spec_decode": spec_decode_table}
 
 
 def render(readme: str) -> str:

@@ -71,6 +71,7 @@ def _random_paged_batch(dtype, query_lens, seq_lens, hq=6, hkv=2, d=32, block_si
     ([1, 1, 1], [1, 9, 33]),  # decodes only
     ([1, 1, 5, 12], [4, 17, 5, 20]),  # decodes + a fresh prefill + a chunk after a cached prefix
     ([7], [7]),  # prefill only
+    ([1, 24, 9], [30, 40, 9]),  # a long chunk after a prefix (SDPA with an offset mask), a fresh prefill
 ])
 def test_paged_attention_matches_reference(dtype, query_lens, seq_lens) -> None:
     q, k_cache, v_cache, meta = _random_paged_batch(dtype, query_lens, seq_lens)
@@ -81,3 +82,21 @@ def test_paged_attention_matches_reference(dtype, query_lens, seq_lens) -> None:
         fb = _decode_fallback(q, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
         n = meta.num_decodes
         assert torch.allclose(fb.float(), ref[:n].float(), atol=TOL[dtype] * 5, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_query_after_prefix_equals_decoding_token_by_token(dtype) -> None:
+    """Speculative verification (last token + k drafts in one call) must give bit-identical
+    attention rows to decoding those tokens one at a time."""
+    from kiln.kernels.native import load_native
+
+    if not load_native():
+        pytest.skip("native kernels unavailable (no compiler)")
+    q, k_cache, v_cache, meta = _random_paged_batch(dtype, [5], [37])
+    together = paged_attention(q, k_cache, v_cache, meta)
+    for r in range(5):
+        block_size = k_cache.shape[1]
+        blocks = meta.block_tables[0].tolist()[: (33 + r + block_size - 1) // block_size]
+        one = build_attention_metadata([1], [33 + r], [blocks], block_size)
+        alone = paged_attention(q[r:r + 1], k_cache, v_cache, one)
+        assert torch.equal(alone[0], together[r]), r

@@ -92,3 +92,24 @@ def kiln_latency(model: str, dtype: str, prompt: list[int], long_prompt: list[in
 
         result["profile"] = profile_engine(llm, prompt, long_prompt)
     return result
+
+
+def kiln_generate_timed(model: str, dtype: str, prompts: list[list[int]], max_tokens: int,
+                        engine_kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Greedy generation of every prompt, `batch` at a time; output tok/s over the whole set.
+
+    Returns the token ids too, so a caller can check that speculation changed nothing."""
+    from kiln.sampling_params import SamplingParams
+
+    llm = _llm(model, dtype, engine_kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    outputs: list[list[int]] = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk = [{"prompt_token_ids": p} for p in prompts[i:i + batch]]
+        outputs.extend(o.outputs[0].token_ids for o in llm.generate(chunk, params))
+    elapsed = time.perf_counter() - start
+    generated = sum(map(len, outputs))
+    return {"system": f"kiln ({_weights(llm)})", "batch": batch, "elapsed_s": elapsed, "output_tokens": generated,
+            "output_tok_s": generated / elapsed, "token_ids": outputs, **_spec_stats(llm.engine)}

@@ -3,8 +3,13 @@
 - Decode sequences (one new token each) go in one call to the native kernel, which reads
   K/V in place through the block tables. Without the native library, or on a non-CPU
   device, decodes fall back to a batched gather + SDPA.
-- Prefill chunks (several new tokens, possibly after a cached prefix) go through
-  `scaled_dot_product_attention` per sequence with a causal mask offset by the prefix.
+- Short query runs after a cached prefix (speculative verification: the last token plus k
+  drafts; small prefill chunks) go through the same decode kernel, one kernel row per query
+  position with its own causal length. Each row is then computed exactly as if the tokens had
+  been decoded one by one, which keeps speculative decoding's output identical to plain
+  decoding even in bf16.
+- Longer prefill chunks go through `scaled_dot_product_attention` per sequence with a causal
+  mask offset by the prefix.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import torch.nn.functional as F
 from kiln.kernels.attention_reference import gather_context
 from kiln.kernels.native import load_native
 from kiln.layers.attention_metadata import AttentionMetadata
+
+# Query runs up to this long after a prefix use the decode kernel row by row (see above).
+MAX_ROWWISE_QUERY = 17
 
 
 def write_kv(
@@ -76,6 +84,11 @@ def paged_attention(
     for i in range(n_dec, meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         q_len, seq_len = end - start, meta.seq_lens[i]
+        if native and q_len <= MAX_ROWWISE_QUERY and q_len < seq_len:
+            lens = torch.arange(seq_len - q_len + 1, seq_len + 1, dtype=meta.seq_lens_tensor.dtype, device=q.device)
+            tables = meta.block_tables[i].unsqueeze(0).expand(q_len, -1).contiguous()
+            out[start:end] = torch.ops.kiln.paged_decode_attention(q[start:end], k_cache, v_cache, tables, lens, scale)
+            continue
         k = gather_context(k_cache, meta.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)  # [Hkv, S, D]
         v = gather_context(v_cache, meta.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)
         # 4-D [1, H, L, D]: with 3-D inputs torch's CPU SDPA takes the unfused math path
