@@ -68,8 +68,15 @@ def add_rms_norm(
     return add_rms_norm_reference(x, residual, weight, eps)
 
 
+# The native SiLU·gate beats eager torch only for single-row (decode) calls: measured on this
+# CPU at 1 row 8.8 vs 10.6 us, at 4 rows 28 vs 10 us, at 1024 rows 3.9 vs 0.6 ms (its bf16
+# conversions do not vectorize). Above this, torch's vectorized ops run.
+SILU_NATIVE_MAX_ROWS = 1
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if gate_up.dim() == 2 and use_fused(gate_up) and gate_up.is_contiguous():
+    if (gate_up.dim() == 2 and gate_up.shape[0] <= SILU_NATIVE_MAX_ROWS and use_fused(gate_up)
+            and gate_up.is_contiguous()):
         return torch.ops.kiln.silu_and_mul(gate_up)
     return silu_and_mul_reference(gate_up)
 
