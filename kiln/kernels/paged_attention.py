@@ -23,7 +23,8 @@ from kiln.kernels.attention_reference import gather_context
 from kiln.kernels.native import load_native
 from kiln.layers.attention_metadata import AttentionMetadata
 
-# Query runs up to this long after a prefix use the decode kernel row by row (see above).
+# Query runs up to this long after a prefix use the decode kernel row by row (see above):
+# the last token plus the most drafts SpeculativeConfig allows (16).
 MAX_ROWWISE_QUERY = 17
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from kiln.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
-from kiln.layers.gguf_quant import BLOCK_BYTES, NATIVE_TYPES, GGUFQuantizedTensor
 from kiln.errors import ModelLoadError
+from kiln.layers.gguf_quant import BLOCK_BYTES, NATIVE_TYPES, GGUFQuantizedTensor
 
 GGUF_MAGIC = b"GGUF"
 
@@ -180,19 +180,14 @@ def iter_gguf_weights(
         if not array.flags.writeable or not array.flags.c_contiguous:
             array = np.array(array, dtype=np.float32, order="C")  # memory-mapped F32 tensors are read-only
         weight = torch.from_numpy(array)
-        if cfg.architecture in ("llama", "mistral"):
-            heads = None
-            if tensor.name.endswith("attn_q.weight") or tensor.name.endswith("attn_q.bias"):
-                heads = cfg.num_attention_heads
-            elif tensor.name.endswith("attn_k.weight") or tensor.name.endswith("attn_k.bias"):
-                heads = cfg.num_key_value_heads
-            if heads is not None:
-                if weight.shape[0] != heads * cfg.head_dim or (weight.dim() == 2 and weight.shape[1] != cfg.hidden_size):
-                    expected = (heads * cfg.head_dim, cfg.hidden_size) if weight.dim() == 2 else (heads * cfg.head_dim,)
-                    raise ModelLoadError(
-                        path, f"tensor {tensor.name!r}: shape mismatch: expected {expected}, got {tuple(weight.shape)}"
-                    )
-                weight = unpermute_qk(weight, heads)
+        heads = _qk_heads(tensor.name, cfg)
+        if heads is not None:
+            if weight.shape[0] != heads * cfg.head_dim or (weight.dim() == 2 and weight.shape[1] != cfg.hidden_size):
+                expected = (heads * cfg.head_dim, cfg.hidden_size) if weight.dim() == 2 else (heads * cfg.head_dim,)
+                raise ModelLoadError(
+                    path, f"tensor {tensor.name!r}: shape mismatch: expected {expected}, got {tuple(weight.shape)}"
+                )
+            weight = unpermute_qk(weight, heads)
         yield name, weight
 
 

@@ -60,11 +60,9 @@ def use_gguf_blocks(mode: str, device: torch.device) -> bool:
     return mode == "native"
 
 
-def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: bool) -> dict[str, str]:
-    """Switch every Linear whose GGUF shards all share a native block layout to that layout.
-
-    Returns {module path: 'Q4' | 'Q8'}; other layers stay dense and get dequantized weights.
-    """
+def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: bool) -> None:
+    """Switch every Linear whose GGUF shards all share a native block layout to that layout;
+    other layers stay dense and get dequantized weights."""
     from kiln.layers.gguf_quant import GGUFQuantLinearMethod, family_of
     from kiln.layers.linear import Linear
     from kiln.loader.gguf_loader import gguf_layer_types
@@ -74,7 +72,6 @@ def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: boo
     for hf_module, types in gguf_layer_types(reader).items():
         module_path, _, _ = _target(model, hf_module + ".weight")
         per_module.setdefault(module_path, set()).update(types)
-    plan: dict[str, str] = {}
     for module_path, types in per_module.items():
         try:
             module = model.get_submodule(module_path)
@@ -83,17 +80,17 @@ def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: boo
         family = family_of(types)
         if isinstance(module, Linear) and family is not None and module.input_size % 32 == 0:
             module.set_method(GGUFQuantLinearMethod(family, keep_dense=keep_dense))
-            plan[module_path] = family
-    return plan
 
 
 def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                quantized_weights: str = "auto") -> LoadedModel:
     """Load a GGUF file or a Hugging Face folder.
 
-    `quantized_weights` (GGUF only): 'auto' keeps Q4_0/Q4_1/Q8_0 matrices in their blocks and
-    runs them with kiln's native kernels when those are available on CPU; 'native' forces it;
-    'dequantize' expands every tensor to `dtype` (the reference path the tests compare with).
+    `quantized_weights` (GGUF only): 'auto' keeps Q4_0/Q4_1/Q8_0 matrices in their blocks for
+    kiln's native kernels when those are available on CPU (small batches) plus a dense copy in
+    `dtype` for large batches; 'native' keeps the blocks only (memory-lean; large batches
+    dequantize per call); 'dequantize' expands every tensor to `dtype` (the reference path
+    the tests compare with).
     """
     from kiln.loader.tokenizer import Tokenizer
 

@@ -19,12 +19,12 @@ from kiln.config import ModelConfig
 from kiln.kernels.paged_attention import paged_attention, write_kv
 from kiln.kernels.fused import rope_qkv_, silu_and_mul
 from kiln.layers.attention_metadata import AttentionMetadata
-
-if TYPE_CHECKING:
-    from kiln.layers.gguf_quant import GGUFQuantizedTensor
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from kiln.layers.gguf_quant import GGUFQuantizedTensor
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

@@ -132,7 +132,8 @@ class ModelRunner:
             req = item.request
             generator = self._generator(item)
             rows = [self._sample_row(item, req.output_token_ids + drafts[:d], generator) for d in range(len(drafts) + 1)]
-            tokens, lps = verify_drafts(logits[offsets[j]:offsets[j] + len(drafts) + 1].clone(), rows, drafts)
+            # each request's rows are its own slice; verify_drafts may modify it in place
+            tokens, lps = verify_drafts(logits[offsets[j]:offsets[j] + len(drafts) + 1], rows, drafts)
             out.sampled[req.request_id] = tokens
             if lps[0] is not None:
                 out.logprobs[req.request_id] = lps  # type: ignore[assignment]

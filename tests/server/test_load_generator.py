@@ -36,7 +36,7 @@ def test_prompts_cycle_when_more_are_asked_for(tmp_path) -> None:
     assert load_prompts(str(f), 5) == ["one", "two", "one", "two", "one"]
 
 
-def test_closed_loop_respects_concurrency_and_slo_cuts_goodput(server, metrics) -> None:
+def test_closed_loop_completes_and_a_tight_slo_cuts_goodput_to_zero(server, metrics) -> None:
     results, elapsed = asyncio.run(run_load(server.url, MODEL, load_prompts("gsm8k", 4), 4, None, max_concurrency=1))
     summary = summarize(results, elapsed, slo_ttft_s=1e-9)
     assert summary["errors"] == 0 and summary["goodput_req_s"] == 0.0
