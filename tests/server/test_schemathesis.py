@@ -2,7 +2,8 @@
 the published request shapes, the server never answers 5xx.
 
 Generation budgets (max_tokens, n, logprobs) are clamped before the call so a valid request with
-max_tokens=2**63 does not make the run last hours; every other field is left as generated.
+max_tokens=2**63 or max_tokens=null (the rest of the context) does not make the run last hours;
+every other field is left as generated.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ def _clamp(body: object) -> None:
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:
             body[key] = limit
-    if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = 2  # chat's default is "the rest of the context"
+    # An explicit null (completions) or an absent budget (chat) means "the rest of the context":
+    # thousands of tokens, which would outlast the client's timeout on a loaded 2-core machine.
+    generates = "messages" in body or "prompt" in body
+    if generates and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = 2
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
