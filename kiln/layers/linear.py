@@ -82,7 +82,9 @@ class Linear(nn.Module):
 
     def checkpoint_params(self) -> list[str]:
         """Names a checkpoint must provide for this layer (whatever buffers the method keeps)."""
-        return ["weight"] + (["bias"] if self.bias is not None else [])
+        own = getattr(self.method, "checkpoint_params", None)
+        weights = own(self) if own is not None else ["weight"]
+        return weights + (["bias"] if self.bias is not None else [])
 
     def weight_loader(self, param_name: str, loaded: "torch.Tensor | GGUFQuantizedTensor", shard: str | None = None) -> None:
         """Copy a checkpoint tensor into `weight` or `bias`, at `shard`'s rows.
@@ -99,6 +101,11 @@ class Linear(nn.Module):
                 self.loaded_shards.add((param_name, shard))
                 return
             loaded = loaded.dequantize()
+        elif param_name not in ("weight", "bias") and hasattr(self.method, "load_param"):
+            # A kiln quantized checkpoint names the method's own buffers (qweight, scales, ...).
+            self.method.load_param(self, param_name, loaded)
+            self.loaded_shards.add((param_name, shard))
+            return
         elif param_name == "weight" and not hasattr(self, "weight"):
             raise ValueError(f"this layer keeps quantized blocks ({self.method.name}); got a dense tensor")
         param = self.weight if param_name == "weight" else self.bias

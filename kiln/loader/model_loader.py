@@ -100,8 +100,12 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
     if path.is_dir():
         from kiln.loader.safetensors_loader import hf_model_config, iter_safetensors_weights, safetensors_files
 
+        from kiln.quantization.checkpoint import plan_quantized_layers
+        from kiln.loader.safetensors_loader import read_config_json
+
         cfg = hf_model_config(path)
         model = LlamaForCausalLM(cfg, torch_dtype, device)
+        plan_quantized_layers(model, read_config_json(path), path / "config.json")
         load_named_weights(model, iter_safetensors_weights(path), path)
         tokenizer = Tokenizer.from_hf_dir(path)
         types: dict[str, int] = {}

@@ -37,6 +37,9 @@ def expected_shards(model: nn.Module) -> set[tuple[str, str, str | None]]:
         names = module.checkpoint_params() if hasattr(module, "checkpoint_params") else [
             p for p, _ in module.named_parameters(recurse=False)]
         for p_name in names:
+            if p_name not in ("weight", "bias") and hasattr(getattr(module, "method", None), "load_param"):
+                needed.add((mod_name, p_name, None))  # a quantized method's buffers cover all shards at once
+                continue
             for shard in shard_names:
                 needed.add((mod_name, p_name, shard))
     return needed

@@ -1,0 +1,157 @@
+"""Linear methods for kiln's own quantized checkpoints (see kiln.quantization.primitives).
+
+- `IntWeightLinearMethod`: INT8 per-channel / INT4 group-wise weights (RTN, GPTQ, AWQ), W8A16/W4A16.
+- `FP8WeightLinearMethod`: FP8 E4M3 weights with a per-channel scale.
+- `W8A8LinearMethod`: SmoothQuant: INT8 weights per channel, INT8 activations per token (dynamic),
+  an INT8×INT8→INT32 GEMM (`torch._int_mm`).
+
+Weight-only methods run the *reference path*: dequantize to the activation dtype, then a dense
+GEMM. That is correct everywhere but not faster than the dense model; `name` says so, and `kiln
+info` prints it. An optional per-input-channel `smooth` vector (AWQ, SmoothQuant) divides the
+activations first: the stored weight is W·diag(smooth), so (x / smooth) @ (W·diag(smooth))^T = x @ W^T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.quantization.primitives import dequantize_codes, fp8_dequantize, int8_per_token, unpack_int4
+
+
+def _replace_weight(layer: nn.Module, buffers: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    device = layer.weight.device
+    layer.dense_dtype = layer.weight.dtype
+    del layer.weight
+    for name, (shape, dtype) in buffers.items():
+        layer.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+
+
+def _load(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    target = getattr(layer, name, None)
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"unexpected quantized tensor {name!r} for this layer")
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(f"shape mismatch for {name}: expected {tuple(target.shape)}, got {tuple(tensor.shape)}")
+    if target.dtype != tensor.dtype:
+        raise ValueError(f"dtype mismatch for {name}: expected {target.dtype}, got {tensor.dtype}")
+    target.copy_(tensor)
+
+
+class IntWeightLinearMethod:
+    """Weights as unsigned codes (INT4 packed two per byte) with fp16 group scales and uint8 zeros."""
+
+    def __init__(self, bits: int, group_size: int, sym: bool, smooth: bool = False) -> None:
+        self.bits, self.group_size, self.sym, self.smooth = bits, group_size, sym, smooth
+
+    @property
+    def name(self) -> str:
+        group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return (f"int{self.bits} {group} {'sym' if self.sym else 'asym'}{' +smooth' if self.smooth else ''}: "
+                "reference path (dequantize + dense matmul)")
+
+    def buffer_specs(self, layer: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        n, k = sum(layer.output_sizes), layer.input_size
+        g = 1 if self.group_size == -1 else -(-k // self.group_size)  # a short last group when G ∤ K
+        cols = k // 2 if self.bits == 4 else k
+        specs = {"qweight": ((n, cols), torch.uint8), "scales": ((n, g), torch.float16), "qzeros": ((n, g), torch.uint8)}
+        if self.smooth:
+            specs["smooth"] = ((k,), torch.float32)
+        return specs
+
+    def create_weights(self, layer: nn.Module) -> None:
+        _replace_weight(layer, self.buffer_specs(layer))
+
+    def checkpoint_params(self, layer: nn.Module) -> list[str]:
+        return list(self.buffer_specs(layer))
+
+    def load_param(self, layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        _load(layer, name, tensor)
+
+    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack_int4(layer.qweight) if self.bits == 4 else layer.qweight
+        return dequantize_codes(codes, layer.scales, layer.qzeros, self.group_size, dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth:
+            x = (x / layer.smooth).to(x.dtype)
+        return F.linear(x, self.dequantized_weight(layer, x.dtype), layer.bias)
+
+
+class FP8WeightLinearMethod:
+    """float8_e4m3fn weights [N, K] with an fp32 scale per output channel."""
+
+    name = "fp8 e4m3 per-channel: reference path (dequantize + dense matmul)"
+
+    def buffer_specs(self, layer: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        n, k = sum(layer.output_sizes), layer.input_size
+        return {"qweight": ((n, k), torch.float8_e4m3fn), "scales": ((n,), torch.float32)}
+
+    def create_weights(self, layer: nn.Module) -> None:
+        _replace_weight(layer, self.buffer_specs(layer))
+
+    def checkpoint_params(self, layer: nn.Module) -> list[str]:
+        return list(self.buffer_specs(layer))
+
+    def load_param(self, layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        _load(layer, name, tensor)
+
+    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        return fp8_dequantize(layer.qweight, layer.scales, dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(layer, x.dtype), layer.bias)
+
+
+class W8A8LinearMethod:
+    """SmoothQuant W8A8: y = (s_x · s_w) ⊙ (int8(x / smooth) @ int8(W·diag(smooth))^T).
+
+    `qweight_t` is stored transposed [K, N] because `torch._int_mm` wants its second operand
+    that way; activation scales are per token, weight scales per output channel.
+    """
+
+    name = "w8a8 int8 (SmoothQuant; per-token dynamic activations): torch._int_mm"
+
+    def buffer_specs(self, layer: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        n, k = sum(layer.output_sizes), layer.input_size
+        return {"qweight_t": ((k, n), torch.int8), "scales": ((n,), torch.float32), "smooth": ((k,), torch.float32)}
+
+    def create_weights(self, layer: nn.Module) -> None:
+        _replace_weight(layer, self.buffer_specs(layer))
+
+    def checkpoint_params(self, layer: nn.Module) -> list[str]:
+        return list(self.buffer_specs(layer))
+
+    def load_param(self, layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        _load(layer, name, tensor)
+
+    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """The weight this layer computes with (smoothing undone), for error checks."""
+        return (layer.qweight_t.t().float() * layer.scales.unsqueeze(1) / layer.smooth.unsqueeze(0)).to(dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, xscale = int8_per_token(x2.float() / layer.smooth)
+        if x2.device.type == "cuda" and xq.shape[0] <= 16:
+            # cuBLASLt's int8 GEMM wants M > 16: pad the rows (the extra ones are dropped).
+            xq = F.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
+        acc = torch._int_mm(xq, layer.qweight_t)[: x2.shape[0]]
+        y = acc.float() * xscale * layer.scales
+        if layer.bias is not None:
+            y = y + layer.bias.float()
+        return y.to(x.dtype).reshape(*lead, -1)
+
+
+def method_for(entry: dict) -> IntWeightLinearMethod | FP8WeightLinearMethod | W8A8LinearMethod:
+    """The LinearMethod a `quantization_config["layers"]` entry describes; ValueError on an unknown one."""
+    fmt = entry.get("format")
+    if fmt == "int":
+        return IntWeightLinearMethod(int(entry["bits"]), int(entry["group_size"]), bool(entry["sym"]),
+                                     bool(entry.get("smooth", False)))
+    if fmt == "fp8":
+        return FP8WeightLinearMethod()
+    if fmt == "w8a8":
+        return W8A8LinearMethod()
+    raise ValueError(f"unknown quantized layer format {fmt!r} (expected int, fp8 or w8a8)")

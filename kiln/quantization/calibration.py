@@ -1,0 +1,120 @@
+"""Calibration text → token windows → per-layer input statistics.
+
+Each quantization method needs something different from the activations entering a Linear:
+GPTQ the Hessian Σ x xᵀ, AWQ the mean |x| per channel and a sample of rows, SmoothQuant the
+max |x| per channel. One pass of the full-precision model over the calibration windows gathers
+whatever was asked, through forward pre-hooks (inputs are never modified).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kiln.errors import KilnError
+from kiln.eval.forward import window_hidden
+from kiln.layers.linear import Linear
+
+DEFAULT_CALIB_FILE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "longdocs" / "pride_and_prejudice_pg1342.txt"
+AWQ_SAMPLE_ROWS = 512
+
+
+def read_calibration_text(path: Path | str | None) -> str:
+    p = Path(path) if path is not None else DEFAULT_CALIB_FILE
+    if not p.is_file():
+        raise KilnError(f"calibration file {p} not found; pass --calib-file with a plain-text file")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if len(text) < 1000:
+        raise KilnError(f"calibration file {p} is too short ({len(text)} characters); give a longer text")
+    return text
+
+
+def token_windows(token_ids: list[int], count: int, seqlen: int, start: int = 0, stop: int | None = None) -> list[list[int]]:
+    """`count` windows of `seqlen` tokens spread evenly over token_ids[start:stop] (deterministic)."""
+    ids = token_ids[start:stop]
+    if count <= 0 or seqlen <= 1:
+        raise ValueError("calibration needs at least one window of at least 2 tokens")
+    if len(ids) < seqlen:
+        raise KilnError(f"calibration text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    span = len(ids) - seqlen
+    starts = [round(i * span / max(count - 1, 1)) for i in range(count)] if count > 1 else [0]
+    return [ids[s:s + seqlen] for s in starts]
+
+
+@dataclass
+class LayerStats:
+    """Accumulated statistics of one Linear's inputs (fp32)."""
+
+    rows: int = 0
+    hessian: torch.Tensor | None = None  # Σ x xᵀ (divide by rows for the mean)
+    abs_sum: torch.Tensor | None = None  # Σ |x| per channel
+    abs_max: torch.Tensor | None = None  # max |x| per channel
+    sample: list[torch.Tensor] = field(default_factory=list)  # rows kept for AWQ's search
+
+    def absmean(self) -> torch.Tensor:
+        assert self.abs_sum is not None
+        return self.abs_sum / max(self.rows, 1)
+
+    def mean_hessian(self) -> torch.Tensor:
+        assert self.hessian is not None
+        return 2.0 * self.hessian / max(self.rows, 1)
+
+    def sample_rows(self) -> torch.Tensor:
+        return torch.cat(self.sample)[:AWQ_SAMPLE_ROWS]
+
+
+def target_linears(model: nn.Module) -> dict[str, Linear]:
+    """The Linears inside decoder layers (attention and MLP): what every method quantizes.
+    Embeddings, norms and the LM head keep full precision."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Linear) and name.startswith("layers.")}
+
+
+def collect_stats(
+    model: nn.Module, windows: list[list[int]], hessian: bool = False, absmean: bool = False, absmax: bool = False,
+    progress: bool = True,
+) -> dict[str, LayerStats]:
+    """Run the model over `windows` and accumulate the requested statistics for every target Linear."""
+    layers = target_linears(model)
+    stats = {name: LayerStats() for name in layers}
+    per_window = max(AWQ_SAMPLE_ROWS // max(len(windows), 1), 1)
+    generator = torch.Generator().manual_seed(0)
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            st = stats[name]
+            st.rows += x.shape[0]
+            if hessian:
+                st.hessian = x.t() @ x if st.hessian is None else st.hessian.addmm_(x.t(), x)
+            if absmean:
+                a = x.abs().sum(0)
+                st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
+                idx = torch.randperm(x.shape[0], generator=generator)[:per_window]
+                st.sample.append(x[idx].clone())
+            if absmax:
+                m = x.abs().amax(0)
+                st.abs_max = m if st.abs_max is None else torch.maximum(st.abs_max, m)
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
+    try:
+        iterator = _progress(windows, "calibrating", progress)
+        for window in iterator:
+            window_hidden(model, window)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _progress(items: list, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="window", leave=False)
