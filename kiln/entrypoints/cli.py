@@ -1,4 +1,4 @@
-"""`kiln` command line: pull, info, generate, chat, serve, bench.
+"""`kiln` command line: pull, info, generate, chat, serve, bench, quantize, eval, convert.
 
 User errors (KilnError, ValueError from validation) print one line and exit 2; anything
 else is a bug and keeps its traceback.
@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_bench)
+
+    from kiln.entrypoints import cli_quantize
+
+    cli_quantize.register(sub)
     return parser
 
 

@@ -110,11 +110,11 @@ def collect_stats(
     return stats
 
 
-def _progress(items: list, desc: str, enabled: bool):
+def _progress(items: list, desc: str, enabled: bool, unit: str = "window"):
     if not enabled:
         return items
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc=desc, unit="window", leave=False)
+    return tqdm(items, desc=desc, unit=unit, leave=False)

@@ -173,7 +173,7 @@ def sensitivity_scan(model: nn.Module, layers: dict[str, LayerQuant], windows: l
                      ref: list[torch.Tensor], progress: bool) -> list[tuple[str, float]]:
     """KL each layer causes when it alone computes with its quantized weight (swapped in, then restored)."""
     out = []
-    for name in _progress(list(layers), "sensitivity", progress):
+    for name in _progress(list(layers), "sensitivity", progress, "layer"):
         module = model.get_submodule(name)
         original = module.weight.data
         module.weight.data = layers[name].effective_weight().to(original.dtype)
@@ -221,7 +221,7 @@ def quantize_model(model: nn.Module, tokenizer: "object", opts: QuantizeOptions)
 
     def quantize_all(bits_for: dict[str, int]) -> dict[str, LayerQuant]:
         out = {}
-        for name in _progress(list(linears), f"{opts.method} int{opts.bits}", opts.progress):
+        for name in _progress(list(linears), f"{opts.method} int{opts.bits}", opts.progress, "layer"):
             out[name] = quantize_layer(linears[name].weight.data.float(), stats.get(name), opts, bits_for[name])
         return out
 
