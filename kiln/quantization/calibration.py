@@ -18,17 +18,29 @@ from kiln.errors import KilnError
 from kiln.eval.forward import window_hidden
 from kiln.layers.linear import Linear
 
-DEFAULT_CALIB_FILE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "longdocs" / "pride_and_prejudice_pg1342.txt"
+DEFAULT_CALIB_NAME = "longdocs/pride_and_prejudice_pg1342.txt"  # under the shared data folder (never the eval text)
 AWQ_SAMPLE_ROWS = 512
 
 
 def read_calibration_text(path: Path | str | None) -> str:
-    p = Path(path) if path is not None else DEFAULT_CALIB_FILE
+    if path is None:
+        from kiln.bench.data import data_dir
+
+        path = data_dir() / DEFAULT_CALIB_NAME
+    p = Path(path)
     if not p.is_file():
         raise KilnError(f"calibration file {p} not found; pass --calib-file with a plain-text file")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = gutenberg_body(p.read_text(encoding="utf-8", errors="replace"))
     if len(text) < 1000:
         raise KilnError(f"calibration file {p} is too short ({len(text)} characters); give a longer text")
+    return text
+
+
+def gutenberg_body(text: str) -> str:
+    """The book between Project Gutenberg's START/END markers (the licence text is not prose to calibrate on)."""
+    start, end = text.find("*** START OF"), text.find("*** END OF")
+    if start != -1 and end > start:
+        return text[text.index("\n", start) + 1:end]
     return text
 
 

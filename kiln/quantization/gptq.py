@@ -40,12 +40,7 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w = w[:, perm]
     h = h[perm][:, perm]
-    # Damping relative to the *median* diagonal, not the paper's mean: one massive-activation
-    # channel (SmolLM2 has a channel 10^6 x the others) makes the mean so large that the damping
-    # swamps every other column's curvature and GPTQ degenerates to round-to-nearest.
-    h.diagonal().add_(damp * torch.median(torch.diag(h)))
-    # Upper Cholesky factor of H^-1: row i holds the update coefficients for columns > i.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_hessian_factor(h, damp)
 
     group_of = perm // glen  # the group each processed column belongs to, in original order
     q = torch.zeros_like(w)
@@ -67,3 +62,26 @@ def gptq_quantize(
 
     q = q[:, torch.argsort(perm)]
     return quantize_codes(q, scale, zero, scheme), scale, zero
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)^-1 (row i: the update coefficients for columns > i).
+
+    λ = damp · median(diag H), not the paper's mean: one massive-activation channel (SmolLM2 has
+    a channel 10^6 x the others) makes the mean so large that the damping swamps every other
+    column's curvature and GPTQ degenerates to round-to-nearest. In float64, because that channel
+    also makes H badly conditioned; λ grows tenfold while H + λI is not numerically positive definite
+    (few calibration rows give a rank-deficient H).
+    """
+    h64 = h.double()
+    base = torch.median(torch.diag(h64)).clamp(min=1e-12)
+    for attempt in range(8):
+        damped = h64.clone()
+        damped.diagonal().add_(damp * (10.0 ** attempt) * base)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            factor, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return factor.float()
+    raise ValueError("GPTQ: the calibration Hessian stays singular even with heavy damping; use more --calib-samples")

@@ -1,0 +1,126 @@
+"""Quality of every quantization method on the default model: the README's quality table.
+
+Reference = the default GGUF (Q4_1) dequantized to fp32; each method re-quantizes those weights
+(calibration: Pride and Prejudice, 64 windows of 512 tokens) and is saved with `kiln quantize`'s
+format to measure its size on disk. Evaluation: WikiText-2 test, llama.cpp perplexity chunking
+(non-overlapping 512-token windows, second half of each scored), the first --chunks windows;
+all models see the same windows in the same run. Per method: PPL, ΔPPL %, mean and p99 KL(ref‖q),
+top-1 agreement and mean |Δp| of the true next token. Writes benchmarks/results/quant_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kiln.bench.data import data_dir
+from kiln.eval.forward import window_logits
+from kiln.hub import resolve_model
+from kiln.loader.model_loader import load_model
+from kiln.quantization.checkpoint import save_quantized
+from kiln.quantization.quantize import QuantizeOptions, quantize_model
+
+OUT = Path(__file__).parent / "results" / "quant_quality.json"
+MODEL, CTX, THREADS = "smollm2-135m", 512, 2
+
+CONFIGS: list[tuple[str, dict]] = [
+    ("RTN int8 per-channel", dict(method="rtn", bits=8)),
+    ("FP8 E4M3 per-channel", dict(method="fp8", bits=8)),
+    ("SmoothQuant W8A8 (alpha 0.5)", dict(method="smoothquant", bits=8)),
+    ("RTN int4 g32", dict(method="rtn", bits=4, group_size=32)),
+    ("RTN int4 g128", dict(method="rtn", bits=4, group_size=128)),
+    ("GPTQ int4 g128", dict(method="gptq", bits=4, group_size=128)),
+    ("AWQ int4 g128", dict(method="awq", bits=4, group_size=128)),
+    ("GPTQ int4 g128, sensitive layers int8 (--target-bits 5)", dict(method="gptq", bits=4, group_size=128, target_bits=5.0)),
+]
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--chunks", type=int, default=100, help="WikiText-2 windows to score (all: ~580)")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    path = resolve_model(MODEL)
+    reference = load_model(path, dtype="float32", quantized_weights="dequantize")
+    tok = reference.tokenizer
+
+    models: dict[str, torch.nn.Module] = {}
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, spec in CONFIGS:
+            loaded = load_model(path, dtype="float32", quantized_weights="dequantize")
+            start = time.perf_counter()
+            report = quantize_model(loaded.model, tok, QuantizeOptions(calib_samples=args.calib_samples, progress=False, **spec))
+            seconds = time.perf_counter() - start
+            out = save_quantized(Path(tmp) / f"m{len(models)}", loaded.model, loaded.config, tok, report.quantization_config)
+            models[label] = loaded.model
+            rows[label] = {"spec": spec, "size_bytes": folder_bytes(out), "quantize_seconds": round(seconds, 1),
+                           "mean_bits": report.quantization_config["mean_bits"],
+                           "heldout_calibration_kl": round(report.kl_mean, 5)}
+            print(f"{label}: quantized in {seconds:.0f} s, {rows[label]['size_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+
+    text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    ids = tok.encode(text, add_special_tokens=True)
+    n_chunks = min(args.chunks, len(ids) // CTX)
+    first = CTX // 2
+    nll = {name: [] for name in ["reference", *models]}
+    kl = {name: [] for name in models}
+    top1 = {name: [] for name in models}
+    dp = {name: [] for name in models}
+    for c in range(n_chunks):
+        window = ids[c * CTX:(c + 1) * CTX]
+        if tok.add_bos_token:
+            window[0] = tok.bos_token_id  # llama.cpp's perplexity tool starts every window with BOS
+        target = torch.tensor(window[first + 1:])
+        ref_lp = torch.log_softmax(window_logits(reference.model, window)[first:-1], -1)
+        nll["reference"].append(-ref_lp.gather(1, target[:, None]).squeeze(1))
+        for name, model in models.items():
+            lp = torch.log_softmax(window_logits(model, window)[first:-1], -1)
+            nll[name].append(-lp.gather(1, target[:, None]).squeeze(1))
+            kl[name].append((ref_lp.exp() * (ref_lp - lp)).sum(-1))
+            top1[name].append((ref_lp.argmax(-1) == lp.argmax(-1)).float())
+            dp[name].append((lp.gather(1, target[:, None]).exp() - ref_lp.gather(1, target[:, None]).exp()).abs().squeeze(1))
+        if (c + 1) % 10 == 0:
+            print(f"{c + 1}/{n_chunks} windows", file=sys.stderr)
+
+    def ppl(values: list[torch.Tensor]) -> tuple[float, float]:
+        v = torch.cat(values).double()
+        mean = v.mean()
+        stderr = (v.var() / (v.numel() - 1)).sqrt()  # of the mean NLL; PPL's error = PPL * stderr
+        return mean.exp().item(), (mean.exp() * stderr).item()
+
+    ref_ppl, ref_err = ppl(nll["reference"])
+    results = [{"method": "reference: default GGUF Q4_1 dequantized to fp32", "size_bytes": path.stat().st_size,
+                "size_note": "the GGUF file itself", "ppl": ref_ppl, "ppl_stderr": ref_err}]
+    for name in models:
+        p, e = ppl(nll[name])
+        k = torch.cat(kl[name])
+        results.append({"method": name, **rows[name], "ppl": p, "ppl_stderr": e, "delta_ppl_pct": 100 * (p / ref_ppl - 1),
+                        "kl_mean": k.mean().item(), "kl_p99": torch.quantile(k, 0.99).item(),
+                        "top1_agreement": torch.cat(top1[name]).mean().item(), "mean_abs_dp": torch.cat(dp[name]).mean().item()})
+        print(f"{name}: PPL {p:.3f} ({results[-1]['delta_ppl_pct']:+.2f} %), KL {k.mean().item():.4f}", file=sys.stderr)
+    report = {"benchmark": "quant_quality", "model": MODEL, "ctx": CTX, "chunks": n_chunks, "tokens_scored": n_chunks * (CTX - first - 1),
+              "eval_text": "wikitext-2-raw/wiki.test.raw", "calibration": f"pride_and_prejudice_pg1342.txt, {args.calib_samples} x 512 tokens",
+              "runtime_note": "weight-only formats run kiln's reference path (dequantize + matmul); W8A8 runs torch._int_mm",
+              "threads": THREADS, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "date": time.strftime("%Y-%m-%d %H:%M"), "results": results}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
