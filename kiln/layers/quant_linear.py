@@ -5,19 +5,30 @@
 - `W8A8LinearMethod`: SmoothQuant: INT8 weights per channel, INT8 activations per token (dynamic),
   an INT8×INT8→INT32 GEMM (`torch._int_mm`).
 
-Weight-only methods run the *reference path*: dequantize to the activation dtype, then a dense
-GEMM. That is correct everywhere but not faster than the dense model; `name` says so, and `kiln
-info` prints it. An optional per-input-channel `smooth` vector (AWQ, SmoothQuant) divides the
+Weight-only INT layouts whose groups are whole 32-blocks (INT4 with group 32/64/128/256, INT8
+symmetric per channel) are repacked after loading (`finalize`) into the GGUF-style block layout of
+kiln.kernels.quant_matmul and run the native block kernel for small batches (M <= 16; dequantize +
+GEMM above), exactly like GGUF Q4_1 / Q8_0 weights: w = d·q + m with d = scale and m = -scale·zero
+rounded to fp16 (INT8: exact). The packed copy lives next to the checkpoint tensors (which stay, so
+a loaded model can be re-saved or converted). Other layouts (FP8, asymmetric INT8, odd group
+sizes) and tensors not yet finalized run the *reference path*: dequantize to the activation dtype,
+then a dense GEMM, which is correct everywhere but not faster than the dense model. `name` says
+which path a layer takes, and `kiln info` prints it. An optional per-input-channel `smooth` vector (AWQ, SmoothQuant) divides the
 activations first: the stored weight is W·diag(smooth), so (x / smooth) @ (W·diag(smooth))^T = x @ W^T.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kiln.quantization.primitives import dequantize_codes, fp8_dequantize, int8_per_token, unpack_int4
+
+if TYPE_CHECKING:
+    from kiln.layers.gguf_quant import GGUFQuantLinearMethod
 
 
 def _replace_weight(layer: nn.Module, buffers: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
@@ -44,12 +55,47 @@ class IntWeightLinearMethod:
 
     def __init__(self, bits: int, group_size: int, sym: bool, smooth: bool = False) -> None:
         self.bits, self.group_size, self.sym, self.smooth = bits, group_size, sym, smooth
+        self.blocks: "GGUFQuantLinearMethod | None" = None  # set by finalize when the native kernel serves us
 
     @property
     def name(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return (f"int{self.bits} {group} {'sym' if self.sym else 'asym'}{' +smooth' if self.smooth else ''}: "
-                "reference path (dequantize + dense matmul)")
+        head = f"int{self.bits} {group} {'sym' if self.sym else 'asym'}{' +smooth' if self.smooth else ''}"
+        if self.blocks is not None:
+            return f"{head}: native block kernel for M<={self.blocks.dense_threshold}, dequantize + GEMM above"
+        return f"{head}: reference path (dequantize + dense matmul)"
+
+    def block_layout_fits(self, layer: nn.Module) -> bool:
+        """Whether the weights map exactly onto 32-element blocks of one scale each."""
+        k = layer.input_size
+        groups_ok = self.group_size == -1 or self.group_size % 32 == 0
+        return k % 32 == 0 and groups_ok and (self.bits == 4 or self.sym)
+
+    def finalize(self, layer: nn.Module, dense: torch.Tensor | None = None) -> None:
+        """After loading: repack into the native block layout when the kernels are built and it fits."""
+        from kiln.kernels.quant_matmul import QK, pack_q4, use_native_quant
+        from kiln.layers.gguf_quant import GGUFQuantLinearMethod
+
+        if not self.block_layout_fits(layer) or not use_native_quant(layer.qweight):
+            return
+        codes = unpack_int4(layer.qweight) if self.bits == 4 else layer.qweight
+        n, k = codes.shape
+        nb = k // QK
+        group_len = k if self.group_size == -1 else self.group_size
+        block_group = torch.arange(nb, device=codes.device) * QK // group_len
+        d = layer.scales[:, block_group].contiguous()
+        zero = layer.qzeros[:, block_group]
+        if self.bits == 4:
+            qs = pack_q4(codes.reshape(n, nb, QK))
+            m = (-(d.float() * zero.float())).to(torch.float16)
+        else:  # symmetric: code - 128 is the signed value
+            qs = (codes.to(torch.int16) - 128).to(torch.int8)
+            m = torch.empty(0, dtype=torch.float16, device=codes.device)
+        layer.register_buffer("qs", qs, persistent=False)
+        layer.register_buffer("d", d, persistent=False)
+        layer.register_buffer("m", m.contiguous(), persistent=False)
+        layer.dense_weight = None
+        self.blocks = GGUFQuantLinearMethod("Q4" if self.bits == 4 else "Q8", keep_dense=False)
 
     def buffer_specs(self, layer: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         n, k = sum(layer.output_sizes), layer.input_size
@@ -76,6 +122,8 @@ class IntWeightLinearMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.smooth:
             x = (x / layer.smooth).to(x.dtype)
+        if self.blocks is not None:
+            return self.blocks.apply(layer, x)
         return F.linear(x, self.dequantized_weight(layer, x.dtype), layer.bias)
 
 

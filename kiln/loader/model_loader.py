@@ -105,8 +105,10 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
 
         cfg = hf_model_config(path)
         model = LlamaForCausalLM(cfg, torch_dtype, device)
-        plan_quantized_layers(model, read_config_json(path), path / "config.json")
+        quantized = plan_quantized_layers(model, read_config_json(path), path / "config.json")
         load_named_weights(model, iter_safetensors_weights(path), path)
+        if quantized is not None:
+            model.finalize_quantized_layers()  # repack for the native kernels where they apply
         tokenizer = Tokenizer.from_hf_dir(path)
         types: dict[str, int] = {}
         from safetensors import safe_open

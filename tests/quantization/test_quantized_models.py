@@ -57,7 +57,8 @@ SPECS = [
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s['method']}{s['bits']}")
-def test_save_load_round_trip(tiny: TinyModels, calib_file: Path, tmp_path: Path, spec: dict) -> None:
+def test_save_load_round_trip(tiny: TinyModels, calib_file: Path, tmp_path: Path, spec: dict, monkeypatch) -> None:
+    monkeypatch.setenv("KILN_QUANT_KERNELS", "0")  # the reference path, exact; the native one is tested below
     src = tiny.hf["untied"]  # has an untied lm_head (kept dense) and every fused layer
     loaded = load_model(src, dtype="float32")
     ids = list(range(3, 40))
@@ -78,6 +79,31 @@ def test_save_load_round_trip(tiny: TinyModels, calib_file: Path, tmp_path: Path
         if "layers." in name:
             assert torch.equal(dict(back.model.named_buffers())[name].view(torch.uint8), buf.view(torch.uint8)), name
     assert back.tokenizer.encode("the of and") == loaded.tokenizer.encode("the of and")
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, -1)])
+def test_native_block_kernel_serves_kiln_int_layouts(tiny: TinyModels, calib_file: Path, tmp_path: Path,
+                                                     bits: int, group: int, monkeypatch) -> None:
+    from kiln.kernels.native import load_native
+
+    if not load_native():
+        pytest.fail("native kernels did not build; kiln's CPU path needs them")
+    loaded = load_model(tiny.hf["untied"], dtype="float32")
+    report = quantize_model(loaded.model, loaded.tokenizer, _opts(calib_file, method="rtn", bits=bits, group_size=group))
+    out = save_quantized(tmp_path / "q", loaded.model, loaded.config, loaded.tokenizer, report.quantization_config)
+    native = load_model(out, dtype="float32")
+    layer = native.model.layers[0].mlp.down_proj
+    assert "native block kernel" in layer.method.name
+    monkeypatch.setenv("KILN_QUANT_KERNELS", "0")
+    reference = load_model(out, dtype="float32")
+    assert "reference path" in reference.model.layers[0].mlp.down_proj.method.name
+    ids = list(range(3, 40))
+    for rows in (ids[:1], ids):  # one decode row (block kernel) and a prefill (dequantize + GEMM)
+        a = torch.log_softmax(window_logits(native.model, rows), -1)
+        b = torch.log_softmax(window_logits(reference.model, rows), -1)
+        kl = (b.exp() * (b - a)).sum(-1)
+        # INT8: exact weights, int16 activations. INT4: plus the zero offset -scale*zero rounded to fp16.
+        assert kl.max().item() < (1e-6 if bits == 8 else 1e-4)
 
 
 def test_max_kl_refuses_and_names_layers(tiny: TinyModels, calib_file: Path) -> None:
