@@ -100,7 +100,8 @@ class SchedulerConfig:
 
 @dataclass
 class SpeculativeConfig:
-    """Speculative decoding. `method` 'ngram' (prompt lookup) is the proposer kiln has today.
+    """Speculative decoding. `method` 'ngram' (prompt lookup) or 'draft' (a draft model: `draft_model`
+    is 'self:int4', 'self:int8' — a quantized copy of the target — or a model name/path).
 
     Speculation is skipped for a step when more than `max_batch_size` sequences run: a big
     batch already keeps the cores busy, and verifying k drafts per sequence would multiply
@@ -112,10 +113,21 @@ class SpeculativeConfig:
     ngram_min: int = 1
     ngram_max: int = 4
     max_batch_size: int = 4
+    draft_model: str | None = None
+
+    @classmethod
+    def from_name(cls, name: str, num_speculative_tokens: int = 4, ngram_min: int = 1, ngram_max: int = 4,
+                  max_batch_size: int = 4) -> "SpeculativeConfig":
+        """`--speculative-model NAME`: 'ngram', 'self:int4', 'self:int8' or a draft model name/path."""
+        if name == "ngram":
+            return cls("ngram", num_speculative_tokens, ngram_min, ngram_max, max_batch_size)
+        return cls("draft", num_speculative_tokens, ngram_min, ngram_max, max_batch_size, draft_model=name)
 
     def __post_init__(self) -> None:
-        if self.method != "ngram":
-            raise ValueError(f"speculative method must be 'ngram' (draft models are not supported yet), got {self.method!r}")
+        if self.method not in ("ngram", "draft"):
+            raise ValueError(f"speculative method must be 'ngram' or 'draft', got {self.method!r}")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("a draft-model speculative config needs draft_model (self:int4, self:int8, or a model)")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
         if not 1 <= self.ngram_min <= self.ngram_max:

@@ -26,6 +26,7 @@ from kiln.loader.model_loader import LoadedModel, load_model
 from kiln.outputs import RequestOutput
 from kiln.request import Request, RequestStatus
 from kiln.sampling_params import SamplingParams
+from kiln.spec_decode.draft_model import DraftModelProposer, build_draft_model
 from kiln.spec_decode.ngram_proposer import NgramProposer
 from kiln.worker.model_runner import ModelRunner, RunnerOutput
 
@@ -60,11 +61,14 @@ class LLMEngine:
     ) -> None:
         self.loaded = loaded
         self.speculative_config = speculative_config
-        self.proposer = (NgramProposer(speculative_config.ngram_min, speculative_config.ngram_max)
-                         if speculative_config is not None else None)
+        self.proposer: NgramProposer | None = None
+        self.draft_proposer: DraftModelProposer | None = None
+        if speculative_config is not None and speculative_config.method == "ngram":
+            self.proposer = NgramProposer(speculative_config.ngram_min, speculative_config.ngram_max)
         self.spec_proposed_total = 0  # draft tokens verified
         self.spec_accepted_total = 0  # of those, accepted
         self.spec_steps_total = 0  # sequence-steps that speculated
+        self.spec_draft_seconds_total = 0.0  # time spent running a draft model
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.cache_config = cache_config or CacheConfig()
@@ -80,6 +84,10 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.kv_budget.num_blocks, self.cache_config.block_size, kv_dtype)
+        if speculative_config is not None and speculative_config.method == "draft":
+            # The draft gets as many KV blocks as the target (same memory again for a same-shape draft).
+            self.draft_proposer = DraftModelProposer(build_draft_model(speculative_config.draft_model, loaded),
+                                                     self.kv_budget.num_blocks, self.cache_config.block_size)
         self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
         self.states: dict[str, RequestState] = {}
         self.seq_to_request: dict[str, str] = {}
@@ -179,7 +187,7 @@ class LLMEngine:
             for seq in state.sequences:
                 self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
                 self.seq_to_request.pop(seq.request.request_id, None)
-                self.runner.remove_requests([seq.request.request_id])
+                self._release(seq.request.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.states)
@@ -201,8 +209,10 @@ class LLMEngine:
         """Give each decoding sequence up to k draft tokens (none when the batch is large)."""
         cfg = self.speculative_config
         running = self.scheduler.running
-        if cfg is None or self.proposer is None or not running or len(running) > cfg.max_batch_size:
+        if cfg is None or not running or len(running) > cfg.max_batch_size:
             return
+        wanted: dict[str, tuple[list[int], int]] = {}
+        by_id = {}
         for request in running:
             if request.num_computed_tokens != request.num_tokens - 1:
                 continue  # still prefilling
@@ -210,7 +220,22 @@ class LLMEngine:
             room = (params.max_tokens - len(request.output_token_ids) - 1) if params.max_tokens is not None else cfg.num_speculative_tokens
             room = min(room, self.max_model_len - request.num_tokens - 1)
             if room > 0:
-                request.spec_token_ids = self.proposer.propose(request.all_token_ids, min(cfg.num_speculative_tokens, room))
+                wanted[request.request_id] = (request.all_token_ids, min(cfg.num_speculative_tokens, room))
+                by_id[request.request_id] = request
+        if self.proposer is not None:
+            for rid, (tokens, k) in wanted.items():
+                by_id[rid].spec_token_ids = self.proposer.propose(tokens, k)
+        elif self.draft_proposer is not None and wanted:
+            start = time.perf_counter()
+            for rid, drafts in self.draft_proposer.propose_batch(wanted).items():
+                by_id[rid].spec_token_ids = drafts
+            self.spec_draft_seconds_total += time.perf_counter() - start
+
+    def _release(self, seq_id: str) -> None:
+        """A sequence left the engine (finished or aborted): drop its per-sequence state everywhere."""
+        self.runner.remove_requests([seq_id])
+        if self.draft_proposer is not None:
+            self.draft_proposer.free(seq_id)
 
     def _process_outputs(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         for item in sched.scheduled:
@@ -251,7 +276,7 @@ class LLMEngine:
                 self.states.pop(rid, None)
                 for seq in state.sequences:
                     self.seq_to_request.pop(seq.request.request_id, None)
-                    self.runner.remove_requests([seq.request.request_id])
+                    self._release(seq.request.request_id)
         return outputs
 
     def _record_logprobs(self, seq: SequenceState, entries: list[tuple[float, list[tuple[int, float]]]] | None) -> None:

@@ -22,8 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--speculative-model", default=None, choices=["ngram"],
-                   help="speculative decoding proposer (ngram: prompt lookup); off by default")
+    p.add_argument("--speculative-model", default=None,
+                   help="speculative decoding: ngram (prompt lookup), self:int4 / self:int8 (a quantized copy of "
+                        "the model drafts), or a draft model name/path with the same tokenizer; off by default")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step")
     p.add_argument("--ngram-min", type=int, default=1, help="ngram proposer: shortest suffix to match")
     p.add_argument("--ngram-max", type=int, default=4, help="ngram proposer: longest suffix to match")

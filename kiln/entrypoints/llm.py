@@ -44,7 +44,9 @@ class LLM:
         """`quantized_weights`: 'auto' runs GGUF Q4_0/Q4_1/Q8_0 matrices in their blocks with kiln's
         native kernels (CPU), 'dequantize' expands them to `dtype` (see kiln.loader.model_loader).
         `speculative_model='ngram'` turns on prompt-lookup speculative decoding with up to
-        `num_speculative_tokens` drafts per step (lossless: outputs follow the model's distribution)."""
+        `num_speculative_tokens` drafts per step; 'self:int4' / 'self:int8' draft with a quantized
+        copy of the model, any other name/path with that draft model (same tokenizer). Lossless:
+        outputs follow the model's distribution."""
         cache = CacheConfig(
             block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory), enable_prefix_caching=enable_prefix_caching
         )
@@ -56,7 +58,7 @@ class LLM:
         )
         spec = None
         if speculative_model is not None:
-            spec = SpeculativeConfig(speculative_model, num_speculative_tokens, ngram_min, ngram_max)
+            spec = SpeculativeConfig.from_name(speculative_model, num_speculative_tokens, ngram_min, ngram_max)
         self.engine = LLMEngine.from_model(model, dtype, device, cache, sched, quantized_weights=quantized_weights,
                                            speculative_config=spec)
         self.tokenizer = self.engine.tokenizer
