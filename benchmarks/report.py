@@ -110,22 +110,46 @@ def quant_kernels_table() -> str:
 
 def spec_decode_table() -> str:
     d = _load("spec_decode")
+    if d is None or "workloads" not in d:
+        return "_not measured yet_"
+    rows = ["| workload | requests at once | speculation off (tok/s) | on (tok/s) | speedup | acceptance | draft time | same output |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for w in d["workloads"].values():
+        for name, r in w["runs"].items():
+            on = r["speculation_on"]
+            acc, share = on.get("spec_acceptance_rate"), on.get("spec_draft_time_share")
+            rows.append(f"| {w['title']} | {name.removeprefix('batch_')} | {r['speculation_off']['output_tok_s']:.1f} | "
+                        f"{on['output_tok_s']:.1f} | {r['speedup']:.2f}× | {'–' if acc is None else f'{100 * acc:.0f}%'} | "
+                        f"{'–' if not share else f'{100 * share:.0f}%'} | {'yes' if r['outputs_identical'] else 'no'} |")
+    dates = ", ".join(sorted({w["date"] for w in d["workloads"].values()}))
+    return (f"Greedy, {d['num_prompts']} prompts per workload, up to {d['max_tokens']} new tokens.\n\n" + "\n".join(rows)
+            + f"\n\n_From `benchmarks/spec_decode.py` → `benchmarks/results/spec_decode.json`, one run per workload, "
+            + f"{dates}, {d['threads']} threads._")
+
+
+def quant_quality_table() -> str:
+    d = _load("quant_quality")
     if d is None:
         return "_not measured yet_"
-    rows = ["| requests at once | speculation off (tok/s) | n-gram, k=8 (tok/s) | speedup | acceptance | same output |",
-            "|---:|---:|---:|---:|---:|---|"]
-    for name, r in d["runs"].items():
-        acc = r["ngram_k8"].get("spec_acceptance_rate")
-        rows.append(f"| {name.removeprefix('batch_')} | {r['speculation_off']['output_tok_s']:.1f} | "
-                    f"{r['ngram_k8']['output_tok_s']:.1f} | {r['speedup']:.2f}× | "
-                    f"{'–' if acc is None else f'{100 * acc:.0f}%'} | {'yes' if r['outputs_identical'] else 'no'} |")
-    return (f"{d['workload']}, {d['num_prompts']} prompts, up to {d['max_tokens']} tokens.\n\n" + "\n".join(rows)
-            + "\n\n_From `benchmarks/spec_decode.py` → `benchmarks/results/spec_decode.json`, one run, "
-            + f"{d['date']}, {d['threads']} threads._")
+    rows = ["| method | mean bits | size on disk (MiB) | PPL | ΔPPL | mean KL | p99 KL | top-1 agree | mean abs Δp |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        size = f"{r['size_bytes'] / 2**20:.1f}"
+        if "kl_mean" not in r:
+            rows.append(f"| {r['method']} | – | {size} | {r['ppl']:.3f} ± {r['ppl_stderr']:.3f} | – | – | – | – | – |")
+            continue
+        rows.append(f"| {r['method']} | {r['mean_bits']:.2f} | {size} | {r['ppl']:.3f} ± {r['ppl_stderr']:.3f} | "
+                    f"{r['delta_ppl_pct']:+.2f} % | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | "
+                    f"{100 * r['top1_agreement']:.1f} % | {r['mean_abs_dp']:.4f} |")
+    return (f"WikiText-2 test, {d['chunks']} windows of {d['ctx']} tokens (llama.cpp's chunking: second half of each "
+            f"window scored, {d['tokens_scored']} tokens); calibration: {d['calibration']}.\n\n" + "\n".join(rows)
+            + f"\n\n_From `benchmarks/quant_quality.py` → `benchmarks/results/quant_quality.json`, one run, "
+            + f"{d['date']}, {d['machine']}, {d['threads']} threads._")
 
 
 TABLES = {"throughput": throughput_table, "latency": latency_table, "serving": serving_table,
-          "quant_kernels": quant_kernels_table, "spec_decode": spec_decode_table}
+          "quant_kernels": quant_kernels_table, "spec_decode": spec_decode_table,
+          "quant_quality": quant_quality_table}
 
 
 def render(readme: str) -> str:

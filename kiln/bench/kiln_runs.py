@@ -29,7 +29,8 @@ def _spec_stats(engine) -> dict[str, Any]:
     s = engine.stats()
     return {"speculative": engine.speculative_config.method,
             "spec_acceptance_rate": s.spec_acceptance_rate,
-            "spec_mean_accepted_per_step": s.spec_accepted_total / s.spec_steps_total if s.spec_steps_total else None}
+            "spec_mean_accepted_per_step": s.spec_accepted_total / s.spec_steps_total if s.spec_steps_total else None,
+            "spec_draft_seconds": engine.spec_draft_seconds_total}
 
 
 def kiln_throughput(model: str, dtype: str, prompts: list[list[int]], max_tokens: int,
@@ -105,11 +106,15 @@ def kiln_generate_timed(model: str, dtype: str, prompts: list[list[int]], max_to
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     outputs: list[list[int]] = []
+    draft_before = llm.engine.spec_draft_seconds_total
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
         chunk = [{"prompt_token_ids": p} for p in prompts[i:i + batch]]
         outputs.extend(o.outputs[0].token_ids for o in llm.generate(chunk, params))
     elapsed = time.perf_counter() - start
     generated = sum(map(len, outputs))
+    stats = _spec_stats(llm.engine)
+    if stats:
+        stats["spec_draft_time_share"] = (llm.engine.spec_draft_seconds_total - draft_before) / elapsed
     return {"system": f"kiln ({_weights(llm)})", "batch": batch, "elapsed_s": elapsed, "output_tokens": generated,
-            "output_tok_s": generated / elapsed, "token_ids": outputs, **_spec_stats(llm.engine)}
+            "output_tok_s": generated / elapsed, "token_ids": outputs, **stats}
