@@ -23,6 +23,7 @@ import torch
 
 from kiln.bench.data import data_dir
 from kiln.eval.forward import window_logits
+from kiln.eval.perplexity import kl_from_logprobs, llama_cpp_windows, ppl_from_nll, scored_logprobs
 from kiln.hub import resolve_model
 from kiln.loader.model_loader import load_model
 from kiln.quantization.checkpoint import save_quantized
@@ -75,45 +76,38 @@ def main() -> None:
 
     text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
     ids = tok.encode(text, add_special_tokens=True)
-    n_chunks = min(args.chunks, len(ids) // CTX)
-    first = CTX // 2
+    windows = llama_cpp_windows(ids, CTX, tok.bos_token_id if tok.add_bos_token else None, args.chunks)
+    n_chunks = len(windows)
     nll = {name: [] for name in ["reference", *models]}
     kl = {name: [] for name in models}
     top1 = {name: [] for name in models}
     dp = {name: [] for name in models}
-    for c in range(n_chunks):
-        window = ids[c * CTX:(c + 1) * CTX]
-        if tok.add_bos_token:
-            window[0] = tok.bos_token_id  # llama.cpp's perplexity tool starts every window with BOS
-        target = torch.tensor(window[first + 1:])
-        ref_lp = torch.log_softmax(window_logits(reference.model, window)[first:-1], -1)
-        nll["reference"].append(-ref_lp.gather(1, target[:, None]).squeeze(1))
-        for name, model in models.items():
-            lp = torch.log_softmax(window_logits(model, window)[first:-1], -1)
-            nll[name].append(-lp.gather(1, target[:, None]).squeeze(1))
-            kl[name].append((ref_lp.exp() * (ref_lp - lp)).sum(-1))
+    for c, window in enumerate(windows):
+        ref_lp, target = scored_logprobs(window_logits(reference.model, window), window)
+        ref_true = ref_lp.gather(1, target[:, None]).squeeze(1)
+        nll["reference"].append(-ref_true)
+        for name, model in models.items():  # every model sees the same window, scored against one reference
+            lp, _ = scored_logprobs(window_logits(model, window), window)
+            true = lp.gather(1, target[:, None]).squeeze(1)
+            nll[name].append(-true)
+            kl[name].append(kl_from_logprobs(ref_lp, lp))
             top1[name].append((ref_lp.argmax(-1) == lp.argmax(-1)).float())
-            dp[name].append((lp.gather(1, target[:, None]).exp() - ref_lp.gather(1, target[:, None]).exp()).abs().squeeze(1))
+            dp[name].append((true.exp() - ref_true.exp()).abs())
         if (c + 1) % 10 == 0:
             print(f"{c + 1}/{n_chunks} windows", file=sys.stderr)
 
-    def ppl(values: list[torch.Tensor]) -> tuple[float, float]:
-        v = torch.cat(values).double()
-        mean = v.mean()
-        stderr = (v.var() / (v.numel() - 1)).sqrt()  # of the mean NLL; PPL's error = PPL * stderr
-        return mean.exp().item(), (mean.exp() * stderr).item()
-
-    ref_ppl, ref_err = ppl(nll["reference"])
+    ref = ppl_from_nll(torch.cat(nll["reference"]), n_chunks, CTX)
     results = [{"method": "reference: default GGUF Q4_1 dequantized to fp32", "size_bytes": path.stat().st_size,
-                "size_note": "the GGUF file itself", "ppl": ref_ppl, "ppl_stderr": ref_err}]
+                "size_note": "the GGUF file itself", "ppl": ref.ppl, "ppl_stderr": ref.stderr}]
     for name in models:
-        p, e = ppl(nll[name])
+        p = ppl_from_nll(torch.cat(nll[name]), n_chunks, CTX)
         k = torch.cat(kl[name])
-        results.append({"method": name, **rows[name], "ppl": p, "ppl_stderr": e, "delta_ppl_pct": 100 * (p / ref_ppl - 1),
+        results.append({"method": name, **rows[name], "ppl": p.ppl, "ppl_stderr": p.stderr,
+                        "delta_ppl_pct": 100 * (p.ppl / ref.ppl - 1),
                         "kl_mean": k.mean().item(), "kl_p99": torch.quantile(k, 0.99).item(),
                         "top1_agreement": torch.cat(top1[name]).mean().item(), "mean_abs_dp": torch.cat(dp[name]).mean().item()})
-        print(f"{name}: PPL {p:.3f} ({results[-1]['delta_ppl_pct']:+.2f} %), KL {k.mean().item():.4f}", file=sys.stderr)
-    report = {"benchmark": "quant_quality", "model": MODEL, "ctx": CTX, "chunks": n_chunks, "tokens_scored": n_chunks * (CTX - first - 1),
+        print(f"{name}: PPL {p.ppl:.3f} ({results[-1]['delta_ppl_pct']:+.2f} %), KL {k.mean().item():.4f}", file=sys.stderr)
+    report = {"benchmark": "quant_quality", "model": MODEL, "ctx": CTX, "chunks": n_chunks, "tokens_scored": ref.n_tokens_scored,
               "eval_text": "wikitext-2-raw/wiki.test.raw", "calibration": f"pride_and_prejudice_pg1342.txt, {args.calib_samples} x 512 tokens",
               "runtime_note": "as loaded by LLM(DIR): INT4 g32/g128 and INT8 per-channel in the native block layout (prefill: "
                               "dequantize + GEMM), FP8 dequantize + GEMM, W8A8 torch._int_mm",

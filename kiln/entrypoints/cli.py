@@ -185,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_bench)
 
-    from kiln.entrypoints import cli_quantize
+    from kiln.entrypoints import cli_eval, cli_quantize
 
     cli_quantize.register(sub)
+    cli_eval.register(sub)
     return parser
 
 
