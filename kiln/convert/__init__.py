@@ -1,0 +1,1 @@
+"""Format conversion: kiln-loadable models → files other engines load (GGUF for llama.cpp)."""
