@@ -147,9 +147,21 @@ def quant_quality_table() -> str:
             + f"{d['date']}, {d['machine']}, {d['threads']} threads._")
 
 
+def perplexity_table() -> str:
+    d = _load("perplexity")
+    if d is None:
+        return "_not measured yet_"
+    k, l = d["kiln"], d["llama_cpp"]
+    return (f"Perplexity of the default GGUF ({d['file']}) on WikiText-2 test, {d['chunks']} windows of {d['ctx']} tokens, "
+            f"llama.cpp's chunking: kiln **{k['ppl']:.4f} ± {k['ppl_stderr']:.4f}** ({k['how']}), llama.cpp "
+            f"**{l['ppl']:.4f} ± {l['ppl_stderr']:.4f}** ({l['how']}): kiln/llama.cpp = {d['ratio_kiln_over_llama_cpp']:.4f}."
+            f"\n\n_From `benchmarks/perplexity.py` → `benchmarks/results/perplexity.json`, one run, {d['date']}, "
+            f"{d['machine']}, {d['threads']} threads._")
+
+
 TABLES = {"throughput": throughput_table, "latency": latency_table, "serving": serving_table,
           "quant_kernels": quant_kernels_table, "spec_decode": spec_decode_table,
-          "quant_quality": quant_quality_table}
+          "quant_quality": quant_quality_table, "perplexity": perplexity_table}
 
 
 def render(readme: str) -> str:
