@@ -85,7 +85,6 @@ class CacheConfig:
     kv_cache_fraction: float = 0.25
     kv_cache_max_default: int = 2 << 30
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # auto = the model dtype
 
 
 @dataclass(frozen=True)

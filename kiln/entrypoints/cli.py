@@ -14,15 +14,10 @@ from kiln.errors import KilnError
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    from kiln.config import KV_CACHE_DTYPES
-
     p.add_argument("--model", default="smollm2-135m", help="registered name (see `kiln pull --list`) or a .gguf file / HF folder")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has fast bf16, else fp32), float32, bfloat16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 2GiB (default: 25%% of free RAM, at most 2 GiB)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="KV cache storage: auto (the model dtype), int8 or fp8_e4m3 (1 byte per value + a scale per "
-                        "token and head: ~2x the tokens of bf16 in the same memory, small quality cost)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -69,7 +64,6 @@ def build_llm(args: argparse.Namespace):
         num_speculative_tokens=args.num_speculative_tokens,
         ngram_min=args.ngram_min,
         ngram_max=args.ngram_max,
-        kv_cache_dtype=args.kv_cache_dtype,
     )
     print(llm.engine.kv_budget.describe(), file=sys.stderr)
     return llm
