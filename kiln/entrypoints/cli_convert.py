@@ -1,33 +1,59 @@
-"""`kiln convert MODEL --to gguf --type f16|q8_0|q4_0|q4_1 -o FILE`."""
+"""`kiln convert MODEL --to gguf --type f16|q8_0|q4_0|q4_1 -o FILE [--force]`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from kiln.convert.gguf_writer import TYPES
+from kiln.convert.gguf_writer import GGUF_ARCHITECTURES, TYPES
+from kiln.errors import KilnError
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser("convert", help="write a model as a GGUF file llama.cpp loads")
-    p.add_argument("model", help="registered name, .gguf file or folder (kiln-quantized folders are dequantized first)")
-    p.add_argument("--to", default="gguf", choices=["gguf"])
+    p = sub.add_parser("convert", help="write a model as a GGUF file llama.cpp loads",
+                       description="Write MODEL as a GGUF file llama.cpp loads: 2-D weights in --type, token "
+                                   "embedding included (F16 where rows are not a multiple of 32; for q4 types the "
+                                   "output head is Q8_0 unless --pure), norms and biases F32, tokenizer copied from "
+                                   "a GGUF or built from tokenizer.json.")
+    p.add_argument("model", help="registered name (see `kiln pull --list`), .gguf file or Hugging Face folder "
+                                 "(kiln-quantized folders are dequantized first)")
+    p.add_argument("--to", default="gguf", choices=["gguf"], help="output format (gguf)")
     p.add_argument("--type", required=True, choices=list(TYPES), help="storage type of the 2-D weights")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    p.add_argument("--pure", action="store_true",
+                   help="q4_0/q4_1: write the output head in that type too "
+                        "(default: Q8_0, like llama-quantize's mixes)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_convert)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    import torch
-
-    from kiln.convert.gguf_writer import convert_to_gguf
+    from kiln.convert.gguf_writer import check_output, convert_to_gguf
     from kiln.hub import resolve_model
     from kiln.loader.model_loader import load_model
 
-    loaded = load_model(resolve_model(args.model), dtype=torch.float32, quantized_weights="dequantize")
+    check_output(Path(args.output), args.force)  # before the (slow) load
+    loaded = load_model(resolve_model(args.model), dtype="float32", quantized_weights="dequantize")
+    out = convert_to_gguf(loaded, args.output, args.type, progress=True, force=args.force, pure=args.pure)
+    print(f"kiln: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}, "
+          f"llama.cpp architecture {GGUF_ARCHITECTURES[loaded.config.architecture]})",
+          file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`kiln convert ...` on its own (for tests): 0 on success, 2 with a message on a user error."""
+    parser = argparse.ArgumentParser(prog="kiln")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
     try:
-        out = convert_to_gguf(loaded, args.output, args.type, force=args.force)
-    except FileExistsError as exc:
-        raise ValueError(str(exc)) from None
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})", file=sys.stderr)
+        args.func(args)
+    except (KilnError, ValueError) as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
