@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# KV cache storage: auto = the model dtype; int8 / fp8_e4m3 = 1 byte per value plus an fp32
+# scale per token and KV head (kiln.kernels.kv_quant).
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,13 @@ class CacheConfig:
     kv_cache_fraction: float = 0.25
     kv_cache_max_default: int = 2 << 30
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,8 @@ class SpeculativeConfig:
             raise ValueError("a draft-model speculative config needs draft_model (self:int4, self:int8, or a model)")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 0:
+            raise ValueError(f"the speculation switch-off batch size must be a non-negative integer, got {self.max_batch_size}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
 

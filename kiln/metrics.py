@@ -66,6 +66,9 @@ class EngineMetrics:
         self.spec_accepted = Counter("kiln:spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.", registry=r)
         self.spec_steps = Counter("kiln:spec_decode_num_steps",
                                   "Sequence-steps that speculated (skipped when the batch is large).", registry=r)
+        self.spec_skipped = Counter("kiln:spec_decode_num_skipped_steps",
+                                    "Engine steps not speculated because more sequences ran than the switch-off "
+                                    "(--speculative-disable-by-batch-size).", registry=r)
         # Running totals already counted, so counters advance by the difference.
         self._seen: dict[str, int] = {}
 
@@ -87,6 +90,7 @@ class EngineMetrics:
         self._advance(self.spec_proposed, "spec_proposed", stats.spec_proposed_total)
         self._advance(self.spec_accepted, "spec_accepted", stats.spec_accepted_total)
         self._advance(self.spec_steps, "spec_steps", stats.spec_steps_total)
+        self._advance(self.spec_skipped, "spec_skipped", stats.spec_skipped_steps_total)
 
     def _advance(self, counter: Counter, key: str, total: int) -> None:
         delta = total - self._seen.get(key, 0)

@@ -31,6 +31,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Speculative decoding for this request: None = the engine's k, 0 = off, else at most this
+    # many drafts per step (capped at the engine's --num-speculative-tokens).
+    num_speculative_tokens: int | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -44,6 +47,9 @@ class SamplingParams:
         self._check("repetition_penalty", self.repetition_penalty, lambda v: 0.0 < v <= 10.0, "in (0, 10]")
         self._check("max_tokens", self.max_tokens, lambda v: v is None or (isinstance(v, int) and v >= 1), "a positive integer or None")
         self._check("min_tokens", self.min_tokens, lambda v: isinstance(v, int) and v >= 0, "a non-negative integer")
+        self._check("num_speculative_tokens", self.num_speculative_tokens,
+                    lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16),
+                    "None (the engine's setting) or an integer in [0, 16] (0 = no speculation)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):

@@ -60,6 +60,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "num_speculative_tokens": args.num_speculative_tokens,
         "ngram_min": args.ngram_min,
         "ngram_max": args.ngram_max,
+        "speculative_disable_by_batch_size": args.speculative_disable_by_batch_size,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
 
 

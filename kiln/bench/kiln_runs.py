@@ -30,7 +30,8 @@ def _spec_stats(engine) -> dict[str, Any]:
     return {"speculative": engine.speculative_config.method,
             "spec_acceptance_rate": s.spec_acceptance_rate,
             "spec_mean_accepted_per_step": s.spec_accepted_total / s.spec_steps_total if s.spec_steps_total else None,
-            "spec_draft_seconds": engine.spec_draft_seconds_total}
+            "spec_draft_seconds": engine.spec_draft_seconds_total,
+            "spec_skipped_steps": s.spec_skipped_steps_total, "engine_steps": s.step_count}
 
 
 def kiln_throughput(model: str, dtype: str, prompts: list[list[int]], max_tokens: int,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import CacheConfig, ModelConfig
+from kiln.kernels.kv_quant import describe_kv_cache_dtype, kv_element_bytes
 
 
 def available_memory_bytes() -> int:
@@ -41,6 +42,8 @@ class KVBudget:
     block_size: int
     bytes_total: int
     max_model_len: int
+    kv_cache_dtype: str = "auto"
+    storage: str = ""  # how a quantized cache is stored and read (empty for auto)
 
     @property
     def num_tokens(self) -> int:
@@ -48,14 +51,26 @@ class KVBudget:
 
     def describe(self) -> str:
         concurrency = self.num_tokens / self.max_model_len
+        label = f" ({self.storage})" if self.storage else ""
         return (
-            f"KV cache: {self.num_blocks} blocks = {self.num_tokens} tokens = {self.bytes_total / (1 << 30):.2f} GiB, "
+            f"KV cache{label}: {self.num_blocks} blocks = {self.num_tokens} tokens = {self.bytes_total / (1 << 30):.2f} GiB, "
             f"max concurrency at full context ({self.max_model_len} tokens) = {concurrency:.2f}"
         )
 
 
-def plan_kv_cache(model_cfg: ModelConfig, cache_cfg: CacheConfig, kv_dtype: torch.dtype, max_model_len: int) -> KVBudget:
-    per_token = model_cfg.kv_bytes_per_token(torch.empty((), dtype=kv_dtype).element_size())
+def kv_bytes_per_token(model_cfg: ModelConfig, kv_cache_dtype: str, model_dtype: torch.dtype) -> int:
+    """Bytes of K+V one token occupies across all layers, scales of a quantized cache included."""
+    value_bytes, scale_bytes = kv_element_bytes(kv_cache_dtype, model_dtype)
+    per_head = model_cfg.head_dim * value_bytes + scale_bytes
+    return 2 * model_cfg.num_hidden_layers * model_cfg.num_key_value_heads * per_head
+
+
+def plan_kv_cache(
+    model_cfg: ModelConfig, cache_cfg: CacheConfig, kv_dtype: torch.dtype, max_model_len: int, device: str = "cpu"
+) -> KVBudget:
+    """Blocks that fit the budget. `kv_dtype` is the model dtype (what 'auto' stores); a quantized
+    `cache_cfg.kv_cache_dtype` stores 1 byte per value plus its scales."""
+    per_token = kv_bytes_per_token(model_cfg, cache_cfg.kv_cache_dtype, kv_dtype)
     per_block = per_token * cache_cfg.block_size
     budget = cache_cfg.kv_cache_memory
     if budget is None:
@@ -65,4 +80,5 @@ def plan_kv_cache(model_cfg: ModelConfig, cache_cfg: CacheConfig, kv_dtype: torc
         raise ValueError(
             f"KV cache budget of {budget} bytes holds {num_blocks} blocks of {per_block} bytes; give at least {2 * per_block}"
         )
-    return KVBudget(int(num_blocks), cache_cfg.block_size, int(num_blocks * per_block), max_model_len)
+    return KVBudget(int(num_blocks), cache_cfg.block_size, int(num_blocks * per_block), max_model_len,
+                    cache_cfg.kv_cache_dtype, describe_kv_cache_dtype(cache_cfg.kv_cache_dtype, device))

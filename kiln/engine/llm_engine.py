@@ -45,6 +45,7 @@ class EngineStats:
     spec_proposed_total: int = 0
     spec_accepted_total: int = 0
     spec_steps_total: int = 0
+    spec_skipped_steps_total: int = 0
 
     @property
     def spec_acceptance_rate(self) -> float | None:
@@ -69,6 +70,7 @@ class LLMEngine:
         self.spec_accepted_total = 0  # of those, accepted
         self.spec_steps_total = 0  # sequence-steps that speculated
         self.spec_draft_seconds_total = 0.0  # time spent running a draft model
+        self.spec_skipped_steps_total = 0  # engine steps not speculated: the batch was above the switch-off
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.cache_config = cache_config or CacheConfig()
@@ -77,13 +79,14 @@ class LLMEngine:
             self.scheduler_config.max_model_len or loaded.config.max_position_embeddings,
             loaded.config.max_position_embeddings,
         )
-        kv_dtype = loaded.model.dtype
-        self.kv_budget: KVBudget = plan_kv_cache(loaded.config, self.cache_config, kv_dtype, self.max_model_len)
+        self.kv_budget: KVBudget = plan_kv_cache(loaded.config, self.cache_config, loaded.model.dtype,
+                                                 self.max_model_len, str(loaded.model.device))
         self.kv_manager = KVCacheManager(
             self.kv_budget.num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, self.max_model_len)
-        self.runner = ModelRunner(loaded.model, self.kv_budget.num_blocks, self.cache_config.block_size, kv_dtype)
+        self.runner = ModelRunner(loaded.model, self.kv_budget.num_blocks, self.cache_config.block_size,
+                                  self.cache_config.kv_cache_dtype)
         if speculative_config is not None and speculative_config.method == "draft":
             # The draft gets as many KV blocks as the target (same memory again for a same-shape draft).
             self.draft_proposer = DraftModelProposer(build_draft_model(speculative_config.draft_model, loaded),
@@ -209,7 +212,10 @@ class LLMEngine:
         """Give each decoding sequence up to k draft tokens (none when the batch is large)."""
         cfg = self.speculative_config
         running = self.scheduler.running
-        if cfg is None or not running or len(running) > cfg.max_batch_size:
+        if cfg is None or not running:
+            return
+        if len(running) > cfg.max_batch_size:
+            self.spec_skipped_steps_total += 1
             return
         wanted: dict[str, tuple[list[int], int]] = {}
         by_id = {}
@@ -217,10 +223,12 @@ class LLMEngine:
             if request.num_computed_tokens != request.num_tokens - 1:
                 continue  # still prefilling
             params = request.sampling_params
-            room = (params.max_tokens - len(request.output_token_ids) - 1) if params.max_tokens is not None else cfg.num_speculative_tokens
-            room = min(room, self.max_model_len - request.num_tokens - 1)
+            k = cfg.num_speculative_tokens if params.num_speculative_tokens is None else min(
+                params.num_speculative_tokens, cfg.num_speculative_tokens)
+            room = (params.max_tokens - len(request.output_token_ids) - 1) if params.max_tokens is not None else k
+            room = min(room, k, self.max_model_len - request.num_tokens - 1)
             if room > 0:
-                wanted[request.request_id] = (request.all_token_ids, min(cfg.num_speculative_tokens, room))
+                wanted[request.request_id] = (request.all_token_ids, room)
                 by_id[request.request_id] = request
         if self.proposer is not None:
             for rid, (tokens, k) in wanted.items():
@@ -293,7 +301,7 @@ class LLMEngine:
         return EngineStats(
             self.scheduler.stats(), self.kv_budget.num_blocks, self.step_count,
             self.prompt_tokens_total, self.generation_tokens_total,
-            self.spec_proposed_total, self.spec_accepted_total, self.spec_steps_total,
+            self.spec_proposed_total, self.spec_accepted_total, self.spec_steps_total, self.spec_skipped_steps_total,
         )
 
     @torch.inference_mode()

@@ -1,127 +1,164 @@
-"""Perplexity and KL divergence with llama.cpp's perplexity-tool chunking (the quality gate).
+"""Perplexity with llama.cpp's `llama-perplexity` chunking: the number kiln's quality gate compares.
 
-Chunking (llama.cpp `llama-perplexity`): the whole text is tokenized once (with BOS when the
-model's tokenizer adds one); it is cut into n = len(tokens) // ctx non-overlapping windows of
-ctx tokens; when the tokenizer adds BOS, each window's first token is replaced by BOS; only the
-second half of each window is scored — the logits at positions ctx/2 .. ctx-2 predicting the
-tokens at ctx/2+1 .. ctx-1 — so every scored token has at least ctx/2 tokens of context.
-The error printed with the PPL is llama.cpp's: PPL · sqrt(var(nll) / (N - 1)).
+Chunking (tools/perplexity/perplexity.cpp, `perplexity()`), reproduced exactly so that a kiln PPL
+and a llama.cpp PPL of the same file on the same text are the same quantity:
+
+* the whole text is tokenized once, with BOS in front iff the model's tokenizer adds BOS
+  (`common_tokenize(ctx, text, add_special=true)`; SmolLM2's GGUF says add_bos_token = false);
+* it is cut into n = len(tokens) // ctx non-overlapping windows of ctx tokens (the tail that does
+  not fill a window is dropped), optionally capped at `max_chunks`;
+* when the tokenizer adds BOS, each window's first token is *replaced* by BOS (not prepended), so
+  every window is exactly ctx tokens long;
+* only the second half is scored: the logits at positions first = ctx // 2 .. ctx - 2 predict the
+  tokens at first + 1 .. ctx - 1, i.e. ctx - 1 - ctx // 2 tokens per window, each with at least
+  ctx // 2 tokens of context;
+* PPL = exp(mean NLL) and the reported error is llama.cpp's delta-method one:
+  PPL · sqrt(var(nll) / (N - 1)), var being the population variance E[nll²] - E[nll]².
+
+llama.cpp additionally refuses texts shorter than 2·ctx tokens; kiln accepts a single window
+(useful for short tests) and says so in the result's n_chunks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from kiln.eval.forward import window_logits
+from kiln.eval.forward import window_hidden
+
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+class EvalTokenizer(Protocol):
+    """What the evaluation needs from a tokenizer (kiln.loader.tokenizer.Tokenizer has it)."""
+
+    bos_token_id: int | None
+    add_bos_token: bool
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
 class PerplexityResult:
+    """Invariants: ppl == exp(nll_mean); n_tokens_scored == n_chunks * (ctx - 1 - ctx // 2)."""
+
     ppl: float
-    stderr: float  # of the PPL
+    stderr: float  # llama.cpp's "+/-" on the PPL (NaN when fewer than 2 tokens were scored)
     nll_mean: float
     n_chunks: int
     n_tokens_scored: int
     ctx: int
 
     def describe(self) -> str:
-        return f"PPL = {self.ppl:.4f} +/- {self.stderr:.5f} (ctx {self.ctx}, {self.n_chunks} chunks, {self.n_tokens_scored} tokens scored)"
+        return f"PPL = {self.ppl:.4f} +/- {self.stderr:.5f} (ctx {self.ctx}, {self.n_chunks} chunks)"
 
 
-@dataclass(frozen=True)
-class KLResult:
-    kl_mean: float
-    kl_p99: float
-    top1_agreement: float
-    mean_abs_dp: float  # mean |p_model(next) - p_ref(next)| of the true next token
-    ppl: PerplexityResult
-    ppl_reference: PerplexityResult
-
-    def describe(self) -> str:
-        return (f"mean KL = {self.kl_mean:.6f}, p99 KL = {self.kl_p99:.5f}, top-1 agreement = {100 * self.top1_agreement:.2f} %, "
-                f"mean |dp| = {self.mean_abs_dp:.5f}; PPL {self.ppl.ppl:.4f} vs reference {self.ppl_reference.ppl:.4f}")
+def first_scored(ctx: int) -> int:
+    """Position of the first scored logit in a window of `ctx` tokens (llama.cpp: n_ctx / 2)."""
+    return ctx // 2
 
 
-def llama_cpp_windows(token_ids: list[int], ctx: int, bos_token_id: int | None, max_chunks: int | None = None) -> list[list[int]]:
-    """The windows llama.cpp's perplexity tool scores (`bos_token_id` None: no BOS replacement)."""
-    if ctx < 4 or ctx % 2:
-        raise ValueError(f"ctx must be an even number >= 4, got {ctx}")
+def llama_cpp_windows(token_ids: Sequence[int], ctx: int, bos_token_id: int | None,
+                      max_chunks: int | None = None) -> list[list[int]]:
+    """The windows llama.cpp's perplexity tool evaluates; `bos_token_id` None means no BOS replacement."""
+    if ctx < 4:
+        raise ValueError(f"ctx must be at least 4 tokens (half of each window is scored), got {ctx}")
+    if max_chunks is not None and max_chunks < 1:
+        raise ValueError(f"the number of chunks must be at least 1, got {max_chunks}")
     n = len(token_ids) // ctx
     if n == 0:
-        raise ValueError(f"the text has {len(token_ids)} tokens, fewer than one window of {ctx}")
+        raise ValueError(f"the text has {len(token_ids)} tokens, fewer than one window of {ctx}; use a longer text or a smaller --ctx")
     if max_chunks is not None:
         n = min(n, max_chunks)
     windows = []
     for c in range(n):
-        w = list(token_ids[c * ctx:(c + 1) * ctx])
+        window = list(token_ids[c * ctx:(c + 1) * ctx])
         if bos_token_id is not None:
-            w[0] = bos_token_id
-        windows.append(w)
+            window[0] = bos_token_id  # replaced, not prepended: the window stays ctx tokens long
+        windows.append(window)
     return windows
 
 
-def scored_logprobs(logits: torch.Tensor, window: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs [ctx/2 - 1, vocab] at the scored positions, the true next tokens [ctx/2 - 1])."""
-    first = len(window) // 2
-    return torch.log_softmax(logits[first:-1].float(), -1), torch.tensor(window[first + 1:], device=logits.device)
+def eval_windows(tokenizer: EvalTokenizer, text: str, ctx: int, max_chunks: int | None = None) -> list[list[int]]:
+    """Tokenize `text` once (BOS iff the tokenizer adds it) and cut it as llama.cpp does."""
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    bos = tokenizer.bos_token_id if tokenizer.add_bos_token else None
+    return llama_cpp_windows(ids, ctx, bos, max_chunks)
+
+
+def scored_targets(window: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tokens the scored logits predict: window[ctx // 2 + 1:], as a long tensor."""
+    return torch.tensor(window[first_scored(len(window)) + 1:], dtype=torch.long, device=device)
+
+
+def scored_logits(model: torch.nn.Module, window: Sequence[int]) -> torch.Tensor:
+    """fp32 logits [ctx - 1 - ctx // 2, vocab] at the scored positions of one window.
+
+    The whole window is prefilled (causal: each logit sees only its prefix), but the LM head runs
+    only on the scored rows, as llama.cpp requests outputs only for pos >= first; on a 49k
+    vocabulary that halves the head's cost.
+    """
+    hidden = window_hidden(model, list(window))
+    with torch.inference_mode():
+        return model.compute_logits(hidden[first_scored(len(window)):-1])
+
+
+def scored_logprobs(logits: torch.Tensor, window: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a whole window's logits [ctx, vocab]: (log-probs at the scored positions, their targets)."""
+    first = first_scored(len(window))
+    return torch.log_softmax(logits[first:-1].float(), -1), scored_targets(window, logits.device)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) per row of `logits` [N, vocab], in fp32."""
+    return -torch.log_softmax(logits.float(), -1).gather(1, targets[:, None]).squeeze(1)
 
 
 def ppl_from_nll(nll: torch.Tensor, n_chunks: int, ctx: int) -> PerplexityResult:
-    v = nll.double()
+    """PPL and llama.cpp's error from per-token NLLs (accumulated in float64, as llama.cpp does)."""
+    v = nll.detach().double().flatten()
+    n = int(v.numel())
+    if n == 0:
+        raise ValueError("no tokens were scored")
     mean = v.mean().item()
-    var = max((v * v).mean().item() - mean * mean, 0.0)
+    var = ((v - mean) ** 2).mean().item()  # population variance, = E[nll²] - E[nll]² (llama.cpp's nll2)
     ppl = math.exp(mean)
-    return PerplexityResult(ppl, ppl * math.sqrt(var / max(v.numel() - 1, 1)), mean, n_chunks, v.numel(), ctx)
+    stderr = ppl * math.sqrt(var / (n - 1)) if n > 1 else math.nan
+    return PerplexityResult(ppl, stderr, mean, n_chunks, n, ctx)
 
 
-def _windows_for(tokenizer: "object", text: str, ctx: int, max_chunks: int | None) -> list[list[int]]:
-    ids = tokenizer.encode(text, add_special_tokens=True)
-    return llama_cpp_windows(ids, ctx, tokenizer.bos_token_id if tokenizer.add_bos_token else None, max_chunks)
-
-
-def _progress(items: list, desc: str, enabled: bool) -> Iterator | list:
+def progress_iter(items: Sequence[T], desc: str, enabled: bool) -> Iterable[T]:
+    """`items` with a tqdm bar on stderr when asked for and tqdm is installed."""
     if not enabled:
         return items
-    from tqdm import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: evaluation works the same without a bar
+        return items
     return tqdm(items, desc=desc, unit="chunk")
 
 
-def perplexity(model: torch.nn.Module, tokenizer: "object", text: str, ctx: int = 512, max_chunks: int | None = None,
-               progress: bool = False) -> PerplexityResult:
-    windows = _windows_for(tokenizer, text, ctx, max_chunks)
-    nll = []
-    for w in _progress(windows, "perplexity", progress):
-        lp, target = scored_logprobs(window_logits(model, w), w)
-        nll.append(-lp.gather(1, target[:, None]).squeeze(1))
+def perplexity(model: torch.nn.Module, tokenizer: EvalTokenizer, text: str, ctx: int = 512,
+               max_chunks: int | None = None, progress: bool = True) -> PerplexityResult:
+    """PPL of `model` on `text` with llama.cpp's chunking (see the module docstring)."""
+    windows = eval_windows(tokenizer, text, ctx, max_chunks)
+    nll = [token_nll(scored_logits(model, w), scored_targets(w)) for w in progress_iter(windows, "perplexity", progress)]
     return ppl_from_nll(torch.cat(nll), len(windows), ctx)
 
 
-def kl_from_logprobs(ref_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-    """KL(ref ‖ model) per position from log-probabilities [T, vocab]."""
-    return (ref_lp.exp() * (ref_lp - lp)).sum(-1)
+def __getattr__(name: str) -> Any:
+    # KL lives in kiln.eval.kl_divergence; these names were importable from here before and
+    # scripts still import them this way. Resolved lazily because kl_divergence imports this module.
+    if name in ("kl_from_logprobs", "kl_from_logits", "kl_divergence", "KLResult"):
+        from kiln.eval import kl_divergence as kl_module
+
+        return getattr(kl_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def kl_divergence(model: torch.nn.Module, reference: torch.nn.Module, tokenizer: "object", text: str, ctx: int = 512,
-                  max_chunks: int | None = None, progress: bool = False,
-                  reference_logits: Callable[[list[int]], torch.Tensor] | None = None) -> KLResult:
-    """KL(reference ‖ model) and agreement over the scored positions of every window."""
-    windows = _windows_for(tokenizer, text, ctx, max_chunks)
-    kl, agree, dp, nll, nll_ref = [], [], [], [], []
-    for w in _progress(windows, "kl", progress):
-        ref_lp, target = scored_logprobs(reference_logits(w) if reference_logits else window_logits(reference, w), w)
-        lp, _ = scored_logprobs(window_logits(model, w), w)
-        kl.append(kl_from_logprobs(ref_lp, lp))
-        agree.append((ref_lp.argmax(-1) == lp.argmax(-1)).float())
-        p_true, p_ref_true = lp.gather(1, target[:, None]).squeeze(1), ref_lp.gather(1, target[:, None]).squeeze(1)
-        dp.append((p_true.exp() - p_ref_true.exp()).abs())
-        nll.append(-p_true)
-        nll_ref.append(-p_ref_true)
-    k = torch.cat(kl)
-    return KLResult(k.mean().item(), torch.quantile(k.float(), 0.99).item(), torch.cat(agree).mean().item(),
-                    torch.cat(dp).mean().item(), ppl_from_nll(torch.cat(nll), len(windows), ctx),
-                    ppl_from_nll(torch.cat(nll_ref), len(windows), ctx))
+__all__ = ["PerplexityResult", "EvalTokenizer", "first_scored", "llama_cpp_windows", "eval_windows", "scored_targets",
+           "scored_logits", "scored_logprobs", "token_nll", "ppl_from_nll", "progress_iter", "perplexity"]

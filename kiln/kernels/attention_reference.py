@@ -1,7 +1,8 @@
 """Plain-torch paged attention: the slow twin every fast attention path is tested against.
 
-It gathers each sequence's context out of the blocks and runs textbook causal softmax
-attention in fp32. Correct and simple; never used on the hot path.
+It gathers each sequence's context out of the blocks (dequantizing a quantized cache, see
+kv_quant) and runs textbook causal softmax attention in fp32. Correct and simple; never used
+on the hot path.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ import math
 
 import torch
 
+from kiln.kernels.kv_quant import QuantizedKV
 from kiln.layers.attention_metadata import AttentionMetadata
 
 
-def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[num_blocks, block_size, Hkv, D] cache → the first seq_len tokens [seq_len, Hkv, D]."""
+def gather_context(cache: torch.Tensor | QuantizedKV, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[num_blocks, block_size, Hkv, D] cache → the first seq_len tokens [seq_len, Hkv, D]
+    (a quantized cache comes back dequantized, in fp32)."""
+    if isinstance(cache, QuantizedKV):
+        return cache.gather(block_ids, seq_len)
     block_size = cache.shape[1]
     n_blocks = (seq_len + block_size - 1) // block_size
     return cache[block_ids[:n_blocks].long()].reshape(-1, cache.shape[2], cache.shape[3])[:seq_len]
@@ -22,8 +27,8 @@ def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -
 
 def paged_attention_reference(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | QuantizedKV,
+    v_cache: torch.Tensor | QuantizedKV,
     meta: AttentionMetadata,
     scale: float | None = None,
 ) -> torch.Tensor:

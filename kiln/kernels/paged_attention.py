@@ -10,6 +10,11 @@
   decoding even in bf16.
 - Longer prefill chunks go through `scaled_dot_product_attention` per sequence with a causal
   mask offset by the prefix.
+
+A quantized cache (int8 / fp8_e4m3, `QuantizedKV` pairs from kv_quant) takes the same routes:
+the native decode kernel dequantizes inside its dot products; gathers dequantize to the query
+dtype before SDPA. Every path reads K/V back from the cache, so a token's attention does not
+depend on whether its context arrived by prefill or by decode.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.attention_reference import gather_context
+from kiln.kernels.kv_quant import QuantizedKV, write_kv_quantized
 from kiln.kernels.native import load_native
 from kiln.layers.attention_metadata import AttentionMetadata
 
@@ -28,16 +34,37 @@ from kiln.layers.attention_metadata import AttentionMetadata
 MAX_ROWWISE_QUERY = 17
 
 
+KVCacheTensor = torch.Tensor | QuantizedKV
+
+
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store this step's K/V [T, Hkv, D] into their slots of the [blocks, block_size, Hkv, D] caches."""
+    """Store this step's K/V [T, Hkv, D] into their slots of the [blocks, block_size, Hkv, D] caches
+    (quantizing on store for a QuantizedKV cache)."""
+    if type(k_cache) is QuantizedKV:
+        write_kv_quantized(k, v, k_cache, v_cache, slot_mapping)
+        return
     k_cache.view(-1, k_cache.shape[2], k_cache.shape[3]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, v_cache.shape[2], v_cache.shape[3]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def _native_decode(q: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTensor, block_tables: torch.Tensor,
+                   seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    if type(k_cache) is QuantizedKV:
+        return torch.ops.kiln.paged_decode_attention_quant(q, k_cache.data, k_cache.scale, v_cache.data, v_cache.scale,
+                                                           block_tables, seq_lens, scale)
+    return torch.ops.kiln.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def _gather_blocks(cache: KVCacheTensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if type(cache) is QuantizedKV:
+        return cache.gather_blocks(table, dtype)
+    return cache[table].to(dtype)
+
+
 def _decode_fallback(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Batched decode by gathering padded contexts; used only where the native kernel is absent."""
     n = meta.num_decodes
@@ -45,14 +72,14 @@ def _decode_fallback(
     block_size = k_cache.shape[1]
     n_blocks = (max_len + block_size - 1) // block_size
     table = meta.block_tables[:n, :n_blocks].long()
-    k = k_cache[table].flatten(1, 2)[:, :max_len]  # [n, S, Hkv, D]
-    v = v_cache[table].flatten(1, 2)[:, :max_len]
+    k = _gather_blocks(k_cache, table, q.dtype).flatten(1, 2)[:, :max_len]  # [n, S, Hkv, D]
+    v = _gather_blocks(v_cache, table, q.dtype).flatten(1, 2)[:, :max_len]
     lens = meta.seq_lens_tensor[:n].to(q.device)
     mask = torch.arange(max_len, device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [n, S]
     out = F.scaled_dot_product_attention(
         q[:n].unsqueeze(2),  # [n, Hq, 1, D]
-        k.transpose(1, 2).to(q.dtype),
-        v.transpose(1, 2).to(q.dtype),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
         attn_mask=mask[:, None, None, :],
         scale=scale,
         enable_gqa=True,
@@ -62,22 +89,21 @@ def _decode_fallback(
 
 def paged_attention(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: KVCacheTensor,
+    v_cache: KVCacheTensor,
     meta: AttentionMetadata,
     scale: float | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] (this step's K/V already written) → out [T, Hq, D]."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     n_dec = meta.num_decodes
-    native = q.device.type == "cpu" and k_cache.dtype == q.dtype and load_native()
+    native = q.device.type == "cpu" and (k_cache.dtype == q.dtype or type(k_cache) is QuantizedKV) and load_native()
     if n_dec == meta.num_seqs and native:  # pure decode step: no output copy
-        return torch.ops.kiln.paged_decode_attention(q, k_cache, v_cache, meta.block_tables,
-                                                     meta.seq_lens_tensor, scale)
+        return _native_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, scale)
     out = torch.empty_like(q)
     if n_dec:
         if native:
-            out[:n_dec] = torch.ops.kiln.paged_decode_attention(
+            out[:n_dec] = _native_decode(
                 q[:n_dec], k_cache, v_cache, meta.block_tables[:n_dec], meta.seq_lens_tensor[:n_dec], scale
             )
         else:
@@ -88,7 +114,7 @@ def paged_attention(
         if native and q_len <= MAX_ROWWISE_QUERY and q_len < seq_len:
             lens = torch.arange(seq_len - q_len + 1, seq_len + 1, dtype=meta.seq_lens_tensor.dtype, device=q.device)
             tables = meta.block_tables[i].unsqueeze(0).expand(q_len, -1).contiguous()
-            out[start:end] = torch.ops.kiln.paged_decode_attention(q[start:end], k_cache, v_cache, tables, lens, scale)
+            out[start:end] = _native_decode(q[start:end], k_cache, v_cache, tables, lens, scale)
             continue
         k = gather_context(k_cache, meta.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)  # [Hkv, S, D]
         v = gather_context(v_cache, meta.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.kernels.kv_quant import QuantizedKV
 from kiln.kernels.paged_attention import paged_attention, write_kv
 from kiln.kernels.fused import rope_qkv_, silu_and_mul
 from kiln.layers.attention_metadata import AttentionMetadata
@@ -26,7 +27,8 @@ from kiln.layers.rotary import RotaryEmbedding
 if TYPE_CHECKING:
     from kiln.layers.gguf_quant import GGUFQuantizedTensor
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+# One layer's cache: full-precision (K, V) block tensors, or quantized ones (kiln.kernels.kv_quant).
+KVCache = tuple[torch.Tensor, torch.Tensor] | tuple[QuantizedKV, QuantizedKV]
 
 # checkpoint sub-module name → (fused module name, shard name)
 PACKED_MODULES: dict[str, tuple[str, str]] = {

@@ -14,6 +14,7 @@ import torch
 from torch.profiler import record_function
 
 from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
+from kiln.kernels.kv_quant import allocate_kv_caches
 from kiln.layers.attention_metadata import AttentionMetadata, build_attention_metadata
 from kiln.models.llama import LlamaForCausalLM
 from kiln.sample.sampler import SampleRow, Sampler
@@ -33,18 +34,15 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None
+        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"
     ) -> None:
+        """`kv_cache_dtype`: 'auto' stores K/V in the model dtype; 'int8' / 'fp8_e4m3' quantize them."""
         self.model = model
         self.device = model.device
         self.block_size = block_size
         cfg = model.config
-        dtype = kv_dtype or model.dtype
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
-            for _ in range(cfg.num_hidden_layers)
-        ]
+        self.kv_caches = allocate_kv_caches(cfg.num_hidden_layers, shape, kv_cache_dtype, model.dtype, self.device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
 

@@ -54,3 +54,35 @@ def test_seeded_sampling_with_drafts_is_reproducible(spec_llm) -> None:
     for a, b in zip(first, again):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert len(a.outputs[0].logprobs) == len(a.outputs[0].token_ids)
+
+
+def test_per_request_k_bounds_drafts_and_zero_turns_speculation_off(llm_fp32, spec_llm) -> None:
+    """num_speculative_tokens in SamplingParams: 0 verifies no drafts, 2 at most 2 per step, output unchanged."""
+    engine = spec_llm.engine
+    plain = llm_fp32.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    for k, most in ((0, 0), (2, 2)):
+        params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, num_speculative_tokens=k)
+        proposed, steps = engine.spec_proposed_total, engine.spec_steps_total
+        out = spec_llm.generate(PROMPTS[:1], params)
+        assert out[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+        n_proposed, n_steps = engine.spec_proposed_total - proposed, engine.spec_steps_total - steps
+        assert n_proposed <= most * n_steps
+        assert (n_proposed > 0) == (k > 0)  # this prompt repeats: with k > 0 drafts are proposed
+
+
+def test_bad_per_request_k_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SamplingParams(num_speculative_tokens=17)
+
+
+def test_switch_off_skips_large_batches_and_counts_them(llm_fp32) -> None:
+    llm = LLM(str(llm_fp32.engine.loaded.source), dtype="float32", kv_cache_memory="128MiB",
+              quantized_weights="dequantize", speculative_model="ngram", num_speculative_tokens=4,
+              speculative_disable_by_batch_size=1)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = llm_fp32.generate(PROMPTS, params)
+    out = llm.generate(PROMPTS, params)  # 4 sequences > 1: no step speculates until only one is left
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in plain]
+    stats = llm.engine.stats()
+    assert stats.spec_skipped_steps_total > 0
+    assert stats.spec_proposed_total == 0  # all four decode in lockstep and finish together

@@ -55,6 +55,9 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = Field(default=None, description="kiln extra: token ids that end generation.")
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    num_speculative_tokens: int | None = Field(
+        default=None, description="kiln extra: drafts per step for this request when the server speculates "
+                                  "(0: off; capped at the server's --num-speculative-tokens).")
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -113,6 +113,7 @@ def sampling_params(
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            num_speculative_tokens=req.num_speculative_tokens,
         )
     except ValueError as exc:
         raise bad_value(exc, KNOWN_PARAMS) from None

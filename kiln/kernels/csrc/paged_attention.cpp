@@ -6,9 +6,16 @@
 // Work is split over (sequence, kv head) pairs; the Hq/Hkv query heads of a GQA group
 // share each K and V row load. Scores are kept in a per-task buffer (two-pass softmax in
 // fp32), which for decode (seq_len <= context) is small and cache-resident.
+//
+// Quantized caches (int8 / fp8 E4M3 with an fp32 scale per token and kv head, see
+// kiln/kernels/kv_quant.py) run the same loop: each K/V row is widened to fp32 from its 1-byte
+// values and the scale is applied to the dot product (K) or the softmax weight (V), so a decode
+// step reads half the bytes of a bf16 cache. `write_kv_quant` quantizes on store.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #if defined(__AVX512F__)
@@ -42,6 +49,48 @@ inline void to_float(const float* src, float* dst, int64_t d) {
   std::memcpy(dst, src, d * sizeof(float));
 }
 
+inline void to_float(const int8_t* src, float* dst, int64_t d) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm512_storeu_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+    }
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// E4M3 -> fp32: move the 4 exponent + 3 mantissa bits into fp32 position (bits 26..20) and
+// multiply by 2^(127-7) to rebias; exact for every finite value, subnormals included. The NaN
+// pattern (0x7f) is never stored: writes clamp to +-448.
+inline void to_float(const c10::Float8_e4m3fn* src, float* dst, int64_t d) {
+  constexpr float kRebias = 1.329227995784916e36f;  // 2^120
+  const uint8_t* bits = reinterpret_cast<const uint8_t*>(src);
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    const __m512i m7f = _mm512_set1_epi32(0x7f), m80 = _mm512_set1_epi32(0x80);
+    const __m512 rebias = _mm512_set1_ps(kRebias);
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + i)));
+      const __m512 mag = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_and_si512(u, m7f), 20)), rebias);
+      const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(u, m80), 24);
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sign)));
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < d; ++i) {
+    const uint32_t mag = static_cast<uint32_t>(bits[i] & 0x7f) << 20;
+    float f;
+    std::memcpy(&f, &mag, sizeof(f));
+    f *= kRebias;
+    dst[i] = (bits[i] & 0x80) ? -f : f;
+  }
+}
+
 inline float dot_f32(const float* a, const float* b, int64_t d) {
 #if defined(__AVX512F__)
   if (d % 16 == 0) {
@@ -69,17 +118,20 @@ inline void axpy_f32(float p, const float* x, float* y, int64_t d) {
   for (int64_t i = 0; i < d; ++i) y[i] += p * x[i];
 }
 
-template <typename T>
+// T: q/out dtype; C: cache element type (T itself, or int8 / fp8 with per-token-head scales
+// k_scales/v_scales [num_blocks, block_size, Hkv]; nullptr when C == T).
+template <typename T, typename C = T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                   at::Tensor& out) {
+                   at::Tensor& out, const float* k_scales = nullptr, const float* v_scales = nullptr) {
+  constexpr bool kQuant = !std::is_same_v<C, T>;
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t G = Hq / Hkv;
   const int64_t max_blocks = block_tables.size(1);
   const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
+  const C* kp = static_cast<const C*>(k_cache.data_ptr());
+  const C* vp = static_cast<const C*>(v_cache.data_ptr());
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
@@ -107,10 +159,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       scores.resize(NH * S);
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < S; ++t) {
-        const T* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
+        const C* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
         to_float(krow, row.data(), heads_per_task * D);
         for (int64_t j = 0; j < NH; ++j) {
-          const float sc = dot_f32(qf.data() + j * D, row.data() + (j / G) * D, D);
+          float sc = dot_f32(qf.data() + j * D, row.data() + (j / G) * D, D);
+          if constexpr (kQuant) sc *= k_scales[(table[t / BS] * BS + t % BS) * Hkv + h0 + j / G];
           scores[j * S + t] = sc;
           if (sc > row_max[j]) row_max[j] = sc;
         }
@@ -125,9 +178,15 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < S; ++t) {
-        const T* vrow = vp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
+        const C* vrow = vp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
         to_float(vrow, row.data(), heads_per_task * D);
-        for (int64_t j = 0; j < NH; ++j) axpy_f32(scores[j * S + t], row.data() + (j / G) * D, acc.data() + j * D, D);
+        if constexpr (kQuant) {
+          const float* vs = v_scales + (table[t / BS] * BS + t % BS) * Hkv + h0;
+          for (int64_t j = 0; j < NH; ++j)
+            axpy_f32(scores[j * S + t] * vs[j / G], row.data() + (j / G) * D, acc.data() + j * D, D);
+        } else {
+          for (int64_t j = 0; j < NH; ++j) axpy_f32(scores[j * S + t], row.data() + (j / G) * D, acc.data() + j * D, D);
+        }
       }
       for (int64_t j = 0; j < NH; ++j) {
         const float inv = 1.f / denom[j];
@@ -160,12 +219,115 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+template <typename T>
+void decode_quant_dispatch(const at::Tensor& q, const at::Tensor& k_data, const at::Tensor& k_scale,
+                           const at::Tensor& v_data, const at::Tensor& v_scale, const at::Tensor& bt,
+                           const at::Tensor& sl, double scale, at::Tensor& out) {
+  const float* ks = k_scale.data_ptr<float>();
+  const float* vs = v_scale.data_ptr<float>();
+  if (k_data.scalar_type() == at::kChar) {
+    decode_kernel<T, int8_t>(q, k_data, v_data, bt, sl, scale, out, ks, vs);
+  } else {
+    decode_kernel<T, c10::Float8_e4m3fn>(q, k_data, v_data, bt, sl, scale, out, ks, vs);
+  }
+}
+
+// The same decode over a quantized cache: *_data [num_blocks, block_size, Hkv, D] int8 or
+// float8_e4m3fn, *_scale [num_blocks, block_size, Hkv] fp32 (x = data * scale).
+at::Tensor paged_decode_attention_quant(const at::Tensor& q, const at::Tensor& k_data, const at::Tensor& k_scale,
+                                        const at::Tensor& v_data, const at::Tensor& v_scale,
+                                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_data.dim() == 4 && v_data.sizes() == k_data.sizes(), "bad shapes");
+  TORCH_CHECK(q.size(1) % k_data.size(2) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(q.size(2) == k_data.size(3), "head_dim mismatch");
+  const auto st = k_data.scalar_type();
+  TORCH_CHECK((st == at::kChar || st == at::kFloat8_e4m3fn) && v_data.scalar_type() == st,
+              "quantized cache must be int8 or float8_e4m3fn");
+  TORCH_CHECK(k_scale.scalar_type() == at::kFloat && v_scale.scalar_type() == at::kFloat, "fp32 scales");
+  TORCH_CHECK(k_scale.sizes() == k_data.sizes().slice(0, 3) && v_scale.sizes() == k_scale.sizes(),
+              "scales must be [num_blocks, block_size, Hkv]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables");
+  TORCH_CHECK(k_data.is_contiguous() && v_data.is_contiguous() && k_scale.is_contiguous() && v_scale.is_contiguous(),
+              "cache must be contiguous");
+  auto qc = q.contiguous();
+  auto bt = block_tables.contiguous();
+  auto sl = seq_lens.contiguous();
+  auto out = at::empty_like(qc);
+  if (q.scalar_type() == at::kFloat) {
+    decode_quant_dispatch<float>(qc, k_data, k_scale, v_data, v_scale, bt, sl, scale, out);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    decode_quant_dispatch<c10::BFloat16>(qc, k_data, k_scale, v_data, v_scale, bt, sl, scale, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention_quant supports float32 and bfloat16 queries");
+  }
+  return out;
+}
+
+// Quantize x [T, Hkv, D] into slots of data [num_blocks, block_size, Hkv, D] and
+// scale [num_blocks, block_size, Hkv]: scale = absmax / qmax, data = round(x / scale) clamped.
+// Operation for operation the same as kv_quant.quantize_reference (bit-identical results).
+template <typename T, typename C>
+void write_quant_kernel(const at::Tensor& x, at::Tensor& data, at::Tensor& scales, const at::Tensor& slots) {
+  constexpr bool kInt8 = std::is_same_v<C, int8_t>;
+  constexpr float qmax = kInt8 ? 127.f : 448.f;
+  const int64_t T_ = x.size(0), H = x.size(1), D = x.size(2), row_stride = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  C* dp = static_cast<C*>(data.data_ptr());
+  float* sp = scales.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  at::parallel_for(0, T_ * H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r / H, h = r % H;
+      const T* src = xp + t * row_stride + h * D;
+      float amax = 0.f;
+      for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(static_cast<float>(src[i])));
+      const float s = amax / qmax;
+      const float safe = s > 0.f ? s : 1.f;
+      const int64_t dst_row = slot[t] * H + h;
+      sp[dst_row] = s;
+      C* dst = dp + dst_row * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const float y = std::min(std::max(static_cast<float>(src[i]) / safe, -qmax), qmax);
+        if constexpr (kInt8) {
+          dst[i] = static_cast<int8_t>(std::nearbyint(y));
+        } else {
+          dst[i] = c10::Float8_e4m3fn(y);
+        }
+      }
+    }
+  });
+}
+
+void write_kv_quant(const at::Tensor& x, at::Tensor& data, at::Tensor& scale, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(x.dim() == 3 && data.dim() == 4 && x.size(1) == data.size(2) && x.size(2) == data.size(3), "bad shapes");
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), "each token's K/V row must be contiguous");
+  TORCH_CHECK(data.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kFloat, "bad cache");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.size(0) == x.size(0), "int64 slot per token");
+  auto slots = slot_mapping.contiguous();
+  const bool int8 = data.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || data.scalar_type() == at::kFloat8_e4m3fn, "quantized cache must be int8 or float8_e4m3fn");
+  if (x.scalar_type() == at::kFloat) {
+    int8 ? write_quant_kernel<float, int8_t>(x, data, scale, slots)
+         : write_quant_kernel<float, c10::Float8_e4m3fn>(x, data, scale, slots);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    int8 ? write_quant_kernel<c10::BFloat16, int8_t>(x, data, scale, slots)
+         : write_quant_kernel<c10::BFloat16, c10::Float8_e4m3fn>(x, data, scale, slots);
+  } else {
+    TORCH_CHECK(false, "write_kv_quant supports float32 and bfloat16 inputs");
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kiln, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
+  m.def("paged_decode_attention_quant(Tensor q, Tensor k_data, Tensor k_scale, Tensor v_data, Tensor v_scale, "
+        "Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
+  m.def("write_kv_quant(Tensor x, Tensor(a!) data, Tensor(b!) scale, Tensor slot_mapping) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_attention_quant", &paged_decode_attention_quant);
+  m.impl("write_kv_quant", &write_kv_quant);
 }
