@@ -25,9 +25,22 @@ def _build_dir() -> Path:
     from kiln.hub import kiln_home
 
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+    march = _march()
+    if march != "native":
+        tag += f"-{march}"  # a build for another instruction set must not replace the native one
     path = kiln_home() / "build" / tag
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _march() -> str:
+    """The -march the library is compiled for: 'native' (this CPU) unless KILN_KERNEL_MARCH names
+    another (e.g. 'haswell' builds the AVX2 paths on an AVX-512 machine, which the tests use to
+    check them against their twins)."""
+    march = os.environ.get("KILN_KERNEL_MARCH", "native")
+    if not march.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"KILN_KERNEL_MARCH must be a -march name such as native or haswell, got {march!r}")
+    return march
 
 
 def load_native() -> bool:
@@ -44,7 +57,7 @@ def load_native() -> bool:
             # -fopenmp: at::parallel_for is header code and runs serially without it.
             flags = ["-O3", "-fopenmp"]
             if os.environ.get("KILN_PORTABLE_KERNELS") != "1":
-                flags.append("-march=native")
+                flags.append(f"-march={_march()}")
             load(
                 name="kiln_native",
                 sources=[str(_CSRC / s) for s in _SOURCES],
@@ -61,8 +74,15 @@ def load_native() -> bool:
         return bool(_state["loaded"])
 
 
+def simd_path() -> str:
+    """The quantized-matmul SIMD path of the loaded library: 'AVX-512', 'AVX2' or 'scalar'."""
+    if not load_native():
+        return "none"
+    return {512: "AVX-512", 256: "AVX2"}.get(int(torch.ops.kiln.quant_simd_level()), "scalar")
+
+
 def native_status() -> str:
     """One line for `kiln info`: which attention path is in use and why."""
     if load_native():
-        return "native C++ kernels (torch.ops.kiln)"
+        return f"native C++ kernels (torch.ops.kiln, {simd_path()} quantized matmul)"
     return f"plain-torch reference kernels ({_state['error']})"

@@ -23,9 +23,14 @@
 #include <cstdint>
 #include <vector>
 
+// SIMD path, fixed when the library is compiled (-march=native on the machine that runs it, or
+// KILN_KERNEL_MARCH): AVX-512BW, else AVX2+FMA, else the portable scalar loop.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #include <immintrin.h>
 #define KILN_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KILN_AVX2 1
 #endif
 
 namespace {
@@ -34,7 +39,7 @@ constexpr int64_t QK = 32;
 constexpr float QMAX = 32767.f;
 
 inline float half_to_float(const c10::Half* p) {
-#ifdef KILN_AVX512
+#if defined(KILN_AVX512) || defined(KILN_AVX2)
   return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
 #else
   return static_cast<float>(*p);
@@ -173,14 +178,101 @@ void tile_dot(int64_t mc, const uint8_t* qs, int64_t row_bytes, const c10::Half*
 }
 #endif
 
+#ifdef KILN_AVX2
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The AVX2 twin of accumulate_block: a 32-element block is two 16 x int16 halves. The two
+// halves' vpmaddwd results are added in int32 (at most 2 * 2 * 127 * 32767 per lane: exact) before
+// the one conversion to float, so a block's integer dot product stays exact as on AVX-512.
+template <int NR, int MC>
+inline void accumulate_block_avx2(__m256 (&acc)[NR][MC], const __m256i (&w)[NR][2], const c10::Half* d, int64_t nb,
+                                  const QuantizedRows& xr, int64_t m0, int64_t K, int64_t b) {
+  float dw[NR];
+  for (int r = 0; r < NR; ++r) dw[r] = half_to_float(d + r * nb + b);
+  for (int i = 0; i < MC; ++i) {
+    const int16_t* xp = xr.q.data() + (m0 + i) * K + b * QK;
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 16));
+    const float dx = xr.dx[(m0 + i) * nb + b];
+    for (int r = 0; r < NR; ++r) {
+      const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(w[r][0], x0), _mm256_madd_epi16(w[r][1], x1));
+      acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw[r] * dx), acc[r][i]);
+    }
+  }
+}
+
+template <bool Q4, int NR, int MC>
+void tile_dot_avx2(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
+                   const QuantizedRows& xr, int64_t m0, int64_t K, float* out /* [NR][MC] */) {
+  const int64_t nb = K / QK;
+  __m256 acc[NR][MC];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MC; ++i) acc[r][i] = _mm256_setzero_ps();
+  if constexpr (Q4) {
+    const __m256i low_mask = _mm256_set1_epi16(0x0F);
+    for (int64_t b = 0; b < nb; b += 2) {
+      __m256i lo[NR][2], hi[NR][2];
+      for (int r = 0; r < NR; ++r) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + (b / 2) * QK));
+        const __m256i v0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(raw));
+        const __m256i v1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(raw, 1));
+        lo[r][0] = _mm256_and_si256(v0, low_mask);
+        lo[r][1] = _mm256_and_si256(v1, low_mask);
+        hi[r][0] = _mm256_srli_epi16(v0, 4);  // zero-extended bytes: the shift leaves the high nibble
+        hi[r][1] = _mm256_srli_epi16(v1, 4);
+      }
+      accumulate_block_avx2<NR, MC>(acc, lo, d, nb, xr, m0, K, b);
+      if (b + 1 < nb) accumulate_block_avx2<NR, MC>(acc, hi, d, nb, xr, m0, K, b + 1);
+    }
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i w[NR][2];
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* src = qs + r * row_bytes + b * QK;
+        w[r][0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+        w[r][1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16)));
+      }
+      accumulate_block_avx2<NR, MC>(acc, w, d, nb, xr, m0, K, b);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < MC; ++i) {
+      float v = hsum256(acc[r][i]);
+      if constexpr (Q4) v += min_term(m + r * nb, xr.sx.data() + (m0 + i) * nb, nb);
+      out[r * MC + i] = v;
+    }
+  }
+}
+
+template <bool Q4, int NR>
+void tile_dot(int64_t mc, const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
+              const QuantizedRows& xr, int64_t m0, int64_t K, float* out) {
+  switch (mc) {
+    case 1: tile_dot_avx2<Q4, NR, 1>(qs, row_bytes, d, m, xr, m0, K, out); break;
+    case 2: tile_dot_avx2<Q4, NR, 2>(qs, row_bytes, d, m, xr, m0, K, out); break;
+    case 3: tile_dot_avx2<Q4, NR, 3>(qs, row_bytes, d, m, xr, m0, K, out); break;
+    default: tile_dot_avx2<Q4, NR, 4>(qs, row_bytes, d, m, xr, m0, K, out); break;
+  }
+}
+#endif
+
 template <bool Q4, typename T>
 void quant_matmul_impl(const QuantizedRows& xr, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp,
                        int64_t M, int64_t N, int64_t K, int64_t row_bytes, T* yp) {
   const int64_t nb = K / QK;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     int64_t n = begin;
+#if defined(KILN_AVX512) || defined(KILN_AVX2)
 #ifdef KILN_AVX512
     constexpr int NR = 4;
+#else
+    constexpr int NR = 2;  // 16 ymm registers: 2 rows x 4 activation rows of accumulators + unpacked weights
+#endif
     float tmp[NR * 4];
     for (; n + NR <= end; n += NR) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -261,9 +353,21 @@ at::Tensor quant_dequantize(const at::Tensor& qs_in, const at::Tensor& d_in, con
   return dtype == at::kFloat ? w : w.to(dtype);
 }
 
+// Which SIMD path this build of the library runs (for `kiln info`).
+int64_t quant_simd_level() {
+#if defined(KILN_AVX512)
+  return 512;
+#elif defined(KILN_AVX2)
+  return 256;
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
+  m.def("quant_simd_level() -> int", &quant_simd_level);  // no tensor argument: a catch-all kernel
   m.def("quant_matmul(Tensor x, Tensor qs, Tensor d, Tensor m, bool is_q4) -> Tensor");
   m.def("quant_dequantize(Tensor qs, Tensor d, Tensor m, bool is_q4, ScalarType dtype) -> Tensor");
 }
