@@ -6,6 +6,8 @@ and the Q8_0 LM head) through: kiln's native int16·int4 / int16·int8 block ker
 bf16 copy with `F.linear` (the dense baseline), and per-call dequantize + bf16 GEMM (the
 memory-lean path). 2 threads. Writes benchmarks/results/quant_kernels.json; the crossover M
 it reports is where `GGUFQuantLinearMethod`'s default `dense_threshold` comes from.
+With KILN_KERNEL_MARCH=haswell the kernels are built for AVX2 (how a CPU without AVX-512 runs
+them) and the result goes to benchmarks/results/quant_kernels_haswell.json instead.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
-from kiln.kernels.native import load_native
+from kiln.kernels.native import _march, load_native, simd_path
 from kiln.kernels.quant_matmul import dequantize
 from kiln.layers.gguf_quant import GGUFQuantizedTensor, pack_blocks
 
-OUT = Path(__file__).parent / "results" / "quant_kernels.json"
+RESULTS = Path(__file__).parent / "results"
 # SmolLM2-135M: qkv, o, gate_up, down, tied LM head (Q8_0 in the default GGUF)
 SHAPES = [("qkv_proj", 960, 576, "Q4_1"), ("o_proj", 576, 576, "Q4_1"), ("gate_up_proj", 3072, 576, "Q4_1"),
           ("down_proj", 576, 1536, "Q4_1"), ("lm_head", 49152, 576, "Q8_0")]
@@ -78,7 +80,7 @@ def main() -> None:
               f"({total['bf16'] / total['kernel']:.2f}x)", file=sys.stderr)
     steps = {mm: {p: sum(r[p] for r in rows if r["M"] == mm and r[p] is not None) / 1e3
                   for p in ("kernel_us", "bf16_resident_us")} for mm in MS}
-    report = {"benchmark": "quant_kernels", "threads": 2, "date": time.strftime("%Y-%m-%d %H:%M"),
+    report = {"benchmark": "quant_kernels", "simd_path": simd_path(), "march": _march(), "threads": 2, "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
               "what": "sum over one decode step's matmuls of SmolLM2-135M (30 layers x qkv/o/gate_up/down in Q4_1 "
                       "+ Q8_0 LM head), distinct weights per layer, mean of 5 rounds, milliseconds",
@@ -87,8 +89,9 @@ def main() -> None:
               "kernel_beats_bf16_up_to_M": max([mm for mm, v in steps.items() if v["kernel_us"] < v["bf16_resident_us"]],
                                                default=0),
               "rows": rows}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    out = RESULTS / ("quant_kernels.json" if _march() == "native" else f"quant_kernels_{_march()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
 
 

@@ -34,6 +34,7 @@ MODEL, CTX, THREADS = "smollm2-135m", 512, 2
 
 CONFIGS: list[tuple[str, dict]] = [
     ("RTN int8 per-channel", dict(method="rtn", bits=8)),
+    ("GPTQ int8 per-channel", dict(method="gptq", bits=8)),
     ("FP8 E4M3 per-channel", dict(method="fp8", bits=8)),
     ("SmoothQuant W8A8 (alpha 0.5)", dict(method="smoothquant", bits=8)),
     ("RTN int4 g32", dict(method="rtn", bits=4, group_size=32)),

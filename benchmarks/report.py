@@ -101,9 +101,17 @@ def quant_kernels_table() -> str:
         rows.append(f"| {m} | {v['kernel']:.2f} | {v['bf16_resident']:.2f} | {v['kernel_speedup']:.2f}× |")
     per = {r["layer"]: r for r in d["rows"] if r["M"] == 1}
     layer_note = ", ".join(f"{name} {r['bf16_resident_us'] / r['kernel_us']:.2f}×" for name, r in per.items())
+    avx2 = _load("quant_kernels_haswell")
+    avx2_note = ""
+    if avx2 is not None:
+        by_m = ", ".join(f"M={m} {v['kernel_speedup']:.2f}×" for m, v in list(avx2["step_ms_by_M"].items())[:4])
+        avx2_note = (f"\n\nThe AVX2 path (the same kernels built with `KILN_KERNEL_MARCH=haswell`, as a CPU without "
+                     f"AVX-512 runs them; measured on this machine), bf16 time / kernel time: {by_m} — "
+                     f"`benchmarks/results/quant_kernels_haswell.json`, {avx2['date']}.")
     return ("All matmuls of one decode step of the default model (30 layers of Q4_1 qkv/o/gate_up/down, "
             "distinct weights per layer, plus the Q8_0 LM head).\n\n" + "\n".join(rows)
             + f"\n\nPer layer at M=1 (bf16 time / kernel time, summed over the 30 layers): {layer_note}."
+            + avx2_note
             + "\n\n_From `benchmarks/quant_kernels.py` → `benchmarks/results/quant_kernels.json`, one run, "
             + f"{d['date']}, {d['machine']}, {d['threads']} threads._")
 
@@ -126,6 +134,11 @@ def spec_decode_table() -> str:
                         f"{on['output_tok_s']:.1f} | {r['speedup']:.2f}× | {'–' if acc is None else f'{100 * acc:.0f}%'} | "
                         f"{'–' if not share else f'{100 * share:.0f}%'} | {'yes' if r['outputs_identical'] else 'no'} |")
     dates = ", ".join(sorted({w["date"] for w in d["workloads"].values()}))
+    sweeps = [f"{w['title']}: " + ", ".join(f"{b} → {x:.2f}×" for b, x in w["always_on_speedup_by_batch"].items())
+              for w in d["workloads"].values() if "always_on_speedup_by_batch" in w]
+    if sweeps:
+        rows.append("\nSpeedup with the switch-off disabled (speculation in every step), by requests at once:\n\n"
+                    + "\n".join(f"- {line}" for line in sweeps))
     return (f"Greedy, {d['num_prompts']} prompts per workload, up to {d['max_tokens']} new tokens.\n\n" + "\n".join(rows)
             + f"\n\n_From `benchmarks/spec_decode.py` → `benchmarks/results/spec_decode.json`, one run per workload, "
             + f"{dates}, {d['threads']} threads._")

@@ -6,9 +6,12 @@
     GGUF blocks with `--quantized-weights native`, k=8.
 (b) MT-Bench chat (first turn of the first 8 questions) with the target in bf16 (the default
     GGUF dequantized) and `self:int4` drafting (an INT4 g32 copy run by the block kernel), k=4.
-Greedy, up to 256 new tokens, 2 threads. Batch 8 is above the default speculation switch-off
-(4 running sequences), so it measures that the switch-off costs nothing. Outputs with and without
-speculation are compared token for token. Writes benchmarks/results/spec_decode.json.
+Greedy, up to 256 new tokens, 2 threads. Outputs with and without speculation are compared token
+for token. Per workload: speculation off vs on at 1 and 8 requests at once (8 is above the default
+switch-off, so that row measures that the switch-off costs nothing), and a sweep at 1, 2, 4 and 8
+requests with the switch-off disabled — where speculation stops paying, which sets the default of
+`--speculative-disable-by-batch-size`. Writes benchmarks/results/spec_decode.json.
+Usage: python benchmarks/spec_decode.py [WORKLOAD ...] [--no-sweep]
 """
 
 import json
@@ -62,9 +65,28 @@ WORKLOADS = {
 }
 
 
+SWEEP_BATCHES = (2, 4)  # 1 and 8 come from the main runs (1 is below any switch-off)
+ALWAYS_ON = {"speculative_disable_by_batch_size": 64}
+
+
+def _timed(name: str, w: dict, prompts: list[list[int]], kwargs: dict, batch: int) -> dict:
+    r = run_isolated(kiln_generate_timed, MODEL, w["dtype"], prompts, MAX_TOKENS, kwargs, batch, threads=THREADS)
+    if "error" in r:
+        raise SystemExit(f"{name} batch {batch}: {r['error']}")
+    return r
+
+
+def _compare(off: dict, on: dict) -> dict:
+    identical = off.pop("token_ids") == on.pop("token_ids")
+    return {"speculation_off": off, "speculation_on": on, "speedup": on["output_tok_s"] / off["output_tok_s"],
+            "outputs_identical": identical}
+
+
 def main() -> None:
     tok = Tokenizer.from_gguf(resolve_model(MODEL))
-    only = sys.argv[1:] or list(WORKLOADS)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    sweep = "--no-sweep" not in sys.argv
+    only = args or list(WORKLOADS)
     report = {"benchmark": "spec_decode", "model": MODEL, "num_prompts": NUM_PROMPTS, "max_tokens": MAX_TOKENS,
               "threads": THREADS, "date": time.strftime("%Y-%m-%d %H:%M"), "workloads": {}}
     if OUT.exists():  # re-running one workload keeps the other's last figures
@@ -72,21 +94,24 @@ def main() -> None:
     for name in only:
         w = WORKLOADS[name]
         prompts = w["prompts"](tok)
-        runs = {}
+        runs, offs = {}, {}
         for batch in (1, 8):
-            off = run_isolated(kiln_generate_timed, MODEL, w["dtype"], prompts, MAX_TOKENS, w["base"], batch, threads=THREADS)
-            on = run_isolated(kiln_generate_timed, MODEL, w["dtype"], prompts, MAX_TOKENS, {**w["base"], **w["spec"]}, batch,
-                              threads=THREADS)
-            for r in (off, on):
-                if "error" in r:
-                    raise SystemExit(f"{name} batch {batch}: {r['error']}")
-            identical = off.pop("token_ids") == on.pop("token_ids")
-            runs[f"batch_{batch}"] = {"speculation_off": off, "speculation_on": on,
-                                      "speedup": on["output_tok_s"] / off["output_tok_s"], "outputs_identical": identical}
-            print(f"{name} batch {batch}: off {off['output_tok_s']:.1f} tok/s, on {on['output_tok_s']:.1f} tok/s "
-                  f"({on['output_tok_s'] / off['output_tok_s']:.2f}x), acceptance {on.get('spec_acceptance_rate')}, "
-                  f"identical {identical}", file=sys.stderr)
-        report["workloads"][name] = {"title": w["title"], "date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs}
+            offs[batch] = _timed(name, w, prompts, w["base"], batch)
+            on = _timed(name, w, prompts, {**w["base"], **w["spec"]}, batch)
+            runs[f"batch_{batch}"] = _compare(dict(offs[batch]), on)
+            print(f"{name} batch {batch}: off {offs[batch]['output_tok_s']:.1f} tok/s, on {on['output_tok_s']:.1f} tok/s "
+                  f"({runs[f'batch_{batch}']['speedup']:.2f}x), acceptance {on.get('spec_acceptance_rate')}, "
+                  f"identical {runs[f'batch_{batch}']['outputs_identical']}", file=sys.stderr)
+        entry = {"title": w["title"], "date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs}
+        if sweep:  # speedup with the switch-off disabled, per batch size
+            curve = {"1": runs["batch_1"]["speedup"]}
+            for batch in (*SWEEP_BATCHES, 8):
+                off = offs[batch] if batch in offs else _timed(name, w, prompts, w["base"], batch)
+                forced = _timed(name, w, prompts, {**w["base"], **w["spec"], **ALWAYS_ON}, batch)
+                curve[str(batch)] = _compare(dict(off), forced)["speedup"]
+                print(f"{name} batch {batch}, switch-off disabled: {curve[str(batch)]:.2f}x", file=sys.stderr)
+            entry["always_on_speedup_by_batch"] = curve
+        report["workloads"][name] = entry
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
