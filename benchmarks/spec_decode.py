@@ -9,8 +9,9 @@
 Greedy, up to 256 new tokens, 2 threads. Outputs with and without speculation are compared token
 for token. Per workload: speculation off vs on at 1 and 8 requests at once (8 is above the default
 switch-off, so that row measures that the switch-off costs nothing), and a sweep at 1, 2, 4 and 8
-requests with the switch-off disabled — where speculation stops paying, which sets the default of
-`--speculative-disable-by-batch-size`. Writes benchmarks/results/spec_decode.json.
+requests with both switch-offs disabled (the batch-size threshold and the adaptive controller that
+stops speculating where it measures no gain) — where speculation stops paying, which sets the
+default of `--speculative-disable-by-batch-size`. Writes benchmarks/results/spec_decode.json.
 Usage: python benchmarks/spec_decode.py [WORKLOAD ...] [--no-sweep]
 """
 
@@ -66,7 +67,7 @@ WORKLOADS = {
 
 
 SWEEP_BATCHES = (2, 4)  # 1 and 8 come from the main runs (1 is below any switch-off)
-ALWAYS_ON = {"speculative_disable_by_batch_size": 64}
+ALWAYS_ON = {"speculative_disable_by_batch_size": 64, "speculative_adaptive": False}
 
 
 def _timed(name: str, w: dict, prompts: list[list[int]], kwargs: dict, batch: int) -> dict:

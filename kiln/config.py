@@ -114,7 +114,9 @@ class SpeculativeConfig:
 
     Speculation is skipped for a step when more than `max_batch_size` sequences run: a big
     batch already keeps the cores busy, and verifying k drafts per sequence would multiply
-    the step's tokens for little gain.
+    the step's tokens for little gain. With `adaptive` (the default) it is also skipped at any
+    batch size where the engine has measured speculating steps to yield fewer tokens per second
+    than plain ones (a draft model that costs more than it saves, drafts that keep missing).
     """
 
     method: str = "ngram"
@@ -123,14 +125,16 @@ class SpeculativeConfig:
     ngram_max: int = 4
     max_batch_size: int = 4
     draft_model: str | None = None
+    adaptive: bool = True  # also skip steps where the measured speedup is < 1 (kiln.spec_decode.controller)
 
     @classmethod
     def from_name(cls, name: str, num_speculative_tokens: int = 4, ngram_min: int = 1, ngram_max: int = 4,
-                  max_batch_size: int = 4) -> "SpeculativeConfig":
+                  max_batch_size: int = 4, adaptive: bool = True) -> "SpeculativeConfig":
         """`--speculative-model NAME`: 'ngram', 'self:int4', 'self:int8' or a draft model name/path."""
         if name == "ngram":
-            return cls("ngram", num_speculative_tokens, ngram_min, ngram_max, max_batch_size)
-        return cls("draft", num_speculative_tokens, ngram_min, ngram_max, max_batch_size, draft_model=name)
+            return cls("ngram", num_speculative_tokens, ngram_min, ngram_max, max_batch_size, adaptive=adaptive)
+        return cls("draft", num_speculative_tokens, ngram_min, ngram_max, max_batch_size, draft_model=name,
+                   adaptive=adaptive)
 
     def __post_init__(self) -> None:
         if self.method not in ("ngram", "draft"):

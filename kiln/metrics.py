@@ -67,8 +67,8 @@ class EngineMetrics:
         self.spec_steps = Counter("kiln:spec_decode_num_steps",
                                   "Sequence-steps that speculated (skipped when the batch is large).", registry=r)
         self.spec_skipped = Counter("kiln:spec_decode_num_skipped_steps",
-                                    "Engine steps not speculated because more sequences ran than the switch-off "
-                                    "(--speculative-disable-by-batch-size).", registry=r)
+                                    "Engine steps not speculated: more sequences ran than --speculative-disable-by-batch-size, "
+                                    "or speculation was measured not to pay at this batch size.", registry=r)
         # Running totals already counted, so counters advance by the difference.
         self._seen: dict[str, int] = {}
 

@@ -61,6 +61,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "ngram_min": args.ngram_min,
         "ngram_max": args.ngram_max,
         "speculative_disable_by_batch_size": args.speculative_disable_by_batch_size,
+        "speculative_adaptive": args.speculative_adaptive,
         "kv_cache_dtype": args.kv_cache_dtype,
     }
 

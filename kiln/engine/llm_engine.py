@@ -26,6 +26,7 @@ from kiln.loader.model_loader import LoadedModel, load_model
 from kiln.outputs import RequestOutput
 from kiln.request import Request, RequestStatus
 from kiln.sampling_params import SamplingParams
+from kiln.spec_decode.controller import SpeculationController
 from kiln.spec_decode.draft_model import DraftModelProposer, build_draft_model
 from kiln.spec_decode.ngram_proposer import NgramProposer
 from kiln.worker.model_runner import ModelRunner, RunnerOutput
@@ -70,7 +71,9 @@ class LLMEngine:
         self.spec_accepted_total = 0  # of those, accepted
         self.spec_steps_total = 0  # sequence-steps that speculated
         self.spec_draft_seconds_total = 0.0  # time spent running a draft model
-        self.spec_skipped_steps_total = 0  # engine steps not speculated: the batch was above the switch-off
+        self.spec_skipped_steps_total = 0  # engine steps not speculated: above the switch-off, or not paying
+        self.spec_controller: SpeculationController | None = (
+            SpeculationController(adaptive=speculative_config.adaptive) if speculative_config is not None else None)
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.cache_config = cache_config or CacheConfig()
@@ -198,6 +201,7 @@ class LLMEngine:
     # ---- the loop ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         # record_function labels cost ~nothing unless a profiler runs (`kiln bench latency --profile`)
+        start = time.perf_counter()
         with record_function("kiln::schedule"):
             self._propose_drafts()
             sched = self.scheduler.schedule()
@@ -206,23 +210,45 @@ class LLMEngine:
         self.step_count += 1
         result = self.runner.execute(sched)
         with record_function("kiln::process_outputs"):
-            return self._process_outputs(sched, result)
+            outputs = self._process_outputs(sched, result)
+        if self.spec_controller is not None:
+            self._observe_speculation(sched, result, time.perf_counter() - start)
+        return outputs
+
+    def _observe_speculation(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
+        """Tell the speculation controller what a decode-only step yielded (prefill steps say nothing)."""
+        assert self.spec_controller is not None
+        if any(item.num_tokens != 1 + len(item.spec_token_ids) for item in sched.scheduled):
+            return
+        tokens = sum(len(result.sampled.get(item.request.request_id, ())) for item in sched.scheduled)
+        had_drafts = any(item.spec_token_ids for item in sched.scheduled)
+        self.spec_controller.observe(len(sched.scheduled), had_drafts, tokens, seconds)
 
     def _propose_drafts(self) -> None:
-        """Give each decoding sequence up to k draft tokens (none when the batch is large)."""
+        """Give each decoding sequence up to k draft tokens (none when the batch is above the switch-off
+        or the controller has measured that speculation does not pay at this batch size)."""
         cfg = self.speculative_config
         running = self.scheduler.running
         if cfg is None or not running:
             return
+        assert self.spec_controller is not None
         if len(running) > cfg.max_batch_size:
             self.spec_skipped_steps_total += 1
             return
+        # A seeded sampled request consumes its random stream differently with and without drafts,
+        # so it keeps speculating whatever the (timing-based) controller says: its output then
+        # depends only on the batch, as without the controller, never on how fast steps ran.
+        paying = self.spec_controller.should_speculate(len(running))
+        if not paying:
+            self.spec_skipped_steps_total += 1
         wanted: dict[str, tuple[list[int], int]] = {}
         by_id = {}
         for request in running:
             if request.num_computed_tokens != request.num_tokens - 1:
                 continue  # still prefilling
             params = request.sampling_params
+            if not paying and (params.seed is None or params.greedy):
+                continue
             k = cfg.num_speculative_tokens if params.num_speculative_tokens is None else min(
                 params.num_speculative_tokens, cfg.num_speculative_tokens)
             room = (params.max_tokens - len(request.output_token_ids) - 1) if params.max_tokens is not None else k

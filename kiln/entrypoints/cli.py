@@ -33,6 +33,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step")
     p.add_argument("--speculative-disable-by-batch-size", type=int, default=4,
                    help="do not speculate in a step with more running sequences than this (it stops paying)")
+    p.add_argument("--no-speculative-adaptive", dest="speculative_adaptive", action="store_false",
+                   help="speculate in every step up to the batch-size switch-off, even where it was measured not to pay")
     p.add_argument("--ngram-min", type=int, default=1, help="ngram proposer: shortest suffix to match")
     p.add_argument("--ngram-max", type=int, default=4, help="ngram proposer: longest suffix to match")
     p.add_argument("--quantized-weights", default="auto", choices=["auto", "native", "dequantize"],
@@ -72,6 +74,7 @@ def build_llm(args: argparse.Namespace):
         ngram_min=args.ngram_min,
         ngram_max=args.ngram_max,
         speculative_disable_by_batch_size=args.speculative_disable_by_batch_size,
+        speculative_adaptive=args.speculative_adaptive,
         kv_cache_dtype=args.kv_cache_dtype,
     )
     print(llm.engine.kv_budget.describe(), file=sys.stderr)

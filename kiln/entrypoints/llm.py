@@ -42,6 +42,7 @@ class LLM:
         ngram_max: int = 4,
         kv_cache_dtype: str = "auto",
         speculative_disable_by_batch_size: int = 4,
+        speculative_adaptive: bool = True,
     ) -> None:
         """`quantized_weights`: 'auto' runs GGUF Q4_0/Q4_1/Q8_0 matrices in their blocks with kiln's
         native kernels (CPU), 'dequantize' expands them to `dtype` (see kiln.loader.model_loader).
@@ -49,7 +50,8 @@ class LLM:
         `num_speculative_tokens` drafts per step; 'self:int4' / 'self:int8' draft with a quantized
         copy of the model, any other name/path with that draft model (same tokenizer). Lossless:
         outputs follow the model's distribution; a step with more than `speculative_disable_by_batch_size`
-        running sequences does not speculate (benchmarks/spec_decode.py measures where it stops paying).
+        running sequences does not speculate, nor (with `speculative_adaptive`) one at a batch size where
+        speculating steps have been measured to be slower than plain ones.
         `kv_cache_dtype`: 'auto' keeps K/V in the model dtype;
         'int8' or 'fp8_e4m3' store them in 1 byte per value plus a scale per token and head, so the same
         `kv_cache_memory` holds ~1.9x the tokens of a bf16 cache (~3.8x of fp32), at a small quality cost."""
@@ -66,7 +68,7 @@ class LLM:
         spec = None
         if speculative_model is not None:
             spec = SpeculativeConfig.from_name(speculative_model, num_speculative_tokens, ngram_min, ngram_max,
-                                               speculative_disable_by_batch_size)
+                                               speculative_disable_by_batch_size, speculative_adaptive)
         self.engine = LLMEngine.from_model(model, dtype, device, cache, sched, quantized_weights=quantized_weights,
                                            speculative_config=spec)
         self.tokenizer = self.engine.tokenizer

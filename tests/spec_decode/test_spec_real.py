@@ -20,7 +20,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def spec_llm(llm_fp32) -> LLM:
     return LLM(str(llm_fp32.engine.loaded.source), dtype="float32", kv_cache_memory="128MiB",
-               quantized_weights="dequantize", speculative_model="ngram", num_speculative_tokens=4)
+               quantized_weights="dequantize", speculative_model="ngram", num_speculative_tokens=4,
+               speculative_adaptive=False)  # deterministic: drafts in every step, whatever the timing
 
 
 def test_greedy_with_ngram_drafts_equals_plain_decoding(llm_fp32, spec_llm) -> None:
@@ -86,3 +87,20 @@ def test_switch_off_skips_large_batches_and_counts_them(llm_fp32) -> None:
     stats = llm.engine.stats()
     assert stats.spec_skipped_steps_total > 0
     assert stats.spec_proposed_total == 0  # all four decode in lockstep and finish together
+
+
+def test_adaptive_switch_off_spares_seeded_sampling(llm_fp32, monkeypatch) -> None:
+    """When the controller says speculation does not pay, greedy requests stop drafting but a
+    seeded sampled one keeps drafting, so its output never depends on measured timings."""
+    llm = LLM(str(llm_fp32.engine.loaded.source), dtype="float32", kv_cache_memory="128MiB",
+              quantized_weights="dequantize", speculative_model="ngram", num_speculative_tokens=4)
+    engine = llm.engine
+    assert engine.spec_controller is not None and engine.spec_controller.adaptive
+    monkeypatch.setattr(engine.spec_controller, "should_speculate", lambda num_running: False)
+    llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    assert engine.spec_proposed_total == 0 and engine.spec_skipped_steps_total > 0
+    seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
+    first = llm.generate(PROMPTS[:1], seeded)[0].outputs[0].token_ids
+    assert engine.spec_proposed_total > 0
+    monkeypatch.undo()
+    assert llm.generate(PROMPTS[:1], seeded)[0].outputs[0].token_ids == first
