@@ -11,10 +11,13 @@ this controller before each step.
 The controller keeps, per batch-size bucket (1, 2, 3-4, 5-8, ...), an exponential moving average
 of output tokens per second over decode-only steps with drafts ("spec") and without ("plain").
 Plain samples come for free whenever no request had a draft (an n-gram proposer that found no
-match), or from a probe: while speculating, every `probe_every`-th step of a bucket runs plain,
-and while not speculating, every `probe_every`-th step speculates, so a change in the text (a
-copy-heavy stretch after prose) is noticed. Until both modes have `min_samples` samples in a
-bucket the controller speculates. Steps that prefill are not sampled (their time is the prompt's).
+match), or from a probe: after `probe_every` steps of a bucket one step takes the other mode, so
+a change in the text (a copy-heavy stretch after prose) is noticed. A probe costs: a self-draft
+step that does not pay took ~7 plain steps' time here (the draft catches up on the tokens it
+missed, then drafts k), so each probe that confirms the current choice doubles the interval (up
+to `max_probe_every`), and a changed choice resets it. Until both modes have `min_samples`
+samples in a bucket the controller measures them. Steps that prefill are not sampled (their time
+is the prompt's).
 
 Invariant: the controller only chooses whether drafts are proposed; what is generated never
 depends on it (verification is lossless), only how fast.
@@ -36,7 +39,9 @@ class _Bucket:
     plain_tps: float | None = None
     spec_samples: int = 0
     plain_samples: int = 0
-    steps: int = 0
+    since_probe: int = 0
+    probe_interval: int = 0  # 0: not set yet (probe_every)
+    preferred: bool | None = None  # the mode the last decision chose on the estimates
 
 
 @dataclass
@@ -51,6 +56,7 @@ class SpeculationController:
     ema: float = 0.25  # weight of the newest sample
     min_samples: int = 3
     probe_every: int = 16
+    max_probe_every: int = 1024
     _buckets: dict[int, _Bucket] = field(default_factory=dict)
     switched_off_steps: int = 0  # steps the controller chose not to speculate (for metrics)
 
@@ -58,15 +64,20 @@ class SpeculationController:
         if not self.adaptive:
             return True
         b = self._buckets.setdefault(batch_bucket(num_running), _Bucket())
-        b.steps += 1
         if b.spec_samples < self.min_samples:
             return True
         if b.plain_samples < self.min_samples:
             return self._off()  # the first plain samples of a bucket (a draft model always drafts)
         assert b.spec_tps is not None and b.plain_tps is not None
-        speculate = b.spec_tps >= b.plain_tps
-        if b.steps % self.probe_every == 0:
-            speculate = not speculate  # refresh the estimate of the mode not in use
+        preferred = b.spec_tps >= b.plain_tps
+        if preferred != b.preferred or not b.probe_interval:
+            b.preferred, b.probe_interval = preferred, self.probe_every  # a new choice: watch it closely
+        b.since_probe += 1
+        speculate = preferred
+        if b.since_probe >= b.probe_interval:  # refresh the estimate of the mode not in use
+            speculate = not preferred
+            b.since_probe = 0
+            b.probe_interval = min(2 * b.probe_interval, self.max_probe_every)
         return True if speculate else self._off()
 
     def _off(self) -> bool:

@@ -65,3 +65,9 @@ def test_plain_steps_without_drafts_count_as_plain_samples() -> None:
 
 def test_not_adaptive_always_speculates() -> None:
     assert all(_run(SpeculationController(adaptive=False), 1, spec_tps=10, plain_tps=100, steps=50))
+
+
+def test_confirmed_probes_back_off() -> None:
+    """A costly mode that keeps losing is probed ever more rarely: ~log2(steps / probe_every) probes."""
+    choices = _run(SpeculationController(probe_every=16, max_probe_every=1024), 1, spec_tps=14, plain_tps=35, steps=2000)
+    assert sum(choices[6:]) <= 8
