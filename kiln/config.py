@@ -123,13 +123,13 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     ngram_min: int = 1
     ngram_max: int = 4
-    max_batch_size: int = 4
+    max_batch_size: int = 2  # benchmarks/spec_decode.py: n-gram drafts paid at 2 sequences, lost at 4
     draft_model: str | None = None
     adaptive: bool = True  # also skip steps where the measured speedup is < 1 (kiln.spec_decode.controller)
 
     @classmethod
     def from_name(cls, name: str, num_speculative_tokens: int = 4, ngram_min: int = 1, ngram_max: int = 4,
-                  max_batch_size: int = 4, adaptive: bool = True) -> "SpeculativeConfig":
+                  max_batch_size: int = 2, adaptive: bool = True) -> "SpeculativeConfig":
         """`--speculative-model NAME`: 'ngram', 'self:int4', 'self:int8' or a draft model name/path."""
         if name == "ngram":
             return cls("ngram", num_speculative_tokens, ngram_min, ngram_max, max_batch_size, adaptive=adaptive)

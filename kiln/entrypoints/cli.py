@@ -31,7 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: ngram (prompt lookup), self:int4 / self:int8 (a quantized copy of "
                         "the model drafts), or a draft model name/path with the same tokenizer; off by default")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step")
-    p.add_argument("--speculative-disable-by-batch-size", type=int, default=4,
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=2,
                    help="do not speculate in a step with more running sequences than this (it stops paying)")
     p.add_argument("--no-speculative-adaptive", dest="speculative_adaptive", action="store_false",
                    help="speculate in every step up to the batch-size switch-off, even where it was measured not to pay")

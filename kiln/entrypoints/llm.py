@@ -41,7 +41,7 @@ class LLM:
         ngram_min: int = 1,
         ngram_max: int = 4,
         kv_cache_dtype: str = "auto",
-        speculative_disable_by_batch_size: int = 4,
+        speculative_disable_by_batch_size: int = 2,
         speculative_adaptive: bool = True,
     ) -> None:
         """`quantized_weights`: 'auto' runs GGUF Q4_0/Q4_1/Q8_0 matrices in their blocks with kiln's

@@ -35,7 +35,7 @@ def plain(llm_fp32) -> list[list[int]]:
 def _spec_llm(llm_fp32, name: str) -> LLM:
     return LLM(str(llm_fp32.engine.loaded.source), dtype="float32", kv_cache_memory="128MiB",
                quantized_weights="dequantize", speculative_model=name, num_speculative_tokens=4,
-               speculative_adaptive=False)  # deterministic: drafts in every step, whatever the timing
+               speculative_adaptive=False, speculative_disable_by_batch_size=8)  # drafts in every step, batched too
 
 
 @pytest.fixture(scope="module", params=["ngram", "self:int8"])

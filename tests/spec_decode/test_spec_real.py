@@ -21,7 +21,7 @@ PROMPTS = [
 def spec_llm(llm_fp32) -> LLM:
     return LLM(str(llm_fp32.engine.loaded.source), dtype="float32", kv_cache_memory="128MiB",
                quantized_weights="dequantize", speculative_model="ngram", num_speculative_tokens=4,
-               speculative_adaptive=False)  # deterministic: drafts in every step, whatever the timing
+               speculative_adaptive=False, speculative_disable_by_batch_size=8)  # drafts in every step, batched too
 
 
 def test_greedy_with_ngram_drafts_equals_plain_decoding(llm_fp32, spec_llm) -> None:
