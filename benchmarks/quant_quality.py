@@ -23,7 +23,8 @@ import torch
 
 from kiln.bench.data import data_dir
 from kiln.eval.forward import window_logits
-from kiln.eval.perplexity import kl_from_logprobs, llama_cpp_windows, ppl_from_nll, scored_logprobs
+from kiln.eval.kl_divergence import kl_from_logprobs
+from kiln.eval.perplexity import llama_cpp_windows, ppl_from_nll, scored_logprobs
 from kiln.hub import resolve_model
 from kiln.loader.model_loader import load_model
 from kiln.quantization.checkpoint import save_quantized

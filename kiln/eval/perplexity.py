@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -148,16 +148,6 @@ def perplexity(model: torch.nn.Module, tokenizer: EvalTokenizer, text: str, ctx:
     windows = eval_windows(tokenizer, text, ctx, max_chunks)
     nll = [token_nll(scored_logits(model, w), scored_targets(w)) for w in progress_iter(windows, "perplexity", progress)]
     return ppl_from_nll(torch.cat(nll), len(windows), ctx)
-
-
-def __getattr__(name: str) -> Any:
-    # KL lives in kiln.eval.kl_divergence; these names were importable from here before and
-    # scripts still import them this way. Resolved lazily because kl_divergence imports this module.
-    if name in ("kl_from_logprobs", "kl_from_logits", "kl_divergence", "KLResult"):
-        from kiln.eval import kl_divergence as kl_module
-
-        return getattr(kl_module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["PerplexityResult", "EvalTokenizer", "first_scored", "llama_cpp_windows", "eval_windows", "scored_targets",
