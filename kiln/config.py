@@ -11,6 +11,13 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
 
 
+def check_kv_cache_dtype(name: str) -> str:
+    """`name` if it is one of KV_CACHE_DTYPES, else a ValueError that lists them."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {name!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """RoPE scaling parameters. Only `llama3` (Llama 3.1 style) and `linear` are supported."""
@@ -91,10 +98,7 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(
-                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}"
-            )
+        check_kv_cache_dtype(self.kv_cache_dtype)
 
 
 @dataclass(frozen=True)

@@ -206,8 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_parsed(build_parser().parse_args(argv))
+
+
+def run_subcommand(register: Callable[[argparse._SubParsersAction], None], argv: list[str] | None) -> int:
+    """One subcommand module's `register` on a parser of its own (its `main`, for tests), run like `kiln`."""
+    parser = argparse.ArgumentParser(prog="kiln")
+    register(parser.add_subparsers(dest="command", required=True))
+    return run_parsed(parser.parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a parsed command: 0 on success, 2 with one line on a user error, 130 on Ctrl-C."""
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

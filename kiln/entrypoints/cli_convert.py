@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from kiln.convert.gguf_writer import GGUF_ARCHITECTURES, TYPES
-from kiln.errors import KilnError
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -43,16 +42,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`kiln convert ...` on its own (for tests): 0 on success, 2 with a message on a user error."""
-    parser = argparse.ArgumentParser(prog="kiln")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (KilnError, ValueError) as exc:
-        print(f"kiln: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from kiln.entrypoints.cli import run_subcommand
+
+    return run_subcommand(register, argv)
 
 
 if __name__ == "__main__":

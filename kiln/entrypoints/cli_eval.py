@@ -81,15 +81,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`kiln eval ...` without the rest of the CLI: argv starts with "eval". Returns the exit status."""
-    parser = argparse.ArgumentParser(prog="kiln")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (KilnError, ValueError) as exc:
-        print(f"kiln: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from kiln.entrypoints.cli import run_subcommand
+
+    return run_subcommand(register, argv)
 
 
 if __name__ == "__main__":

@@ -62,9 +62,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"most sensitive layers (KL when quantized alone): {worst}", file=sys.stderr)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kiln")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    from kiln.entrypoints.cli import run_subcommand
+
+    return run_subcommand(register, argv)

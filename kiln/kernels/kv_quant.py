@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.config import KV_CACHE_DTYPES
+from kiln.config import check_kv_cache_dtype
 from kiln.kernels.native import load_native
 
 # name → (storage dtype, largest stored magnitude)
@@ -65,12 +65,6 @@ class QuantizedKV:
         n_blocks = (seq_len + self.data.shape[1] - 1) // self.data.shape[1]
         blocks = self.gather_blocks(block_ids[:n_blocks].long(), dtype)
         return blocks.reshape(-1, self.data.shape[2], self.data.shape[3])[:seq_len]
-
-
-def check_kv_cache_dtype(name: str) -> str:
-    if name not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {name!r}")
-    return name
 
 
 def kv_element_bytes(kv_cache_dtype: str, model_dtype: torch.dtype) -> tuple[int, int]:

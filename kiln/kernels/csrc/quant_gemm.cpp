@@ -166,16 +166,6 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
   }
 }
 
-template <bool Q4, int NR>
-void tile_dot(int64_t mc, const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
-              const QuantizedRows& xr, int64_t m0, int64_t K, float* out) {
-  switch (mc) {
-    case 1: tile_dot_avx512<Q4, NR, 1>(qs, row_bytes, d, m, xr, m0, K, out); break;
-    case 2: tile_dot_avx512<Q4, NR, 2>(qs, row_bytes, d, m, xr, m0, K, out); break;
-    case 3: tile_dot_avx512<Q4, NR, 3>(qs, row_bytes, d, m, xr, m0, K, out); break;
-    default: tile_dot_avx512<Q4, NR, 4>(qs, row_bytes, d, m, xr, m0, K, out); break;
-  }
-}
 #endif
 
 #ifdef KILN_AVX2
@@ -249,14 +239,29 @@ void tile_dot_avx2(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
   }
 }
 
+#endif
+
+#if defined(KILN_AVX512) || defined(KILN_AVX2)
+// Only one SIMD tile is compiled (the #if/#elif above are exclusive): it is tile_dot_simd.
+template <bool Q4, int NR, int MC>
+inline void tile_dot_simd(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
+                          const QuantizedRows& xr, int64_t m0, int64_t K, float* out) {
+#ifdef KILN_AVX512
+  tile_dot_avx512<Q4, NR, MC>(qs, row_bytes, d, m, xr, m0, K, out);
+#else
+  tile_dot_avx2<Q4, NR, MC>(qs, row_bytes, d, m, xr, m0, K, out);
+#endif
+}
+
+// Runtime activation-row count (1..4) → the compiled tile for it.
 template <bool Q4, int NR>
 void tile_dot(int64_t mc, const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
               const QuantizedRows& xr, int64_t m0, int64_t K, float* out) {
   switch (mc) {
-    case 1: tile_dot_avx2<Q4, NR, 1>(qs, row_bytes, d, m, xr, m0, K, out); break;
-    case 2: tile_dot_avx2<Q4, NR, 2>(qs, row_bytes, d, m, xr, m0, K, out); break;
-    case 3: tile_dot_avx2<Q4, NR, 3>(qs, row_bytes, d, m, xr, m0, K, out); break;
-    default: tile_dot_avx2<Q4, NR, 4>(qs, row_bytes, d, m, xr, m0, K, out); break;
+    case 1: tile_dot_simd<Q4, NR, 1>(qs, row_bytes, d, m, xr, m0, K, out); break;
+    case 2: tile_dot_simd<Q4, NR, 2>(qs, row_bytes, d, m, xr, m0, K, out); break;
+    case 3: tile_dot_simd<Q4, NR, 3>(qs, row_bytes, d, m, xr, m0, K, out); break;
+    default: tile_dot_simd<Q4, NR, 4>(qs, row_bytes, d, m, xr, m0, K, out); break;
   }
 }
 #endif
