@@ -63,6 +63,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "speculative_disable_by_batch_size": args.speculative_disable_by_batch_size,
         "speculative_adaptive": args.speculative_adaptive,
         "kv_cache_dtype": args.kv_cache_dtype,
+        "fused_decode_step": args.fused_decode_step,
     }
 
 

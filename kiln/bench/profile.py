@@ -25,6 +25,7 @@ OP_FAMILIES: dict[str, str] = {
     "kiln::silu_and_mul": "norm / SiLU·gate / RoPE (fused)",
     "kiln::rope_qkv_": "norm / SiLU·gate / RoPE (fused)",
     "aten::index_copy_": "KV cache write",
+    "kiln::write_kv_quant": "KV cache write",
     "aten::embedding": "embedding",
     "aten::index_select": "embedding",
 }

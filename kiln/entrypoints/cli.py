@@ -39,6 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngram-max", type=int, default=4, help="ngram proposer: longest suffix to match")
     p.add_argument("--quantized-weights", default="auto", choices=["auto", "native", "dequantize"],
                    help="GGUF Q4_0/Q4_1/Q8_0: run in blocks with native kernels (auto/native) or expand to --dtype")
+    p.add_argument("--no-fused-decode-step", dest="fused_decode_step", action="store_false",
+                   help="run decode steps op by op from Python instead of in one native call (for comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -76,6 +78,7 @@ def build_llm(args: argparse.Namespace):
         speculative_disable_by_batch_size=args.speculative_disable_by_batch_size,
         speculative_adaptive=args.speculative_adaptive,
         kv_cache_dtype=args.kv_cache_dtype,
+        fused_decode_step=args.fused_decode_step,
     )
     print(llm.engine.kv_budget.describe(), file=sys.stderr)
     return llm

@@ -46,4 +46,6 @@ def print_info(model: str, dtype: str = "auto") -> None:
     if loaded.model.quantized_tied_head is None and loaded.config.tie_word_embeddings:
         print("lm head          tied to the dense embedding")
     print(f"attention path   {native_status()}")
+    loaded.model.decode_plan()
+    print(f"decode step      {loaded.model.decode_plan_status}")
     print(f"chat template    {'yes' if loaded.tokenizer.chat_template else 'no'}")

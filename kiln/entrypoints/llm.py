@@ -43,6 +43,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         speculative_disable_by_batch_size: int = 2,
         speculative_adaptive: bool = True,
+        fused_decode_step: bool = True,
     ) -> None:
         """`quantized_weights`: 'auto' runs GGUF Q4_0/Q4_1/Q8_0 matrices in their blocks with kiln's
         native kernels (CPU), 'dequantize' expands them to `dtype` (see kiln.loader.model_loader).
@@ -54,7 +55,9 @@ class LLM:
         speculating steps have been measured to be slower than plain ones.
         `kv_cache_dtype`: 'auto' keeps K/V in the model dtype;
         'int8' or 'fp8_e4m3' store them in 1 byte per value plus a scale per token and head, so the same
-        `kv_cache_memory` holds ~1.9x the tokens of a bf16 cache (~3.8x of fp32), at a small quality cost."""
+        `kv_cache_memory` holds ~1.9x the tokens of a bf16 cache (~3.8x of fp32), at a small quality cost.
+        `fused_decode_step`: run a pure decode step's whole decoder stack in one native call where the
+        model allows it (kiln.kernels.decode_step; bit-identical to the plain op-by-op path)."""
         cache = CacheConfig(
             block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory), enable_prefix_caching=enable_prefix_caching,
             kv_cache_dtype=kv_cache_dtype,
@@ -71,6 +74,7 @@ class LLM:
                                                speculative_disable_by_batch_size, speculative_adaptive)
         self.engine = LLMEngine.from_model(model, dtype, device, cache, sched, quantized_weights=quantized_weights,
                                            speculative_config=spec)
+        self.engine.loaded.model.fused_decode_step = fused_decode_step
         self.tokenizer = self.engine.tokenizer
 
     def generate(

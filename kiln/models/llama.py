@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.kernels import decode_step
 from kiln.kernels.kv_quant import QuantizedKV
 from kiln.kernels.paged_attention import paged_attention, write_kv
 from kiln.kernels.fused import rope_qkv_, silu_and_mul
@@ -134,6 +135,11 @@ class LlamaForCausalLM(nn.Module):
         self.quantized_tied_head: Linear | None = None
         self.keep_gguf_blocks = False
         self.keep_dense_copies = False
+        # The fused decode step (kiln.kernels.decode_step): built on the first pure decode step,
+        # once the weights are final; `fused_decode_step = False` keeps every step on the plain path.
+        self.fused_decode_step = True
+        self._decode_plan: object | None = None
+        self.decode_plan_status = "not built yet"
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -144,11 +150,22 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Flat tokens [T] at positions [T] → final hidden states [T, hidden]."""
         hidden = self.embed_tokens(input_ids)
+        if self.fused_decode_step and decode_step.can_run(meta, hidden, kv_caches):
+            plan = self.decode_plan()
+            if plan is not None:
+                return decode_step.run_decode_plan(plan, hidden, positions, meta, kv_caches)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def decode_plan(self) -> object | None:
+        """The fused decode step's plan (built once), or None when this model cannot use it."""
+        if self.decode_plan_status == "not built yet":
+            self._decode_plan, why = decode_step.build_decode_plan(self)
+            self.decode_plan_status = "fused native decode step" if self._decode_plan is not None else f"plain path: {why}"
+        return self._decode_plan
 
     def attach_quantized_tied_head(self, blocks: "GGUFQuantizedTensor") -> None:
         """Keep the tied embedding's GGUF blocks as a quantized LM head (embedding lookups stay dense)."""

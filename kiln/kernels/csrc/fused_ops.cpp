@@ -2,6 +2,8 @@
 // their temporaries) with one pass over the data. Every op has a plain-torch twin in
 // kiln/kernels/fused.py that the tests compare against.
 #include <torch/extension.h>
+
+#include "kiln_ops.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <cmath>
@@ -9,7 +11,7 @@
 
 #include "fast_math.h"
 
-namespace {
+namespace kiln {
 
 // out = rms_norm(x + residual) * weight; residual <- x + residual (in place).
 // With has_residual=false: out = rms_norm(x) * weight and residual <- x (a copy), so the
@@ -138,7 +140,7 @@ void rope_qkv_(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& co
   }
 }
 
-}  // namespace
+}  // namespace kiln
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, bool has_residual) -> Tensor[]");
@@ -147,7 +149,7 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("rope_qkv_", &rope_qkv_);
+  m.impl("add_rms_norm", &kiln::add_rms_norm);
+  m.impl("silu_and_mul", &kiln::silu_and_mul);
+  m.impl("rope_qkv_", &kiln::rope_qkv_);
 }

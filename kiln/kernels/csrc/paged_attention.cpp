@@ -12,6 +12,8 @@
 // values and the scale is applied to the dot product (K) or the softmax weight (V), so a decode
 // step reads half the bytes of a bf16 cache. `write_kv_quant` quantizes on store.
 #include <torch/extension.h>
+
+#include "kiln_ops.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -26,7 +28,7 @@
 
 #include "fast_math.h"
 
-namespace {
+namespace kiln {
 
 // bf16 -> fp32 is a 16-bit shift; spelled out on raw bits so the loop vectorizes.
 inline void to_float(const c10::BFloat16* src, float* dst, int64_t d) {
@@ -317,7 +319,7 @@ void write_kv_quant(const at::Tensor& x, at::Tensor& data, at::Tensor& scale, co
   }
 }
 
-}  // namespace
+}  // namespace kiln
 
 TORCH_LIBRARY(kiln, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
@@ -327,7 +329,7 @@ TORCH_LIBRARY(kiln, m) {
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
-  m.impl("paged_decode_attention", &paged_decode_attention);
-  m.impl("paged_decode_attention_quant", &paged_decode_attention_quant);
-  m.impl("write_kv_quant", &write_kv_quant);
+  m.impl("paged_decode_attention", &kiln::paged_decode_attention);
+  m.impl("paged_decode_attention_quant", &kiln::paged_decode_attention_quant);
+  m.impl("write_kv_quant", &kiln::write_kv_quant);
 }

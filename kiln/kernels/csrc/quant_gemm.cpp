@@ -15,6 +15,8 @@
 // (int8 activations cost ~3e-3 nats of KL on the default model).
 // The plain-torch twin in quant_matmul.py does exactly the same arithmetic.
 #include <torch/extension.h>
+
+#include "kiln_ops.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -33,7 +35,7 @@
 #define KILN_AVX2 1
 #endif
 
-namespace {
+namespace kiln {
 
 constexpr int64_t QK = 32;
 constexpr float QMAX = 32767.f;
@@ -369,15 +371,15 @@ int64_t quant_simd_level() {
 #endif
 }
 
-}  // namespace
+}  // namespace kiln
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
-  m.def("quant_simd_level() -> int", &quant_simd_level);  // no tensor argument: a catch-all kernel
+  m.def("quant_simd_level() -> int", &kiln::quant_simd_level);  // no tensor argument: a catch-all kernel
   m.def("quant_matmul(Tensor x, Tensor qs, Tensor d, Tensor m, bool is_q4) -> Tensor");
   m.def("quant_dequantize(Tensor qs, Tensor d, Tensor m, bool is_q4, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
-  m.impl("quant_matmul", &quant_matmul);
-  m.impl("quant_dequantize", &quant_dequantize);
+  m.impl("quant_matmul", &kiln::quant_matmul);
+  m.impl("quant_dequantize", &kiln::quant_dequantize);
 }
