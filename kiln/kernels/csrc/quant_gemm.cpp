@@ -114,23 +114,27 @@ float row_dot_scalar(const uint8_t* qs_row, const c10::Half* d_row, const c10::H
 }
 
 #ifdef KILN_AVX512
-// NR output rows x MC activation rows per pass: each unpacked weight block is reused MC times
-// and each activation block NR times, and the NR*MC accumulators are independent FMA chains.
+// Blocks are walked in chunks of 16. For each chunk the combined scales d[r,b] * dx[i,b] of the
+// NR x MC (output row, activation row) pairs are computed 16 at a time (one vcvtph2ps and one
+// multiply per pair) into `sc`, so the per-block inner step is only vpmaddwd, a conversion and an
+// FMA whose scale operand is an embedded broadcast from `sc` (a load, not a shuffle-port uop).
+// The Q4 min term m[r,b] * dx[i,b] * sum(xq_b) is folded into the same accumulators, 16 blocks per
+// FMA, instead of a scalar loop per output row.
+constexpr int64_t CHUNK = 16;
+
 template <int NR, int MC>
-inline void accumulate_block(__m512 (&acc)[NR][MC], const __m512i (&w)[NR], const c10::Half* d, int64_t nb,
-                             const QuantizedRows& xr, int64_t m0, int64_t K, int64_t b) {
-  float dw[NR];  // weight scales of this block, converted once for all MC activation rows
-  for (int r = 0; r < NR; ++r) dw[r] = half_to_float(d + r * nb + b);
+inline void accumulate_block(__m512 (&acc)[NR][MC], const __m512i (&w)[NR], const float (&sc)[NR][MC][CHUNK],
+                             int j, const QuantizedRows& xr, int64_t m0, int64_t K, int64_t b) {
   for (int i = 0; i < MC; ++i) {
     const __m512i xv = _mm512_loadu_si512(xr.q.data() + (m0 + i) * K + b * QK);
-    const float dx = xr.dx[(m0 + i) * nb + b];
-    for (int r = 0; r < NR; ++r) {
-      const __m512 scale = _mm512_set1_ps(dw[r] * dx);
-      acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w[r], xv)), scale, acc[r][i]);
-    }
+    for (int r = 0; r < NR; ++r)
+      acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w[r], xv)), _mm512_set1_ps(sc[r][i][j]),
+                                  acc[r][i]);
   }
 }
 
+// NR output rows x MC activation rows per pass: each unpacked weight block is reused MC times
+// and each activation block NR times, and the NR*MC accumulators are independent FMA chains.
 template <bool Q4, int NR, int MC>
 void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
                      const QuantizedRows& xr, int64_t m0, int64_t K, float* out /* [NR][MC] */) {
@@ -138,34 +142,46 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
   __m512 acc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MC; ++i) acc[r][i] = _mm512_setzero_ps();
-  if constexpr (Q4) {
-    const __m512i low_mask = _mm512_set1_epi16(0x0F);
-    for (int64_t b = 0; b < nb; b += 2) {
-      __m512i lo[NR], hi[NR];
-      for (int r = 0; r < NR; ++r) {
-        const __m512i v = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + (b / 2) * QK)));
-        lo[r] = _mm512_and_si512(v, low_mask);
-        hi[r] = _mm512_srli_epi16(v, 4);  // the upper byte is zero after zero-extension
+  alignas(64) float sc[NR][MC][CHUNK];
+  const __m512i low_mask = _mm512_set1_epi16(0x0F);
+  for (int64_t c = 0; c < nb; c += CHUNK) {
+    const int64_t cn = std::min<int64_t>(CHUNK, nb - c);
+    const __mmask16 mask = static_cast<__mmask16>((1u << cn) - 1u);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + r * nb + c));
+      for (int i = 0; i < MC; ++i) {
+        const __m512 dxv = _mm512_maskz_loadu_ps(mask, xr.dx.data() + (m0 + i) * nb + c);
+        _mm512_store_ps(sc[r][i], _mm512_mul_ps(dv, dxv));
       }
-      accumulate_block<NR, MC>(acc, lo, d, nb, xr, m0, K, b);
-      if (b + 1 < nb) accumulate_block<NR, MC>(acc, hi, d, nb, xr, m0, K, b + 1);
+      if constexpr (Q4) {
+        const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + r * nb + c));
+        for (int i = 0; i < MC; ++i)
+          acc[r][i] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, xr.sx.data() + (m0 + i) * nb + c), acc[r][i]);
+      }
     }
-  } else {
-    for (int64_t b = 0; b < nb; ++b) {
-      __m512i w[NR];
-      for (int r = 0; r < NR; ++r)
-        w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + b * QK)));
-      accumulate_block<NR, MC>(acc, w, d, nb, xr, m0, K, b);
+    if constexpr (Q4) {
+      for (int64_t b = c; b < c + cn; b += 2) {  // c is even, so b walks whole pairs
+        __m512i lo[NR], hi[NR];
+        for (int r = 0; r < NR; ++r) {
+          const __m512i v = _mm512_cvtepu8_epi16(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + (b / 2) * QK)));
+          lo[r] = _mm512_and_si512(v, low_mask);
+          hi[r] = _mm512_srli_epi16(v, 4);  // the upper byte is zero after zero-extension
+        }
+        accumulate_block<NR, MC>(acc, lo, sc, static_cast<int>(b - c), xr, m0, K, b);
+        if (b + 1 < nb) accumulate_block<NR, MC>(acc, hi, sc, static_cast<int>(b + 1 - c), xr, m0, K, b + 1);
+      }
+    } else {
+      for (int64_t b = c; b < c + cn; ++b) {
+        __m512i w[NR];
+        for (int r = 0; r < NR; ++r)
+          w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + b * QK)));
+        accumulate_block<NR, MC>(acc, w, sc, static_cast<int>(b - c), xr, m0, K, b);
+      }
     }
   }
-  for (int r = 0; r < NR; ++r) {
-    for (int i = 0; i < MC; ++i) {
-      float v = _mm512_reduce_add_ps(acc[r][i]);
-      if constexpr (Q4) v += min_term(m + r * nb, xr.sx.data() + (m0 + i) * nb, nb);
-      out[r * MC + i] = v;
-    }
-  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MC; ++i) out[r * MC + i] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 #endif
