@@ -121,6 +121,11 @@ float row_dot_scalar(const uint8_t* qs_row, const c10::Half* d_row, const c10::H
 // The Q4 min term m[r,b] * dx[i,b] * sum(xq_b) is folded into the same accumulators, 16 blocks per
 // FMA, instead of a scalar loop per output row.
 constexpr int64_t CHUNK = 16;
+// Software prefetch distance in output rows: the tile NR rows ahead is 2-5 KB away, about the time
+// one tile takes, so its lines arrive as they are needed. Row streams of 300-600 bytes are too
+// short for the hardware prefetcher to catch up on (measured: the 49152 x 576 Q8_0 LM head ran at
+// 12.6 GB/s from DRAM without it).
+constexpr int64_t PREFETCH_ROWS = 8;
 
 template <int NR, int MC>
 inline void accumulate_block(__m512 (&acc)[NR][MC], const __m512i (&w)[NR], const float (&sc)[NR][MC][CHUNK],
@@ -148,6 +153,8 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
     const int64_t cn = std::min<int64_t>(CHUNK, nb - c);
     const __mmask16 mask = static_cast<__mmask16>((1u << cn) - 1u);
     for (int r = 0; r < NR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(d + (r + PREFETCH_ROWS) * nb + c), _MM_HINT_T0);
+      if constexpr (Q4) _mm_prefetch(reinterpret_cast<const char*>(m + (r + PREFETCH_ROWS) * nb + c), _MM_HINT_T0);
       const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + r * nb + c));
       for (int i = 0; i < MC; ++i) {
         const __m512 dxv = _mm512_maskz_loadu_ps(mask, xr.dx.data() + (m0 + i) * nb + c);
@@ -163,6 +170,8 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
       for (int64_t b = c; b < c + cn; b += 2) {  // c is even, so b walks whole pairs
         __m512i lo[NR], hi[NR];
         for (int r = 0; r < NR; ++r) {
+          if ((b & 2) == 0)  // one prefetch per 64-byte line (two pairs)
+            _mm_prefetch(reinterpret_cast<const char*>(qs + (r + PREFETCH_ROWS) * row_bytes + (b / 2) * QK), _MM_HINT_T0);
           const __m512i v = _mm512_cvtepu8_epi16(
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + (b / 2) * QK)));
           lo[r] = _mm512_and_si512(v, low_mask);
@@ -174,8 +183,11 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
     } else {
       for (int64_t b = c; b < c + cn; ++b) {
         __m512i w[NR];
-        for (int r = 0; r < NR; ++r)
+        for (int r = 0; r < NR; ++r) {
+          if ((b & 1) == 0)  // one prefetch per 64-byte line (two blocks)
+            _mm_prefetch(reinterpret_cast<const char*>(qs + (r + PREFETCH_ROWS) * row_bytes + b * QK), _MM_HINT_T0);
           w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + b * QK)));
+        }
         accumulate_block<NR, MC>(acc, w, sc, static_cast<int>(b - c), xr, m0, K, b);
       }
     }
