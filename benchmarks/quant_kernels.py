@@ -88,6 +88,10 @@ def main() -> None:
                                     "kernel_speedup": v["bf16_resident_us"] / v["kernel_us"]} for mm, v in steps.items()},
               "kernel_beats_bf16_up_to_M": max([mm for mm, v in steps.items() if v["kernel_us"] < v["bf16_resident_us"]],
                                                default=0),
+              # the four layer types only: the LM head has no dequantize row
+              "kernel_beats_dequantize_up_to_M": max(
+                  [mm for mm in MS if sum(r["kernel_us"] for r in rows if r["M"] == mm and r["dequant_gemm_us"])
+                   < sum(r["dequant_gemm_us"] for r in rows if r["M"] == mm and r["dequant_gemm_us"])], default=0),
               "rows": rows}
     out = RESULTS / ("quant_kernels.json" if _march() == "native" else f"quant_kernels_{_march()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,15 @@ def test_add_rms_norm(dtype, with_residual) -> None:
     torch.manual_seed(0)
     x, r, w = torch.randn(7, 96, dtype=dtype), torch.randn(7, 96, dtype=dtype), torch.randn(96, dtype=dtype)
     ref_out, ref_res = fused.add_rms_norm_reference(x, r if with_residual else None, w, 1e-5)
-    out, res = torch.ops.kiln.add_rms_norm(x, r if with_residual else x, w, 1e-5, with_residual)
+    x_before, r_before = x.clone(), r.clone()
+    out = torch.ops.kiln.add_rms_norm(x, r if with_residual else x, w, 1e-5, with_residual)
     assert torch.allclose(out.float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
-    assert torch.equal(res, ref_res)
+    assert torch.equal(x, x_before)  # x is never written
+    # with a residual, the residual stream is updated in place to x + residual; without, untouched
+    assert torch.equal(r, ref_res if with_residual else r_before)
+    # the dispatcher returns the same pair as the reference
+    d_out, d_res = fused.add_rms_norm(x, r_before.clone() if with_residual else None, w, 1e-5)
+    assert torch.equal(d_out, out) and torch.equal(d_res, ref_res)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -62,9 +62,10 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * weight, x + residual); residual=None means no add."""
     if x.dim() == 2 and use_fused(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
-        out, res = torch.ops.kiln.add_rms_norm(x, residual if residual is not None else x, weight, eps,
-                                               residual is not None)
-        return out, res
+        if residual is None:
+            return torch.ops.kiln.add_rms_norm(x, x, weight, eps, False), x
+        # the native op adds x into `residual` in place (the caller's residual stream)
+        return torch.ops.kiln.add_rms_norm(x, residual, weight, eps, True), residual
     return add_rms_norm_reference(x, residual, weight, eps)
 
 

@@ -68,6 +68,9 @@ def load_native() -> bool:
                 is_python_module=False,
                 verbose=False,
             )
+            from kiln.kernels.fake_impls import register_fake_impls
+
+            register_fake_impls()  # so torch.compile can trace through the ops
             _state.update(loaded=True, error=None)
         except Exception as exc:  # no compiler, no ninja, ... → reference paths
             _state.update(loaded=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

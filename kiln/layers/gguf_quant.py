@@ -25,10 +25,20 @@ BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 Q4_TYPES = ("Q4_0", "Q4_1")
 NATIVE_TYPES = frozenset(BLOCK_BYTES)
 
-# Measured crossovers on this CPU (benchmarks/quant_kernels.py): the block kernel beats a
-# resident bf16 GEMM up to M=4, and dequantize-per-call + GEMM up to M=16.
-THRESHOLD_VS_RESIDENT_DENSE = 4
-THRESHOLD_VS_DEQUANTIZE = 16
+# Measured crossovers on this CPU (benchmarks/quant_kernels.py), by the library's SIMD path:
+# (largest M where the block kernel beats a resident bf16 GEMM, ... beats dequantize-per-call + GEMM).
+# AVX-512 (two runs): 1.07-1.10x at M=16, 0.87x at 32 vs resident bf16; 0.84x at 64 vs dequantize.
+# AVX2 (quant_kernels_haswell.json): 1.24x at M=4, 0.83x at 8.
+THRESHOLDS = {"AVX-512": (16, 32), "AVX2": (4, 16)}
+SCALAR_THRESHOLDS = (4, 16)  # portable C++ loop: not measured; the values used before the per-path split
+
+
+def default_dense_threshold(keep_dense: bool) -> int:
+    """Largest batch the block kernel runs before the dense GEMM takes over (see THRESHOLDS)."""
+    from kiln.kernels.native import simd_path
+
+    vs_resident, vs_dequantize = THRESHOLDS.get(simd_path(), SCALAR_THRESHOLDS)
+    return vs_resident if keep_dense else vs_dequantize
 
 
 @dataclass
@@ -77,8 +87,7 @@ class GGUFQuantLinearMethod:
             raise ValueError(f"qtype_family must be 'Q4' or 'Q8', got {qtype_family!r}")
         self.is_q4 = qtype_family == "Q4"
         self.keep_dense = keep_dense
-        self.dense_threshold = dense_threshold if dense_threshold is not None else (
-            THRESHOLD_VS_RESIDENT_DENSE if keep_dense else THRESHOLD_VS_DEQUANTIZE)
+        self.dense_threshold = dense_threshold if dense_threshold is not None else default_dense_threshold(keep_dense)
         self.source_types: set[str] = set()
 
     @property

@@ -145,17 +145,16 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(), "int64 slot_mapping");
     const int64_t T = hidden.size(0);
     const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-    at::Tensor h = hidden, residual;
+    // Layer 0's residual is the embedded input itself; later layers update it in place (as the plain path does).
+    at::Tensor h = hidden, residual = hidden;
     for (size_t i = 0; i < n_layers; ++i) {
       const LayerWeights& L = layers[i];
-      std::vector<at::Tensor> normed;
+      at::Tensor normed;
       {
         KILN_PROFILED("kiln::add_rms_norm");
-        normed = i == 0 ? add_rms_norm(h, h, L.input_norm, eps, false)
-                           : add_rms_norm(h, residual, L.input_norm, eps, true);
+        normed = add_rms_norm(h, residual, L.input_norm, eps, i > 0);
       }
-      residual = normed[1];
-      at::Tensor qkv = L.qkv.apply(normed[0]);
+      at::Tensor qkv = L.qkv.apply(normed);
       {
         KILN_PROFILED("kiln::rope_qkv_");
         rope_qkv_(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim);
@@ -184,11 +183,10 @@ struct DecodePlan : torch::CustomClassHolder {
         KILN_PROFILED("kiln::add_rms_norm");
         normed = add_rms_norm(o, residual, L.post_attention_norm, eps, true);
       }
-      residual = normed[1];
-      h = L.down.apply(silu_gate(L.gate_up.apply(normed[0])));
+      h = L.down.apply(silu_gate(L.gate_up.apply(normed)));
     }
     KILN_PROFILED("kiln::add_rms_norm");
-    return add_rms_norm(h, residual, final_norm, eps, true)[0];
+    return add_rms_norm(h, residual, final_norm, eps, true);
   }
 };
 

@@ -13,31 +13,31 @@
 
 namespace kiln {
 
-// out = rms_norm(x + residual) * weight; residual <- x + residual (in place).
-// With has_residual=false: out = rms_norm(x) * weight and residual <- x (a copy), so the
-// caller keeps one code path. Accumulation in fp32 whatever the storage dtype.
+// out = rms_norm(x + residual) * weight; residual <- x + residual (in place, rounded to the
+// storage dtype as HF does before normalizing). With has_residual=false: out = rms_norm(x) * weight
+// and residual is neither read nor written. Accumulation in fp32 whatever the storage dtype.
 template <typename T>
-void add_rms_norm_kernel(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, at::Tensor& out,
-                         double eps, bool has_residual) {
+void add_rms_norm_kernel(const at::Tensor& x, T* rp, const at::Tensor& weight, at::Tensor& out, double eps) {
   const int64_t rows = x.size(0), H = x.size(1);
   const T* xp = x.data_ptr<T>();
-  T* rp = residual.data_ptr<T>();
   const T* wp = weight.data_ptr<T>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(H);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xp + r * H;
-      T* rr = rp + r * H;
+      T* rr = rp != nullptr ? rp + r * H : nullptr;
       float ss = 0.f;
       for (int64_t i = 0; i < H; ++i) {
         float v = static_cast<float>(xr[i]);
-        if (has_residual) v += static_cast<float>(rr[i]);
-        // HF rounds the sum to the storage dtype before normalizing; do the same.
-        const T stored = static_cast<T>(v);
-        rr[i] = stored;
-        buf[i] = static_cast<float>(stored);
-        ss += buf[i] * buf[i];
+        if (rr != nullptr) {
+          v += static_cast<float>(rr[i]);
+          const T stored = static_cast<T>(v);
+          rr[i] = stored;
+          v = static_cast<float>(stored);
+        }
+        buf[i] = v;
+        ss += v * v;
       }
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
       T* orow = op + r * H;
@@ -49,20 +49,22 @@ void add_rms_norm_kernel(const at::Tensor& x, at::Tensor& residual, const at::Te
   });
 }
 
-std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                                     double eps, bool has_residual) {
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& weight, double eps,
+                        bool has_residual) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [rows, hidden] tensor");
-  auto res = has_residual ? residual : at::empty_like(x);
-  TORCH_CHECK(res.is_contiguous() && res.sizes() == x.sizes(), "residual must match x");
+  if (has_residual)
+    TORCH_CHECK(residual.is_contiguous() && residual.sizes() == x.sizes() &&
+                    residual.scalar_type() == x.scalar_type(), "residual must match x");
   auto out = at::empty_like(x);
   if (x.scalar_type() == at::kFloat) {
-    add_rms_norm_kernel<float>(x, res, weight.contiguous(), out, eps, has_residual);
+    add_rms_norm_kernel<float>(x, has_residual ? residual.data_ptr<float>() : nullptr, weight.contiguous(), out, eps);
   } else if (x.scalar_type() == at::kBFloat16) {
-    add_rms_norm_kernel<c10::BFloat16>(x, res, weight.contiguous(), out, eps, has_residual);
+    add_rms_norm_kernel<c10::BFloat16>(x, has_residual ? residual.data_ptr<c10::BFloat16>() : nullptr,
+                                       weight.contiguous(), out, eps);
   } else {
     TORCH_CHECK(false, "add_rms_norm supports float32 and bfloat16");
   }
-  return {out, res};
+  return out;
 }
 
 // silu(gate) * up for gate_up = [gate | up] along the last dim.
@@ -143,7 +145,8 @@ void rope_qkv_(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& co
 }  // namespace kiln
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
-  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, bool has_residual) -> Tensor[]");
+  // residual is updated in place (declared, so torch.compile's functionalization knows it).
+  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps, bool has_residual) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("rope_qkv_(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, int head_dim) -> ()");
 }

@@ -13,9 +13,10 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& qs, const at::Ten
 // W as a dense [N, K] tensor of `dtype` from the packed block layout.
 at::Tensor quant_dequantize(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, bool is_q4,
                             at::ScalarType dtype);
-// {rms_norm(x + residual) * weight, x + residual}; residual is updated in place when has_residual.
-std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                                     double eps, bool has_residual);
+// rms_norm(x + residual) * weight, with residual <- x + residual in place (has_residual); without a
+// residual, rms_norm(x) * weight (residual untouched).
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& weight, double eps,
+                        bool has_residual);
 // silu(gate) * up for gate_up = [gate | up].
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
 // Rotate-half RoPE in place on the q and k heads of a fused qkv [T, (Hq + 2 Hkv) * D].
