@@ -178,7 +178,64 @@ def perplexity_table() -> str:
             f"{d['machine']}, {d['threads']} threads._")
 
 
-TABLES = {"throughput": throughput_table, "latency": latency_table, "serving": serving_table,
+def vs_llamacpp_table() -> str:
+    d = _load("vs_llamacpp")
+    if d is None:
+        return "_not measured yet_"
+    k, u, lc, r, t = d["kiln"], d["kiln_unfused"], d["llama_cpp"], d["ratios"], d["targets"]
+
+    def verdict(ratio: float | None, target: float) -> str:
+        if ratio is None:
+            return "not measured"
+        return f"**{ratio:.2f}×** (target ≥ {target:g}×: {'met' if ratio >= target else 'missed'})"
+
+    rows = ["| measure | kiln | kiln, op-by-op decode | llama.cpp | kiln / llama.cpp |", "|---|---:|---:|---:|---|",
+            f"| decode tok/s, 1 stream ({d['decode_tokens']} tokens after a {d['prompt_tokens']}-token chat prompt) | "
+            f"{k['decode_tok_s']:.1f} | {u['decode_tok_s']:.1f} | {lc['decode_tok_s']:.1f} | "
+            f"{verdict(r['decode_kiln_over_llama_cpp'], t['decode'])} |",
+            f"| prefill tok/s ({d['prefill_tokens']}-token prompt) | {k['prefill_tok_s']:.0f} | {u['prefill_tok_s']:.0f} | "
+            f"{lc['prefill_tok_s']:.0f} | {verdict(r['prefill_kiln_over_llama_cpp'], t['prefill'])} |"]
+    conc = d["concurrent"]
+    kiln_c = conc["kiln serve"]
+    peers = {n: v for n, v in conc.items() if n != "kiln serve"}
+    if peers:
+        best = r["best_llama_server"]
+        rows.append(f"| output tok/s, 64 concurrent streaming requests | {kiln_c['output_tok_s']:.0f} | — | "
+                    f"{conc[best]['output_tok_s']:.0f} (`{best}`) | "
+                    f"{verdict(r['concurrent_kiln_over_best_llama_server'], t['concurrent'])} |")
+        others = "; ".join(f"`{n}` {v['output_tok_s']:.0f} tok/s" for n, v in peers.items())
+        conc_note = (f"\n\nAt 64 concurrent requests ({kiln_c['requests']} GSM8K chat requests, ≤ 128 tokens each): "
+                     f"kiln TTFT p50 {kiln_c['ttft_p50_s']:.2f} s, p95 {kiln_c['ttft_p95_s']:.2f} s; llama-server: "
+                     f"{others}.")
+    else:
+        conc_note = "\n\nllama-server was not given to this run, so the 64-concurrency row is missing."
+    prof = k.get("profile", {}).get("decode_step")
+    prof_note = ""
+    if prof:
+        fams = ", ".join(f"{name} {ms:.2f}" for name, ms in prof["op_families_ms"].items() if ms >= 0.05)
+        regions = prof["engine_regions_ms"]
+        prof_note = (f"\n\nWhere one decode step's {prof['step_ms']:.2f} ms go (under the profiler, ms): {fams}; "
+                     f"LM head + sampling region {regions.get('logits_and_sample', 0):.2f}; "
+                     f"Python, dispatch and other ops {prof['other_ops_python_dispatch_ms']:.2f}.")
+    return ("\n".join(rows) + conc_note + prof_note
+            + f"\n\nkiln's decode path: {k['decode_path']}; llama-cpp-python {lc.get('version', '?')}, median of "
+            + f"{d['repeats']} runs each." + _footer(d, "vs_llamacpp.py"))
+
+
+def fused_kernels_table() -> str:
+    d = _load("fused_kernels")
+    if d is None:
+        return "_not measured yet_"
+    rows = ["| kernel | rows | fused (µs) | unfused torch ops (µs) | fused is | max abs diff |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        rows.append(f"| {r['kernel']} | {r['rows']} | {r['fused_us']:.1f} | {r['unfused_us']:.1f} | "
+                    f"{r['speedup']:.2f}× | {r['max_abs_diff']:.1e} |")
+    return ("\n".join(rows) + f"\n\n_From `benchmarks/fused_kernels.py` → `benchmarks/results/fused_kernels.json`, "
+            f"one run, {d['date']}, {d['machine']}, {d['threads']} threads, {d['dtype']}._")
+
+
+TABLES = {"vs_llamacpp": vs_llamacpp_table, "fused_kernels": fused_kernels_table, "throughput": throughput_table, "latency": latency_table, "serving": serving_table,
           "quant_kernels": quant_kernels_table, "spec_decode": spec_decode_table,
           "quant_quality": quant_quality_table, "perplexity": perplexity_table}
 
