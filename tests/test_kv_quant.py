@@ -219,9 +219,13 @@ def test_engine_runs_with_quantized_kv(tiny_gguf: Path, name: str, dtype: str) -
         prompts = ["the cat sat on the mat", "hello world " * 12, "he sat in the hat"]
         batched = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
         # one at a time (and the prompts again, now prefix-cache hits): every path reads the same
-        # quantized cache, so batching and caching change nothing
+        # quantized cache, so in fp32 batching and caching change nothing. In bf16 they may: a chunk
+        # of up to 16 rows runs the block kernel, a longer one the dense bf16 GEMM, and the two round
+        # differently, so a prompt prefilled alone and the same prompt in a batch can part ways.
         single = [llm.generate(p, greedy)[0].outputs[0].token_ids for p in prompts]
-        assert batched == single and all(len(t) == 20 for t in batched)
+        assert all(len(t) == 20 for t in batched + single)
+        if dtype == "float32":
+            assert batched == single
         assert engine.kv_manager.get_num_free_blocks() == engine.kv_budget.num_blocks
 
 

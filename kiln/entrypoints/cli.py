@@ -17,7 +17,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     from kiln.config import KV_CACHE_DTYPES
 
     p.add_argument("--model", default="smollm2-135m", help="registered name (see `kiln pull --list`) or a .gguf file / HF folder")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has fast bf16, else fp32), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and AMX CPUs, else fp32: faster on AVX-512 CPUs, see README), float32, bfloat16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 2GiB (default: 25%% of free RAM, at most 2 GiB)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,

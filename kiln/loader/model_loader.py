@@ -28,24 +28,30 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 where it is fast (CUDA, or a CPU with AVX512-BF16/AMX), else fp32."""
+    """'auto' is bf16 on CUDA and on a CPU with AMX, else fp32.
+
+    Measured on this machine's AVX512-BF16 CPU (no AMX), 2 threads: a 1024 x 576 x 3072 GEMM runs at
+    172 GFLOP/s in bf16 (oneDNN) and 328 GFLOP/s in fp32 (MKL), and the default model runs faster
+    end to end in fp32 — 1,024-token prefill ~956 vs ~562 tok/s, single-stream decode ~180 vs ~153
+    tok/s, 64 x 128 offline 436 vs 350 tok/s (Q4_1 blocks either way). AMX (bf16 tiles) is kept
+    on bf16 without a measurement here."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_amx_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
 
 
-def cpu_has_fast_bf16() -> bool:
+def cpu_has_amx_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "amx_bf16" in flags
 
 
 def use_gguf_blocks(mode: str, device: torch.device) -> bool:
