@@ -1,6 +1,7 @@
 """Each fused kernel against the unfused torch ops it replaces, on the default model's shapes.
 
-SmolLM2-135M: hidden 576, 9 query / 3 KV heads of 64, FFN 1536, bf16 activations, 2 threads.
+SmolLM2-135M: hidden 576, 9 query / 3 KV heads of 64, FFN 1536, fp32 (kiln's default on this CPU)
+and bf16 activations, 2 threads.
 For every kernel: the median time of the fused op and of its plain-torch twin (the ops the model
 would otherwise run), their ratio, and the largest difference between the two outputs (the
 correctness check; the tests assert the same against tolerances). The last row is the whole fused
@@ -21,7 +22,7 @@ import torch
 
 OUT = Path(__file__).parent / "results" / "fused_kernels.json"
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 576, 9, 3, 64, 1536
-DTYPE = torch.bfloat16
+DTYPES = (torch.float32, torch.bfloat16)
 
 
 def median_us(fn: Callable[[], Any], iters: int = 400) -> float:
@@ -35,30 +36,33 @@ def median_us(fn: Callable[[], Any], iters: int = 400) -> float:
     return statistics.median(times) * 1e6
 
 
-def row(name: str, rows: int, fused: Callable[[], torch.Tensor], plain: Callable[[], torch.Tensor]) -> dict[str, Any]:
+def row(name: str, rows: int, dtype: torch.dtype, fused: Callable[[], torch.Tensor],
+        plain: Callable[[], torch.Tensor]) -> dict[str, Any]:
     err = (fused().float() - plain().float()).abs().max().item()
     f_us, p_us = median_us(fused), median_us(plain)
-    print(f"{name:38s} M={rows:<3d} fused {f_us:9.1f} us  unfused {p_us:9.1f} us  {p_us / f_us:5.2f}x  max|diff| {err:.2e}")
-    return {"kernel": name, "rows": rows, "fused_us": f_us, "unfused_us": p_us, "speedup": p_us / f_us,
+    dt = str(dtype).removeprefix("torch.")
+    print(f"{name:42s} {dt:8s} M={rows:<3d} fused {f_us:9.1f} us  unfused {p_us:9.1f} us  {p_us / f_us:5.2f}x  "
+          f"max|diff| {err:.2e}")
+    return {"kernel": name, "dtype": dt, "rows": rows, "fused_us": f_us, "unfused_us": p_us, "speedup": p_us / f_us,
             "max_abs_diff": err}
 
 
-def elementwise_rows() -> list[dict[str, Any]]:
+def elementwise_rows(dtype: torch.dtype) -> list[dict[str, Any]]:
     from kiln.kernels import fused
     from kiln.layers.rotary import RotaryEmbedding
 
     out = []
     rope = RotaryEmbedding(HEAD_DIM, 8192, 100000.0)
-    w = (1 + 0.1 * torch.randn(HIDDEN)).to(DTYPE)
+    w = (1 + 0.1 * torch.randn(HIDDEN)).to(dtype)
     for m in (1, 8):
-        x, res = torch.randn(m, HIDDEN, dtype=DTYPE), torch.randn(m, HIDDEN, dtype=DTYPE)
-        out.append(row("residual add + RMSNorm", m,
+        x, res = torch.randn(m, HIDDEN, dtype=dtype), torch.randn(m, HIDDEN, dtype=dtype)
+        out.append(row("residual add + RMSNorm", m, dtype,
                        lambda: torch.ops.kiln.add_rms_norm(x, res.clone(), w, 1e-5, True),
                        lambda: fused.add_rms_norm_reference(x, res.clone(), w, 1e-5)[0]))
-        gate_up = torch.randn(m, 2 * FFN, dtype=DTYPE) * 3
-        out.append(row("SiLU(gate) * up", m, lambda: torch.ops.kiln.silu_and_mul(gate_up),
+        gate_up = torch.randn(m, 2 * FFN, dtype=dtype) * 3
+        out.append(row("SiLU(gate) * up", m, dtype, lambda: torch.ops.kiln.silu_and_mul(gate_up),
                        lambda: fused.silu_and_mul_reference(gate_up)))
-        qkv = torch.randn(m, (HEADS + 2 * KV_HEADS) * HEAD_DIM, dtype=DTYPE)
+        qkv = torch.randn(m, (HEADS + 2 * KV_HEADS) * HEAD_DIM, dtype=dtype)
         pos = torch.arange(100, 100 + m)
 
         def rope_fused(q=qkv) -> torch.Tensor:
@@ -71,11 +75,11 @@ def elementwise_rows() -> list[dict[str, Any]]:
             fused.rope_qkv_reference(t, pos, rope.cos, rope.sin, HEADS, KV_HEADS, HEAD_DIM)
             return t
 
-        out.append(row("RoPE on fused QKV (in place)", m, rope_fused, rope_plain))
+        out.append(row("RoPE on fused QKV (in place)", m, dtype, rope_fused, rope_plain))
     return out
 
 
-def attention_rows() -> list[dict[str, Any]]:
+def attention_rows(dtype: torch.dtype) -> list[dict[str, Any]]:
     from kiln.kernels.kv_quant import allocate_kv_caches
     from kiln.kernels.paged_attention import _decode_fallback, _native_decode
     from kiln.layers.attention_metadata import build_attention_metadata
@@ -86,16 +90,16 @@ def attention_rows() -> list[dict[str, Any]]:
         per_seq = context // block_size
         for kv_dtype in ("auto", "int8"):
             (k_cache, v_cache), = allocate_kv_caches(1, (batch * per_seq, block_size, KV_HEADS, HEAD_DIM), kv_dtype,
-                                                     DTYPE, "cpu")
+                                                     dtype, "cpu")
             blocks = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
             meta = build_attention_metadata([1] * batch, [context - 3 * i for i in range(batch)], blocks, block_size)
-            kv = torch.randn(batch * per_seq * block_size, KV_HEADS, HEAD_DIM, dtype=DTYPE)
+            kv = torch.randn(batch * per_seq * block_size, KV_HEADS, HEAD_DIM, dtype=dtype)
             from kiln.kernels.paged_attention import write_kv
 
             write_kv(kv, kv * 0.5, k_cache, v_cache, torch.arange(kv.shape[0]))
-            q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE)
+            q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype)
             label = "paged decode attention" + (" (int8 KV)" if kv_dtype == "int8" else "")
-            out.append(row(f"{label}, ctx {context}", batch,
+            out.append(row(f"{label}, ctx {context}", batch, dtype,
                            lambda: _native_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, 0.125),
                            lambda: _decode_fallback(q, k_cache, v_cache, meta, 0.125)))
     return out
@@ -119,7 +123,7 @@ def decode_step_row() -> dict[str, Any]:
         meta = build_attention_metadata([1], [129], [list(range(16))], 16)
         ids, pos = torch.tensor([42]), torch.tensor([128])
         plan = model.decode_plan()
-        result = row("whole decode step (30 layers + final norm)", 1,
+        result = row("whole decode step (30 layers + final norm)", 1, model.dtype,
                      lambda: run_decode_plan(plan, model.embed_tokens(ids), pos, meta, caches),
                      lambda: model(ids, pos, meta, caches))
     result["decode_path"] = model.decode_plan_status
@@ -133,9 +137,9 @@ def main() -> None:
     if not load_native():
         raise SystemExit("the native kernel library did not build; nothing to compare")
     with torch.inference_mode():
-        rows = elementwise_rows() + attention_rows()
+        rows = [r for dtype in DTYPES for r in elementwise_rows(dtype) + attention_rows(dtype)]
     rows.append(decode_step_row())
-    report = {"benchmark": "fused_kernels", "threads": 2, "dtype": "bfloat16", "simd_path": simd_path(),
+    report = {"benchmark": "fused_kernels", "threads": 2, "simd_path": simd_path(),
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ OP_FAMILIES: dict[str, str] = {
     "aten::_softmax": "attention",
     "kiln::add_rms_norm": "norm / SiLU·gate / RoPE (fused)",
     "kiln::silu_and_mul": "norm / SiLU·gate / RoPE (fused)",
+    "aten::silu": "norm / SiLU·gate / RoPE (fused)",
     "kiln::rope_qkv_": "norm / SiLU·gate / RoPE (fused)",
     "aten::index_copy_": "KV cache write",
     "kiln::write_kv_quant": "KV cache write",

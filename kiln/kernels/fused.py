@@ -69,10 +69,11 @@ def add_rms_norm(
     return add_rms_norm_reference(x, residual, weight, eps)
 
 
-# The native SiLU·gate beats eager torch only for single-row (decode) calls: measured on this
-# CPU at 1 row 8.8 vs 10.6 us, at 4 rows 28 vs 10 us, at 1024 rows 3.9 vs 0.6 ms (its bf16
-# conversions do not vectorize). Above this, torch's vectorized ops run.
-SILU_NATIVE_MAX_ROWS = 1
+# The native SiLU·gate no longer beats eager torch at any row count (benchmarks/fused_kernels.py:
+# 1 row 11.5 vs 5.8 us in bf16, 7.1 vs 6.4 us in fp32; 8 rows 78 vs 16 us — its bf16 conversions and
+# exp do not vectorize), so torch's ops run; the op stays, tested against its twin and benchmarked,
+# until a vectorized version pays. The fused decode step follows the same rule (decode_step.cpp).
+SILU_NATIVE_MAX_ROWS = 0
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

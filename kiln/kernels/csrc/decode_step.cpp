@@ -63,11 +63,10 @@ struct LayerWeights {
 constexpr int64_t kTensorsPerLinear = 5;  // weight-or-qs, d, m, dense, bias (numel 0 = absent)
 constexpr int64_t kTensorsPerLayer = 2 + 4 * kTensorsPerLinear;
 
-// SiLU·gate as the Python path runs it: the fused kernel for one row, torch's ops above
-// (kiln/kernels/fused.py: SILU_NATIVE_MAX_ROWS).
+// SiLU·gate as the Python path runs it: torch's ops, which beat the native silu_and_mul at every
+// row count (kiln/kernels/fused.py: SILU_NATIVE_MAX_ROWS).
 at::Tensor silu_gate(const at::Tensor& gate_up) {
   KILN_PROFILED("kiln::silu_and_mul");
-  if (gate_up.size(0) <= 1) return silu_and_mul(gate_up);
   const auto parts = gate_up.chunk(2, -1);
   return at::silu(parts[0]) * parts[1];
 }
