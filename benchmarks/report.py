@@ -96,9 +96,11 @@ def quant_kernels_table() -> str:
     d = _load("quant_kernels")
     if d is None:
         return "_not measured yet_"
-    rows = ["| batch M | block kernel (ms) | resident bf16 GEMM (ms) | kernel is |", "|---:|---:|---:|---:|"]
+    rows = ["| batch M | block kernel (ms) | resident bf16 GEMM (ms) | kernel is | kernel, fp32 activations (ms) "
+            "| resident fp32 GEMM (ms) | kernel is |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for m, v in d["step_ms_by_M"].items():
-        rows.append(f"| {m} | {v['kernel']:.2f} | {v['bf16_resident']:.2f} | {v['kernel_speedup']:.2f}× |")
+        rows.append(f"| {m} | {v['kernel']:.2f} | {v['bf16_resident']:.2f} | {v['kernel_speedup']:.2f}× | "
+                    f"{v['kernel_fp32_act']:.2f} | {v['fp32_resident']:.2f} | {v['kernel_speedup_vs_fp32']:.2f}× |")
     per = {r["layer"]: r for r in d["rows"] if r["M"] == 1}
     layer_note = ", ".join(f"{name} {r['bf16_resident_us'] / r['kernel_us']:.2f}×" for name, r in per.items())
     avx2 = _load("quant_kernels_haswell")
@@ -217,8 +219,9 @@ def vs_llamacpp_table() -> str:
         fams = ", ".join(f"{name} {ms:.2f}" for name, ms in prof["op_families_ms"].items() if ms >= 0.05)
         regions = prof["engine_regions_ms"]
         prof_note = (f"\n\nWhere one decode step's {prof['step_ms']:.2f} ms go (under the profiler, ms): {fams}; "
-                     f"LM head + sampling region {regions.get('logits_and_sample', 0):.2f}; "
-                     f"Python, dispatch and other ops {prof['other_ops_python_dispatch_ms']:.2f}.")
+                     f"time not in any of those ops (Python, dispatch, scheduling, sampling, other ops) "
+                     f"{prof['other_ops_python_dispatch_ms']:.2f}; the LM head + sampling region, whose matmul is "
+                     f"in the block-kernel figure, takes {regions.get('logits_and_sample', 0):.2f}.")
     return ("\n".join(rows) + conc_note + prof_note
             + f"\n\nkiln's decode path: {k['decode_path']}; llama-cpp-python {lc.get('version', '?')}, median of "
             + f"{d['repeats']} runs each." + _footer(d, "vs_llamacpp.py"))

@@ -27,7 +27,9 @@ NATIVE_TYPES = frozenset(BLOCK_BYTES)
 
 # Measured crossovers on this CPU (benchmarks/quant_kernels.py), by the library's SIMD path:
 # (largest M where the block kernel beats a resident bf16 GEMM, ... beats dequantize-per-call + GEMM).
-# AVX-512 (two runs): 1.07-1.10x at M=16, 0.87x at 32 vs resident bf16; 0.84x at 64 vs dequantize.
+# AVX-512 (three runs): 1.07-1.10x at M=16, 0.87x at 32 vs resident bf16; with fp32 activations
+# against a resident fp32 copy (the default dtype on this CPU) the crossover is the same, 1.17x at
+# M=16 and 0.78x at 32; 0.84x at 64 vs dequantize.
 # AVX2 (quant_kernels_haswell.json): 1.24x at M=4, 0.83x at 8.
 THRESHOLDS = {"AVX-512": (16, 32), "AVX2": (4, 16)}
 SCALAR_THRESHOLDS = (4, 16)  # portable C++ loop: not measured; the values used before the per-path split
