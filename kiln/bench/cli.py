@@ -136,7 +136,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         results.append(run_isolated(kiln_runs.kiln_throughput, args.model, args.dtype, prompts, args.output_len,
                                     _engine_kwargs(args), threads=threads))
         if _compare_dequantized(args, path):
-            results.append(run_isolated(kiln_runs.kiln_throughput, args.model, DEQUANTIZED_BASELINE_DTYPE, prompts, args.output_len,
+            results.append(run_isolated(kiln_runs.kiln_throughput, args.model, DEQUANTIZED_BASELINE_DTYPE, prompts,
+                                        args.output_len,
                                         {**_engine_kwargs(args), "quantized_weights": "dequantize"}, threads=threads))
         if "transformers" in wanted and peers.transformers_available() and path.suffix == ".gguf":
             results.append(run_isolated(peers.transformers_generate_static, path, prompts, args.output_len,

@@ -69,17 +69,12 @@ def add_rms_norm(
     return add_rms_norm_reference(x, residual, weight, eps)
 
 
-# The native SiLU·gate no longer beats eager torch at any row count (benchmarks/fused_kernels.py:
-# 1 row 11.5 vs 5.8 us in bf16, 7.1 vs 6.4 us in fp32; 8 rows 78 vs 16 us — its bf16 conversions and
-# exp do not vectorize), so torch's ops run; the op stays, tested against its twin and benchmarked,
-# until a vectorized version pays. The fused decode step follows the same rule (decode_step.cpp).
-SILU_NATIVE_MAX_ROWS = 0
-
-
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if (gate_up.dim() == 2 and gate_up.shape[0] <= SILU_NATIVE_MAX_ROWS and use_fused(gate_up)
-            and gate_up.is_contiguous()):
-        return torch.ops.kiln.silu_and_mul(gate_up)
+    """silu(gate) * up with torch's ops. The native `kiln::silu_and_mul` no longer beats them at any
+    row count (benchmarks/fused_kernels.py: 1 row 7.1 vs 6.4 us in fp32, 11.5 vs 5.8 us in bf16; 8 rows
+    40-78 vs 12-16 us — its exp and bf16 conversions do not vectorize), so it is not dispatched to;
+    the op stays registered, tested against this twin and benchmarked until a vectorized one pays.
+    The fused decode step runs the same torch ops (decode_step.cpp)."""
     return silu_and_mul_reference(gate_up)
 
 

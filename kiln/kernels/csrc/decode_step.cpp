@@ -64,7 +64,7 @@ constexpr int64_t kTensorsPerLinear = 5;  // weight-or-qs, d, m, dense, bias (nu
 constexpr int64_t kTensorsPerLayer = 2 + 4 * kTensorsPerLinear;
 
 // SiLU·gate as the Python path runs it: torch's ops, which beat the native silu_and_mul at every
-// row count (kiln/kernels/fused.py: SILU_NATIVE_MAX_ROWS).
+// row count (kiln/kernels/fused.py: silu_and_mul).
 at::Tensor silu_gate(const at::Tensor& gate_up) {
   KILN_PROFILED("kiln::silu_and_mul");
   const auto parts = gate_up.chunk(2, -1);
@@ -75,6 +75,7 @@ at::Tensor silu_gate(const at::Tensor& gate_up) {
 void store_rows(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slot_mapping) {
   KILN_PROFILED("aten::index_copy_");  // what the plain path's KV store is called
   TORCH_CHECK(x.scalar_type() == cache.scalar_type(), "cache and K/V dtypes differ");
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), "each token's K/V row must be contiguous");
   const int64_t T = x.size(0), row = x.size(1) * x.size(2), bytes = row * x.element_size();
   const auto* slots = slot_mapping.data_ptr<int64_t>();
   auto* dst = static_cast<char*>(cache.data_ptr());
@@ -195,8 +196,5 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.class_<kiln::DecodePlan>("DecodePlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor,
                        at::Tensor, int64_t, int64_t, int64_t, double, double>())
-      .def("run", &kiln::DecodePlan::run)
-      .def("num_layers", [](const c10::intrusive_ptr<kiln::DecodePlan>& self) {
-        return static_cast<int64_t>(self->layers.size());
-      });
+      .def("run", &kiln::DecodePlan::run);
 }
