@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 TopLogprobs = dict[int, float]
 
@@ -52,3 +52,33 @@ class RequestOutput:
     @property
     def num_cached_tokens(self) -> int:
         return self.metrics.num_cached_tokens if self.metrics else 0
+
+
+def merge_request_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One RequestOutput standing for two consecutive ones of the same request.
+
+    Cumulative fields (text, token_ids, logprobs, finish state) come from `later`; the streaming
+    deltas are concatenated, so a consumer that fell behind can send both steps' tokens as one
+    chunk without losing any. `earlier` must not be finished (nothing follows a finished output).
+    """
+    if earlier.request_id != later.request_id or earlier.finished:
+        raise ValueError("only consecutive outputs of one unfinished request can be merged")
+    before = {o.index: o for o in earlier.outputs}
+    merged = []
+    for o in later.outputs:
+        prev = before.get(o.index)
+        if prev is None:
+            merged.append(o)
+            continue
+        merged.append(replace(o, delta_text=prev.delta_text + o.delta_text,
+                              delta_token_ids=prev.delta_token_ids + o.delta_token_ids))
+    return replace(later, outputs=merged)
+
+
+def coalesce_outputs(pending: list[RequestOutput]) -> list[RequestOutput]:
+    """Merge queued outputs per request (in arrival order of each request's first one)."""
+    by_request: dict[str, RequestOutput] = {}
+    for out in pending:
+        prev = by_request.get(out.request_id)
+        by_request[out.request_id] = out if prev is None else merge_request_outputs(prev, out)
+    return list(by_request.values())

@@ -3,9 +3,11 @@ llama-server, vLLM, ...).
 
 Streaming chat completions, sent either open-loop with Poisson arrivals at `request_rate`
 (seeded) or closed-loop with at most `max_concurrency` in flight. Per request it records the
-time to first token (TTFT), every inter-token gap (ITL), time per output token after the first
-(TPOT) and end-to-end latency; the report gives their p50/p90/p95/p99, request and token
-throughput, errors, and goodput (requests per second that met every SLO given).
+time to first token (TTFT), every gap between content chunks (ITL), time per output token after
+the first (TPOT) and end-to-end latency; the report gives their p50/p90/p95/p99, request and
+token throughput, errors, and goodput (requests per second that met every SLO given). Tokens are
+counted from the stream's usage chunk (`stream_options.include_usage`, which kiln and
+llama-server send), since a busy server may put several tokens in one chunk.
 """
 
 from __future__ import annotations
@@ -29,12 +31,19 @@ class RequestResult:
     ttft_s: float = 0.0
     e2e_s: float = 0.0
     output_chunks: int = 0
+    usage_tokens: int | None = None  # completion_tokens of the stream's usage chunk, when the server sends one
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
 
     @property
+    def output_tokens(self) -> int:
+        """Tokens generated: the server's own count when it reported usage (a chunk may carry
+        several tokens when a busy server coalesces them), else one per content chunk."""
+        return self.usage_tokens if self.usage_tokens is not None else self.output_chunks
+
+    @property
     def tpot_s(self) -> float | None:
-        return (self.e2e_s - self.ttft_s) / (self.output_chunks - 1) if self.output_chunks > 1 else None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
 
 def load_prompts(dataset: str, n: int) -> list[str]:
@@ -56,7 +65,7 @@ def load_prompts(dataset: str, n: int) -> list[str]:
 async def stream_chat(client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int,
                       headers: dict[str, str]) -> RequestResult:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": True}
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     last = start
     result = RequestResult(False)
@@ -68,7 +77,10 @@ async def stream_chat(client: httpx.AsyncClient, base_url: str, model: str, prom
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                choices = json.loads(line[6:]).get("choices") or [{}]
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    result.usage_tokens = chunk["usage"].get("completion_tokens")
+                choices = chunk.get("choices") or [{}]
                 if (choices[0].get("delta") or {}).get("content"):
                     now = time.perf_counter()
                     if result.output_chunks == 0:
@@ -151,7 +163,7 @@ def summarize(results: list[RequestResult], elapsed: float, slo_ttft_s: float | 
         "first_error": next((r.error for r in results if not r.ok), None),
         "elapsed_s": elapsed,
         "request_throughput": len(good) / elapsed,
-        "output_tok_s": sum(r.output_chunks for r in good) / elapsed,
+        "output_tok_s": sum(r.output_tokens for r in good) / elapsed,
         "ttft_s": percentiles([r.ttft_s for r in good]),
         "tpot_s": percentiles([t for r in good if (t := r.tpot_s) is not None]),
         "itl_s": percentiles([x for r in good for x in r.itl_s]),

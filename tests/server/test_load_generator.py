@@ -40,6 +40,8 @@ def test_closed_loop_completes_and_a_tight_slo_cuts_goodput_to_zero(server, metr
     results, elapsed = asyncio.run(run_load(server.url, MODEL, load_prompts("gsm8k", 4), 4, None, max_concurrency=1))
     summary = summarize(results, elapsed, slo_ttft_s=1e-9)
     assert summary["errors"] == 0 and summary["goodput_req_s"] == 0.0
+    # tokens are the server's usage count (a chunk may carry several), never fewer than the chunks
+    assert all(r.usage_tokens is not None and r.output_chunks <= r.output_tokens <= 4 for r in results)
     scrape, wait_idle = metrics
     assert wait_idle(server)["kiln:kv_cache_blocks_in_use"] == 0
 
