@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-# KV cache storage: auto = the model dtype; int8 / fp8_e4m3 = 1 byte per value plus an fp32
-# scale per token and KV head (kiln.kernels.kv_quant).
-KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+# KV cache storage (kiln.kernels.kv_quant): auto = see kv_quant.full_precision_kv_dtype;
+# float32 / bfloat16 / float16 = that dtype (16-bit under fp32 activations is widened in the
+# attention kernel); int8 / fp8_e4m3 = 1 byte per value plus an fp32 scale per token and KV head.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8_e4m3")
 
 
 def check_kv_cache_dtype(name: str) -> str:

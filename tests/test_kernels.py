@@ -53,7 +53,8 @@ def test_rope_qkv(dtype) -> None:
     assert torch.equal(qkv[:, -2 * 32:], ref[:, -2 * 32:])  # v untouched
 
 
-def _random_paged_batch(dtype, query_lens, seq_lens, hq=6, hkv=2, d=32, block_size=4, seed=0):
+def _random_paged_batch(dtype, query_lens, seq_lens, hq=6, hkv=2, d=32, block_size=4, seed=0, cache_dtype=None):
+    cache_dtype = cache_dtype or dtype
     g = torch.Generator().manual_seed(seed)
     n_blocks = sum((s + block_size - 1) // block_size for s in seq_lens) + 3
     perm = torch.randperm(n_blocks, generator=g).tolist()  # scattered, non-contiguous blocks
@@ -63,8 +64,8 @@ def _random_paged_batch(dtype, query_lens, seq_lens, hq=6, hkv=2, d=32, block_si
         block_ids.append(perm[used:used + n])
         used += n
     meta = build_attention_metadata(query_lens, seq_lens, block_ids, block_size)
-    k_cache = torch.randn(n_blocks, block_size, hkv, d, generator=g).to(dtype)
-    v_cache = torch.randn(n_blocks, block_size, hkv, d, generator=g).to(dtype)
+    k_cache = torch.randn(n_blocks, block_size, hkv, d, generator=g).to(cache_dtype)
+    v_cache = torch.randn(n_blocks, block_size, hkv, d, generator=g).to(cache_dtype)
     t = sum(query_lens)
     q = torch.randn(t, hq, d, generator=g).to(dtype)
     write_kv(torch.randn(t, hkv, d, generator=g).to(dtype), torch.randn(t, hkv, d, generator=g).to(dtype),
@@ -72,15 +73,21 @@ def _random_paged_batch(dtype, query_lens, seq_lens, hq=6, hkv=2, d=32, block_si
     return q, k_cache, v_cache, meta
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# (query dtype, cache dtype): a cache in the query dtype, or a 16-bit cache under fp32 queries
+# (the native kernel widens its rows; the reference gathers and converts)
+DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+               (torch.float32, torch.float16), (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype, cache_dtype", DTYPE_PAIRS, ids=lambda t: str(t).removeprefix("torch."))
 @pytest.mark.parametrize("query_lens, seq_lens", [
     ([1, 1, 1], [1, 9, 33]),  # decodes only
     ([1, 1, 5, 12], [4, 17, 5, 20]),  # decodes + a fresh prefill + a chunk after a cached prefix
     ([7], [7]),  # prefill only
     ([1, 24, 9], [30, 40, 9]),  # a long chunk after a prefix (SDPA with an offset mask), a fresh prefill
 ])
-def test_paged_attention_matches_reference(dtype, query_lens, seq_lens) -> None:
-    q, k_cache, v_cache, meta = _random_paged_batch(dtype, query_lens, seq_lens)
+def test_paged_attention_matches_reference(dtype, cache_dtype, query_lens, seq_lens) -> None:
+    q, k_cache, v_cache, meta = _random_paged_batch(dtype, query_lens, seq_lens, cache_dtype=cache_dtype)
     ref = paged_attention_reference(q, k_cache, v_cache, meta)
     out = paged_attention(q, k_cache, v_cache, meta)
     assert torch.allclose(out.float(), ref.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype])
@@ -90,15 +97,15 @@ def test_paged_attention_matches_reference(dtype, query_lens, seq_lens) -> None:
         assert torch.allclose(fb.float(), ref[:n].float(), atol=TOL[dtype] * 5, rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_short_query_after_prefix_equals_decoding_token_by_token(dtype) -> None:
+@pytest.mark.parametrize("dtype, cache_dtype", DTYPE_PAIRS, ids=lambda t: str(t).removeprefix("torch."))
+def test_short_query_after_prefix_equals_decoding_token_by_token(dtype, cache_dtype) -> None:
     """Speculative verification (last token + k drafts in one call) must give bit-identical
     attention rows to decoding those tokens one at a time."""
     from kiln.kernels.native import load_native
 
     if not load_native():
         pytest.skip("native kernels unavailable (no compiler)")
-    q, k_cache, v_cache, meta = _random_paged_batch(dtype, [5], [37])
+    q, k_cache, v_cache, meta = _random_paged_batch(dtype, [5], [37], cache_dtype=cache_dtype)
     together = paged_attention(q, k_cache, v_cache, meta)
     for r in range(5):
         block_size = k_cache.shape[1]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import CacheConfig, ModelConfig
-from kiln.kernels.kv_quant import describe_kv_cache_dtype, kv_element_bytes
+from kiln.kernels.kv_quant import check_kv_cache_for_model, describe_kv_cache_dtype, kv_element_bytes
 
 
 def available_memory_bytes() -> int:
@@ -43,7 +43,7 @@ class KVBudget:
     bytes_total: int
     max_model_len: int
     kv_cache_dtype: str = "auto"
-    storage: str = ""  # how a quantized cache is stored and read (empty for auto)
+    storage: str = ""  # how the cache is stored and read (describe_kv_cache_dtype)
 
     @property
     def num_tokens(self) -> int:
@@ -58,9 +58,10 @@ class KVBudget:
         )
 
 
-def kv_bytes_per_token(model_cfg: ModelConfig, kv_cache_dtype: str, model_dtype: torch.dtype) -> int:
+def kv_bytes_per_token(model_cfg: ModelConfig, kv_cache_dtype: str, model_dtype: torch.dtype,
+                       device: str = "cpu") -> int:
     """Bytes of K+V one token occupies across all layers, scales of a quantized cache included."""
-    value_bytes, scale_bytes = kv_element_bytes(kv_cache_dtype, model_dtype)
+    value_bytes, scale_bytes = kv_element_bytes(kv_cache_dtype, model_dtype, device)
     per_head = model_cfg.head_dim * value_bytes + scale_bytes
     return 2 * model_cfg.num_hidden_layers * model_cfg.num_key_value_heads * per_head
 
@@ -70,7 +71,8 @@ def plan_kv_cache(
 ) -> KVBudget:
     """Blocks that fit the budget. `kv_dtype` is the model dtype (what 'auto' stores); a quantized
     `cache_cfg.kv_cache_dtype` stores 1 byte per value plus its scales."""
-    per_token = kv_bytes_per_token(model_cfg, cache_cfg.kv_cache_dtype, kv_dtype)
+    check_kv_cache_for_model(cache_cfg.kv_cache_dtype, kv_dtype, device)
+    per_token = kv_bytes_per_token(model_cfg, cache_cfg.kv_cache_dtype, kv_dtype, device)
     per_block = per_token * cache_cfg.block_size
     budget = cache_cfg.kv_cache_memory
     if budget is None:
@@ -81,4 +83,4 @@ def plan_kv_cache(
             f"KV cache budget of {budget} bytes holds {num_blocks} blocks of {per_block} bytes; give at least {2 * per_block}"
         )
     return KVBudget(int(num_blocks), cache_cfg.block_size, int(num_blocks * per_block), max_model_len,
-                    cache_cfg.kv_cache_dtype, describe_kv_cache_dtype(cache_cfg.kv_cache_dtype, device))
+                    cache_cfg.kv_cache_dtype, describe_kv_cache_dtype(cache_cfg.kv_cache_dtype, kv_dtype, device))

@@ -21,8 +21,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 2GiB (default: 25%% of free RAM, at most 2 GiB)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="KV cache storage: auto (the model dtype), int8 or fp8_e4m3 (1 byte per value + a scale per "
-                        "token and head: ~2x the tokens of bf16 in the same memory, small quality cost)")
+                   help="KV cache storage: auto (the model dtype; float16 under a float32 model on the CPU, as "
+                        "llama.cpp), float32, bfloat16, float16 (16-bit under a float32 model), int8 or fp8_e4m3 "
+                        "(1 byte per value + a scale per token and head: ~2x the tokens of 16-bit in the same "
+                        "memory, small quality cost)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)

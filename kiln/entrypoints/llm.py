@@ -53,7 +53,8 @@ class LLM:
         outputs follow the model's distribution; a step with more than `speculative_disable_by_batch_size`
         running sequences does not speculate, nor (with `speculative_adaptive`) one at a batch size where
         speculating steps have been measured to be slower than plain ones.
-        `kv_cache_dtype`: 'auto' keeps K/V in the model dtype;
+        `kv_cache_dtype`: 'auto' keeps K/V in the model dtype (float16 under a float32 model on the
+        CPU, as llama.cpp does); 'float32' / 'bfloat16' / 'float16' pick a float cache;
         'int8' or 'fp8_e4m3' store them in 1 byte per value plus a scale per token and head, so the same
         `kv_cache_memory` holds ~1.9x the tokens of a bf16 cache (~3.8x of fp32), at a small quality cost.
         `fused_decode_step`: run a pure decode step's whole decoder stack in one native call where the

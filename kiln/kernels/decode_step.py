@@ -24,6 +24,7 @@ import torch
 
 from kiln.kernels.kv_quant import QuantizedKV
 from kiln.kernels.native import load_native
+from kiln.kernels.paged_attention import native_reads
 from kiln.layers.attention_metadata import AttentionMetadata
 from kiln.layers.linear import DenseLinearMethod, Linear
 
@@ -93,8 +94,7 @@ def can_run(meta: AttentionMetadata, hidden: torch.Tensor, kv_caches: "list[KVCa
     """Whether this step is one the plan runs: every sequence decodes one token, caches it can read."""
     if meta.num_decodes != meta.num_seqs or hidden.shape[0] != meta.num_seqs or not kv_caches:
         return False
-    k = kv_caches[0][0]
-    return type(k) is QuantizedKV or k.dtype == hidden.dtype
+    return native_reads(hidden.dtype, kv_caches[0][0])
 
 
 def run_decode_plan(plan: Any, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -14,7 +14,8 @@ and 0.0061 without; int8 gave 0.00055.
 
 Writes quantize on store (`write_kv_quantized`), readers dequantize: the native decode kernel
 on the fly inside its dot products, every other path through `QuantizedKV.gather` (plain torch).
-The full-precision cache ('auto') only takes `allocate_kv_caches` from this module.
+A float cache (auto = the model dtype, or float16/bfloat16 under fp32 activations) only takes
+`allocate_kv_caches` and the dtype rules from this module.
 """
 
 from __future__ import annotations
@@ -32,6 +33,41 @@ _STORAGE: dict[str, tuple[torch.dtype, float]] = {
     "fp8_e4m3": (torch.float8_e4m3fn, 448.0),
 }
 SCALE_DTYPE = torch.float32
+_FLOAT_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_quantized_kv(kv_cache_dtype: str) -> bool:
+    return check_kv_cache_dtype(kv_cache_dtype) in _STORAGE
+
+
+def full_precision_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype,
+                            device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype a float KV cache is stored in.
+
+    'auto' is the model dtype, except for a float32 model on the CPU, whose cache is float16:
+    llama.cpp's default KV type, half the memory and half the bytes each decode step's attention
+    reads, for a next-token KL of ~4e-7 to an fp32 cache on the default model
+    (tests/test_kv_quant.py). The native attention kernel widens the rows to fp32 as it reads them.
+    """
+    if check_kv_cache_dtype(kv_cache_dtype) == "auto":
+        if model_dtype == torch.float32 and torch.device(device).type == "cpu":
+            return torch.float16
+        return model_dtype
+    if kv_cache_dtype not in _FLOAT_STORAGE:
+        raise ValueError(f"{kv_cache_dtype!r} is a quantized KV cache dtype, not a float one")
+    return _FLOAT_STORAGE[kv_cache_dtype]
+
+
+def check_kv_cache_for_model(kv_cache_dtype: str, model_dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+    """A float cache must be in the model dtype or be a 16-bit cache under a float32 model."""
+    if is_quantized_kv(kv_cache_dtype):
+        return
+    kv = full_precision_kv_dtype(kv_cache_dtype, model_dtype, device)
+    if kv != model_dtype and not (model_dtype == torch.float32 and kv in (torch.float16, torch.bfloat16)):
+        raise ValueError(
+            f"kv_cache_dtype {kv_cache_dtype} with a {str(model_dtype).removeprefix('torch.')} model is not supported: "
+            "use auto (the model dtype), int8 or fp8_e4m3, or float16/bfloat16 under a float32 model"
+        )
 
 
 @dataclass(slots=True)
@@ -67,17 +103,19 @@ class QuantizedKV:
         return blocks.reshape(-1, self.data.shape[2], self.data.shape[3])[:seq_len]
 
 
-def kv_element_bytes(kv_cache_dtype: str, model_dtype: torch.dtype) -> tuple[int, int]:
+def kv_element_bytes(kv_cache_dtype: str, model_dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple[int, int]:
     """(bytes per stored K or V value, bytes of scale per token and KV head) for a cache dtype."""
-    if check_kv_cache_dtype(kv_cache_dtype) == "auto":
-        return torch.empty((), dtype=model_dtype).element_size(), 0
+    if not is_quantized_kv(kv_cache_dtype):
+        dtype = full_precision_kv_dtype(kv_cache_dtype, model_dtype, device)
+        return torch.empty((), dtype=dtype).element_size(), 0
     return 1, torch.empty((), dtype=SCALE_DTYPE).element_size()
 
 
-def describe_kv_cache_dtype(kv_cache_dtype: str, device: str | torch.device = "cpu") -> str:
-    """'' for auto; else how values are stored and which path reads them (for the start-up line)."""
-    if check_kv_cache_dtype(kv_cache_dtype) == "auto":
-        return ""
+def describe_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: str | torch.device = "cpu") -> str:
+    """How values are stored and which path reads them (for the start-up line)."""
+    if not is_quantized_kv(kv_cache_dtype):
+        stored = str(full_precision_kv_dtype(kv_cache_dtype, model_dtype, device)).removeprefix("torch.")
+        return stored if kv_cache_dtype != "auto" else f"auto = {stored}"
     if torch.device(device).type == "cpu" and load_native():
         path = "native decode kernel"
     else:
@@ -89,8 +127,10 @@ def allocate_kv_caches(
     num_layers: int, shape: tuple[int, int, int, int], kv_cache_dtype: str, model_dtype: torch.dtype, device
 ) -> list[tuple[torch.Tensor, torch.Tensor] | tuple[QuantizedKV, QuantizedKV]]:
     """Zeroed per-layer (K, V) caches of block shape [num_blocks, block_size, Hkv, D]."""
-    if check_kv_cache_dtype(kv_cache_dtype) == "auto":
-        return [(torch.zeros(shape, dtype=model_dtype, device=device), torch.zeros(shape, dtype=model_dtype, device=device))
+    check_kv_cache_for_model(kv_cache_dtype, model_dtype, device)
+    if not is_quantized_kv(kv_cache_dtype):
+        dtype = full_precision_kv_dtype(kv_cache_dtype, model_dtype, device)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                 for _ in range(num_layers)]
     storage, _ = _STORAGE[kv_cache_dtype]
 

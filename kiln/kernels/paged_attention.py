@@ -11,6 +11,8 @@
 - Longer prefill chunks go through `scaled_dot_product_attention` per sequence with a causal
   mask offset by the prefix.
 
+A float16/bfloat16 cache under float32 queries (`--kv-cache-dtype float16`) takes the same routes:
+the native kernel widens each K/V row as it reads it; gathers convert to the query dtype.
 A quantized cache (int8 / fp8_e4m3, `QuantizedKV` pairs from kv_quant) takes the same routes:
 the native decode kernel dequantizes inside its dot products; gathers dequantize to the query
 dtype before SDPA. Every path reads K/V back from the cache, so a token's attention does not
@@ -47,6 +49,14 @@ def write_kv(
         return
     k_cache.view(-1, k_cache.shape[2], k_cache.shape[3]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, v_cache.shape[2], v_cache.shape[3]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def native_reads(q_dtype: torch.dtype, k_cache: KVCacheTensor) -> bool:
+    """Whether the native decode kernel reads this cache under queries of `q_dtype`: a cache in the
+    query dtype, a quantized one, or a float16/bfloat16 cache under float32 queries."""
+    if type(k_cache) is QuantizedKV or k_cache.dtype == q_dtype:
+        return True
+    return q_dtype == torch.float32 and k_cache.dtype in (torch.float16, torch.bfloat16)
 
 
 def _native_decode(q: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTensor, block_tables: torch.Tensor,
@@ -97,7 +107,7 @@ def paged_attention(
     """q [T, Hq, D] (this step's K/V already written) → out [T, Hq, D]."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     n_dec = meta.num_decodes
-    native = q.device.type == "cpu" and (k_cache.dtype == q.dtype or type(k_cache) is QuantizedKV) and load_native()
+    native = q.device.type == "cpu" and native_reads(q.dtype, k_cache) and load_native()
     if n_dec == meta.num_seqs and native:  # pure decode step: no output copy
         return _native_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, scale)
     out = torch.empty_like(q)

@@ -36,7 +36,7 @@ class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"
     ) -> None:
-        """`kv_cache_dtype`: 'auto' stores K/V in the model dtype; 'int8' / 'fp8_e4m3' quantize them."""
+        """`kv_cache_dtype`: one of config.KV_CACHE_DTYPES ('auto': kv_quant.full_precision_kv_dtype)."""
         self.model = model
         self.device = model.device
         self.block_size = block_size

@@ -71,10 +71,12 @@ at::Tensor silu_gate(const at::Tensor& gate_up) {
   return at::silu(parts[0]) * parts[1];
 }
 
-// K or V rows x [T, Hkv, D] (rows contiguous) into slot slot_mapping[t] of cache [blocks, bs, Hkv, D].
-void store_rows(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slot_mapping) {
+// K or V rows x_in [T, Hkv, D] (rows contiguous) into slot slot_mapping[t] of cache [blocks, bs, Hkv, D].
+// A cache of another float dtype (float16 under fp32 activations) gets x rounded to it first, by
+// the same cast the plain path's `k.to(cache.dtype)` does, so both store identical bits.
+void store_rows(const at::Tensor& x_in, at::Tensor& cache, const at::Tensor& slot_mapping) {
   KILN_PROFILED("aten::index_copy_");  // what the plain path's KV store is called
-  TORCH_CHECK(x.scalar_type() == cache.scalar_type(), "cache and K/V dtypes differ");
+  const at::Tensor x = x_in.scalar_type() == cache.scalar_type() ? x_in : x_in.to(cache.scalar_type());
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), "each token's K/V row must be contiguous");
   const int64_t T = x.size(0), row = x.size(1) * x.size(2), bytes = row * x.element_size();
   const auto* slots = slot_mapping.data_ptr<int64_t>();

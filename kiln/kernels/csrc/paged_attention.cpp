@@ -7,6 +7,9 @@
 // share each K and V row load. Scores are kept in a per-task buffer (two-pass softmax in
 // fp32), which for decode (seq_len <= context) is small and cache-resident.
 //
+// A float16 or bfloat16 cache under fp32 queries is widened row by row the same way (half the
+// bytes of an fp32 cache; float16 is llama.cpp's default KV type).
+//
 // Quantized caches (int8 / fp8 E4M3 with an fp32 scale per token and kv head, see
 // kiln/kernels/kv_quant.py) run the same loop: each K/V row is widened to fp32 from its 1-byte
 // values and the scale is applied to the dot product (K) or the softmax weight (V), so a decode
@@ -17,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -45,6 +49,18 @@ inline void to_float(const c10::BFloat16* src, float* dst, int64_t d) {
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
 #pragma omp simd
   for (int64_t i = 0; i < d; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+}
+
+// fp16 -> fp32 (a 16-bit cache under fp32 activations, llama.cpp's default KV type): vcvtph2ps.
+inline void to_float(const c10::Half* src, float* dst, int64_t d) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    for (int64_t i = 0; i < d; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 inline void to_float(const float* src, float* dst, int64_t d) {
@@ -120,13 +136,14 @@ inline void axpy_f32(float p, const float* x, float* y, int64_t d) {
   for (int64_t i = 0; i < d; ++i) y[i] += p * x[i];
 }
 
-// T: q/out dtype; C: cache element type (T itself, or int8 / fp8 with per-token-head scales
-// k_scales/v_scales [num_blocks, block_size, Hkv]; nullptr when C == T).
+// T: q/out dtype; C: cache element type: a float type (T itself, or a 16-bit cache under fp32
+// queries), or int8 / fp8 with per-token-head scales k_scales/v_scales [num_blocks, block_size,
+// Hkv] (nullptr for a float cache).
 template <typename T, typename C = T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                    at::Tensor& out, const float* k_scales = nullptr, const float* v_scales = nullptr) {
-  constexpr bool kQuant = !std::is_same_v<C, T>;
+  constexpr bool kQuant = std::is_same_v<C, int8_t> || std::is_same_v<C, c10::Float8_e4m3fn>;
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t G = Hq / Hkv;
@@ -204,19 +221,26 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(q.size(2) == k_cache.size(3), "head_dim mismatch");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes must match");
+  const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == ct, "K and V caches must share a dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables");
   auto qc = q.contiguous();
   auto bt = block_tables.contiguous();
   auto sl = seq_lens.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
   auto out = at::empty_like(qc);
-  if (q.scalar_type() == at::kFloat) {
+  // (query, cache): the cache in the query dtype, or a 16-bit cache under fp32 queries.
+  if (qt == at::kFloat && ct == at::kFloat) {
     decode_kernel<float>(qc, k_cache, v_cache, bt, sl, scale, out);
-  } else if (q.scalar_type() == at::kBFloat16) {
+  } else if (qt == at::kFloat && ct == at::kHalf) {
+    decode_kernel<float, c10::Half>(qc, k_cache, v_cache, bt, sl, scale, out);
+  } else if (qt == at::kFloat && ct == at::kBFloat16) {
+    decode_kernel<float, c10::BFloat16>(qc, k_cache, v_cache, bt, sl, scale, out);
+  } else if (qt == at::kBFloat16 && ct == at::kBFloat16) {
     decode_kernel<c10::BFloat16>(qc, k_cache, v_cache, bt, sl, scale, out);
   } else {
-    TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16");
+    TORCH_CHECK(false, "paged_decode_attention supports float32 queries over a float32/float16/bfloat16 cache "
+                "and bfloat16 queries over a bfloat16 cache; got ", qt, " over ", ct);
   }
   return out;
 }
