@@ -136,6 +136,92 @@ inline void axpy_f32(float p, const float* x, float* y, int64_t d) {
   for (int64_t i = 0; i < d; ++i) y[i] += p * x[i];
 }
 
+#if defined(__AVX512F__)
+// 16 cache values → fp32 lanes (exactly what to_float produces for them).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16(const c10::Float8_e4m3fn* p) {
+  alignas(64) float tmp[16];
+  to_float(p, tmp, 16);
+  return _mm512_load_ps(tmp);
+}
+
+// One task of decode_kernel with the K/V rows held in registers (head_dim = 16 * DV): the same
+// operations in the same order as the generic loop below (per score: a zeroed accumulator, DV
+// FMAs, one horizontal add; per output: one FMA per token in token order), so results are
+// bit-identical to it; only the round trips through the `row` and `acc` buffers are gone.
+// qf: NH * D scaled queries; scores: NH * S; returns per-head max and denominators in row_max/denom
+// and writes the unnormalized outputs to acc (NH * D).
+template <typename C, int DV, bool kQuant>
+void decode_task_avx512(const float* qf, const C* kp, const C* vp, const int32_t* table, int64_t S, int64_t BS,
+                        int64_t block_stride, int64_t token_stride, int64_t h0, int64_t heads, int64_t G,
+                        int64_t Hkv, const float* k_scales, const float* v_scales, float* scores, float* row_max,
+                        float* denom, float* acc) {
+  constexpr int64_t D = 16 * DV;
+  const int64_t NH = heads * G;
+  for (int64_t j = 0; j < NH; ++j) row_max[j] = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < S; ++t) {
+    const int64_t slot = table[t / BS] * BS + t % BS;
+    const C* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      __m512 k[DV];
+      for (int c = 0; c < DV; ++c) k[c] = load16(krow + hh * D + 16 * c);
+      const float ks = kQuant ? k_scales[slot * Hkv + h0 + hh] : 1.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t j = hh * G + g;
+        __m512 a = _mm512_setzero_ps();
+        for (int c = 0; c < DV; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + j * D + 16 * c), k[c], a);
+        float sc = _mm512_reduce_add_ps(a);
+        if constexpr (kQuant) sc *= ks;
+        scores[j * S + t] = sc;
+        if (sc > row_max[j]) row_max[j] = sc;
+      }
+    }
+  }
+  for (int64_t j = 0; j < NH; ++j) {
+    float* sg = scores + j * S;
+    float z = 0.f;
+    const float m = row_max[j];
+#pragma omp simd reduction(+ : z)
+    for (int64_t t = 0; t < S; ++t) { sg[t] = kiln_exp(sg[t] - m); z += sg[t]; }
+    denom[j] = z;
+  }
+  // V: per kv head, up to 4 query heads' accumulators at a time stay in registers over all tokens.
+  constexpr int64_t GB = DV <= 4 ? 4 : 2;
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    for (int64_t g0 = 0; g0 < G; g0 += GB) {
+      const int64_t gn = std::min<int64_t>(GB, G - g0);
+      __m512 o[GB][DV];
+      for (int64_t g = 0; g < GB; ++g)
+        for (int c = 0; c < DV; ++c) o[g][c] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < S; ++t) {
+        const C* vrow = vp + table[t / BS] * block_stride + (t % BS) * token_stride + (h0 + hh) * D;
+        __m512 v[DV];
+        for (int c = 0; c < DV; ++c) v[c] = load16(vrow + 16 * c);
+        const float vs = kQuant ? v_scales[(table[t / BS] * BS + t % BS) * Hkv + h0 + hh] : 1.f;
+        for (int64_t g = 0; g < gn; ++g) {
+          float p = scores[(hh * G + g0 + g) * S + t];
+          if constexpr (kQuant) p *= vs;
+          const __m512 pv = _mm512_set1_ps(p);
+          for (int c = 0; c < DV; ++c) o[g][c] = _mm512_fmadd_ps(pv, v[c], o[g][c]);
+        }
+      }
+      for (int64_t g = 0; g < gn; ++g)
+        for (int c = 0; c < DV; ++c) _mm512_storeu_ps(acc + (hh * G + g0 + g) * D + 16 * c, o[g][c]);
+    }
+  }
+}
+#endif
+
 // T: q/out dtype; C: cache element type: a float type (T itself, or a 16-bit cache under fp32
 // queries), or int8 / fp8 with per-token-head scales k_scales/v_scales [num_blocks, block_size,
 // Hkv] (nullptr for a float cache).
@@ -176,6 +262,19 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         for (int64_t i = 0; i < D; ++i)
           qf[j * D + i] = static_cast<float>(qp[(b * Hq + q_head0 + j) * D + i]) * static_cast<float>(scale);
       scores.resize(NH * S);
+#if defined(__AVX512F__)
+      if (D == 64 || D == 128) {
+        const auto task = D == 64 ? decode_task_avx512<C, 4, kQuant> : decode_task_avx512<C, 8, kQuant>;
+        task(qf.data(), kp, vp, table, S, BS, block_stride, token_stride, h0, heads_per_task, G, Hkv, k_scales,
+             v_scales, scores.data(), row_max.data(), denom.data(), acc.data());
+        for (int64_t j = 0; j < NH; ++j) {
+          const float inv = 1.f / denom[j];
+          T* o = op + (b * Hq + q_head0 + j) * D;
+          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[j * D + i] * inv);
+        }
+        continue;
+      }
+#endif
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < S; ++t) {
         const C* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
