@@ -9,7 +9,8 @@ Same GGUF (the default SmolLM2-135M-Instruct Q4_1), same token ids, 2 threads ev
   llama.cpp evaluates the prompt (`Llama.eval`, n_batch 1024 / n_ubatch 512, its defaults' best here).
 - 64 concurrent streaming chat requests (GSM8K questions, 128 tokens max, temperature 0, 128
   requests, closed loop at 64 in flight) against `kiln serve` and llama.cpp's own `llama-server`
-  with 64 and 32 parallel slots (continuous batching); output tokens/s over the run. llama-server
+  with 64, 32 and 16 parallel slots (continuous batching; the best is the peer); output tokens/s over
+  the run, tokens counted from each stream's usage chunk. llama-server
   is not built by this script: build it from the llama.cpp sources vendored in the llama-cpp-python
   sdist (cmake, target llama-server) outside the repository and pass `--llama-server PATH`.
 - The profile of kiln's decode step and prefill chunk (`kiln bench latency --profile`'s breakdown).
@@ -34,6 +35,8 @@ DECODE_TOKENS = 128
 PREFILL_TOKENS = 1024
 CONCURRENCY = 64
 REPEATS = 3
+# llama-server configurations tried for the concurrent row; the best one is the peer
+LLAMA_SERVER_SLOTS = (CONCURRENCY, CONCURRENCY // 2, CONCURRENCY // 4)
 
 
 def chat_prompt(tokenizer: Any) -> list[int]:
@@ -153,7 +156,7 @@ def main() -> None:
     with running_server(kiln_server_cmd(args.model, port, "auto"), port, THREADS) as url:
         concurrent["kiln serve"] = concurrent_output(url, questions)
     if args.llama_server is not None:
-        for slots in (CONCURRENCY, CONCURRENCY // 2):
+        for slots in LLAMA_SERVER_SLOTS:
             port = free_port()
             print(f"{CONCURRENCY} concurrent: llama-server -np {slots}", file=sys.stderr)
             with running_server(llama_server_cmd(args.llama_server, gguf, port, slots), port, THREADS) as url:

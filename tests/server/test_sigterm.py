@@ -67,7 +67,7 @@ def test_sigterm_drains_in_flight_request_and_exits_0(default_gguf_path: Path) -
         assert usage["completion_tokens"] == 48
         assert proc.wait(timeout=30) == 0
         out = proc.stdout.read()
-        assert "KV cache:" in out
+        assert "KV cache (auto = float16): " in out
     finally:
         if proc.poll() is None:
             proc.kill()
