@@ -96,11 +96,19 @@ def quant_kernels_table() -> str:
     d = _load("quant_kernels")
     if d is None:
         return "_not measured yet_"
+    panel = "panel_fp32" in next(iter(d["step_ms_by_M"].values()))
     rows = ["| batch M | block kernel (ms) | resident bf16 GEMM (ms) | kernel is | kernel, fp32 activations (ms) "
-            "| resident fp32 GEMM (ms) | kernel is |", "|---:|---:|---:|---:|---:|---:|---:|"]
+            "| resident fp32 GEMM (ms) | kernel is |" + (" panel kernel, fp32 (ms) | panel is |" if panel else ""),
+            "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if panel else "")]
     for m, v in d["step_ms_by_M"].items():
         rows.append(f"| {m} | {v['kernel']:.2f} | {v['bf16_resident']:.2f} | {v['kernel_speedup']:.2f}× | "
-                    f"{v['kernel_fp32_act']:.2f} | {v['fp32_resident']:.2f} | {v['kernel_speedup_vs_fp32']:.2f}× |")
+                    f"{v['kernel_fp32_act']:.2f} | {v['fp32_resident']:.2f} | {v['kernel_speedup_vs_fp32']:.2f}× |"
+                    + (f" {v['panel_fp32']:.2f} | {v['panel_speedup_vs_fp32']:.2f}× |" if panel else ""))
+    panel_note = ""
+    if panel:
+        panel_note = (f"\n\nWith fp32 activations (the default here) kiln runs the block kernel up to the batch where "
+                      f"the panel kernel first beats it (M={d['panel_beats_block_from_M']}), the panel kernel up to "
+                      f"M={d['panel_beats_fp32_up_to_M']}, the resident fp32 GEMM above.")
     per = {r["layer"]: r for r in d["rows"] if r["M"] == 1}
     layer_note = ", ".join(f"{name} {r['bf16_resident_us'] / r['kernel_us']:.2f}×" for name, r in per.items())
     avx2 = _load("quant_kernels_haswell")
@@ -113,7 +121,7 @@ def quant_kernels_table() -> str:
     return ("All matmuls of one decode step of the default model (30 layers of Q4_1 qkv/o/gate_up/down, "
             "distinct weights per layer, plus the Q8_0 LM head).\n\n" + "\n".join(rows)
             + f"\n\nPer layer at M=1 (bf16 time / kernel time, summed over the 30 layers): {layer_note}."
-            + avx2_note
+            + panel_note + avx2_note
             + "\n\n_From `benchmarks/quant_kernels.py` → `benchmarks/results/quant_kernels.json`, one run, "
             + f"{d['date']}, {d['machine']}, {d['threads']} threads._")
 

@@ -74,10 +74,30 @@ def test_native_dequantize_equals_reference(qtype: str, dtype: torch.dtype) -> N
     assert torch.equal(got, dequantize_reference(qs, d, m, qtype != "Q8_0", dtype))
 
 
-@pytest.mark.parametrize("m_rows", [1, 4, 40])
+@needs_native
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m_rows", [1, 3, 4, 17, 33, 64, 130])
+@pytest.mark.parametrize("n, k", [(1, 32), (7, 96), (37, 576), (129, 1536)])
+def test_panel_matmul_equals_dense_over_dequantized_weights(qtype: str, m_rows: int, n: int, k: int) -> None:
+    """The medium-M kernel (fp32, weights dequantized panel by panel): x @ dequantize(W)^T up to
+    fp32 summation order, for every tail of the 4-row x tiles, the 6-row weight panels and an odd
+    number of 32-blocks (the Q4 pair layout's last half-pair)."""
+    from kiln.kernels.quant_matmul import quant_matmul_panels_reference
+
+    t, _ = blocks(n, k, qtype, seed=n * k)
+    qs, d, m = pack_blocks(t)
+    x = torch.randn(m_rows, k) * 3
+    got = torch.ops.kiln.quant_matmul_panels(x, qs, d, m, qtype != "Q8_0")
+    want = quant_matmul_panels_reference(x, qs, d, m, qtype != "Q8_0")
+    assert got.shape == (m_rows, n)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("m_rows", [1, 4, 40, 200])
 def test_fused_linear_loads_shards_and_uses_both_paths(m_rows: int) -> None:
     """qkv-style fused layer: Q4_0 and Q4_1 shards share one Q4 layout; small M runs the block
-    kernel, large M the dequantized GEMM; both agree with the dense layer, bias included."""
+    kernel, medium M the panel kernel, large M the dequantized GEMM; all agree with the dense
+    layer, bias included."""
     a, wa = blocks(64, 128, "Q4_0", seed=1)
     b, wb = blocks(32, 128, "Q4_1", seed=2)
     layer = Linear(128, [64, 32], ["q", "v"], bias=True)

@@ -39,15 +39,16 @@ def fused_step_enabled() -> bool:
     return os.environ.get("KILN_FUSED_STEP", "1") != "0"
 
 
-def _linear_entry(layer: Linear) -> tuple[list[torch.Tensor], int, int] | None:
-    """(weight-or-qs, d, m, dense, bias), kind, max_rows for one Linear; None when the plan cannot run it."""
+def _linear_entry(layer: Linear, dtype: torch.dtype) -> tuple[list[torch.Tensor], int, int, int] | None:
+    """(weight-or-qs, d, m, dense, bias), kind, max_rows, panel_rows for one Linear; None when the plan
+    cannot run it."""
     from kiln.layers.gguf_quant import GGUFQuantLinearMethod
     from kiln.layers.quant_linear import IntWeightLinearMethod
 
     bias = layer.bias if layer.bias is not None else _EMPTY
     method = layer.method
     if isinstance(method, DenseLinearMethod):
-        return [layer.weight, _EMPTY, _EMPTY, _EMPTY, bias], DENSE, 0
+        return [layer.weight, _EMPTY, _EMPTY, _EMPTY, bias], DENSE, 0, 0
     blocks = method
     if isinstance(method, IntWeightLinearMethod):
         if method.smooth or method.blocks is None:
@@ -57,7 +58,7 @@ def _linear_entry(layer: Linear) -> tuple[list[torch.Tensor], int, int] | None:
         return None
     dense = getattr(layer, "dense_weight", None)
     tensors = [layer.qs, layer.d, layer.m, dense if dense is not None else _EMPTY, bias]
-    return tensors, Q4 if blocks.is_q4 else Q8, blocks.dense_threshold
+    return tensors, Q4 if blocks.is_q4 else Q8, blocks.block_max_rows(dtype), blocks.panel_max_rows(dtype)
 
 
 def build_decode_plan(model: "LlamaForCausalLM") -> tuple[Any | None, str]:
@@ -71,20 +72,22 @@ def build_decode_plan(model: "LlamaForCausalLM") -> tuple[Any | None, str]:
     tensors: list[torch.Tensor] = []
     kinds: list[int] = []
     max_rows: list[int] = []
+    panel_rows: list[int] = []
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         for name, linear in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj),
                              ("gate_up_proj", mlp.gate_up_proj), ("down_proj", mlp.down_proj)):
-            entry = _linear_entry(linear)
+            entry = _linear_entry(linear, model.dtype)
             if entry is None:
                 return None, f"layer {i} {name} uses {linear.method.name}, which the fused step does not run"
             tensors += entry[0]
             kinds.append(entry[1])
             max_rows.append(entry[2])
+            panel_rows.append(entry[3])
     first = model.layers[0].self_attn
     plan = torch.classes.kiln.DecodePlan(
-        tensors, kinds, max_rows, model.norm.weight, first.rotary.cos, first.rotary.sin,
+        tensors, kinds, max_rows, panel_rows, model.norm.weight, first.rotary.cos, first.rotary.sin,
         first.num_heads, first.num_kv_heads, first.head_dim, model.config.rms_norm_eps, first.scale,
     )
     return plan, ""

@@ -25,6 +25,10 @@ def register_fake_impls() -> None:
     def _quant_matmul(x, qs, d, m, is_q4):
         return x.new_empty((x.shape[0], d.shape[0]))
 
+    @fake("kiln::quant_matmul_panels")
+    def _quant_matmul_panels(x, qs, d, m, is_q4):
+        return x.new_empty((x.shape[0], d.shape[0]))
+
     @fake("kiln::quant_dequantize")
     def _quant_dequantize(qs, d, m, is_q4, dtype):
         return d.new_empty((d.shape[0], d.shape[1] * 32), dtype=dtype)

@@ -92,6 +92,21 @@ def quant_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Te
     return quant_matmul_reference(x, qs, d, m, is_q4)
 
 
+def quant_matmul_panels_reference(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                                  is_q4: bool) -> torch.Tensor:
+    """y [M, N] = x @ dequantize(W)^T in fp32 (what the panel kernel computes, up to summation order)."""
+    return x.float() @ dequantize_reference(qs, d, m, is_q4, torch.float32).t()
+
+
+def quant_matmul_panels(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                        is_q4: bool) -> torch.Tensor:
+    """fp32 x [M, K] (medium M: batched decode) @ W^T with W dequantized panel by panel in L1:
+    no resident fp32 copy, and faster than torch's GEMM on these shapes (benchmarks/quant_kernels.py)."""
+    if use_native_quant(x) and x.dtype == torch.float32:
+        return torch.ops.kiln.quant_matmul_panels(x, qs, d, m, is_q4)
+    return quant_matmul_panels_reference(x, qs, d, m, is_q4)
+
+
 def dequantize(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, is_q4: bool, dtype: torch.dtype) -> torch.Tensor:
     if d.device.type == "cpu" and load_native():
         return torch.ops.kiln.quant_dequantize(qs, d, m, is_q4, dtype)

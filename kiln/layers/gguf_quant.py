@@ -4,7 +4,8 @@ The GGUF loader hands such tensors over as `GGUFQuantizedTensor` (raw blocks, ro
 in kiln's order); a Linear switched to `GGUFQuantLinearMethod` repacks them once into the
 layout `kiln.kernels.quant_matmul` reads (pairs of blocks interleaved by nibble, fp16 scales) and
 holds a dense copy only when asked to. Decode-sized batches (M <= `dense_threshold`) run the
-int16·int4 kernel; larger ones (prefill chunks, big decode batches) use the dense GEMM, which
+int16·int4 kernel; with fp32 activations on AVX-512, batches from 6 to 96 rows run the panel
+kernel (PANEL_ROWS); larger ones (prefill chunks, big decode batches) use the dense GEMM, which
 wins there (benchmarks/results/quant_kernels.json): with `keep_dense` on a resident copy in the
 model dtype (fastest; ~2.4x the weight memory of blocks alone), otherwise on weights
 dequantized per call (memory-lean).
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, quant_matmul, use_native_quant
+from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, quant_matmul, quant_matmul_panels, use_native_quant
 
 # GGUF block sizes in bytes (32 weights each): fp16 d [+ fp16 m] + quants.
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -33,6 +34,20 @@ NATIVE_TYPES = frozenset(BLOCK_BYTES)
 # AVX2 (quant_kernels_haswell.json): 1.24x at M=4, 0.83x at 8.
 THRESHOLDS = {"AVX-512": (16, 32), "AVX2": (4, 16)}
 SCALAR_THRESHOLDS = (4, 16)  # portable C++ loop: not measured; the values used before the per-path split
+
+
+# fp32 activations have a third path between the two (quant_matmul_panels: weights dequantized
+# panel by panel into L1, register-blocked FMAs), AVX-512 only: (first M it runs, last M it runs).
+# Measured (quant_kernels.json, one decode step's matmuls, distinct weights): block kernel 12.4 ms
+# vs panel 13.9 at M=4, 21.8 vs 18.0 at M=8 (linear interpolation crosses at ~5); panel vs resident
+# fp32 GEMM 1.30x at M=64, 1.06x at 96, 0.97x at 128.
+PANEL_ROWS = {"AVX-512": (6, 96)}
+
+
+def default_panel_rows() -> tuple[int, int]:
+    from kiln.kernels.native import simd_path
+
+    return PANEL_ROWS.get(simd_path(), (0, 0))
 
 
 def default_dense_threshold(keep_dense: bool) -> int:
@@ -84,13 +99,26 @@ def pack_blocks(t: GGUFQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, tor
 class GGUFQuantLinearMethod:
     """x @ W^T for a Linear whose W stays in GGUF Q4 or Q8 blocks."""
 
-    def __init__(self, qtype_family: str, keep_dense: bool = False, dense_threshold: int | None = None) -> None:
+    def __init__(self, qtype_family: str, keep_dense: bool = False, dense_threshold: int | None = None,
+                 panel_rows: tuple[int, int] | None = None) -> None:
         if qtype_family not in ("Q4", "Q8"):
             raise ValueError(f"qtype_family must be 'Q4' or 'Q8', got {qtype_family!r}")
         self.is_q4 = qtype_family == "Q4"
         self.keep_dense = keep_dense
         self.dense_threshold = dense_threshold if dense_threshold is not None else default_dense_threshold(keep_dense)
+        self.panel_rows = panel_rows if panel_rows is not None else default_panel_rows()
         self.source_types: set[str] = set()
+
+    def block_max_rows(self, dtype: torch.dtype) -> int:
+        """Largest M the block kernel takes for activations of `dtype`."""
+        first_panel, last_panel = self.panel_rows
+        if dtype == torch.float32 and last_panel > 0:
+            return min(self.dense_threshold, first_panel - 1)
+        return self.dense_threshold
+
+    def panel_max_rows(self, dtype: torch.dtype) -> int:
+        """Largest M the panel kernel takes (0: never; it runs fp32 activations only)."""
+        return self.panel_rows[1] if dtype == torch.float32 else 0
 
     @property
     def name(self) -> str:
@@ -98,7 +126,11 @@ class GGUFQuantLinearMethod:
         path = "native int16·int{} kernel".format(4 if self.is_q4 else 8) if use_native_quant(torch.empty(0)) \
             else "reference (dequantize + matmul)"
         dense = "resident dense copy" if self.keep_dense else "dequantized per call"
-        return f"gguf {types}: {path} for M<={self.dense_threshold}, dense GEMM above ({dense})"
+        panel = ""
+        if self.panel_rows[1] > 0 and use_native_quant(torch.empty(0)):
+            panel = (f" (fp32: M<={self.block_max_rows(torch.float32)}, then the panel kernel up to "
+                     f"M={self.panel_rows[1]})")
+        return f"gguf {types}: {path} for M<={self.dense_threshold}{panel}, dense GEMM above ({dense})"
 
     def accepts(self, qtype: str) -> bool:
         return qtype in (Q4_TYPES if self.is_q4 else ("Q8_0",))
@@ -140,8 +172,13 @@ class GGUFQuantLinearMethod:
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= self.dense_threshold:
+        rows = x2.shape[0]
+        if rows <= self.block_max_rows(x2.dtype):
             y = quant_matmul(x2, layer.qs, layer.d, layer.m, self.is_q4)
+            if layer.bias is not None:
+                y = y + layer.bias
+        elif rows <= self.panel_max_rows(x2.dtype) and use_native_quant(x2):
+            y = quant_matmul_panels(x2, layer.qs, layer.d, layer.m, self.is_q4)
             if layer.bias is not None:
                 y = y + layer.bias
         else:

@@ -62,7 +62,10 @@ class IntWeightLinearMethod:
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         head = f"int{self.bits} {group} {'sym' if self.sym else 'asym'}{' +smooth' if self.smooth else ''}"
         if self.blocks is not None:
-            return f"{head}: native block kernel for M<={self.blocks.dense_threshold}, dequantize + GEMM above"
+            b = self.blocks
+            panel = f", fp32 panel kernel up to M={b.panel_rows[1]}" if b.panel_rows[1] > 0 else ""
+            return f"{head}: native block kernel for M<={b.block_max_rows(torch.float32)} (fp32) / " \
+                   f"{b.dense_threshold} (bf16){panel}, dequantize + GEMM above"
         return f"{head}: reference path (dequantize + dense matmul)"
 
     def block_layout_fits(self, layer: nn.Module) -> bool:

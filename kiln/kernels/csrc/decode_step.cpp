@@ -28,12 +28,14 @@ namespace {
 
 enum LinearKind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2 };
 
-// One Linear: a dense weight, or packed blocks (qs, d, m) run by the block kernel for M <= max_rows
-// and by a dense GEMM above (on `dense` when the layer keeps a resident copy, else dequantized per
-// call) — the same rule as GGUFQuantLinearMethod.apply.
+// One Linear: a dense weight, or packed blocks (qs, d, m) run by the block kernel for M <= max_rows,
+// by the panel kernel (fp32) for M <= panel_rows, and by a dense GEMM above (on `dense` when the
+// layer keeps a resident copy, else dequantized per call) — the same rule as
+// GGUFQuantLinearMethod.apply.
 struct LinearWeights {
   int64_t kind = kDense;
   int64_t max_rows = 0;
+  int64_t panel_rows = 0;
   at::Tensor weight;  // dense weight, or qs
   at::Tensor d, m;
   at::Tensor dense;  // resident dense copy (undefined when none)
@@ -44,6 +46,11 @@ struct LinearWeights {
     if (x.size(0) <= max_rows) {
       KILN_PROFILED("kiln::quant_matmul");
       at::Tensor y = quant_matmul(x, weight, d, m, kind == kQ4);
+      return bias ? y + *bias : y;
+    }
+    if (x.size(0) <= panel_rows && x.scalar_type() == at::kFloat) {
+      KILN_PROFILED("kiln::quant_matmul_panels");
+      at::Tensor y = quant_matmul_panels(x, weight, d, m, kind == kQ4);
       return bias ? y + *bias : y;
     }
     at::Tensor w = dense;
@@ -99,17 +106,18 @@ struct DecodePlan : torch::CustomClassHolder {
   double eps, scale;
 
   // tensors: kTensorsPerLayer per layer — input_norm, post_attention_norm, then qkv, o, gate_up, down
-  // as (weight-or-qs, d, m, dense, bias); kinds/max_rows: one per linear in the same order.
+  // as (weight-or-qs, d, m, dense, bias); kinds/max_rows/panel_rows: one per linear in the same order.
   DecodePlan(std::vector<at::Tensor> tensors, std::vector<int64_t> kinds, std::vector<int64_t> max_rows,
-             at::Tensor final_norm_, at::Tensor cos_, at::Tensor sin_, int64_t num_heads_, int64_t num_kv_heads_,
+             std::vector<int64_t> panel_rows, at::Tensor final_norm_, at::Tensor cos_, at::Tensor sin_, int64_t num_heads_, int64_t num_kv_heads_,
              int64_t head_dim_, double eps_, double scale_)
       : final_norm(std::move(final_norm_)), cos(std::move(cos_)), sin(std::move(sin_)), num_heads(num_heads_),
         num_kv_heads(num_kv_heads_), head_dim(head_dim_), eps(eps_), scale(scale_) {
     const int64_t n_layers = static_cast<int64_t>(tensors.size()) / kTensorsPerLayer;
     TORCH_CHECK(static_cast<int64_t>(tensors.size()) == n_layers * kTensorsPerLayer && n_layers > 0,
                 "DecodePlan: expected ", kTensorsPerLayer, " tensors per layer, got ", tensors.size());
-    TORCH_CHECK(static_cast<int64_t>(kinds.size()) == 4 * n_layers && max_rows.size() == kinds.size(),
-                "DecodePlan: one kind and max_rows per linear");
+    TORCH_CHECK(static_cast<int64_t>(kinds.size()) == 4 * n_layers && max_rows.size() == kinds.size() &&
+                    panel_rows.size() == kinds.size(),
+                "DecodePlan: one kind, max_rows and panel_rows per linear");
     for (int64_t i = 0; i < n_layers; ++i) {
       const at::Tensor* t = tensors.data() + i * kTensorsPerLayer;
       LayerWeights L;
@@ -121,6 +129,7 @@ struct DecodePlan : torch::CustomClassHolder {
         LinearWeights& lw = *linears[j];
         lw.kind = kinds[i * 4 + j];
         lw.max_rows = max_rows[i * 4 + j];
+        lw.panel_rows = panel_rows[i * 4 + j];
         TORCH_CHECK(lw.kind == kDense || lw.kind == kQ4 || lw.kind == kQ8, "DecodePlan: unknown linear kind");
         lw.weight = w[0];
         lw.d = w[1];
@@ -196,7 +205,7 @@ struct DecodePlan : torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.class_<kiln::DecodePlan>("DecodePlan")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor,
-                       at::Tensor, int64_t, int64_t, int64_t, double, double>())
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+                       at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double, double>())
       .def("run", &kiln::DecodePlan::run);
 }

@@ -10,6 +10,9 @@ namespace kiln {
 // y [M, N] = x [M, K] @ W^T for W in the packed Q4/Q8 block layout (quant_gemm.cpp).
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
                         bool is_q4);
+// y [M, N] = x [M, K] @ dequantize(W)^T in fp32, W dequantized panel by panel (medium M).
+at::Tensor quant_matmul_panels(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+                               bool is_q4);
 // W as a dense [N, K] tensor of `dtype` from the packed block layout.
 at::Tensor quant_dequantize(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, bool is_q4,
                             at::ScalarType dtype);

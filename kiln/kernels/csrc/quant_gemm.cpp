@@ -388,6 +388,144 @@ at::Tensor quant_dequantize(const at::Tensor& qs_in, const at::Tensor& d_in, con
   return dtype == at::kFloat ? w : w.to(dtype);
 }
 
+#ifdef KILN_AVX512
+// ---- medium M (batched decode): fp32 GEMM on weights dequantized panel by panel ----------------
+//
+// Above ~16 rows the int16 block kernel loses to a dense fp32 GEMM (its per-block convert and
+// scale cost as much as the multiply-adds), and torch's GEMM needs a resident fp32 copy of every
+// weight (4x the Q8 / 8x the Q4 bytes) and reaches only about half the FMA peak on these skinny
+// shapes (M = 17-128 rows, K = 576-1536). Here each thread dequantizes PANEL_ROWS output rows at
+// a time into an L1-resident fp32 buffer (the same values as quant_dequantize) and runs a
+// register-blocked micro-kernel over every activation row: 4 x rows x 6 weight rows = 24
+// accumulators of 16 k-lanes, 10 loads per 24 FMAs, one horizontal add per output at the end.
+// Summation runs along k in 16-lane partial sums; results match x @ dequantize(W)^T to fp32
+// rounding (tests/test_quant_kernels.py).
+constexpr int PANEL_ROWS = 6;
+constexpr int TILE_M = 4;
+
+// Rows [n0, n0 + nr) of W as fp32 [nr][K] (w = d * q + m, or d * q for Q8).
+template <bool Q4>
+void dequant_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m, int64_t nb,
+                   int64_t n0, int nr, float* out) {
+  const int64_t K = nb * QK;
+  const __m512i low = _mm512_set1_epi32(0x0F);
+  for (int r = 0; r < nr; ++r) {
+    const uint8_t* row = qs + (n0 + r) * row_bytes;
+    const c10::Half* dr = d + (n0 + r) * nb;
+    float* o = out + r * K;
+    if constexpr (Q4) {
+      const c10::Half* mr = m + (n0 + r) * nb;
+      for (int64_t b = 0; b < nb; b += 2) {
+        const uint8_t* pair = row + (b / 2) * QK;
+        const __m512i u0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
+        const __m512i u1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)));
+        const __m512 d0 = _mm512_set1_ps(half_to_float(dr + b)), m0 = _mm512_set1_ps(half_to_float(mr + b));
+        _mm512_storeu_ps(o + b * QK, _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(u0, low)), m0));
+        _mm512_storeu_ps(o + b * QK + 16, _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(u1, low)), m0));
+        if (b + 1 < nb) {
+          const __m512 d1 = _mm512_set1_ps(half_to_float(dr + b + 1)), m1 = _mm512_set1_ps(half_to_float(mr + b + 1));
+          _mm512_storeu_ps(o + (b + 1) * QK, _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(u0, 4)), m1));
+          _mm512_storeu_ps(o + (b + 1) * QK + 16,
+                           _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(u1, 4)), m1));
+        }
+      }
+    } else {
+      const int8_t* q = reinterpret_cast<const int8_t*>(row);
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m512 db = _mm512_set1_ps(half_to_float(dr + b));
+        for (int h = 0; h < 2; ++h) {
+          const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * QK + 16 * h)));
+          _mm512_storeu_ps(o + b * QK + 16 * h, _mm512_mul_ps(db, _mm512_cvtepi32_ps(v)));
+        }
+      }
+    }
+  }
+}
+
+// y[i, r] = sum_k x[i, k] * w[r, k] for MR x rows and NR panel rows.
+template <int MR, int NR>
+inline void panel_tile(const float* x, int64_t K, const float* w, float* y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_ps(x + i * K + k);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 wv = _mm512_loadu_ps(w + r * K + k);
+      for (int i = 0; i < MR; ++i) acc[i][r] = _mm512_fmadd_ps(xv[i], wv, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) y[i * ldy + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+template <int NR>
+void panel_rows(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N) {
+  int64_t i = 0;
+  for (; i + TILE_M <= M; i += TILE_M) panel_tile<TILE_M, NR>(x + i * K, K, w, y + i * N, N);
+  switch (M - i) {
+    case 3: panel_tile<3, NR>(x + i * K, K, w, y + i * N, N); break;
+    case 2: panel_tile<2, NR>(x + i * K, K, w, y + i * N, N); break;
+    case 1: panel_tile<1, NR>(x + i * K, K, w, y + i * N, N); break;
+    default: break;
+  }
+}
+
+template <bool Q4>
+void quant_matmul_panels_impl(const float* x, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp, int64_t M,
+                              int64_t N, int64_t K, int64_t row_bytes, float* y) {
+  const int64_t nb = K / QK;
+  const int64_t panels = (N + PANEL_ROWS - 1) / PANEL_ROWS;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(PANEL_ROWS * K);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * PANEL_ROWS;
+      const int nr = static_cast<int>(std::min<int64_t>(PANEL_ROWS, N - n0));
+      dequant_panel<Q4>(qp, row_bytes, dp, mp, nb, n0, nr, w.data());
+      switch (nr) {
+        case 6: panel_rows<6>(x, M, K, w.data(), y + n0, N); break;
+        case 5: panel_rows<5>(x, M, K, w.data(), y + n0, N); break;
+        case 4: panel_rows<4>(x, M, K, w.data(), y + n0, N); break;
+        case 3: panel_rows<3>(x, M, K, w.data(), y + n0, N); break;
+        case 2: panel_rows<2>(x, M, K, w.data(), y + n0, N); break;
+        default: panel_rows<1>(x, M, K, w.data(), y + n0, N); break;
+      }
+    }
+  });
+}
+#endif
+
+// y[M, N] = x[M, K] @ dequantize(W)^T in fp32 for a block-quantized W (medium M; see above).
+at::Tensor quant_matmul_panels(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+                               bool is_q4) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be a float32 [M, K] tensor");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = d.size(0), nb = K / QK;
+  TORCH_CHECK(K % QK == 0, "K must be a multiple of 32, got ", K);
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(1) == nb,
+              "d must be float16 [N, K/32]");
+  const int64_t row_bytes = is_q4 ? (nb + 1) / 2 * QK : K;
+  TORCH_CHECK(qs.is_contiguous() && qs.size(0) == N && qs.numel() == N * row_bytes, "qs has ", qs.numel(),
+              " bytes; expected ", N * row_bytes);
+  if (is_q4) TORCH_CHECK(m.scalar_type() == at::kHalf && m.is_contiguous() && m.sizes() == d.sizes(), "m must match d");
+#ifdef KILN_AVX512
+  at::Tensor y = at::empty({M, N}, x.options());
+  const auto* qp = static_cast<const uint8_t*>(qs.data_ptr());
+  if (is_q4) {
+    quant_matmul_panels_impl<true>(x.data_ptr<float>(), qp, d.data_ptr<c10::Half>(), m.data_ptr<c10::Half>(), M, N, K,
+                                   row_bytes, y.data_ptr<float>());
+  } else {
+    quant_matmul_panels_impl<false>(x.data_ptr<float>(), qp, d.data_ptr<c10::Half>(), nullptr, M, N, K, row_bytes,
+                                    y.data_ptr<float>());
+  }
+  return y;
+#else
+  // Without AVX-512 the dense GEMM on a dequantized copy is the same arithmetic.
+  return at::linear(x, quant_dequantize(qs, d, m, is_q4, at::kFloat));
+#endif
+}
+
 // Which SIMD path this build of the library runs (for `kiln info`).
 int64_t quant_simd_level() {
 #if defined(KILN_AVX512)
@@ -405,9 +543,11 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def("quant_simd_level() -> int", &kiln::quant_simd_level);  // no tensor argument: a catch-all kernel
   m.def("quant_matmul(Tensor x, Tensor qs, Tensor d, Tensor m, bool is_q4) -> Tensor");
   m.def("quant_dequantize(Tensor qs, Tensor d, Tensor m, bool is_q4, ScalarType dtype) -> Tensor");
+  m.def("quant_matmul_panels(Tensor x, Tensor qs, Tensor d, Tensor m, bool is_q4) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   m.impl("quant_matmul", &kiln::quant_matmul);
   m.impl("quant_dequantize", &kiln::quant_dequantize);
+  m.impl("quant_matmul_panels", &kiln::quant_matmul_panels);
 }
