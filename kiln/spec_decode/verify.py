@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.sample.sampler import SampleRow, apply_min_tokens, apply_penalties, draw, truncate_probs
+from kiln.sample.sampler import SampleRow, apply_min_tokens, apply_penalties, draw, greedy_tokens, truncate_probs
 
 
 def verify_drafts(logits: torch.Tensor, rows: list[SampleRow], drafts: list[int]
@@ -31,7 +31,7 @@ def verify_drafts(logits: torch.Tensor, rows: list[SampleRow], drafts: list[int]
     logits = apply_penalties(apply_min_tokens(logits, rows), rows)
     accepted: list[int] = []
     if params.greedy:
-        target = logits.argmax(-1).tolist()
+        target = greedy_tokens(logits)
         for j in range(k):
             accepted.append(target[j])
             if target[j] != drafts[j]:

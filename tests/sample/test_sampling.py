@@ -139,3 +139,16 @@ def test_stop_token_ids_and_max_tokens(llm_fp32: LLM) -> None:
     out2 = llm_fp32.generate(["Hello"], SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[stop_tok]))[0]
     first = out2.outputs[0].token_ids
     assert first[-1] == stop_tok and out2.outputs[0].finish_reason == "stop" and out2.outputs[0].stop_reason == stop_tok
+
+
+def test_greedy_tokens_equal_argmax_with_ties_and_nan() -> None:
+    from kiln.sample.sampler import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 49152, generator=g)
+    logits[3, [7, 9000, 40000]] = 50.0  # a three-way tie: the first index wins
+    logits[5] = 0.0  # all equal
+    logits[8, 123] = float("nan")  # NaN counts as the largest, as in argmax
+    logits[9, 17] = float("inf")
+    assert greedy_tokens(logits) == logits.argmax(-1).tolist()
+    assert greedy_tokens(logits)[3] == 7 and greedy_tokens(logits)[5] == 0 and greedy_tokens(logits)[8] == 123
