@@ -442,6 +442,21 @@ void dequant_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
   }
 }
 
+// The lane sums of four vectors at once: [sum a, sum b, sum c, sum d] in 13 operations instead of
+// 4 x 8 for separate horizontal adds (the tile's reductions were ~20 % of its work at K = 576).
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  // per 128-bit lane: [a, b, c, d] partial sums
+  const __m512 abcd = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 // y[i, r] = sum_k x[i, k] * w[r, k] for MR x rows and NR panel rows.
 template <int MR, int NR>
 inline void panel_tile(const float* x, int64_t K, const float* w, float* y, int64_t ldy) {
@@ -456,8 +471,15 @@ inline void panel_tile(const float* x, int64_t K, const float* w, float* y, int6
       for (int i = 0; i < MR; ++i) acc[i][r] = _mm512_fmadd_ps(xv[i], wv, acc[i][r]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) y[i * ldy + r] = _mm512_reduce_add_ps(acc[i][r]);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) {
+    for (int r = 0; r < NR; r += 4) {
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, hsum4(acc[i][r], r + 1 < NR ? acc[i][r + 1] : zero, r + 2 < NR ? acc[i][r + 2] : zero,
+                               r + 3 < NR ? acc[i][r + 3] : zero));
+      for (int j = 0; j < 4 && r + j < NR; ++j) y[i * ldy + r + j] = sums[j];
+    }
+  }
 }
 
 template <int NR>
