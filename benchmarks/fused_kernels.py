@@ -86,7 +86,7 @@ def attention_rows(dtype: torch.dtype) -> list[dict[str, Any]]:
 
     out = []
     block_size, context = 16, 512
-    for batch in (1, 8):
+    for batch in (1, 8, 64):
         per_seq = context // block_size
         for kv_dtype in ("auto", "int8"):
             (k_cache, v_cache), = allocate_kv_caches(1, (batch * per_seq, block_size, KV_HEADS, HEAD_DIM), kv_dtype,
@@ -98,7 +98,8 @@ def attention_rows(dtype: torch.dtype) -> list[dict[str, Any]]:
 
             write_kv(kv, kv * 0.5, k_cache, v_cache, torch.arange(kv.shape[0]))
             q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype)
-            label = "paged decode attention" + (" (int8 KV)" if kv_dtype == "int8" else "")
+            stored = "int8" if kv_dtype == "int8" else str(k_cache.dtype).removeprefix("torch.")
+            label = f"paged decode attention ({stored} KV)"
             out.append(row(f"{label}, ctx {context}", batch, dtype,
                            lambda: _native_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, 0.125),
                            lambda: _decode_fallback(q, k_cache, v_cache, meta, 0.125)))
