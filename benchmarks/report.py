@@ -215,6 +215,8 @@ def vs_llamacpp_table() -> str:
                     f"{verdict(r['concurrent_kiln_over_best_llama_server'], t['concurrent'])} |")
         others = "; ".join(f"`{n}` {v['output_tok_s']:.0f} tok/s (TTFT p50 {v['ttft_p50_s']:.1f} s"
                            + (f", {v['errors']} of {v['requests']} requests dropped by the server" if v["errors"] else "")
+                           + (f", {v['retried_requests']} requests retried after a dropped connection"
+                              if v.get("retried_requests") else "")
                            + ")" for n, v in peers.items())
         conc_note = (f"\n\nAt 64 concurrent requests ({kiln_c['requests']} GSM8K chat requests, ≤ 128 tokens each): "
                      f"kiln TTFT p50 {kiln_c['ttft_p50_s']:.2f} s, p95 {kiln_c['ttft_p95_s']:.2f} s; llama-server: "

@@ -101,6 +101,7 @@ def concurrent_output(url: str, prompts: list[str]) -> dict[str, Any]:
     results, elapsed = asyncio.run(run_load(url, "bench", prompts, DECODE_TOKENS, None, CONCURRENCY))
     s = summarize(results, elapsed)
     return {"output_tok_s": s["output_tok_s"], "errors": s["errors"], "first_error": s["first_error"],
+            "retried_requests": s["retried_requests"],
             "elapsed_s": elapsed, "requests": len(prompts), "ttft_p50_s": s["ttft_s"]["p50"],
             "ttft_p95_s": s["ttft_s"]["p95"], "tpot_p50_s": s["tpot_s"]["p50"]}
 

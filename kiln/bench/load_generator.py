@@ -34,6 +34,8 @@ class RequestResult:
     usage_tokens: int | None = None  # completion_tokens of the stream's usage chunk, when the server sends one
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    retries: int = 0  # attempts after the first (connection dropped before any response)
+    retryable: bool = False
 
     @property
     def output_tokens(self) -> int:
@@ -62,11 +64,27 @@ def load_prompts(dataset: str, n: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(n)]  # cycle when asked for more than the set holds
 
 
+# Like the official openai client (max_retries=2): a connection the server dropped before sending
+# anything (a pooled keep-alive connection it had closed, a refused connect) is retried on a fresh
+# one; the request's clock keeps running from the first attempt.
+MAX_RETRIES = 2
+
+
 async def stream_chat(client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int,
                       headers: dict[str, str]) -> RequestResult:
+    start = time.perf_counter()
+    for attempt in range(MAX_RETRIES + 1):
+        result = await _stream_once(client, base_url, model, prompt, max_tokens, headers, start)
+        result.retries = attempt
+        if not result.retryable or attempt == MAX_RETRIES:
+            return result
+    raise AssertionError("unreachable")
+
+
+async def _stream_once(client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int,
+                       headers: dict[str, str], start: float) -> RequestResult:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
     last = start
     result = RequestResult(False)
     try:
@@ -91,6 +109,7 @@ async def stream_chat(client: httpx.AsyncClient, base_url: str, model: str, prom
                     result.output_chunks += 1
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
+        result.retryable = result.output_chunks == 0 and isinstance(exc, (httpx.RemoteProtocolError, httpx.ConnectError))
         return result
     result.e2e_s = time.perf_counter() - start
     result.ok = result.output_chunks > 0
@@ -161,6 +180,7 @@ def summarize(results: list[RequestResult], elapsed: float, slo_ttft_s: float | 
         "num_requests": len(results),
         "errors": len(results) - len(good),
         "first_error": next((r.error for r in results if not r.ok), None),
+        "retried_requests": sum(1 for r in results if r.retries),
         "elapsed_s": elapsed,
         "request_throughput": len(good) / elapsed,
         "output_tok_s": sum(r.output_tokens for r in good) / elapsed,

@@ -69,7 +69,8 @@ def kv_bytes_per_token(model_cfg: ModelConfig, kv_cache_dtype: str, model_dtype:
 def plan_kv_cache(
     model_cfg: ModelConfig, cache_cfg: CacheConfig, kv_dtype: torch.dtype, max_model_len: int, device: str = "cpu"
 ) -> KVBudget:
-    """Blocks that fit the budget. `kv_dtype` is the model dtype (what 'auto' stores); a quantized
+    """Blocks that fit the budget. `kv_dtype` is the model dtype ('auto' stores it, or float16 under
+    a float32 model on the CPU: kv_quant.full_precision_kv_dtype); a quantized
     `cache_cfg.kv_cache_dtype` stores 1 byte per value plus its scales."""
     check_kv_cache_for_model(cache_cfg.kv_cache_dtype, kv_dtype, device)
     per_token = kv_bytes_per_token(model_cfg, cache_cfg.kv_cache_dtype, kv_dtype, device)

@@ -60,3 +60,34 @@ def test_unreachable_server_is_a_clear_error() -> None:
 def test_bad_dataset_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="--dataset"):
         load_prompts("no/such/file.txt", 2)
+
+
+def test_a_connection_dropped_before_any_response_is_retried_like_the_openai_client() -> None:
+    """A pooled connection the server had closed surfaces as RemoteProtocolError before any byte;
+    the load generator retries it (up to twice, as openai's client does) and counts the retry."""
+    import httpx
+
+    from kiln.bench.load_generator import MAX_RETRIES, stream_chat
+
+    calls = []
+    sse = ('data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+           'data: {"choices":[],"usage":{"completion_tokens":3}}\n\ndata: [DONE]\n\n')
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+
+    async def run(h):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(h)) as client:
+            return await stream_chat(client, "http://x", "m", "hello", 4, {})
+
+    result = asyncio.run(run(handler))
+    assert result.ok and result.retries == 1 and result.output_tokens == 3 and len(calls) == 2
+
+    def always_drops(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+
+    result = asyncio.run(run(always_drops))
+    assert not result.ok and result.retries == MAX_RETRIES and "RemoteProtocolError" in result.error
