@@ -28,7 +28,7 @@ from gguf.quants import quantize
 
 from kiln.kernels.native import _march, load_native, simd_path
 from kiln.kernels.quant_matmul import dequantize
-from kiln.layers.gguf_quant import GGUFQuantizedTensor, pack_blocks
+from kiln.layers.gguf_quant import GGUFQuantizedTensor, default_panel_rows, pack_blocks
 
 RESULTS = Path(__file__).parent / "results"
 # SmolLM2-135M: qkv, o, gate_up, down, tied LM head (Q8_0 in the default GGUF)
@@ -106,6 +106,7 @@ def main() -> None:
               "panel_beats_block_from_M": min(
                   [mm for mm, v in steps.items() if v["panel_fp32_us"] < v["kernel_fp32_act_us"]], default=None),
               # ... and up to here, the resident fp32 GEMM above
+              "kiln_panel_rows": list(default_panel_rows()),  # the range the code uses (PANEL_ROWS)
               "panel_beats_fp32_up_to_M": max(
                   [mm for mm, v in steps.items() if v["panel_fp32_us"] < v["fp32_resident_us"]], default=0),
               "kernel_beats_fp32_up_to_M": max(

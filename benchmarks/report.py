@@ -106,9 +106,13 @@ def quant_kernels_table() -> str:
                     + (f" {v['panel_fp32']:.2f} | {v['panel_speedup_vs_fp32']:.2f}× |" if panel else ""))
     panel_note = ""
     if panel:
-        panel_note = (f"\n\nWith fp32 activations (the default here) kiln runs the block kernel up to the batch where "
-                      f"the panel kernel first beats it (M={d['panel_beats_block_from_M']}), the panel kernel up to "
-                      f"M={d['panel_beats_fp32_up_to_M']}, the resident fp32 GEMM above.")
+        first, last = d.get("kiln_panel_rows", (None, None))
+        panel_note = (f"\n\nWith fp32 activations (the default here) the panel kernel beat the block kernel from "
+                      f"M={d['panel_beats_block_from_M']} and the resident fp32 GEMM up to "
+                      f"M={d['panel_beats_fp32_up_to_M']} in this run"
+                      + (f"; kiln runs the block kernel below M={first}, the panel kernel for M={first}–{last} "
+                         f"(`PANEL_ROWS` in kiln/layers/gguf_quant.py) and the fp32 GEMM above" if first else "")
+                      + ".")
     per = {r["layer"]: r for r in d["rows"] if r["M"] == 1}
     layer_note = ", ".join(f"{name} {r['bf16_resident_us'] / r['kernel_us']:.2f}×" for name, r in per.items())
     avx2 = _load("quant_kernels_haswell")
@@ -218,9 +222,14 @@ def vs_llamacpp_table() -> str:
                            + (f", {v['retried_requests']} requests retried after a dropped connection"
                               if v.get("retried_requests") else "")
                            + ")" for n, v in peers.items())
+        runs = kiln_c.get("runs", [])
+        runs_note = (f"kiln serve ran before and after the llama-server runs ("
+                     + " and ".join(f"{run['output_tok_s']:.0f}" for run in runs)
+                     + " tok/s; the table has their mean) " if len(runs) > 1 else "")
         conc_note = (f"\n\nAt 64 concurrent requests ({kiln_c['requests']} GSM8K chat requests, ≤ 128 tokens each): "
-                     f"kiln TTFT p50 {kiln_c['ttft_p50_s']:.2f} s, p95 {kiln_c['ttft_p95_s']:.2f} s; llama-server: "
-                     f"{others}.")
+                     f"{runs_note}kiln TTFT p50 {kiln_c['ttft_p50_s']:.2f} s, p95 {kiln_c['ttft_p95_s']:.2f} s"
+                     + (f", {kiln_c['errors']} requests failed" if kiln_c["errors"] else "")
+                     + f"; llama-server: {others}.")
     else:
         conc_note = "\n\nllama-server was not given to this run, so the 64-concurrency row is missing."
     prof = k.get("profile", {}).get("decode_step")

@@ -10,7 +10,8 @@ Same GGUF (the default SmolLM2-135M-Instruct Q4_1), same token ids, 2 threads ev
 - 64 concurrent streaming chat requests (GSM8K questions, 128 tokens max, temperature 0, 128
   requests, closed loop at 64 in flight) against `kiln serve` and llama.cpp's own `llama-server`
   with 64, 32 and 16 parallel slots (continuous batching; the best is the peer); output tokens/s over
-  the run, tokens counted from each stream's usage chunk. llama-server
+  the run, tokens counted from each stream's usage chunk. kiln serve runs before and after the
+  llama-server runs and its figure is the mean of the two (the machine's speed drifts). llama-server
   is not built by this script: build it from the llama.cpp sources vendored in the llama-cpp-python
   sdist (cmake, target llama-server) outside the repository and pass `--llama-server PATH`.
 - The profile of kiln's decode step and prefill chunk (`kiln bench latency --profile`'s breakdown).
@@ -106,6 +107,16 @@ def concurrent_output(url: str, prompts: list[str]) -> dict[str, Any]:
             "ttft_p95_s": s["ttft_s"]["p95"], "tpot_p50_s": s["tpot_s"]["p50"]}
 
 
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's repeated concurrent runs: output tok/s and latencies are the means over the runs,
+    errors and retries their sums; each run is kept under "runs"."""
+    mean = {key: sum(r[key] for r in runs) / len(runs)
+            for key in ("output_tok_s", "elapsed_s", "ttft_p50_s", "ttft_p95_s", "tpot_p50_s")}
+    return {**runs[0], **mean, "errors": sum(r["errors"] for r in runs),
+            "retried_requests": sum(r["retried_requests"] for r in runs),
+            "first_error": next((r["first_error"] for r in runs if r["first_error"]), None), "runs": runs}
+
+
 def llama_server_cmd(binary: Path, gguf: Path, port: int, slots: int) -> list[str]:
     # each slot gets n_ctx / slots tokens: 384 holds a GSM8K chat prompt plus 128 new tokens
     return [str(binary), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-t", str(THREADS),
@@ -152,16 +163,25 @@ def main() -> None:
 
     questions = gsm8k_questions(2 * CONCURRENCY)
     concurrent: dict[str, Any] = {}
-    port = free_port()
-    print(f"{CONCURRENCY} concurrent: kiln serve", file=sys.stderr)
-    with running_server(kiln_server_cmd(args.model, port, "auto"), port, THREADS) as url:
-        concurrent["kiln serve"] = concurrent_output(url, questions)
+    kiln_runs: list[dict[str, Any]] = []
+
+    def kiln_serve_run() -> None:
+        port = free_port()
+        print(f"{CONCURRENCY} concurrent: kiln serve (run {len(kiln_runs) + 1})", file=sys.stderr)
+        with running_server(kiln_server_cmd(args.model, port, "auto"), port, THREADS) as url:
+            kiln_runs.append(concurrent_output(url, questions))
+
+    kiln_serve_run()
     if args.llama_server is not None:
         for slots in LLAMA_SERVER_SLOTS:
             port = free_port()
             print(f"{CONCURRENCY} concurrent: llama-server -np {slots}", file=sys.stderr)
             with running_server(llama_server_cmd(args.llama_server, gguf, port, slots), port, THREADS) as url:
                 concurrent[f"llama-server -np {slots}"] = concurrent_output(url, questions)
+        # kiln again after the peers: this machine's speed drifts by 10-25 % over the minutes the peers
+        # take, so kiln's figure is the mean of a run before and a run after them
+        kiln_serve_run()
+    concurrent["kiln serve"] = combine_runs(kiln_runs)
     report["concurrent"] = concurrent
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")  # kept even if a system failed below

@@ -40,7 +40,8 @@ SCALAR_THRESHOLDS = (4, 16)  # portable C++ loop: not measured; the values used 
 # panel by panel into L1, register-blocked FMAs), AVX-512 only: (first M it runs, last M it runs).
 # Measured (quant_kernels.json, one decode step's matmuls, distinct weights): block kernel 12.4 ms
 # vs panel 13.9 at M=4, 21.8 vs 18.0 at M=8 (linear interpolation crosses at ~5); panel vs resident
-# fp32 GEMM 1.30x at M=64, 1.06x at 96, 0.97x at 128.
+# fp32 GEMM 1.30x at M=64, 1.06x at 96, 0.97x at 128 (a later run: 1.35x, 1.13x, 1.04x; at 128 the two are
+# within run-to-run noise, so the GEMM keeps M > 96).
 PANEL_ROWS = {"AVX-512": (6, 96)}
 
 
