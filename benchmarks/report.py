@@ -242,8 +242,10 @@ def vs_llamacpp_table() -> str:
                      f"{prof['other_ops_python_dispatch_ms']:.2f}; the LM head + sampling region, whose matmul is "
                      f"in the block-kernel figure, takes {regions.get('logits_and_sample', 0):.2f}.")
     return ("\n".join(rows) + conc_note + prof_note
-            + f"\n\nkiln's decode path: {k['decode_path']}; llama-cpp-python {lc.get('version', '?')}, median of "
-            + f"{d['repeats']} runs each." + _footer(d, "vs_llamacpp.py"))
+            + f"\n\nkiln's decode path: {k['decode_path']}; llama-cpp-python {lc.get('version', '?')}; "
+            + (f"single-stream figures are medians of {d['rounds'] * d['repeats']} runs each, in {d['rounds']} "
+               f"rounds that alternate the systems." if "rounds" in d else f"median of {d['repeats']} runs each.")
+            + _footer(d, "vs_llamacpp.py"))
 
 
 def fused_kernels_table() -> str:

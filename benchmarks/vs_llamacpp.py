@@ -2,10 +2,11 @@
 
 Same GGUF (the default SmolLM2-135M-Instruct Q4_1), same token ids, 2 threads everywhere, greedy.
 - Decode: 128 new tokens after a ~40-token chat prompt (EOS ignored), tokens/s between the first and
-  the last token, median of 3. kiln with its fused decode step, kiln with it off
+  the last token. kiln with its fused decode step, kiln with it off
   (`--no-fused-decode-step`, the op-by-op path), llama.cpp through llama-cpp-python's `generate`
-  (its C sampler, no Python logits processing).
-- Prefill: one 1,024-token prompt (Tiny Shakespeare), median of 3; kiln generates one token,
+  (its C sampler, no Python logits processing). The systems alternate: 3 rounds, each a fresh
+  process per system running 2 decodes and 2 prefills; the figure is the median of the 6.
+- Prefill: one 1,024-token prompt (Tiny Shakespeare); kiln generates one token,
   llama.cpp evaluates the prompt (`Llama.eval`, n_batch 1024 / n_ubatch 512, its defaults' best here).
 - 64 concurrent streaming chat requests (GSM8K questions, 128 tokens max, temperature 0, 128
   requests, closed loop at 64 in flight) against `kiln serve` and llama.cpp's own `llama-server`
@@ -35,7 +36,11 @@ THREADS = 2
 DECODE_TOKENS = 128
 PREFILL_TOKENS = 1024
 CONCURRENCY = 64
-REPEATS = 3
+# single-stream runs alternate between the systems in ROUNDS rounds of REPEATS runs each (each
+# system a fresh process per round): this machine drifts by 10-25 % over minutes, and a system
+# measured only in one window would carry that drift into its ratio
+ROUNDS = 3
+REPEATS = 2
 # llama-server configurations tried for the concurrent row; the best one is the peer
 LLAMA_SERVER_SLOTS = (CONCURRENCY, CONCURRENCY // 2, CONCURRENCY // 4)
 
@@ -46,7 +51,8 @@ def chat_prompt(tokenizer: Any) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def kiln_single_stream(model: str, prompt: list[int], long_prompt: list[int], fused: bool) -> dict[str, Any]:
+def kiln_single_stream(model: str, prompt: list[int], long_prompt: list[int], fused: bool,
+                       profile: bool) -> dict[str, Any]:
     from kiln import LLM, SamplingParams
 
     llm = LLM(model, enable_prefix_caching=False, max_num_batched_tokens=2048, fused_decode_step=fused)
@@ -62,7 +68,7 @@ def kiln_single_stream(model: str, prompt: list[int], long_prompt: list[int], fu
     result = {"decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
               "decode_runs": decode, "prefill_runs": prefill,
               "decode_path": llm.engine.loaded.model.decode_plan_status}
-    if fused:
+    if profile:
         from kiln.bench.profile import profile_engine
 
         result["profile"] = profile_engine(llm, prompt, long_prompt)
@@ -105,6 +111,19 @@ def concurrent_output(url: str, prompts: list[str]) -> dict[str, Any]:
             "retried_requests": s["retried_requests"],
             "elapsed_s": elapsed, "requests": len(prompts), "ttft_p50_s": s["ttft_s"]["p50"],
             "ttft_p95_s": s["ttft_s"]["p95"], "tpot_p50_s": s["tpot_s"]["p50"]}
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's single-stream rounds: medians over every run of every round, the first round's
+    other fields (decode path, profile); the first failed round's error if any failed."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    decode = [x for r in rounds for x in r["decode_runs"]]
+    prefill = [x for r in rounds for x in r["prefill_runs"]]
+    return {**rounds[0], "decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
+            "decode_runs": decode, "prefill_runs": prefill,
+            "peak_rss_mib": max(r.get("peak_rss_mib", 0.0) for r in rounds)}
 
 
 def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,15 +170,19 @@ def main() -> None:
         "benchmark": "vs_llamacpp", "model": args.model, "threads": THREADS, "machine":
         f"{platform.machine()}, {__import__('os').cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
         "prompt_tokens": len(prompt), "decode_tokens": DECODE_TOKENS, "prefill_tokens": len(long_prompt),
-        "repeats": REPEATS,
+        "repeats": REPEATS, "rounds": ROUNDS,
     }
     # each system in its own process: no allocator or thread-pool state carries over
-    print("single stream: kiln (fused decode step)", file=sys.stderr)
-    report["kiln"] = run_isolated(kiln_single_stream, args.model, prompt, long_prompt, True, threads=THREADS)
-    print("single stream: kiln (op-by-op decode)", file=sys.stderr)
-    report["kiln_unfused"] = run_isolated(kiln_single_stream, args.model, prompt, long_prompt, False, threads=THREADS)
-    print("single stream: llama.cpp", file=sys.stderr)
-    report["llama_cpp"] = run_isolated(llama_cpp_single_stream, gguf, prompt, long_prompt, threads=THREADS)
+    rounds: dict[str, list[dict[str, Any]]] = {"kiln": [], "kiln_unfused": [], "llama_cpp": []}
+    for r in range(ROUNDS):
+        print(f"single stream, round {r + 1}/{ROUNDS}: kiln (fused), kiln (op-by-op), llama.cpp", file=sys.stderr)
+        rounds["kiln"].append(run_isolated(kiln_single_stream, args.model, prompt, long_prompt, True, r == 0,
+                                           threads=THREADS))
+        rounds["kiln_unfused"].append(run_isolated(kiln_single_stream, args.model, prompt, long_prompt, False, False,
+                                                   threads=THREADS))
+        rounds["llama_cpp"].append(run_isolated(llama_cpp_single_stream, gguf, prompt, long_prompt, threads=THREADS))
+    for name, results in rounds.items():
+        report[name] = merge_rounds(results)
 
     questions = gsm8k_questions(2 * CONCURRENCY)
     concurrent: dict[str, Any] = {}
