@@ -4,7 +4,8 @@ SmolLM2-135M: hidden 576, 9 query / 3 KV heads of 64, FFN 1536, fp32 (kiln's def
 and bf16 activations, 2 threads.
 For every kernel: the median time of the fused op and of its plain-torch twin (the ops the model
 would otherwise run), their ratio, and the largest difference between the two outputs (the
-correctness check; the tests assert the same against tolerances). The last row is the whole fused
+correctness check; the tests assert the same against tolerances). The paged prefill kernel is
+compared with the gather + SDPA path it replaces. The last row is the whole fused
 decode step (kiln.kernels.decode_step) against the op-by-op forward of the real model.
 Writes benchmarks/results/fused_kernels.json.
 """
@@ -106,6 +107,28 @@ def attention_rows(dtype: torch.dtype) -> list[dict[str, Any]]:
     return out
 
 
+def prefill_rows(dtype: torch.dtype) -> list[dict[str, Any]]:
+    """kiln's paged prefill kernel vs the gather + SDPA path it replaces, one sequence: a fresh
+    1,024-token prompt, a 512-token chunk after a 512-token prefix, a serving-sized prompt."""
+    from kiln.kernels.kv_quant import allocate_kv_caches
+    from kiln.kernels.paged_attention import _prefill_kernel, _sdpa_prefill, write_kv
+
+    out = []
+    block_size = 16
+    for q_len, seq_len in ((1024, 1024), (512, 1024), (75, 91)):
+        n_blocks = (seq_len + block_size - 1) // block_size
+        (k_cache, v_cache), = allocate_kv_caches(1, (n_blocks, block_size, KV_HEADS, HEAD_DIM), "auto", dtype, "cpu")
+        kv = torch.randn(n_blocks * block_size, KV_HEADS, HEAD_DIM, dtype=dtype)
+        write_kv(kv, kv * 0.5, k_cache, v_cache, torch.arange(kv.shape[0]))
+        table = torch.randperm(n_blocks).to(torch.int32)  # scattered blocks, as a real cache has them
+        q = torch.randn(q_len, HEADS, HEAD_DIM, dtype=dtype)
+        stored = str(k_cache.dtype).removeprefix("torch.")
+        name = f"paged prefill attention ({stored} KV), {q_len} queries, ctx {seq_len}"
+        out.append(row(name, q_len, dtype, lambda: _prefill_kernel(q, k_cache, v_cache, table, seq_len, 0.125),
+                       lambda: _sdpa_prefill(q, k_cache, v_cache, table, seq_len, 0.125)))
+    return out
+
+
 def decode_step_row() -> dict[str, Any]:
     """One decode step of the real model at context 128: DecodePlan.run vs the op-by-op forward."""
     from kiln import LLM
@@ -138,7 +161,7 @@ def main() -> None:
     if not load_native():
         raise SystemExit("the native kernel library did not build; nothing to compare")
     with torch.inference_mode():
-        rows = [r for dtype in DTYPES for r in elementwise_rows(dtype) + attention_rows(dtype)]
+        rows = [r for dtype in DTYPES for r in elementwise_rows(dtype) + attention_rows(dtype) + prefill_rows(dtype)]
     rows.append(decode_step_row())
     report = {"benchmark": "fused_kernels", "threads": 2, "simd_path": simd_path(),
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",

@@ -53,6 +53,10 @@ def register_fake_impls() -> None:
     def _paged_decode_attention_quant(q, k_data, k_scale, v_data, v_scale, block_tables, seq_lens, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    @fake("kiln::paged_prefill_attention")
+    def _paged_prefill_attention(q, k_cache, v_cache, block_table, seq_len, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
     @fake("kiln::write_kv_quant")
     def _write_kv_quant(x, data, scale, slot_mapping):
         return None

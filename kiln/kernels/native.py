@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["paged_attention.cpp", "fused_ops.cpp", "quant_gemm.cpp", "decode_step.cpp"]
+_SOURCES = ["paged_attention.cpp", "prefill_attention.cpp", "fused_ops.cpp", "quant_gemm.cpp", "decode_step.cpp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None}
 

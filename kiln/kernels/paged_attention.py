@@ -8,8 +8,11 @@
   position with its own causal length. Each row is then computed exactly as if the tokens had
   been decoded one by one, which keeps speculative decoding's output identical to plain
   decoding even in bf16.
-- Longer prefill chunks go through `scaled_dot_product_attention` per sequence with a causal
-  mask offset by the prefix.
+- Longer prefill chunks go through kiln's flash-style prefill kernel per sequence
+  (csrc/prefill_attention.cpp: online softmax over 16-key tiles of the cached prefix plus the
+  chunk, read from the blocks; float caches, head_dim 64/128, AVX-512), otherwise through
+  `scaled_dot_product_attention` on the gathered context with a causal mask offset by the prefix.
+  `KILN_PREFILL_ATTENTION=sdpa` forces the latter (benchmarks/fused_kernels.py compares them).
 
 A float16/bfloat16 cache under float32 queries (`--kv-cache-dtype float16`) takes the same routes:
 the native kernel widens each K/V row as it reads it; gathers convert to the query dtype.
@@ -22,6 +25,7 @@ depend on whether its context arrived by prefill or by decode.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +61,20 @@ def native_reads(q_dtype: torch.dtype, k_cache: KVCacheTensor) -> bool:
     if type(k_cache) is QuantizedKV or k_cache.dtype == q_dtype:
         return True
     return q_dtype == torch.float32 and k_cache.dtype in (torch.float16, torch.bfloat16)
+
+
+def native_prefill(q: torch.Tensor, k_cache: KVCacheTensor) -> bool:
+    """Whether a prefill chunk of `q` runs kiln's paged prefill kernel over this cache."""
+    if type(k_cache) is QuantizedKV or q.shape[-1] not in (64, 128) or not native_reads(q.dtype, k_cache):
+        return False
+    if os.environ.get("KILN_PREFILL_ATTENTION", "native") == "sdpa":
+        return False
+    return q.device.type == "cpu" and load_native() and torch.ops.kiln.paged_prefill_supported()
+
+
+def _prefill_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_len: int, scale: float) -> torch.Tensor:
+    return torch.ops.kiln.paged_prefill_attention(q, k_cache, v_cache, block_table, seq_len, scale)
 
 
 def _native_decode(q: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTensor, block_tables: torch.Tensor,
@@ -97,6 +115,25 @@ def _decode_fallback(
     return out.squeeze(2)
 
 
+def _sdpa_prefill(q: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTensor, block_table: torch.Tensor,
+                  seq_len: int, scale: float) -> torch.Tensor:
+    """One sequence's chunk q [L, Hq, D] over its gathered context with torch's SDPA."""
+    q_len = q.shape[0]
+    k = gather_context(k_cache, block_table, seq_len).to(q.dtype).transpose(0, 1)  # [Hkv, S, D]
+    v = gather_context(v_cache, block_table, seq_len).to(q.dtype).transpose(0, 1)
+    # 4-D [1, H, L, D]: with 3-D inputs torch's CPU SDPA takes the unfused math path
+    # (bmm + softmax + mask), 4.5x slower than its flash kernel on a 1024-token prefill.
+    qi = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
+    k, v = k.unsqueeze(0), v.unsqueeze(0)
+    if q_len == seq_len:
+        o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [L, S]
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: KVCacheTensor,
@@ -118,6 +155,7 @@ def paged_attention(
             )
         else:
             out[:n_dec] = _decode_fallback(q, k_cache, v_cache, meta, scale)
+    prefill_native = native and meta.num_seqs > n_dec and native_prefill(q, k_cache)
     for i in range(n_dec, meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         q_len, seq_len = end - start, meta.seq_lens[i]
@@ -126,17 +164,8 @@ def paged_attention(
             tables = meta.block_tables[i].unsqueeze(0).expand(q_len, -1).contiguous()
             out[start:end] = _native_decode(q[start:end], k_cache, v_cache, tables, lens, scale)
             continue
-        k = gather_context(k_cache, meta.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)  # [Hkv, S, D]
-        v = gather_context(v_cache, meta.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)
-        # 4-D [1, H, L, D]: with 3-D inputs torch's CPU SDPA takes the unfused math path
-        # (bmm + softmax + mask), 4.5x slower than its flash kernel on a 1024-token prefill.
-        qi = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
-        k, v = k.unsqueeze(0), v.unsqueeze(0)
-        if q_len == seq_len:
-            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [L, S]
-            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:end] = o[0].transpose(0, 1)
+        if prefill_native:
+            out[start:end] = _prefill_kernel(q[start:end], k_cache, v_cache, meta.block_tables[i], seq_len, scale)
+            continue
+        out[start:end] = _sdpa_prefill(q[start:end], k_cache, v_cache, meta.block_tables[i], seq_len, scale)
     return out
