@@ -113,6 +113,20 @@ def concurrent_output(url: str, prompts: list[str]) -> dict[str, Any]:
             "ttft_p95_s": s["ttft_s"]["p95"], "tpot_p50_s": s["tpot_s"]["p50"]}
 
 
+def memory_read_gb_s() -> float:
+    """This machine's read bandwidth right now (a 400 MB fp32 sum, 2 threads, best of 5): kiln's
+    single-stream decode is bound by it, so the run records it next to the figures."""
+    import torch
+
+    x = torch.ones(100_000_000)
+    best = 0.0
+    for _ in range(6):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One system's single-stream rounds: medians over every run of every round, the first round's
     other fields (decode path, profile); the first failed round's error if any failed."""
@@ -172,6 +186,7 @@ def main() -> None:
         "prompt_tokens": len(prompt), "decode_tokens": DECODE_TOKENS, "prefill_tokens": len(long_prompt),
         "repeats": REPEATS, "rounds": ROUNDS,
     }
+    report["memory_read_gb_s"] = {"start": memory_read_gb_s()}
     # each system in its own process: no allocator or thread-pool state carries over
     rounds: dict[str, list[dict[str, Any]]] = {"kiln": [], "kiln_unfused": [], "llama_cpp": []}
     for r in range(ROUNDS):
@@ -205,6 +220,7 @@ def main() -> None:
         # take, so kiln's figure is the mean of a run before and a run after them
         kiln_serve_run()
     concurrent["kiln serve"] = combine_runs(kiln_runs)
+    report["memory_read_gb_s"]["end"] = memory_read_gb_s()
     report["concurrent"] = concurrent
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")  # kept even if a system failed below
