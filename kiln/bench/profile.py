@@ -14,11 +14,14 @@ from typing import Any
 # op name → family; only leaf ops, so self times add up without double counting
 OP_FAMILIES: dict[str, str] = {
     "kiln::quant_matmul": "matmul: quantized block kernel",
+    "kiln::quant_matmul_panels": "matmul: panel kernel",
     "kiln::quant_dequantize": "matmul: dequantize for dense GEMM",
     "aten::mm": "matmul: dense GEMM/GEMV",
     "aten::addmm": "matmul: dense GEMM/GEMV",
     "aten::bmm": "attention",
     "kiln::paged_decode_attention": "attention",
+    "kiln::paged_decode_attention_quant": "attention",
+    "kiln::paged_prefill_attention": "attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     "aten::_softmax": "attention",
     "kiln::add_rms_norm": "norm / SiLU·gate / RoPE (fused)",
