@@ -225,7 +225,7 @@ def vs_llamacpp_table() -> str:
         runs = kiln_c.get("runs", [])
         runs_note = (f"kiln serve ran before and after the llama-server runs ("
                      + " and ".join(f"{run['output_tok_s']:.0f}" for run in runs)
-                     + " tok/s; the table has their mean) " if len(runs) > 1 else "")
+                     + " tok/s; the table has their mean); " if len(runs) > 1 else "")
         conc_note = (f"\n\nAt 64 concurrent requests ({kiln_c['requests']} GSM8K chat requests, ≤ 128 tokens each): "
                      f"{runs_note}kiln TTFT p50 {kiln_c['ttft_p50_s']:.2f} s, p95 {kiln_c['ttft_p95_s']:.2f} s"
                      + (f", {kiln_c['errors']} requests failed" if kiln_c["errors"] else "")
