@@ -243,8 +243,8 @@ def vs_llamacpp_table() -> str:
                      f"in the block-kernel figure, takes {regions.get('logits_and_sample', 0):.2f}.")
     bw = d.get("memory_read_gb_s")
     bw_note = (f"\n\nThis machine's read bandwidth during the run: {bw['start']:.1f} GB/s at its start, "
-               f"{bw['end']:.1f} GB/s at its end (kiln's single-stream decode is bound by it; it "
-               f"varied from run to run on this machine)." if bw and "end" in bw else "")
+               f"{bw['end']:.1f} GB/s at its end (a bound on any single-stream decode, which reads every "
+               f"weight once per token; it varied from run to run on this machine)." if bw and "end" in bw else "")
     return ("\n".join(rows) + conc_note + prof_note + bw_note
             + f"\n\nkiln's decode path: {k['decode_path']}; llama-cpp-python {lc.get('version', '?')}; "
             + (f"single-stream figures are medians of {d['rounds'] * d['repeats']} runs each, in {d['rounds']} "
