@@ -114,8 +114,8 @@ def concurrent_output(url: str, prompts: list[str]) -> dict[str, Any]:
 
 
 def memory_read_gb_s() -> float:
-    """This machine's read bandwidth right now (a 400 MB fp32 sum, 2 threads, best of 5): kiln's
-    single-stream decode is bound by it, so the run records it next to the figures."""
+    """This machine's read bandwidth right now (a 400 MB fp32 sum, 2 threads, best of 6): it bounds
+    any single-stream decode, so the run records it next to the figures."""
     import torch
 
     x = torch.ones(100_000_000)

@@ -72,6 +72,10 @@ def test_paged_attention_routes_prefill_chunks_through_the_kernel(monkeypatch) -
 
 
 def test_quantized_cache_and_other_head_sizes_keep_the_sdpa_path() -> None:
+    from kiln.kernels.kv_quant import allocate_kv_caches
+
+    (k_int8, _), = allocate_kv_caches(1, (2, 16, 2, 64), "int8", torch.float32, "cpu")
+    assert not pa.native_prefill(torch.randn(4, 6, 64), k_int8)  # a 1-byte cache: gather + SDPA
     q = torch.randn(4, 6, 32)
     assert not pa.native_prefill(q, torch.zeros(2, 16, 2, 32))  # head_dim 32: not a kernel shape
     assert pa.native_prefill(torch.randn(4, 6, 64), torch.zeros(2, 16, 2, 64, dtype=torch.float16))

@@ -9,7 +9,7 @@
   been decoded one by one, which keeps speculative decoding's output identical to plain
   decoding even in bf16.
 - Longer prefill chunks go through kiln's flash-style prefill kernel per sequence
-  (csrc/prefill_attention.cpp: online softmax over 16-key tiles of the cached prefix plus the
+  (csrc/prefill_attention.cpp: online softmax over 32-key tiles of the cached prefix plus the
   chunk, read from the blocks; float caches, head_dim 64/128, AVX-512), otherwise through
   `scaled_dot_product_attention` on the gathered context with a causal mask offset by the prefix.
   `KILN_PREFILL_ATTENTION=sdpa` forces the latter (benchmarks/fused_kernels.py compares them).

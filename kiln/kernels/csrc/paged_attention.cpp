@@ -30,6 +30,7 @@
 #include <limits>
 #include <vector>
 
+#include "avx512_load.h"
 #include "fast_math.h"
 
 namespace kiln {
@@ -137,15 +138,8 @@ inline void axpy_f32(float p, const float* x, float* y, int64_t d) {
 }
 
 #if defined(__AVX512F__)
-// 16 cache values → fp32 lanes (exactly what to_float produces for them).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+// 16 cache values → fp32 lanes (exactly what to_float produces for them); the float types' overloads
+// are in avx512_load.h, shared with the prefill kernel.
 inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }

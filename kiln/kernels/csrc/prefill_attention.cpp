@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "avx512_load.h"
 #include "fast_math.h"
 
 namespace kiln {
@@ -40,40 +41,32 @@ namespace {
 constexpr int64_t KT = 32;  // keys per tile: two vectors of scores per query vector
 constexpr int64_t KV = KT / 16;
 constexpr int64_t QT = 8;   // query rows per task
-constexpr int64_t SR = 8;   // query vectors per score micro-tile (16 accumulators, 2 K loads per 16 FMAs)
+constexpr int SR = 8;       // query vectors per score micro-tile (16 accumulators, 2 K loads per 16 FMAs)
 
-inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 widen16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 widen16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// 16 lanes of exp(x) with kiln_exp's arithmetic (same polynomial, same clamping).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.3888889e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3333338e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1666668e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666667e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
-
-// Lanes [0, valid) of a 16-key vector whose first key is `first` (valid clamped to 0..16).
+// The lanes [0, valid) of a 16-key vector (valid clamped to 0..16): its keys at or before the query.
 inline __mmask16 valid_lanes(int64_t valid) {
   if (valid >= 16) return static_cast<__mmask16>(0xFFFF);
   if (valid <= 0) return 0;
   return static_cast<__mmask16>((1u << valid) - 1);
+}
+
+// s[r][0..KT) = q[r] . k_i for R query vectors (q rows D apart, s rows KT apart) against one
+// key-in-lane tile [D][KT]; the R x KT/16 accumulators stay in registers across D.
+template <int64_t D, int R>
+inline void score_tile(const float* q, const float* ktile, float* s) {
+  __m512 acc[R][KV];
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < KV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 kv[KV];
+    for (int64_t c = 0; c < KV; ++c) kv[c] = _mm512_loadu_ps(ktile + d * KT + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qv = _mm512_set1_ps(q[r * D + d]);
+      for (int64_t c = 0; c < KV; ++c) acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < KV; ++c) _mm512_storeu_ps(s + r * KT + 16 * c, acc[r][c]);
 }
 
 // o[r] += sum_i p[r][i] * v[i] for R query vectors (p rows KT apart, o rows D apart) over `keys`
@@ -114,34 +107,10 @@ void prefill_task(const float* qf, const int64_t* pos, int64_t NQ, const float* 
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const float* ktile = kt + tile * D * KT;
     const int64_t t0 = tile * KT;
-    // scores s[j][0..KT) = q_j . k_{t0 + i}
-    for (int64_t j0 = 0; j0 < NQ; j0 += SR) {
-      const int64_t jn = std::min<int64_t>(SR, NQ - j0);
-      __m512 acc[SR][KV];
-      for (int64_t r = 0; r < SR; ++r)
-        for (int64_t c = 0; c < KV; ++c) acc[r][c] = _mm512_setzero_ps();
-      if (jn == SR) {
-        for (int64_t d = 0; d < D; ++d) {
-          __m512 kv[KV];
-          for (int64_t c = 0; c < KV; ++c) kv[c] = _mm512_loadu_ps(ktile + d * KT + 16 * c);
-          for (int64_t r = 0; r < SR; ++r) {
-            const __m512 qv = _mm512_set1_ps(qf[(j0 + r) * D + d]);
-            for (int64_t c = 0; c < KV; ++c) acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
-          }
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          __m512 kv[KV];
-          for (int64_t c = 0; c < KV; ++c) kv[c] = _mm512_loadu_ps(ktile + d * KT + 16 * c);
-          for (int64_t r = 0; r < jn; ++r) {
-            const __m512 qv = _mm512_set1_ps(qf[(j0 + r) * D + d]);
-            for (int64_t c = 0; c < KV; ++c) acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
-          }
-        }
-      }
-      for (int64_t r = 0; r < jn; ++r)
-        for (int64_t c = 0; c < KV; ++c) _mm512_storeu_ps(s + (j0 + r) * KT + 16 * c, acc[r][c]);
-    }
+    // scores s[j][0..KT) = q_j . k_{t0 + i}, SR query vectors at a time (a partial group one by one)
+    int64_t js = 0;
+    for (; js + SR <= NQ; js += SR) score_tile<D, SR>(qf + js * D, ktile, s + js * KT);
+    for (; js < NQ; ++js) score_tile<D, 1>(qf + js * D, ktile, s + js * KT);
     // online softmax: mask keys after each query's position, rescale its running state
     for (int64_t j = 0; j < NQ; ++j) {
       float* sj = s + j * KT;
@@ -161,7 +130,7 @@ void prefill_task(const float* qf, const int64_t* pos, int64_t NQ, const float* 
       const float alpha = kiln_exp(m[j] - m_new);  // first tile: m = -inf, and l, o are still 0
       __m512 psum = _mm512_mul_ps(_mm512_set1_ps(alpha), _mm512_loadu_ps(l + j * 16));
       for (int64_t c = 0; c < KV; ++c) {
-        const __m512 p = _mm512_maskz_mov_ps(keep[c], exp16(_mm512_sub_ps(sv[c], _mm512_set1_ps(m_new))));
+        const __m512 p = _mm512_maskz_mov_ps(keep[c], kiln_exp16(_mm512_sub_ps(sv[c], _mm512_set1_ps(m_new))));
         psum = _mm512_add_ps(psum, p);
         _mm512_storeu_ps(sj + 16 * c, p);
       }
@@ -202,8 +171,8 @@ void prefill_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
         const int64_t off = table[t / BS] * block_stride + (t % BS) * token_stride + h * D;
         float* vdst = vf.data() + (h * tiles * KT + t) * D;
         for (int64_t d = 0; d < D; d += 16) {
-          _mm512_storeu_ps(vdst + d, widen16(vp + off + d));
-          _mm512_store_ps(row, widen16(kp + off + d));
+          _mm512_storeu_ps(vdst + d, load16(vp + off + d));
+          _mm512_store_ps(row, load16(kp + off + d));
           for (int64_t e = 0; e < 16; ++e) kdst[(d + e) * KT + i] = row[e];
         }
       }
