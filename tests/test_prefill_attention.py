@@ -3,10 +3,13 @@ reference, and its place in paged_attention (which prefill chunks take it, which
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from kiln.kernels import paged_attention as pa
+from kiln.kernels import switches
 from kiln.kernels.attention_reference import paged_attention_reference
 from kiln.kernels.native import load_native
 from kiln.layers.attention_metadata import build_attention_metadata
@@ -64,7 +67,7 @@ def test_paged_attention_routes_prefill_chunks_through_the_kernel(monkeypatch) -
     assert calls == [40, 30]
     ref = paged_attention_reference(q, k_cache, v_cache, meta)
     assert (out - ref).abs().max().item() < 2e-5
-    monkeypatch.setenv("KILN_PREFILL_ATTENTION", "sdpa")  # the switch: gather + SDPA instead
+    monkeypatch.setattr(switches, "_active", replace(switches.active(), prefill_attention="sdpa"))  # gather + SDPA
     calls.clear()
     sdpa = pa.paged_attention(q, k_cache, v_cache, meta)
     assert calls == []

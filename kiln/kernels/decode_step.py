@@ -17,11 +17,11 @@ Invariant (tested bit for bit): the plan computes exactly what the plain path co
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kiln.kernels import switches
 from kiln.kernels.kv_quant import QuantizedKV
 from kiln.kernels.native import load_native
 from kiln.kernels.paged_attention import native_reads
@@ -36,7 +36,7 @@ _EMPTY = torch.empty(0)
 
 
 def fused_step_enabled() -> bool:
-    return os.environ.get("KILN_FUSED_STEP", "1") != "0"
+    return switches.active().fused_decode_step
 
 
 def _linear_entry(layer: Linear, dtype: torch.dtype) -> tuple[list[torch.Tensor], int, int, int] | None:
@@ -64,7 +64,7 @@ def _linear_entry(layer: Linear, dtype: torch.dtype) -> tuple[list[torch.Tensor]
 def build_decode_plan(model: "LlamaForCausalLM") -> tuple[Any | None, str]:
     """(plan, "") when the model's layers can all run in the fused step, else (None, why not)."""
     if not fused_step_enabled():
-        return None, "disabled (KILN_FUSED_STEP=0)"
+        return None, "disabled (--no-fused-decode-step / KILN_FUSED_STEP=0)"
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return None, f"needs a CPU model in float32/bfloat16 (this one: {model.device.type}, {model.dtype})"
     if not load_native():

@@ -7,11 +7,11 @@ The references define the semantics (rounding points follow Hugging Face Llama).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels import switches
 from kiln.kernels.native import load_native
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
@@ -21,7 +21,7 @@ def use_fused(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype in _FAST_DTYPES
-        and os.environ.get("KILN_FUSED", "1") != "0"
+        and switches.active().fused_ops
         and load_native()
     )
 

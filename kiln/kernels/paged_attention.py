@@ -25,13 +25,13 @@ depend on whether its context arrived by prefill or by decode.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 from kiln.kernels.attention_reference import gather_context
 from kiln.kernels.kv_quant import QuantizedKV, write_kv_quantized
+from kiln.kernels import switches
 from kiln.kernels.native import load_native
 from kiln.layers.attention_metadata import AttentionMetadata
 
@@ -67,7 +67,7 @@ def native_prefill(q: torch.Tensor, k_cache: KVCacheTensor) -> bool:
     """Whether a prefill chunk of `q` runs kiln's paged prefill kernel over this cache."""
     if type(k_cache) is QuantizedKV or q.shape[-1] not in (64, 128) or not native_reads(q.dtype, k_cache):
         return False
-    if os.environ.get("KILN_PREFILL_ATTENTION", "native") == "sdpa":
+    if switches.active().prefill_attention == "sdpa":
         return False
     return q.device.type == "cpu" and load_native() and torch.ops.kiln.paged_prefill_supported()
 

@@ -17,10 +17,10 @@ int8 activations: same weight bytes, ~1e-5 instead of ~3e-3 nats of KL on the de
 
 from __future__ import annotations
 
-import os
 
 import torch
 
+from kiln.kernels import switches
 from kiln.kernels.native import load_native
 
 QK = 32
@@ -28,7 +28,7 @@ ACT_QMAX = 32767.0
 
 
 def use_native_quant(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and os.environ.get("KILN_QUANT_KERNELS", "1") != "0" and load_native()
+    return x.device.type == "cpu" and switches.active().quant_kernels and load_native()
 
 
 # ---- references --------------------------------------------------------------------------------

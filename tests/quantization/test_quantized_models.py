@@ -6,11 +6,14 @@ import json
 import random
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from kiln.entrypoints.cli import main as kiln_main
 from kiln.errors import ModelLoadError
+from kiln.kernels import switches
 from kiln.eval.forward import window_logits
 from kiln.loader.model_loader import load_model
 from kiln.quantization.checkpoint import save_quantized
@@ -58,7 +61,7 @@ SPECS = [
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s['method']}{s['bits']}")
 def test_save_load_round_trip(tiny: TinyModels, calib_file: Path, tmp_path: Path, spec: dict, monkeypatch) -> None:
-    monkeypatch.setenv("KILN_QUANT_KERNELS", "0")  # the reference path, exact; the native one is tested below
+    monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))  # the reference path, exact; the native one is tested below
     src = tiny.hf["untied"]  # has an untied lm_head (kept dense) and every fused layer
     loaded = load_model(src, dtype="float32")
     ids = list(range(3, 40))
@@ -94,7 +97,7 @@ def test_native_block_kernel_serves_kiln_int_layouts(tiny: TinyModels, calib_fil
     native = load_model(out, dtype="float32")
     layer = native.model.layers[0].mlp.down_proj
     assert "native block kernel" in layer.method.name
-    monkeypatch.setenv("KILN_QUANT_KERNELS", "0")
+    monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))
     reference = load_model(out, dtype="float32")
     assert "reference path" in reference.model.layers[0].mlp.down_proj.method.name
     ids = list(range(3, 40))
