@@ -1,6 +1,6 @@
 """kiln's perplexity of the default GGUF against llama.cpp's, same file, same text, same chunking.
 
-Both engines score WikiText-2 test (../shared/data/wikitext-2-raw/wiki.test.raw) with the
+Both engines score WikiText-2 test (kiln/data/wikitext-2-raw/wiki.test.raw) with the
 chunking of llama.cpp's `llama-perplexity`: the whole text tokenized once (BOS iff the vocabulary
 adds it; SmolLM2's does not), non-overlapping windows of --ctx tokens, each window's first token
 replaced by BOS when BOS is added, and only the second half of each window scored.
@@ -99,7 +99,7 @@ def main() -> None:
     report = {
         "benchmark": "perplexity", "model": MODEL, "file": path.name, "ctx": args.ctx, "chunks": k.n_chunks,
         "chunks_available": len(kiln_ids) // args.ctx, "all_chunks": args.chunks is None,
-        "text": "../shared/data/wikitext-2-raw/wiki.test.raw",
+        "text": "kiln/data/wikitext-2-raw/wiki.test.raw",
         "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "chunking": "llama-perplexity: text tokenized once, BOS iff the vocab adds it (SmolLM2: no), "
                     "non-overlapping ctx windows, first token replaced by BOS when added, logits [ctx/2, ctx-1) scored",

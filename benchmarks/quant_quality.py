@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.bench.data import data_dir
+from kiln.data import WIKITEXT2_TEST, data_path
 from kiln.eval.forward import window_logits
 from kiln.eval.kl_divergence import kl_from_logprobs
 from kiln.eval.perplexity import llama_cpp_windows, ppl_from_nll, scored_logprobs
@@ -79,7 +79,7 @@ def main() -> None:
                            "heldout_calibration_kl": round(report.kl_mean, 5)}
             print(f"{label}: quantized in {seconds:.0f} s, {rows[label]['size_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
 
-    text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    text = data_path(WIKITEXT2_TEST).read_text(encoding="utf-8")
     ids = tok.encode(text, add_special_tokens=True)
     windows = llama_cpp_windows(ids, CTX, tok.bos_token_id if tok.add_bos_token else None, args.chunks)
     n_chunks = len(windows)

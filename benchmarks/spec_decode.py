@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from kiln.bench.data import data_dir
+from kiln.data import HUMANEVAL, MT_BENCH, data_path
 from kiln.bench.kiln_runs import kiln_generate_timed
 from kiln.bench.runner import run_isolated
 from kiln.hub import resolve_model
@@ -35,7 +35,7 @@ def _chat(tok: Tokenizer, text: str) -> list[int]:
 
 
 def code_edit_prompts(tok: Tokenizer) -> list[list[int]]:
-    rows = [json.loads(line) for line in (data_dir() / "code" / "HumanEval.jsonl").read_text().splitlines()[:NUM_PROMPTS]]
+    rows = [json.loads(line) for line in data_path(HUMANEVAL).read_text(encoding="utf-8").splitlines()[:NUM_PROMPTS]]
     prompts = []
     for r in rows:
         code = r["prompt"] + r["canonical_solution"]
@@ -46,7 +46,7 @@ def code_edit_prompts(tok: Tokenizer) -> list[list[int]]:
 
 
 def mt_bench_prompts(tok: Tokenizer) -> list[list[int]]:
-    rows = [json.loads(line) for line in (data_dir() / "prompts" / "mt_bench_question.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in data_path(MT_BENCH).read_text(encoding="utf-8").splitlines()]
     return [_chat(tok, r["turns"][0]) for r in rows[:NUM_PROMPTS]]
 
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kiln.data import HUMANEVAL, WIKITEXT2_TEST, data_path
 from kiln.detokenizer import IncrementalDetokenizer, token_bytes, token_pieces
 from kiln.loader.tokenizer import Tokenizer
 
@@ -28,9 +29,9 @@ def tok(default_gguf_path: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def texts(shared_data: Path) -> list[str]:
-    wiki = [ln for ln in (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8").splitlines() if ln.strip()]
-    code = [json.loads(ln)["prompt"] for ln in (shared_data / "code" / "HumanEval.jsonl").read_text().splitlines()[:3]]
+def texts() -> list[str]:
+    wiki = [ln for ln in data_path(WIKITEXT2_TEST).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    code = [json.loads(ln)["prompt"] for ln in data_path(HUMANEVAL).read_text(encoding="utf-8").splitlines()[:3]]
     return wiki[:20] + code + UNICODE_TEXTS
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kiln.config import CacheConfig, ModelConfig
+from kiln.data import WIKITEXT2_TEST, data_path
 from kiln.engine.kv_budget import plan_kv_cache
 from kiln.kernels import paged_attention as pa
 from kiln.kernels import kv_quant
@@ -266,11 +267,11 @@ def _teacher_forced_logprobs(model, ids: list[int], kv_cache_dtype: str, prefill
 
 
 @pytest.mark.real_model
-def test_quantized_kv_next_token_kl_on_default_model(llm_fp32, shared_data: Path) -> None:
+def test_quantized_kv_next_token_kl_on_default_model(llm_fp32) -> None:
     from loader.tiny_model import one_torch_thread
 
     model = llm_fp32.engine.loaded.model
-    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()[20000:26000]
+    text = data_path(WIKITEXT2_TEST).read_text(encoding="utf-8")[20000:26000]
     ids = llm_fp32.tokenizer.encode(text, add_special_tokens=False)[:256]
     with one_torch_thread():  # ~390 small forwards: one thread keeps them steady on a busy machine
         full = _teacher_forced_logprobs(model, ids, "float32", prefill=128)

@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from kiln.data import WIKITEXT2_TEST, data_path
 from kiln.kernels.native import load_native
 from kiln.kernels.quant_matmul import dequantize_reference, quant_matmul_reference
 from kiln.layers.gguf_quant import GGUFQuantizedTensor, GGUFQuantLinearMethod, pack_blocks
@@ -124,7 +125,7 @@ def test_dense_tensor_into_a_quantized_layer_is_rejected() -> None:
 
 @needs_native
 @pytest.mark.real_model
-def test_default_model_native_q4_1_stays_close_to_dequantized(default_gguf_path, shared_data) -> None:
+def test_default_model_native_q4_1_stays_close_to_dequantized(default_gguf_path) -> None:
     """KL(dequantized fp32 reference || native Q4_1/Q8_0 blocks) over 512 tokens of held-out text.
 
     Greedy outputs are not token-identical in general (the kernel rounds activations to int8,
@@ -132,7 +133,7 @@ def test_default_model_native_q4_1_stays_close_to_dequantized(default_gguf_path,
     from kiln.loader.model_loader import load_model
     from kiln.loader.tokenizer import Tokenizer
 
-    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()[:8000]
+    text = data_path(WIKITEXT2_TEST).read_text(encoding="utf-8")[:8000]
     ids = Tokenizer.from_gguf(default_gguf_path).encode(text)[:512]
     logits = {}
     for mode in ("dequantize", "native"):

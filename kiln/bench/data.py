@@ -1,27 +1,17 @@
-"""Benchmark prompts from the shared evaluation data (never copied into the repo)."""
+"""Benchmark prompts from the data shipped with kiln (`kiln.data`; sources and licences in its DATA.md)."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
+from kiln.data import GSM8K_TEST, SHAKESPEARE, data_path
 from kiln.errors import KilnError
 
 
-def data_dir() -> Path:
-    """$KILN_DATA, else ../shared/data relative to the working directory or to the repo."""
-    candidates = [os.environ.get("KILN_DATA"), Path.cwd().parent / "shared" / "data",
-                  Path(__file__).resolve().parents[3] / "shared" / "data"]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c)
-    raise KilnError("evaluation data not found: set KILN_DATA to the shared/data folder")
-
-
 def gsm8k_questions(n: int) -> list[str]:
-    path = data_dir() / "prompts" / "gsm8k_test.jsonl"
-    with open(path) as f:
+    """The first `n` GSM8K test questions (a KilnError when the file holds fewer)."""
+    path = data_path(GSM8K_TEST)
+    with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for _, line in zip(range(n), f)]
     if len(rows) < n:
         raise KilnError(f"{path} has only {len(rows)} questions; asked for {n}")
@@ -29,5 +19,5 @@ def gsm8k_questions(n: int) -> list[str]:
 
 
 def long_text(num_chars: int) -> str:
-    text = (data_dir() / "longdocs" / "tinyshakespeare_input.txt").read_text()
-    return text[:num_chars]
+    """The first `num_chars` characters of Tiny Shakespeare (long prompts for prefill / prefix caching)."""
+    return data_path(SHAKESPEARE).read_text(encoding="utf-8")[:num_chars]

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from kiln.bench.data import data_dir
+from kiln.data import GSM8K_TEST, MT_BENCH, data_path
 
 
 @dataclass
@@ -49,10 +49,10 @@ class RequestResult:
 
 
 def load_prompts(dataset: str, n: int) -> list[str]:
-    """First user turns from gsm8k / mtbench in ../shared/data/prompts, or one prompt per line of a file."""
+    """First user turns from the GSM8K / MT-Bench prompts shipped in kiln.data, or one prompt per line of a file."""
     if dataset in ("gsm8k", "mtbench"):
-        name = "gsm8k_test.jsonl" if dataset == "gsm8k" else "mt_bench_question.jsonl"
-        rows = [json.loads(line) for line in (data_dir() / "prompts" / name).read_text().splitlines() if line.strip()]
+        name = GSM8K_TEST if dataset == "gsm8k" else MT_BENCH
+        rows = [json.loads(line) for line in data_path(name).read_text(encoding="utf-8").splitlines() if line.strip()]
         texts = [r["question"] if dataset == "gsm8k" else r["turns"][0] for r in rows]
     else:
         path = Path(dataset)

@@ -11,14 +11,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import kiln
+from kiln.data import WIKITEXT2_TEST, data_path
 from kiln.errors import KilnError
 
 if TYPE_CHECKING:
     from kiln.loader.model_loader import LoadedModel
-
-# The repo lives next to the shared evaluation data: <root>/main/kiln/__init__.py → <root>/shared/data.
-DEFAULT_TEXT = Path(kiln.__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -35,7 +32,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                            help="dtype of the reference (always run with its weights dequantized); default float32")
         q.add_argument("--ctx", type=int, default=512, help="window length in tokens; the second half is scored (default 512)")
         q.add_argument("--chunks", type=int, default=None, help="score only the first N windows (default: all)")
-        q.add_argument("--text", default=None, help=f"plain-text file to evaluate on (default: {DEFAULT_TEXT})")
+        q.add_argument("--text", default=None, help="plain-text file to evaluate on (default: WikiText-2 test, shipped with kiln)")
         q.add_argument("--dtype", default="float32", help="activation dtype (float32 is what llama.cpp's figures compare with)")
         q.add_argument("--quantized-weights", default="dequantize", choices=["dequantize", "auto", "native"],
                        help="GGUF Q4/Q8 blocks: dequantized to --dtype (the reference numbers) or run by kiln's kernels")
@@ -44,11 +41,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def read_text(path: str | None) -> str:
-    """The evaluation text, decoded as bytes → UTF-8 with newlines untouched (llama.cpp reads the bytes)."""
-    file = DEFAULT_TEXT if path is None else Path(path).expanduser()
+    """The evaluation text, decoded as bytes → UTF-8 with newlines untouched (llama.cpp reads the bytes).
+
+    Default: WikiText-2 test as shipped in kiln.data, the text llama.cpp's published PPL figures use."""
+    file = data_path(WIKITEXT2_TEST) if path is None else Path(path).expanduser()
     if not file.is_file():
-        hint = "the shared evaluation data is expected next to the repo" if path is None else "check the path"
-        raise KilnError(f"text file {file} not found ({hint}); pass --text with a plain-text file")
+        raise KilnError(f"text file {file} not found (check the path); pass --text with a plain-text file")
     return file.read_bytes().decode("utf-8", errors="replace")
 
 

@@ -20,7 +20,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of the median Hessian diagonal")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in order, not by activation size")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
-    p.add_argument("--calib-file", default=None, help="calibration text (default: ../shared/data/longdocs/pride_and_prejudice_pg1342.txt)")
+    p.add_argument("--calib-file", default=None, help="calibration text (default: Pride and Prejudice, shipped with kiln)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--target-bits", type=float, default=None,

@@ -45,7 +45,8 @@ def print_info(model: str, dtype: str = "auto") -> None:
     print("linear path      " + "\n                 ".join(f"{n} layer(s): {name}" for name, n in sorted(counts.items())))
     if loaded.model.quantized_tied_head is None and loaded.config.tie_word_embeddings:
         print("lm head          tied to the dense embedding")
-    print(f"attention path   {native_status()}")
+    # Which kernels run and, when plain torch, why (switched off, or no C++ compiler here).
+    print(f"kernels          {native_status()}")
     loaded.model.decode_plan()
     print(f"decode step      {loaded.model.decode_plan_status}")
     print(f"chat template    {'yes' if loaded.tokenizer.chat_template else 'no'}")

@@ -14,19 +14,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kiln.data import CALIBRATION_TEXT, data_path
 from kiln.errors import KilnError
 from kiln.eval.forward import window_hidden
 from kiln.layers.linear import Linear
 
-DEFAULT_CALIB_NAME = "longdocs/pride_and_prejudice_pg1342.txt"  # under the shared data folder (never the eval text)
 AWQ_SAMPLE_ROWS = 512
 
 
 def read_calibration_text(path: Path | str | None) -> str:
+    """The text to calibrate on: `path`, or by default the Pride and Prejudice shipped in kiln.data
+    (never the evaluation text, so held-out figures stay held out)."""
     if path is None:
-        from kiln.bench.data import data_dir
-
-        path = data_dir() / DEFAULT_CALIB_NAME
+        path = data_path(CALIBRATION_TEXT)
     p = Path(path)
     if not p.is_file():
         raise KilnError(f"calibration file {p} not found; pass --calib-file with a plain-text file")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer as Backend
 from tokenizers import processors
 
+from kiln.data import WIKITEXT2_TEST, data_path
 from kiln.entrypoints.cli_eval import main as eval_main
 from kiln.eval.forward import window_logits
 from kiln.eval.kl_divergence import kl_divergence, kl_from_logits
@@ -156,10 +157,10 @@ def test_cli_prints_ppl(tiny: LoadedModel, text: str, tmp_path: Path, capsys: py
 
 
 @pytest.mark.real_model
-def test_default_model_ppl_matches_llama_cpp(default_gguf_path: Path, shared_data: Path) -> None:
+def test_default_model_ppl_matches_llama_cpp(default_gguf_path: Path) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
     ctx, chunks = 128, 3
-    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_bytes().decode("utf-8")[:20000]
+    text = data_path(WIKITEXT2_TEST).read_bytes().decode("utf-8")[:20000]
     loaded = load_model(default_gguf_path, dtype="float32", quantized_weights="dequantize")
     ours = perplexity(loaded.model, loaded.tokenizer, text, ctx=ctx, max_chunks=chunks, progress=False)
     llm = llama_cpp.Llama(model_path=str(default_gguf_path), n_ctx=ctx, logits_all=True, n_threads=2, verbose=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 import gguf
 import pytest
 
+from kiln.data import HUMANEVAL, WIKITEXT2_TEST, data_path
 from kiln.detokenizer import token_bytes
 from kiln.errors import ModelLoadError
 from kiln.loader.tokenizer import Tokenizer
@@ -25,9 +26,9 @@ EDGE_CASES = [
 ]
 
 
-def _corpus(shared_data: Path) -> list[str]:
-    lines = [ln for ln in (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8").splitlines() if ln.strip()]
-    prompts = [json.loads(ln)["prompt"] for ln in (shared_data / "code" / "HumanEval.jsonl").read_text().splitlines()[:20]]
+def _corpus() -> list[str]:
+    lines = [ln for ln in data_path(WIKITEXT2_TEST).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    prompts = [json.loads(ln)["prompt"] for ln in data_path(HUMANEVAL).read_text(encoding="utf-8").splitlines()[:20]]
     return lines[:200] + prompts + EDGE_CASES
 
 
@@ -74,15 +75,15 @@ def test_digits_are_split_before_whitespace_grouping(kiln_tok: Tokenizer) -> Non
 
 
 @pytest.mark.real_model
-def test_encode_matches_transformers(kiln_tok: Tokenizer, hf_tok, shared_data: Path) -> None:
-    for text in _corpus(shared_data):
+def test_encode_matches_transformers(kiln_tok: Tokenizer, hf_tok) -> None:
+    for text in _corpus():
         for special in (False, True):
             assert kiln_tok.encode(text, add_special_tokens=special) == hf_tok.encode(text, add_special_tokens=special), repr(text)
 
 
 @pytest.mark.real_model
-def test_decode_round_trip_and_matches_transformers(kiln_tok: Tokenizer, hf_tok, shared_data: Path) -> None:
-    for text in _corpus(shared_data):
+def test_decode_round_trip_and_matches_transformers(kiln_tok: Tokenizer, hf_tok) -> None:
+    for text in _corpus():
         ids = kiln_tok.encode(text)
         assert kiln_tok.decode(ids, skip_special_tokens=False) == text
         assert kiln_tok.convert_ids_to_tokens(ids) == hf_tok.convert_ids_to_tokens(ids)
@@ -111,10 +112,10 @@ def test_special_tokens_and_ids(kiln_tok: Tokenizer) -> None:
 
 
 @pytest.mark.real_model
-def test_from_hf_dir_matches_gguf(kiln_tok: Tokenizer, hf_tok, tmp_path: Path, shared_data: Path) -> None:
+def test_from_hf_dir_matches_gguf(kiln_tok: Tokenizer, hf_tok, tmp_path: Path) -> None:
     hf_tok.save_pretrained(tmp_path)
     from_dir = Tokenizer.from_hf_dir(tmp_path)
-    for text in _corpus(shared_data)[::5]:
+    for text in _corpus()[::5]:
         assert from_dir.encode(text) == kiln_tok.encode(text) == hf_tok.encode(text), repr(text)
     assert from_dir.chat_template == kiln_tok.chat_template == hf_tok.chat_template
     assert (from_dir.bos_token_id, from_dir.eos_token_id, from_dir.add_bos_token) == (1, 2, False)

@@ -161,7 +161,7 @@ def test_unknown_quantization_config_is_refused(tiny: TinyModels, tmp_path: Path
 
 
 @pytest.mark.real_model
-def test_default_model_int8_stays_close(default_gguf_path: Path, shared_data: Path) -> None:
+def test_default_model_int8_stays_close(default_gguf_path: Path) -> None:
     loaded = load_model(default_gguf_path, dtype="float32", quantized_weights="dequantize")
     report = quantize_model(loaded.model, loaded.tokenizer, QuantizeOptions(method="rtn", bits=8, calib_samples=2,
                                                                             progress=False))
