@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 # KV cache storage (kiln.kernels.kv_quant): auto = see kv_quant.full_precision_kv_dtype;
 # float32 / bfloat16 / float16 = that dtype (16-bit under fp32 activations is widened in the
 # attention kernel); int8 / fp8_e4m3 = 1 byte per value plus an fp32 scale per token and KV head.
@@ -153,3 +154,89 @@ class SpeculativeConfig:
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
 
+
+
+PREFILL_ATTENTION_CHOICES = ("native", "sdpa")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which kernel paths may run (each False/"sdpa" falls back to the plain-torch twin).
+
+    Environment variable → field (the CLI flag in brackets):
+      KILN_NO_NATIVE=1          → native=False            [--no-native-kernels]
+      KILN_FUSED=0              → fused_ops=False         [--no-fused-ops]
+      KILN_FUSED_STEP=0         → fused_decode_step=False [--no-fused-decode-step]
+      KILN_QUANT_KERNELS=0      → quant_kernels=False     [--no-quant-kernels]
+      KILN_PREFILL_ATTENTION=sdpa → prefill_attention="sdpa" [--prefill-attention sdpa]
+    """
+
+    native: bool = True  # build/load the C++ kernel library at all
+    fused_ops: bool = True  # native add+RMSNorm and in-place RoPE
+    fused_decode_step: bool = True  # a pure decode batch's decoder stack in one native call
+    quant_kernels: bool = True  # GGUF/INT blocks through kiln's block/panel matmul kernels
+    prefill_attention: str = "native"  # "native": kiln's paged flash kernel; "sdpa": gather + torch SDPA
+
+    def __post_init__(self) -> None:
+        if self.prefill_attention not in PREFILL_ATTENTION_CHOICES:
+            raise ValueError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION_CHOICES)}; "
+                             f"got {self.prefill_attention!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "KernelConfig":
+        """The switches the environment variables name (unset ones keep their defaults)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            native=env.get("KILN_NO_NATIVE", "0") != "1",
+            fused_ops=env.get("KILN_FUSED", "1") != "0",
+            fused_decode_step=env.get("KILN_FUSED_STEP", "1") != "0",
+            quant_kernels=env.get("KILN_QUANT_KERNELS", "1") != "0",
+            prefill_attention=env.get("KILN_PREFILL_ATTENTION", "native"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelLoadConfig:
+    """What to load and how: a registered name, a .gguf file or a Hugging Face folder; the activation
+    dtype ('auto' picks per device and CPU, see kiln.loader.model_loader); the device; and whether
+    GGUF Q4_0/Q4_1/Q8_0 matrices stay in their blocks ('auto'/'native') or are expanded ('dequantize')."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "auto"
+    device: str = "cpu"
+    quantized_weights: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.quantized_weights not in QUANTIZED_WEIGHTS_MODES:
+            raise ValueError(f"quantized_weights must be one of {', '.join(QUANTIZED_WEIGHTS_MODES)}; "
+                             f"got {self.quantized_weights!r}")
+
+
+QUANTIZED_WEIGHTS_MODES = ("auto", "native", "dequantize")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the engine uses the machine. `threads`: torch/OpenMP threads of the engine thread (None: all
+    cores). They are set on the thread that runs the model, since OpenMP's thread count is per thread."""
+
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from, in one frozen value (made by kiln.engine.arg_utils.EngineArgs).
+
+    Invariant: two engines built from equal EngineConfigs behave the same; nothing the engine does
+    depends on an option that is not in here (the kernel switches included)."""
+
+    model: ModelLoadConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    speculative: SpeculativeConfig | None
+    parallel: ParallelConfig
+    kernel: KernelConfig

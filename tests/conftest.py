@@ -36,3 +36,15 @@ def hf_reference(default_gguf_path: Path):
     model.eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(default_gguf_path.parent), gguf_file=default_gguf_path.name)
     return model, tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _kernel_switches_per_test():
+    """Each engine installs its kernel switches process-wide (kiln.kernels.switches.configure); put
+    the previous ones back after every test so one test's `LLM(fused_decode_step=False)` cannot
+    change which kernels a later test runs."""
+    from kiln.kernels import switches
+
+    before = switches._active
+    yield
+    switches._active = before

@@ -48,23 +48,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from kiln.engine.kv_budget import parse_memory
+    """The engine options the CLI was given (kiln.engine.arg_utils.EngineArgs), less model and dtype,
+    which each benchmarked kiln system sets itself."""
+    from kiln.engine.arg_utils import EngineArgs
 
-    return {
-        "kv_cache_memory": parse_memory(args.kv_cache_memory),
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "enable_prefix_caching": not args.no_prefix_caching,
-        "quantized_weights": args.quantized_weights,
-        "speculative_model": args.speculative_model,
-        "num_speculative_tokens": args.num_speculative_tokens,
-        "ngram_min": args.ngram_min,
-        "ngram_max": args.ngram_max,
-        "speculative_disable_by_batch_size": args.speculative_disable_by_batch_size,
-        "speculative_adaptive": args.speculative_adaptive,
-        "kv_cache_dtype": args.kv_cache_dtype,
-        "fused_decode_step": args.fused_decode_step,
-    }
+    options = vars(EngineArgs.from_cli_args(args))
+    del options["model"], options["dtype"]
+    return options
 
 
 # The dense baseline the quantized kernels are measured against: the same model in bf16 (half the

@@ -1,6 +1,13 @@
 """AsyncEngine: one LLMEngine driven by one background thread, for asyncio callers (the server).
 
 Threading contract:
+* One thread does every torch and native call: built with an engine *factory* (what `kiln serve`
+  does), the engine thread loads the model, warms it up and runs every step, and no other thread
+  of the process enters an OpenMP parallel region. A second thread running torch work beside it
+  would own a second OpenMP team on the same cores, and every parallel region of a decode step then
+  pays a sleeping-worker wake-up (measured on a 2-core Xeon: a 1x576x1536 matmul 75 -> 200+ us,
+  `kiln serve` decoding at half `LLM.generate`'s speed; kiln issue 25). Built with a ready
+  LLMEngine, the caller promises the same: it must not run torch work on any other thread.
 * Only the engine thread touches the LLMEngine's mutable state (add_request, step, abort_request,
   stats). Other threads hand it commands through a list guarded by one Condition, so the engine
   itself needs no locks, and a forward pass never blocks the event loop.
@@ -23,10 +30,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.llm_engine import LLMEngine, PromptInput
 from kiln.metrics import EngineMetrics
 from kiln.outputs import CompletionOutput, RequestOutput
@@ -92,10 +100,24 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queue: int | None = None, metrics: EngineMetrics | None = None) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        engine: LLMEngine | Callable[[], LLMEngine],
+        max_queue: int | None = None,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        """`engine`: a ready LLMEngine, or a factory that builds one; the factory runs on the engine
+        thread (in `start()`), so loading and every step share one thread and one OpenMP team."""
+        self._factory: Callable[[], LLMEngine] | None = None
+        if isinstance(engine, LLMEngine):
+            self.engine = engine
+        else:
+            self._factory = engine
+            self.engine = None  # type: ignore[assignment]  # set by the engine thread before `start` returns
         self.max_queue = max_queue  # waiting sequences allowed (None: unbounded); read at each add
         self.metrics = metrics or EngineMetrics()
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
         self._cv = threading.Condition()
         # Guarded by _cv: the command list and what the engine thread publishes to callers.
         self._commands: list[tuple[str, Any]] = []
@@ -130,12 +152,25 @@ class AsyncEngine:
         return t is not None and t.is_alive() and self._dead is None
 
     # ---- lifecycle ---------------------------------------------------------------------
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, max_queue: int | None = None) -> "AsyncEngine":
+        """Start an engine thread that loads the model `args` name and serves it; returns once it is
+        loaded (a bad model or option raises here, as it would offline)."""
+        engine = cls(lambda: LLMEngine.from_engine_args(args), max_queue)
+        engine.start()
+        return engine
+
     def start(self) -> None:
-        """Start the engine thread (idempotent)."""
+        """Start the engine thread (idempotent) and wait until its engine is loaded.
+
+        Raises whatever the engine factory raised (the thread has then stopped)."""
         with self._cv:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
                 self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, let in-flight ones finish for up to `timeout` s, abort the rest, stop."""
@@ -208,7 +243,23 @@ class AsyncEngine:
             yield out
 
     # ---- the engine thread -------------------------------------------------------------
+    def _load(self) -> bool:
+        """Engine thread: build the engine when a factory was given. False when that failed."""
+        try:
+            if self._factory is not None:
+                self.engine = self._factory()
+            return True
+        except BaseException as exc:  # handed to the thread that called start()
+            self._load_error = exc
+            with self._cv:
+                self._dead = f"loading failed: {type(exc).__name__}: {exc}"
+            return False
+        finally:
+            self._ready.set()
+
     def _run(self) -> None:
+        if not self._load():
+            return
         try:
             while True:
                 with self._cv:

@@ -11,12 +11,12 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.profiler import record_function
 
-from kiln.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from kiln.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from kiln.core.kv_cache_manager import KVCacheManager
 from kiln.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from kiln.detokenizer import IncrementalDetokenizer
@@ -30,6 +30,9 @@ from kiln.spec_decode.controller import SpeculationController
 from kiln.spec_decode.draft_model import DraftModelProposer, build_draft_model
 from kiln.spec_decode.ngram_proposer import NgramProposer
 from kiln.worker.model_runner import ModelRunner, RunnerOutput
+
+if TYPE_CHECKING:
+    from kiln.engine.arg_utils import EngineArgs
 
 logger = logging.getLogger("kiln")
 
@@ -62,6 +65,7 @@ class LLMEngine:
         speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         self.loaded = loaded
+        self.config: EngineConfig | None = None  # set by from_config
         self.speculative_config = speculative_config
         self.proposer: NgramProposer | None = None
         self.draft_proposer: DraftModelProposer | None = None
@@ -103,20 +107,31 @@ class LLMEngine:
         self.generation_tokens_total = 0
 
     @classmethod
-    def from_model(
-        cls,
-        model: str,
-        dtype: str = "auto",
-        device: str = "cpu",
-        cache_config: CacheConfig | None = None,
-        scheduler_config: SchedulerConfig | None = None,
-        quantized_weights: str = "auto",
-        speculative_config: SpeculativeConfig | None = None,
-    ) -> "LLMEngine":
-        from kiln.hub import resolve_model
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        """Load the model and build the engine, on the calling thread.
 
-        loaded = load_model(resolve_model(model), dtype, device, quantized_weights=quantized_weights)
-        return cls(loaded, cache_config, scheduler_config, speculative_config)
+        Every torch and native call of an engine must happen on one thread (OpenMP keeps one worker
+        team per thread that enters a parallel region; a second team on the same cores makes every
+        parallel region pay a wake-up, kiln issue 25). So the thread that calls this is the one that
+        must call `step()`: the kernel switches and the thread count are installed here, for it.
+        """
+        import torch
+
+        from kiln.hub import resolve_model
+        from kiln.kernels import switches
+
+        switches.configure(config.kernel)
+        if config.parallel.threads:
+            torch.set_num_threads(config.parallel.threads)
+        m = config.model
+        loaded = load_model(resolve_model(m.model), m.dtype, m.device, quantized_weights=m.quantized_weights)
+        engine = cls(loaded, config.cache, config.scheduler, config.speculative)
+        engine.config = config
+        return engine
+
+    @classmethod
+    def from_engine_args(cls, args: "EngineArgs") -> "LLMEngine":
+        return cls.from_config(args.create_engine_config())
 
     # ---- requests ---------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:

@@ -14,36 +14,10 @@ from kiln.errors import KilnError
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    from kiln.config import KV_CACHE_DTYPES
+    """The engine's flags, all declared in kiln.engine.arg_utils.EngineArgs."""
+    from kiln.engine.arg_utils import EngineArgs
 
-    p.add_argument("--model", default="smollm2-135m", help="registered name (see `kiln pull --list`) or a .gguf file / HF folder")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and AMX CPUs, else fp32: faster on AVX-512 CPUs, see README), float32, bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 2GiB (default: 25%% of free RAM, at most 2 GiB)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="KV cache storage: auto (the model dtype; float16 under a float32 model on the CPU, as "
-                        "llama.cpp), float32, bfloat16, float16 (16-bit under a float32 model), int8 or fp8_e4m3 "
-                        "(1 byte per value + a scale per token and head: ~2x the tokens of 16-bit in the same "
-                        "memory, small quality cost)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--speculative-model", default=None,
-                   help="speculative decoding: ngram (prompt lookup), self:int4 / self:int8 (a quantized copy of "
-                        "the model drafts), or a draft model name/path with the same tokenizer; off by default")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step")
-    p.add_argument("--speculative-disable-by-batch-size", type=int, default=2,
-                   help="do not speculate in a step with more running sequences than this (it stops paying)")
-    p.add_argument("--no-speculative-adaptive", dest="speculative_adaptive", action="store_false",
-                   help="speculate in every step up to the batch-size switch-off, even where it was measured not to pay")
-    p.add_argument("--ngram-min", type=int, default=1, help="ngram proposer: shortest suffix to match")
-    p.add_argument("--ngram-max", type=int, default=4, help="ngram proposer: longest suffix to match")
-    p.add_argument("--quantized-weights", default="auto", choices=["auto", "native", "dequantize"],
-                   help="GGUF Q4_0/Q4_1/Q8_0: run in blocks with native kernels (auto/native) or expand to --dtype")
-    p.add_argument("--no-fused-decode-step", dest="fused_decode_step", action="store_false",
-                   help="run decode steps op by op from Python instead of in one native call (for comparison)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    EngineArgs.add_cli_args(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -57,31 +31,12 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
 
 
 def build_llm(args: argparse.Namespace):
-    import torch
-
+    """The offline LLM for `generate`/`chat`, loaded and driven on this (the main) thread."""
+    from kiln.engine.arg_utils import EngineArgs
     from kiln.entrypoints.llm import LLM
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
-        quantized_weights=args.quantized_weights,
-        speculative_model=args.speculative_model,
-        num_speculative_tokens=args.num_speculative_tokens,
-        ngram_min=args.ngram_min,
-        ngram_max=args.ngram_max,
-        speculative_disable_by_batch_size=args.speculative_disable_by_batch_size,
-        speculative_adaptive=args.speculative_adaptive,
-        kv_cache_dtype=args.kv_cache_dtype,
-        fused_decode_step=args.fused_decode_step,
-    )
+    engine_args = EngineArgs.from_cli_args(args)
+    llm = LLM(**vars(engine_args))
     print(llm.engine.kv_budget.describe(), file=sys.stderr)
     return llm
 
@@ -137,11 +92,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
+    from kiln.engine.arg_utils import EngineArgs
     from kiln.engine.async_engine import AsyncEngine
     from kiln.entrypoints.openai.api_server import run_server
 
-    llm = build_llm(args)  # prints the KV budget line
-    engine = AsyncEngine(llm.engine, max_queue=args.max_queue or None)
+    # The engine thread loads the model and runs every step; this (main) thread only serves HTTP and
+    # never enters a torch parallel region (AsyncEngine's threading contract, kiln issue 25).
+    engine = AsyncEngine.from_engine_args(EngineArgs.from_cli_args(args), max_queue=args.max_queue or None)
+    print(engine.engine.kv_budget.describe(), file=sys.stderr)
     run_server(
         engine, args.served_model_name or args.model, args.host, args.port,
         api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,

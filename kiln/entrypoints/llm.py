@@ -7,8 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kiln.config import CacheConfig, SchedulerConfig, SpeculativeConfig
-from kiln.engine.kv_budget import parse_memory
+from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.llm_engine import LLMEngine, PromptInput
 from kiln.outputs import RequestOutput
 from kiln.sampling_params import SamplingParams
@@ -23,59 +22,16 @@ class LLM:
     >>> llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].text
     """
 
-    def __init__(
-        self,
-        model: str = "smollm2-135m",
-        dtype: str = "auto",
-        device: str = "cpu",
-        kv_cache_memory: str | int | None = None,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
-        max_model_len: int | None = None,
-        enable_chunked_prefill: bool = True,
-        quantized_weights: str = "auto",
-        speculative_model: str | None = None,
-        num_speculative_tokens: int = 4,
-        ngram_min: int = 1,
-        ngram_max: int = 4,
-        kv_cache_dtype: str = "auto",
-        speculative_disable_by_batch_size: int = 2,
-        speculative_adaptive: bool = True,
-        fused_decode_step: bool = True,
-    ) -> None:
-        """`quantized_weights`: 'auto' runs GGUF Q4_0/Q4_1/Q8_0 matrices in their blocks with kiln's
-        native kernels (CPU), 'dequantize' expands them to `dtype` (see kiln.loader.model_loader).
-        `speculative_model='ngram'` turns on prompt-lookup speculative decoding with up to
-        `num_speculative_tokens` drafts per step; 'self:int4' / 'self:int8' draft with a quantized
-        copy of the model, any other name/path with that draft model (same tokenizer). Lossless:
-        outputs follow the model's distribution; a step with more than `speculative_disable_by_batch_size`
-        running sequences does not speculate, nor (with `speculative_adaptive`) one at a batch size where
-        speculating steps have been measured to be slower than plain ones.
-        `kv_cache_dtype`: 'auto' keeps K/V in the model dtype (float16 under a float32 model on the
-        CPU, as llama.cpp does); 'float32' / 'bfloat16' / 'float16' pick a float cache;
-        'int8' or 'fp8_e4m3' store them in 1 byte per value plus a scale per token and head, so the same
-        `kv_cache_memory` holds ~1.9x the tokens of a bf16 cache (~3.8x of fp32), at a small quality cost.
-        `fused_decode_step`: run a pure decode step's whole decoder stack in one native call where the
-        model allows it (kiln.kernels.decode_step; bit-identical to the plain op-by-op path)."""
-        cache = CacheConfig(
-            block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory), enable_prefix_caching=enable_prefix_caching,
-            kv_cache_dtype=kv_cache_dtype,
-        )
-        sched = SchedulerConfig(
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            enable_chunked_prefill=enable_chunked_prefill,
-            max_model_len=max_model_len,
-        )
-        spec = None
-        if speculative_model is not None:
-            spec = SpeculativeConfig.from_name(speculative_model, num_speculative_tokens, ngram_min, ngram_max,
-                                               speculative_disable_by_batch_size, speculative_adaptive)
-        self.engine = LLMEngine.from_model(model, dtype, device, cache, sched, quantized_weights=quantized_weights,
-                                           speculative_config=spec)
-        self.engine.loaded.model.fused_decode_step = fused_decode_step
+    def __init__(self, model: str = "smollm2-135m", **engine_options: Any) -> None:
+        """Load `model` (a registered name, a .gguf file or a Hugging Face folder) into an engine.
+
+        `engine_options` are kiln.engine.arg_utils.EngineArgs fields (the same options as the CLI
+        flags: `dtype`, `kv_cache_memory`, `kv_cache_dtype`, `max_num_seqs`, `speculative_model`,
+        `fused_decode_step`, ...); an unknown one is a TypeError that lists them. The model is loaded
+        and run on the calling thread: drive this object from that thread (see LLMEngine.from_config).
+        """
+        self.engine_args = EngineArgs.from_kwargs(model=model, **engine_options)
+        self.engine = LLMEngine.from_config(self.engine_args.create_engine_config())
         self.tokenizer = self.engine.tokenizer
 
     def generate(

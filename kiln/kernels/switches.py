@@ -13,49 +13,13 @@ model means.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-PREFILL_ATTENTION_CHOICES = ("native", "sdpa")
+from kiln.config import KernelConfig
 
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Which kernel paths may run (each False/"sdpa" falls back to the plain-torch twin).
-
-    Environment variable → field (the CLI flag in brackets):
-      KILN_NO_NATIVE=1          → native=False            [--no-native-kernels]
-      KILN_FUSED=0              → fused_ops=False         [--no-fused-ops]
-      KILN_FUSED_STEP=0         → fused_decode_step=False [--no-fused-decode-step]
-      KILN_QUANT_KERNELS=0      → quant_kernels=False     [--no-quant-kernels]
-      KILN_PREFILL_ATTENTION=sdpa → prefill_attention="sdpa" [--prefill-attention sdpa]
-    """
-
-    native: bool = True  # build/load the C++ kernel library at all
-    fused_ops: bool = True  # native add+RMSNorm and in-place RoPE
-    fused_decode_step: bool = True  # a pure decode batch's decoder stack in one native call
-    quant_kernels: bool = True  # GGUF/INT blocks through kiln's block/panel matmul kernels
-    prefill_attention: str = "native"  # "native": kiln's paged flash kernel; "sdpa": gather + torch SDPA
-
-    def __post_init__(self) -> None:
-        if self.prefill_attention not in PREFILL_ATTENTION_CHOICES:
-            raise ValueError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION_CHOICES)}; "
-                             f"got {self.prefill_attention!r}")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "KernelConfig":
-        """The switches the environment variables name (unset ones keep their defaults)."""
-        env = os.environ if environ is None else environ
-        return cls(
-            native=env.get("KILN_NO_NATIVE", "0") != "1",
-            fused_ops=env.get("KILN_FUSED", "1") != "0",
-            fused_decode_step=env.get("KILN_FUSED_STEP", "1") != "0",
-            quant_kernels=env.get("KILN_QUANT_KERNELS", "1") != "0",
-            prefill_attention=env.get("KILN_PREFILL_ATTENTION", "native"),
-        )
-
+__all__ = ["KernelConfig", "active", "configure", "overridden"]
 
 _active: KernelConfig | None = None
 
