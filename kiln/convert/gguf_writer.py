@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from kiln.layers.linear import Linear
-from kiln.loader.gguf_loader import _GLOBAL_NAMES, _LAYER_NAMES, _qk_heads
+from kiln.loader.gguf_loader import _qk_heads
+from kiln.models.llama_checkpoint import GGUF_GLOBAL_NAMES as _GLOBAL_NAMES, GGUF_LAYER_NAMES as _LAYER_NAMES
 
 if TYPE_CHECKING:
     from kiln.loader.model_loader import LoadedModel

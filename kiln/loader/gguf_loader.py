@@ -1,9 +1,11 @@
 """GGUF files through the `gguf` library: metadata → ModelConfig, tensors → HF-named torch tensors.
 
 Every tensor type the library can dequantize is supported (they are expanded to the model
-dtype at load). llama.cpp stores the Q and K projections of `llama`-arch models with
-rows permuted for its interleaved RoPE; they are permuted back here so the model can use
-the Hugging Face "rotate half" layout for every architecture.
+dtype at load). Tensor names and the metadata → ModelConfig parser come from the architecture's
+registry entry (kiln.models.registry). llama.cpp stores the Q and K projections of some
+architectures (`llama`, `mistral`: the entries with `gguf_rope_permuted`) with rows permuted for its
+interleaved RoPE; they are permuted back here so the model can use the Hugging Face "rotate half"
+layout for every architecture.
 """
 
 from __future__ import annotations
@@ -15,24 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from kiln.config import ModelConfig
 from kiln.errors import ModelLoadError
 from kiln.layers.gguf_quant import BLOCK_BYTES, NATIVE_TYPES, GGUFQuantizedTensor
+from kiln.models.architecture import GGUFHeader, WeightNames
+from kiln.models.registry import get_architecture
 
 GGUF_MAGIC = b"GGUF"
-
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def open_gguf(path: Path) -> Any:
@@ -60,62 +51,11 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def gguf_model_config(reader: Any, path: Path) -> ModelConfig:
+    """The file's ModelConfig, parsed by its architecture's registry entry (ModelLoadError if unknown)."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(
-            path, f"unsupported architecture {arch!r}; kiln supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-
-    def key(name: str, default: Any = None, required: bool = True) -> Any:
-        value = _field(reader, f"{arch}.{name}", default)
-        if value is None and required:
-            raise ModelLoadError(path, f"missing metadata key {arch}.{name}")
-        return value
-
-    hidden = int(key("embedding_length"))
-    heads = int(key("attention.head_count"))
-    kv_heads = int(key("attention.head_count_kv", heads))
-    head_dim = int(key("attention.key_length", hidden // heads))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = int(key("vocab_size", len(tokens) if tokens else None))
-    names = {t.name for t in reader.tensors}
-    scaling = None
-    scaling_type = _field(reader, f"{arch}.rope.scaling.type")
-    if scaling_type == "linear":
-        scaling = RopeScaling("linear", factor=float(key("rope.scaling.factor")))
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    eot = _field(reader, "tokenizer.ggml.eot_token_id")
-    eos_ids = tuple(sorted({int(i) for i in (eos, eot) if i is not None}))
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_hidden_layers=int(key("block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-        max_position_embeddings=int(key("context_length", 4096)),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=eos_ids,
-        name=str(_field(reader, "general.name", path.stem)),
-    )
-
-
-def hf_name_for(gguf_name: str) -> str | None:
-    """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; None for tensors kiln ignores."""
-    parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
-    return None
+    entry = get_architecture(arch, path)
+    header = GGUFHeader(arch, lambda key: _field(reader, key), frozenset(t.name for t in reader.tensors), path)
+    return entry.config_from_gguf(header)
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -153,8 +93,9 @@ def iter_gguf_weights(
     yielded as a `GGUFQuantizedTensor` (its rows un-permuted the same way) for layers that
     run those blocks natively; the weight loaders dequantize it for layers that do not.
     """
+    names = get_architecture(cfg.architecture, path).weight_names
     for tensor in reader.tensors:
-        name = hf_name_for(tensor.name)
+        name = names.hf_name(tensor.name)
         if name is None:
             if tensor.name == "rope_freqs.weight":
                 continue  # Llama 3.1 frequency factors: handled via config (see load_gguf)
@@ -192,8 +133,8 @@ def iter_gguf_weights(
 
 
 def _qk_heads(gguf_name: str, cfg: ModelConfig) -> int | None:
-    """Heads whose rows llama.cpp permuted in this tensor (llama arch Q/K), else None."""
-    if cfg.architecture not in ("llama", "mistral"):
+    """Heads whose rows llama.cpp permuted in this tensor (Q/K of an architecture it permutes), else None."""
+    if not get_architecture(cfg.architecture, "ModelConfig.architecture").gguf_rope_permuted:
         return None
     if gguf_name.endswith("attn_q.weight") or gguf_name.endswith("attn_q.bias"):
         return cfg.num_attention_heads
@@ -202,11 +143,11 @@ def _qk_heads(gguf_name: str, cfg: ModelConfig) -> int | None:
     return None
 
 
-def gguf_layer_types(reader: Any) -> dict[str, set[str]]:
+def gguf_layer_types(reader: Any, names: WeightNames) -> dict[str, set[str]]:
     """HF module path (before q/k/v and gate/up fusion) → tensor types of its 2-D weights."""
     types: dict[str, set[str]] = {}
     for tensor in reader.tensors:
-        name = hf_name_for(tensor.name)
+        name = names.hf_name(tensor.name)
         if name is not None and name.endswith(".weight") and len(tensor.shape) == 2:
             types.setdefault(name.removesuffix(".weight"), set()).add(tensor.tensor_type.name)
     return types

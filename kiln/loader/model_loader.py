@@ -11,7 +11,8 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.errors import ModelLoadError
 from kiln.loader.weights import load_named_weights
-from kiln.models.llama import LlamaForCausalLM
+from kiln.models.architecture import CausalLM, WeightNames
+from kiln.models.registry import get_architecture
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -19,7 +20,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM  # an instance of its architecture's model class (kiln.models.registry)
     config: ModelConfig
     tokenizer: "Tokenizer"  # noqa: F821 - kiln.loader.tokenizer.Tokenizer
     source: Path
@@ -66,17 +67,16 @@ def use_gguf_blocks(mode: str, device: torch.device) -> bool:
     return mode == "native"
 
 
-def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: bool) -> None:
+def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: bool, names: WeightNames) -> None:
     """Switch every Linear whose GGUF shards all share a native block layout to that layout;
     other layers stay dense and get dequantized weights."""
     from kiln.layers.gguf_quant import GGUFQuantLinearMethod, family_of
     from kiln.layers.linear import Linear
     from kiln.loader.gguf_loader import gguf_layer_types
-    from kiln.loader.weights import _target
 
     per_module: dict[str, set[str]] = {}
-    for hf_module, types in gguf_layer_types(reader).items():
-        module_path, _, _ = _target(model, hf_module + ".weight")
+    for hf_module, types in gguf_layer_types(reader, names).items():
+        module_path, _, _ = names.target(hf_module + ".weight")
         per_module.setdefault(module_path, set()).update(types)
     for module_path, types in per_module.items():
         try:
@@ -110,9 +110,10 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         from kiln.loader.safetensors_loader import read_config_json
 
         cfg = hf_model_config(path)
-        model = LlamaForCausalLM(cfg, torch_dtype, device)
+        arch = get_architecture(cfg.architecture, path)
+        model = arch.model_class(cfg, torch_dtype, device)
         quantized = plan_quantized_layers(model, read_config_json(path), path / "config.json")
-        load_named_weights(model, iter_safetensors_weights(path), path)
+        load_named_weights(model, iter_safetensors_weights(path), path, arch.weight_names)
         if quantized is not None:
             model.finalize_quantized_layers()  # repack for the native kernels where they apply
         tokenizer = Tokenizer.from_hf_dir(path)
@@ -133,14 +134,16 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         factors = rope_freq_factors(reader)
         if factors is not None:
             cfg.extra["rope_freq_factors"] = factors
-        model = LlamaForCausalLM(cfg, torch_dtype, device)
+        arch = get_architecture(cfg.architecture, path)
+        model = arch.model_class(cfg, torch_dtype, device)
         keep_blocks = use_gguf_blocks(quantized_weights, device)
         keep_dense = quantized_weights == "auto"
         if keep_blocks:
-            plan_gguf_quantized_layers(model, reader, keep_dense)
+            plan_gguf_quantized_layers(model, reader, keep_dense, arch.weight_names)
             model.keep_gguf_blocks = True
             model.keep_dense_copies = keep_dense
-        load_named_weights(model, iter_gguf_weights(reader, cfg, path, keep_blocks=keep_blocks), path)
+        load_named_weights(model, iter_gguf_weights(reader, cfg, path, keep_blocks=keep_blocks), path,
+                           arch.weight_names)
         if keep_blocks:
             model.finalize_quantized_layers()
         tokenizer = Tokenizer.from_gguf(path)

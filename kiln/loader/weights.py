@@ -1,8 +1,9 @@
 """Route checkpoint tensors (Hugging Face names) to the parameters' own weight loaders.
 
 Both file-format loaders produce `(hf_name, tensor)` pairs; this module maps each name to
-a module, parameter and shard (fused q/k/v and gate/up), checks shapes, and reports any
-parameter left unloaded. It is the single place where names meet modules.
+a module, parameter and shard (fused q/k/v and gate/up) with the architecture's `WeightNames`
+(kiln.models.registry), checks shapes, and reports any parameter left unloaded. It is the single
+place where names meet modules.
 """
 
 from __future__ import annotations
@@ -15,18 +16,8 @@ from torch import nn
 
 from kiln.errors import ModelLoadError
 from kiln.layers.gguf_quant import GGUFQuantizedTensor
-
-
-def _target(model: nn.Module, hf_name: str) -> tuple[str, str, str | None]:
-    """HF name → (module path in kiln's model, parameter name, shard)."""
-    name = hf_name.removeprefix("model.")
-    module_path, _, param = name.rpartition(".")
-    parent, _, leaf = module_path.rpartition(".")
-    packed = getattr(model, "packed_modules", {})
-    if leaf in packed:
-        fused, shard = packed[leaf]
-        return f"{parent}.{fused}" if parent else fused, param, shard
-    return module_path, param, None
+from kiln.models.architecture import WeightNames
+from kiln.models.registry import get_architecture
 
 
 def expected_shards(model: nn.Module) -> set[tuple[str, str, str | None]]:
@@ -45,8 +36,13 @@ def expected_shards(model: nn.Module) -> set[tuple[str, str, str | None]]:
     return needed
 
 
-def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: Path | str) -> None:
-    """Load every tensor; raise ModelLoadError naming `source` on a shape mismatch or a missing tensor."""
+def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: Path | str,
+                       names: WeightNames | None = None) -> None:
+    """Load every tensor; raise ModelLoadError naming `source` on a shape mismatch or a missing tensor.
+
+    `names`: the architecture's checkpoint names (default: the registry entry of `model.config`)."""
+    if names is None:
+        names = get_architecture(model.config.architecture, source).weight_names
     needed = expected_shards(model)
     tied = getattr(model, "lm_head", None) is None
     for hf_name, tensor in weights:
@@ -54,7 +50,7 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             continue  # a tied checkpoint may still ship lm_head; the embedding is the source of truth
         if "rotary_emb.inv_freq" in hf_name:
             continue
-        module_path, param, shard = _target(model, hf_name)
+        module_path, param, shard = names.target(hf_name)
         try:
             module = model.get_submodule(module_path)
         except AttributeError:

@@ -16,7 +16,7 @@ from torch.profiler import record_function
 from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
 from kiln.kernels.kv_quant import allocate_kv_caches
 from kiln.layers.attention_metadata import AttentionMetadata, build_attention_metadata
-from kiln.models.llama import LlamaForCausalLM
+from kiln.models.architecture import CausalLM
 from kiln.sample.sampler import SampleRow, Sampler
 from kiln.spec_decode.verify import verify_drafts
 
@@ -34,7 +34,7 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"
+        self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"
     ) -> None:
         """`kv_cache_dtype`: one of config.KV_CACHE_DTYPES ('auto': kv_quant.full_precision_kv_dtype)."""
         self.model = model
