@@ -148,7 +148,7 @@ def load_native() -> bool:
         if _state["loaded"] is not None:
             return bool(_state["loaded"])
         if cxx_compiler() is None:
-            _state.update(loaded=False, reason=f"no C++ compiler found ({os.environ.get('CXX', 'c++')} is not on PATH)")
+            _state.update(loaded=False, reason=f"no C++ compiler: {os.environ.get('CXX', 'c++')} is not on PATH")
             return False
         try:
             build_and_load([_CSRC / s for s in _SOURCES], _build_dir(), _cflags())
