@@ -45,9 +45,11 @@ def llama_cpp_server_cmd(gguf: Path, port: int, threads: int, n_ctx: int) -> lis
 
 
 @contextmanager
-def running_server(cmd: list[str], port: int, threads: int, startup_timeout: float = 180.0) -> Iterator[str]:
-    """Start `cmd`, wait until GET /v1/models answers, yield the base URL, then stop it."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def running_server(cmd: list[str], port: int, threads: int, startup_timeout: float = 180.0,
+                   env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start `cmd` (in `env`, default this process's), wait until GET /v1/models answers, yield the
+    base URL, then stop it."""
+    env = dict(env if env is not None else os.environ, OMP_NUM_THREADS=str(threads))
     log = open(f"/tmp/kiln-bench-server-{port}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
