@@ -37,8 +37,17 @@ def build_llm(args: argparse.Namespace):
 
     engine_args = EngineArgs.from_cli_args(args)
     llm = LLM(**vars(engine_args))
-    print(llm.engine.kv_budget.describe(), file=sys.stderr)
+    print_startup(llm.engine)
     return llm
+
+
+def print_startup(engine) -> None:
+    """The start-up lines: the KV budget, and on the CPU which kernels run (native or plain torch, and why)."""
+    print(engine.kv_budget.describe(), file=sys.stderr)
+    if engine.loaded.model.device.type == "cpu":
+        from kiln.kernels.native import native_status
+
+        print(f"kernels: {native_status()}", file=sys.stderr)
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -99,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # The engine thread loads the model and runs every step; this (main) thread only serves HTTP and
     # never enters a torch parallel region (AsyncEngine's threading contract, kiln issue 25).
     engine = AsyncEngine.from_engine_args(EngineArgs.from_cli_args(args), max_queue=args.max_queue or None)
-    print(engine.engine.kv_budget.describe(), file=sys.stderr)
+    print_startup(engine.engine)
     run_server(
         engine, args.served_model_name or args.model, args.host, args.port,
         api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
