@@ -18,18 +18,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kiln.config import CacheConfig
+from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.async_engine import AsyncEngine
-from kiln.engine.llm_engine import LLMEngine
 
 MODEL = "kiln-test-model"
 
 
 @pytest.fixture(scope="session")
 def async_engine(default_gguf_path: Path) -> Iterator[AsyncEngine]:
-    engine = LLMEngine.from_model(str(default_gguf_path), dtype="float32", cache_config=CacheConfig(kv_cache_memory=256 << 20))
-    ae = AsyncEngine(engine)
-    ae.start()
+    # as `kiln serve` does: the engine thread loads the model and runs every step
+    ae = AsyncEngine.from_engine_args(EngineArgs(model=str(default_gguf_path), dtype="float32",
+                                                 kv_cache_memory=256 << 20))
     yield ae
     ae.shutdown(timeout=5.0)
 
