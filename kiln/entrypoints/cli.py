@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
-from kiln.errors import KilnError
+from kiln.entrypoints.cli_common import run_parsed
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -179,26 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     return run_parsed(build_parser().parse_args(argv))
-
-
-def run_subcommand(register: Callable[[argparse._SubParsersAction], None], argv: list[str] | None) -> int:
-    """One subcommand module's `register` on a parser of its own (its `main`, for tests), run like `kiln`."""
-    parser = argparse.ArgumentParser(prog="kiln")
-    register(parser.add_subparsers(dest="command", required=True))
-    return run_parsed(parser.parse_args(argv))
-
-
-def run_parsed(args: argparse.Namespace) -> int:
-    """Run a parsed command: 0 on success, 2 with one line on a user error, 130 on Ctrl-C."""
-    func: Callable[[argparse.Namespace], None] = args.func
-    try:
-        func(args)
-    except (KilnError, ValueError) as exc:
-        print(f"kiln: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`kiln convert ...` on its own (for tests): 0 on success, 2 with a message on a user error."""
-    from kiln.entrypoints.cli import run_subcommand
+    from kiln.entrypoints.cli_common import run_subcommand
 
     return run_subcommand(register, argv)
 

@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`kiln eval ...` without the rest of the CLI: argv starts with "eval". Returns the exit status."""
-    from kiln.entrypoints.cli import run_subcommand
+    from kiln.entrypoints.cli_common import run_subcommand
 
     return run_subcommand(register, argv)
 

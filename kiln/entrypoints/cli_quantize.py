@@ -63,6 +63,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kiln.entrypoints.cli import run_subcommand
+    from kiln.entrypoints.cli_common import run_subcommand
 
     return run_subcommand(register, argv)
