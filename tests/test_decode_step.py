@@ -17,6 +17,7 @@ from kiln.kernels import decode_step
 from kiln.kernels.kv_quant import allocate_kv_caches
 from kiln.kernels.native import load_native
 from kiln.layers.attention_metadata import build_attention_metadata
+from kiln.models.decode_plan import build_decode_plan
 
 pytestmark = pytest.mark.skipif(not load_native(), reason="the fused decode step is part of the native kernel library")
 
@@ -100,7 +101,7 @@ def test_unsupported_layer_falls_back_with_a_reason(tiny) -> None:
             return torch.nn.functional.linear(x, layer.weight)
 
     model.layers[1].mlp.down_proj.method = Opaque()
-    plan, why = decode_step.build_decode_plan(model)
+    plan, why = build_decode_plan(model)
     assert plan is None and "layer 1 down_proj" in why and "some other method" in why
 
 

@@ -1,9 +1,11 @@
 """The fused decode step: a Llama-family decoder stack run for a pure decode batch in one native call.
 
-`build_decode_plan(model)` gathers every layer's weights (the module tensors themselves, nothing is
-copied) into a `torch.classes.kiln.DecodePlan` (kiln/kernels/csrc/decode_step.cpp); the model's
-forward then hands a decode step's embedded tokens, positions, slots, block tables and KV caches to
-`DecodePlan.run` instead of walking ~15 ops per layer from Python.
+`new_decode_plan` gathers every layer's weights (the tensors themselves, nothing is copied) into a
+`torch.classes.kiln.DecodePlan` (kiln/kernels/csrc/decode_step.cpp); the model's forward then hands a
+decode step's embedded tokens, positions, slots, block tables and KV caches to `run_decode_plan`
+instead of walking ~15 ops per layer from Python. This file only deals in tensors: walking a model to
+collect them is kiln.models.decode_plan's job, and each layer's `LinearMethod.decode_plan_entry` says
+how its weights enter the plan (a `LinearEntry`).
 
 When it applies: CPU, the native library loaded, fp32/bf16 activations, every linear dense or in
 the packed block layout without an activation `smooth` (GGUF Q4_0/Q4_1/Q8_0, kiln INT4/INT8
@@ -17,91 +19,108 @@ Invariant (tested bit for bit): the plan computes exactly what the plain path co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kiln.kernels import switches
-from kiln.kernels.kv_quant import QuantizedKV
+from kiln.kernels.kv_quant import KVCache, QuantizedKV
 from kiln.kernels.native import load_native
 from kiln.kernels.paged_attention import native_reads
-from kiln.layers.attention_metadata import AttentionMetadata
-from kiln.layers.linear import DenseLinearMethod, Linear
 
 if TYPE_CHECKING:
-    from kiln.models.llama import KVCache, LlamaForCausalLM
+    from kiln.layers.attention_metadata import AttentionMetadata
 
 DENSE, Q4, Q8 = 0, 1, 2
 _EMPTY = torch.empty(0)
+
+
+@dataclass(frozen=True, slots=True)
+class LinearEntry:
+    """One linear layer as the plan reads it.
+
+    `tensors` = (weight or packed qs, d, m, dense copy, bias), empty tensors where a piece is absent;
+    `kind` DENSE / Q4 / Q8; `max_rows` / `panel_rows`: the largest batch the block / panel kernel takes
+    (above them the plan uses the dense copy or dequantizes, exactly as the layer's own `apply` does).
+    """
+
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    kind: int
+    max_rows: int
+    panel_rows: int
+
+
+def dense_entry(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearEntry:
+    return LinearEntry((weight, _EMPTY, _EMPTY, _EMPTY, _or_empty(bias)), DENSE, 0, 0)
+
+
+def block_entry(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dense: torch.Tensor | None,
+                bias: torch.Tensor | None, is_q4: bool, max_rows: int, panel_rows: int) -> LinearEntry:
+    """Weights in the packed block layout of kiln.kernels.quant_matmul (Q4: with mins `m`; Q8: `m` empty)."""
+    return LinearEntry((qs, d, m, _or_empty(dense), _or_empty(bias)), Q4 if is_q4 else Q8, max_rows, panel_rows)
+
+
+def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
+    return t if t is not None else _EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderLayerWeights:
+    """One decoder layer: its two RMSNorm weights and its four linears, in the plan's order."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    qkv: LinearEntry
+    o: LinearEntry
+    gate_up: LinearEntry
+    down: LinearEntry
 
 
 def fused_step_enabled() -> bool:
     return switches.active().fused_decode_step
 
 
-def _linear_entry(layer: Linear, dtype: torch.dtype) -> tuple[list[torch.Tensor], int, int, int] | None:
-    """(weight-or-qs, d, m, dense, bias), kind, max_rows, panel_rows for one Linear; None when the plan
-    cannot run it."""
-    from kiln.layers.gguf_quant import GGUFQuantLinearMethod
-    from kiln.layers.quant_linear import IntWeightLinearMethod
-
-    bias = layer.bias if layer.bias is not None else _EMPTY
-    method = layer.method
-    if isinstance(method, DenseLinearMethod):
-        return [layer.weight, _EMPTY, _EMPTY, _EMPTY, bias], DENSE, 0, 0
-    blocks = method
-    if isinstance(method, IntWeightLinearMethod):
-        if method.smooth or method.blocks is None:
-            return None
-        blocks = method.blocks
-    if not isinstance(blocks, GGUFQuantLinearMethod):
-        return None
-    dense = getattr(layer, "dense_weight", None)
-    tensors = [layer.qs, layer.d, layer.m, dense if dense is not None else _EMPTY, bias]
-    return tensors, Q4 if blocks.is_q4 else Q8, blocks.block_max_rows(dtype), blocks.panel_max_rows(dtype)
-
-
-def build_decode_plan(model: "LlamaForCausalLM") -> tuple[Any | None, str]:
-    """(plan, "") when the model's layers can all run in the fused step, else (None, why not)."""
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why no plan can run for a model on `device` in `dtype` (None: one can, if its layers allow)."""
     if not fused_step_enabled():
-        return None, "disabled (--no-fused-decode-step / KILN_FUSED_STEP=0)"
-    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
-        return None, f"needs a CPU model in float32/bfloat16 (this one: {model.device.type}, {model.dtype})"
+        return "disabled (--no-fused-decode-step / KILN_FUSED_STEP=0)"
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return f"needs a CPU model in float32/bfloat16 (this one: {device.type}, {dtype})"
     if not load_native():
-        return None, "native kernel library not loaded"
+        return "native kernel library not loaded"
+    return None
+
+
+def new_decode_plan(layers: Sequence[DecoderLayerWeights], final_norm: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, rms_norm_eps: float,
+                    scale: float) -> Any:
+    """The native plan over these tensors (call only when `unavailable_reason` is None)."""
     tensors: list[torch.Tensor] = []
     kinds: list[int] = []
     max_rows: list[int] = []
     panel_rows: list[int] = []
-    for i, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        for name, linear in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj),
-                             ("gate_up_proj", mlp.gate_up_proj), ("down_proj", mlp.down_proj)):
-            entry = _linear_entry(linear, model.dtype)
-            if entry is None:
-                return None, f"layer {i} {name} uses {linear.method.name}, which the fused step does not run"
-            tensors += entry[0]
-            kinds.append(entry[1])
-            max_rows.append(entry[2])
-            panel_rows.append(entry[3])
-    first = model.layers[0].self_attn
-    plan = torch.classes.kiln.DecodePlan(
-        tensors, kinds, max_rows, panel_rows, model.norm.weight, first.rotary.cos, first.rotary.sin,
-        first.num_heads, first.num_kv_heads, first.head_dim, model.config.rms_norm_eps, first.scale,
-    )
-    return plan, ""
+    for layer in layers:
+        tensors += [layer.input_norm, layer.post_attention_norm]
+        for entry in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            tensors += entry.tensors
+            kinds.append(entry.kind)
+            max_rows.append(entry.max_rows)
+            panel_rows.append(entry.panel_rows)
+    return torch.classes.kiln.DecodePlan(tensors, kinds, max_rows, panel_rows, final_norm, cos, sin,
+                                         num_heads, num_kv_heads, head_dim, rms_norm_eps, scale)
 
 
-def can_run(meta: AttentionMetadata, hidden: torch.Tensor, kv_caches: "list[KVCache]") -> bool:
+def can_run(meta: "AttentionMetadata", hidden: torch.Tensor, kv_caches: list[KVCache]) -> bool:
     """Whether this step is one the plan runs: every sequence decodes one token, caches it can read."""
     if meta.num_decodes != meta.num_seqs or hidden.shape[0] != meta.num_seqs or not kv_caches:
         return False
     return native_reads(hidden.dtype, kv_caches[0][0])
 
 
-def run_decode_plan(plan: Any, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                    kv_caches: "list[KVCache]") -> torch.Tensor:
+def run_decode_plan(plan: Any, hidden: torch.Tensor, positions: torch.Tensor, meta: "AttentionMetadata",
+                    kv_caches: list[KVCache]) -> torch.Tensor:
     """The final normed hidden states [T, H] of a pure decode step (see the module docstring)."""
     if type(kv_caches[0][0]) is QuantizedKV:
         ks = [c[0].data for c in kv_caches]

@@ -103,6 +103,10 @@ class QuantizedKV:
         return blocks.reshape(-1, self.data.shape[2], self.data.shape[3])[:seq_len]
 
 
+# One layer's cache: full-precision (K, V) block tensors, or quantized ones.
+KVCache = tuple[torch.Tensor, torch.Tensor] | tuple[QuantizedKV, QuantizedKV]
+
+
 def kv_element_bytes(kv_cache_dtype: str, model_dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple[int, int]:
     """(bytes per stored K or V value, bytes of scale per token and KV head) for a cache dtype."""
     if not is_quantized_kv(kv_cache_dtype):

@@ -14,12 +14,18 @@ dequantized per call (memory-lean).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.decode_step import LinearEntry, block_entry
 from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, quant_matmul, quant_matmul_panels, use_native_quant
+from kiln.layers.linear_method import LinearMethod
+
+if TYPE_CHECKING:
+    from kiln.layers.linear import Linear
 
 # GGUF block sizes in bytes (32 weights each): fp16 d [+ fp16 m] + quants.
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -97,7 +103,7 @@ def pack_blocks(t: GGUFQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return pack_q4(q), d.contiguous(), m.contiguous()
 
 
-class GGUFQuantLinearMethod:
+class GGUFQuantLinearMethod(LinearMethod):
     """x @ W^T for a Linear whose W stays in GGUF Q4 or Q8 blocks."""
 
     def __init__(self, qtype_family: str, keep_dense: bool = False, dense_threshold: int | None = None,
@@ -136,7 +142,7 @@ class GGUFQuantLinearMethod:
     def accepts(self, qtype: str) -> bool:
         return qtype in (Q4_TYPES if self.is_q4 else ("Q8_0",))
 
-    def create_weights(self, layer: torch.nn.Module) -> None:
+    def create_weights(self, layer: "Linear") -> None:
         """Replace the dense `weight` by packed buffers (allocated once, filled shard by shard)."""
         n, k = sum(layer.output_sizes), layer.input_size
         if k % QK:
@@ -151,13 +157,23 @@ class GGUFQuantLinearMethod:
         layer.dense_weight = None
         layer.dense_dtype = dtype
 
-    def finalize(self, layer: torch.nn.Module, dense: torch.Tensor | None = None) -> None:
+    def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
         """After every shard is loaded: build (or adopt, e.g. a tied embedding) the dense copy."""
         if self.keep_dense:
             layer.dense_weight = dense if dense is not None else dequantize(
                 layer.qs, layer.d, layer.m, self.is_q4, layer.dense_dtype)
 
-    def load_shard(self, layer: torch.nn.Module, t: GGUFQuantizedTensor, rows: slice) -> None:
+    def load_param(self, layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantizedTensor",
+                   shard: str | None = None) -> None:
+        """`weight` must come as GGUF blocks (packed at `shard`'s rows); a bias loads densely."""
+        if name != "weight":
+            super().load_param(layer, name, tensor, shard)
+        elif isinstance(tensor, GGUFQuantizedTensor):
+            self.load_shard(layer, tensor, layer.shard_slice(shard))
+        else:
+            raise ValueError(f"this layer keeps quantized blocks ({self.name}); got a dense tensor")
+
+    def load_shard(self, layer: "Linear", t: GGUFQuantizedTensor, rows: slice) -> None:
         if not self.accepts(t.qtype):
             raise ValueError(f"tensor type {t.qtype} does not fit this layer's {'Q4' if self.is_q4 else 'Q8'} blocks")
         expected = (rows.stop - rows.start, layer.input_size)
@@ -170,7 +186,7 @@ class GGUFQuantLinearMethod:
             layer.m[rows].copy_(m)
         self.source_types.add(t.qtype)
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
@@ -188,6 +204,11 @@ class GGUFQuantLinearMethod:
                 w = dequantize(layer.qs, layer.d, layer.m, self.is_q4, x.dtype)
             y = F.linear(x2, w, layer.bias)
         return y.reshape(*lead, y.shape[-1])
+
+    def decode_plan_entry(self, layer: "Linear", dtype: torch.dtype) -> LinearEntry:
+        """The packed blocks with this method's row limits: the plan picks kernels exactly as `apply` does."""
+        return block_entry(layer.qs, layer.d, layer.m, layer.dense_weight, layer.bias, self.is_q4,
+                           self.block_max_rows(dtype), self.panel_max_rows(dtype))
 
 
 def family_of(qtypes: set[str]) -> str | None:

@@ -5,37 +5,35 @@ GGUF and safetensors loaders only have to map a checkpoint name to (parameter, s
 Fused layers (q,k,v → qkv_proj; gate,up → gate_up_proj) place each shard at its row
 offset; the model code never knows which file format the weights came from.
 
-The math goes through a `LinearMethod` so a quantized format can replace the matmul
-without the model file branching on it.
+The storage and the math go through a `LinearMethod` (kiln.layers.linear_method) so a quantized
+format can replace the matmul without the model file branching on it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels.decode_step import LinearEntry, dense_entry
+from kiln.layers.linear_method import LinearMethod
+
 if TYPE_CHECKING:
     from kiln.layers.gguf_quant import GGUFQuantizedTensor
 
 
-class LinearMethod(Protocol):
-    """How a Linear's output is computed from its (possibly transformed) weights."""
-
-    name: str
-
-    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor: ...
-
-
-class DenseLinearMethod:
+class DenseLinearMethod(LinearMethod):
     """Plain `x @ W.T (+ b)` in the layer's dtype (oneDNN on CPU, cuBLAS on CUDA)."""
 
     name = "dense"
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
+
+    def decode_plan_entry(self, layer: "Linear", dtype: torch.dtype) -> LinearEntry:
+        return dense_entry(layer.weight, layer.bias)
 
 
 class Linear(nn.Module):
@@ -75,47 +73,17 @@ class Linear(nn.Module):
 
     def set_method(self, method: LinearMethod) -> None:
         """Switch to another LinearMethod before loading; it may replace `weight` by its own buffers."""
-        create = getattr(method, "create_weights", None)
-        if create is not None:
-            create(self)
+        method.create_weights(self)
         self.method = method
 
     def checkpoint_params(self) -> list[str]:
         """Names a checkpoint must provide for this layer (whatever buffers the method keeps)."""
-        own = getattr(self.method, "checkpoint_params", None)
-        weights = own(self) if own is not None else ["weight"]
-        return weights + (["bias"] if self.bias is not None else [])
+        return self.method.checkpoint_params(self) + (["bias"] if self.bias is not None else [])
 
     def weight_loader(self, param_name: str, loaded: "torch.Tensor | GGUFQuantizedTensor", shard: str | None = None) -> None:
-        """Copy a checkpoint tensor into `weight` or `bias`, at `shard`'s rows.
-
-        A GGUF block tensor goes to a quantized method when the layer has one, else it is
-        dequantized here. Raises ValueError naming the expected shape when the checkpoint disagrees.
-        """
-        from kiln.layers.gguf_quant import GGUFQuantizedTensor
-
-        if isinstance(loaded, GGUFQuantizedTensor):
-            load_shard = getattr(self.method, "load_shard", None)
-            if param_name == "weight" and load_shard is not None:
-                load_shard(self, loaded, self.shard_slice(shard))
-                self.loaded_shards.add((param_name, shard))
-                return
-            loaded = loaded.dequantize()
-        elif param_name not in ("weight", "bias") and hasattr(self.method, "load_param"):
-            # A kiln quantized checkpoint names the method's own buffers (qweight, scales, ...).
-            self.method.load_param(self, param_name, loaded)
-            self.loaded_shards.add((param_name, shard))
-            return
-        elif param_name == "weight" and not hasattr(self, "weight"):
-            raise ValueError(f"this layer keeps quantized blocks ({self.method.name}); got a dense tensor")
-        param = self.weight if param_name == "weight" else self.bias
-        if param is None:
-            raise ValueError(f"this layer has no {param_name}")
-        rows = self.shard_slice(shard)
-        target = param.data[rows]
-        if tuple(loaded.shape) != tuple(target.shape):
-            raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(loaded.shape)}")
-        target.copy_(loaded.to(target.dtype))
+        """Hand a checkpoint tensor to the method (`weight`/`bias` at `shard`'s rows, or one of its own
+        buffers); ValueError naming the expected shape when the checkpoint disagrees."""
+        self.method.load_param(self, param_name, loaded, shard)
         self.loaded_shards.add((param_name, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,16 @@
 """Linear methods for kiln's own quantized checkpoints (see kiln.quantization.primitives).
 
+All three are `QuantizedBuffersMethod`s: the dense weight is replaced by the format's buffers, loaded
+by name from a kiln quantized folder.
+
 - `IntWeightLinearMethod`: INT8 per-channel / INT4 group-wise weights (RTN, GPTQ, AWQ), W8A16/W4A16.
 - `FP8WeightLinearMethod`: FP8 E4M3 weights with a per-channel scale.
 - `W8A8LinearMethod`: SmoothQuant: INT8 weights per channel, INT8 activations per token (dynamic),
   an INT8×INT8→INT32 GEMM (`torch._int_mm`).
 
 Weight-only INT layouts whose groups are whole 32-blocks (INT4 with group 32/64/128/256, INT8
-symmetric per channel) are repacked after loading (`finalize`) into the GGUF-style block layout of
-kiln.kernels.quant_matmul and run the native block kernel for small batches (M <= 16; dequantize +
+symmetric per channel) are repacked after loading (`process_weights_after_loading`) into the
+GGUF-style block layout of kiln.kernels.quant_matmul and run the native block kernel for small batches (M <= 16; dequantize +
 GEMM above), exactly like GGUF Q4_1 / Q8_0 weights: w = d·q + m with d = scale and m = -scale·zero
 rounded to fp16 (INT8: exact). The packed copy lives next to the checkpoint tensors (which stay, so
 a loaded model can be re-saved or converted). Other layouts (FP8, asymmetric INT8, odd group
@@ -19,29 +22,67 @@ activations first: the stored weight is W·diag(smooth), so (x / smooth) @ (W·d
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from kiln.kernels.decode_step import LinearEntry
+from kiln.layers.linear_method import LinearMethod
 from kiln.quantization.primitives import dequantize_codes, fp8_dequantize, int8_per_token, unpack_int4
 
 if TYPE_CHECKING:
-    from kiln.layers.gguf_quant import GGUFQuantLinearMethod
+    from kiln.layers.gguf_quant import GGUFQuantizedTensor, GGUFQuantLinearMethod
+    from kiln.layers.linear import Linear
+
+BufferSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def _replace_weight(layer: nn.Module, buffers: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    device = layer.weight.device
-    layer.dense_dtype = layer.weight.dtype
-    del layer.weight
-    for name, (shape, dtype) in buffers.items():
-        layer.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+class QuantizedBuffersMethod(LinearMethod):
+    """What kiln's quantized formats share: the dense `weight` replaced by the format's own buffers
+    (`buffer_specs`), each loaded by name from a kiln quantized folder, whole (every shard at once).
+
+    `apply` here is the reference path: dequantize to the activation dtype, then a dense GEMM.
+    """
+
+    quantized_checkpoint = True
+
+    @abstractmethod
+    def buffer_specs(self, layer: "Linear") -> BufferSpecs:
+        """Buffer name → (shape, dtype), in checkpoint order."""
+
+    @abstractmethod
+    def dequantized_weight(self, layer: "Linear", dtype: torch.dtype) -> torch.Tensor:
+        """The [N, K] weight this layer computes with, in `dtype` (for the reference path and error checks)."""
+
+    def create_weights(self, layer: "Linear") -> None:
+        device = layer.weight.device
+        layer.dense_dtype = layer.weight.dtype
+        del layer.weight
+        for name, (shape, dtype) in self.buffer_specs(layer).items():
+            layer.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+
+    def checkpoint_params(self, layer: "Linear") -> list[str]:
+        return list(self.buffer_specs(layer))
+
+    def load_param(self, layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantizedTensor",
+                   shard: str | None = None) -> None:
+        """A buffer by name (exact shape and dtype), or the dense bias at `shard`'s rows."""
+        if name == "bias":
+            super().load_param(layer, name, tensor, shard)
+        elif name == "weight":
+            raise ValueError(f"this layer keeps quantized blocks ({self.name}); got a dense tensor")
+        else:
+            _load_buffer(layer, name, tensor)
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(layer, x.dtype), layer.bias)
 
 
-def _load(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _load_buffer(layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantizedTensor") -> None:
     target = getattr(layer, name, None)
-    if not isinstance(target, torch.Tensor):
+    if not isinstance(target, torch.Tensor) or not isinstance(tensor, torch.Tensor):
         raise ValueError(f"unexpected quantized tensor {name!r} for this layer")
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"shape mismatch for {name}: expected {tuple(target.shape)}, got {tuple(tensor.shape)}")
@@ -50,12 +91,12 @@ def _load(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
     target.copy_(tensor)
 
 
-class IntWeightLinearMethod:
+class IntWeightLinearMethod(QuantizedBuffersMethod):
     """Weights as unsigned codes (INT4 packed two per byte) with fp16 group scales and uint8 zeros."""
 
     def __init__(self, bits: int, group_size: int, sym: bool, smooth: bool = False) -> None:
         self.bits, self.group_size, self.sym, self.smooth = bits, group_size, sym, smooth
-        self.blocks: "GGUFQuantLinearMethod | None" = None  # set by finalize when the native kernel serves us
+        self.blocks: "GGUFQuantLinearMethod | None" = None  # set after loading when the native kernel serves us
 
     @property
     def name(self) -> str:
@@ -68,14 +109,14 @@ class IntWeightLinearMethod:
                    f"{b.dense_threshold} (bf16){panel}, dequantize + GEMM above"
         return f"{head}: reference path (dequantize + dense matmul)"
 
-    def block_layout_fits(self, layer: nn.Module) -> bool:
+    def block_layout_fits(self, layer: "Linear") -> bool:
         """Whether the weights map exactly onto 32-element blocks of one scale each."""
         k = layer.input_size
         groups_ok = self.group_size == -1 or self.group_size % 32 == 0
         return k % 32 == 0 and groups_ok and (self.bits == 4 or self.sym)
 
-    def finalize(self, layer: nn.Module, dense: torch.Tensor | None = None) -> None:
-        """After loading: repack into the native block layout when the kernels are built and it fits."""
+    def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
+        """Repack into the native block layout when the kernels are built and it fits."""
         from kiln.kernels.quant_matmul import QK, pack_q4, use_native_quant
         from kiln.layers.gguf_quant import GGUFQuantLinearMethod
 
@@ -100,7 +141,7 @@ class IntWeightLinearMethod:
         layer.dense_weight = None
         self.blocks = GGUFQuantLinearMethod("Q4" if self.bits == 4 else "Q8", keep_dense=False)
 
-    def buffer_specs(self, layer: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def buffer_specs(self, layer: "Linear") -> BufferSpecs:
         n, k = sum(layer.output_sizes), layer.input_size
         g = 1 if self.group_size == -1 else -(-k // self.group_size)  # a short last group when G ∤ K
         cols = k // 2 if self.bits == 4 else k
@@ -109,53 +150,38 @@ class IntWeightLinearMethod:
             specs["smooth"] = ((k,), torch.float32)
         return specs
 
-    def create_weights(self, layer: nn.Module) -> None:
-        _replace_weight(layer, self.buffer_specs(layer))
-
-    def checkpoint_params(self, layer: nn.Module) -> list[str]:
-        return list(self.buffer_specs(layer))
-
-    def load_param(self, layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
-        _load(layer, name, tensor)
-
-    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    def dequantized_weight(self, layer: "Linear", dtype: torch.dtype) -> torch.Tensor:
         codes = unpack_int4(layer.qweight) if self.bits == 4 else layer.qweight
         return dequantize_codes(codes, layer.scales, layer.qzeros, self.group_size, dtype)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         if self.smooth:
             x = (x / layer.smooth).to(x.dtype)
         if self.blocks is not None:
             return self.blocks.apply(layer, x)
-        return F.linear(x, self.dequantized_weight(layer, x.dtype), layer.bias)
+        return super().apply(layer, x)
+
+    def decode_plan_entry(self, layer: "Linear", dtype: torch.dtype) -> LinearEntry | None:
+        # The plan has no step that divides activations by `smooth`; unrepacked codes have no kernel.
+        if self.smooth or self.blocks is None:
+            return None
+        return self.blocks.decode_plan_entry(layer, dtype)
 
 
-class FP8WeightLinearMethod:
+class FP8WeightLinearMethod(QuantizedBuffersMethod):
     """float8_e4m3fn weights [N, K] with an fp32 scale per output channel."""
 
     name = "fp8 e4m3 per-channel: reference path (dequantize + dense matmul)"
 
-    def buffer_specs(self, layer: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def buffer_specs(self, layer: "Linear") -> BufferSpecs:
         n, k = sum(layer.output_sizes), layer.input_size
         return {"qweight": ((n, k), torch.float8_e4m3fn), "scales": ((n,), torch.float32)}
 
-    def create_weights(self, layer: nn.Module) -> None:
-        _replace_weight(layer, self.buffer_specs(layer))
-
-    def checkpoint_params(self, layer: nn.Module) -> list[str]:
-        return list(self.buffer_specs(layer))
-
-    def load_param(self, layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
-        _load(layer, name, tensor)
-
-    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    def dequantized_weight(self, layer: "Linear", dtype: torch.dtype) -> torch.Tensor:
         return fp8_dequantize(layer.qweight, layer.scales, dtype)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(layer, x.dtype), layer.bias)
 
-
-class W8A8LinearMethod:
+class W8A8LinearMethod(QuantizedBuffersMethod):
     """SmoothQuant W8A8: y = (s_x · s_w) ⊙ (int8(x / smooth) @ int8(W·diag(smooth))^T).
 
     `qweight_t` is stored transposed [K, N] because `torch._int_mm` wants its second operand
@@ -164,24 +190,15 @@ class W8A8LinearMethod:
 
     name = "w8a8 int8 (SmoothQuant; per-token dynamic activations): torch._int_mm"
 
-    def buffer_specs(self, layer: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def buffer_specs(self, layer: "Linear") -> BufferSpecs:
         n, k = sum(layer.output_sizes), layer.input_size
         return {"qweight_t": ((k, n), torch.int8), "scales": ((n,), torch.float32), "smooth": ((k,), torch.float32)}
 
-    def create_weights(self, layer: nn.Module) -> None:
-        _replace_weight(layer, self.buffer_specs(layer))
-
-    def checkpoint_params(self, layer: nn.Module) -> list[str]:
-        return list(self.buffer_specs(layer))
-
-    def load_param(self, layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
-        _load(layer, name, tensor)
-
-    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    def dequantized_weight(self, layer: "Linear", dtype: torch.dtype) -> torch.Tensor:
         """The weight this layer computes with (smoothing undone), for error checks."""
         return (layer.qweight_t.t().float() * layer.scales.unsqueeze(1) / layer.smooth.unsqueeze(0)).to(dtype)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xq, xscale = int8_per_token(x2.float() / layer.smooth)
@@ -195,7 +212,7 @@ class W8A8LinearMethod:
         return y.to(x.dtype).reshape(*lead, -1)
 
 
-def method_for(entry: dict) -> IntWeightLinearMethod | FP8WeightLinearMethod | W8A8LinearMethod:
+def method_for(entry: dict) -> QuantizedBuffersMethod:
     """The LinearMethod a `quantization_config["layers"]` entry describes; ValueError on an unknown one."""
     fmt = entry.get("format")
     if fmt == "int":

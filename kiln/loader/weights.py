@@ -16,6 +16,7 @@ from torch import nn
 
 from kiln.errors import ModelLoadError
 from kiln.layers.gguf_quant import GGUFQuantizedTensor
+from kiln.layers.linear import Linear
 from kiln.models.architecture import WeightNames
 from kiln.models.registry import get_architecture
 
@@ -24,14 +25,14 @@ def expected_shards(model: nn.Module) -> set[tuple[str, str, str | None]]:
     """Every (module, parameter, shard) a complete checkpoint must provide."""
     needed: set[tuple[str, str, str | None]] = set()
     for mod_name, module in model.named_modules():
-        shard_names = getattr(module, "shard_names", [None])
-        names = module.checkpoint_params() if hasattr(module, "checkpoint_params") else [
-            p for p, _ in module.named_parameters(recurse=False)]
-        for p_name in names:
-            if p_name not in ("weight", "bias") and hasattr(getattr(module, "method", None), "load_param"):
+        if not isinstance(module, Linear):
+            needed.update((mod_name, p, None) for p, _ in module.named_parameters(recurse=False))
+            continue
+        for p_name in module.checkpoint_params():
+            if p_name not in ("weight", "bias") and module.method.quantized_checkpoint:
                 needed.add((mod_name, p_name, None))  # a quantized method's buffers cover all shards at once
                 continue
-            for shard in shard_names:
+            for shard in module.shard_names:
                 needed.add((mod_name, p_name, shard))
     return needed
 

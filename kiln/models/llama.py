@@ -16,20 +16,18 @@ import torch
 from torch import nn
 
 from kiln.config import ModelConfig
-from kiln.kernels import decode_step
-from kiln.kernels.kv_quant import QuantizedKV
-from kiln.kernels.paged_attention import paged_attention, write_kv
+from kiln.kernels import decode_step, switches
 from kiln.kernels.fused import rope_qkv_, silu_and_mul
+from kiln.kernels.kv_quant import KVCache
+from kiln.kernels.paged_attention import paged_attention, write_kv
 from kiln.layers.attention_metadata import AttentionMetadata
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
+from kiln.models.decode_plan import build_decode_plan
 
 if TYPE_CHECKING:
     from kiln.layers.gguf_quant import GGUFQuantizedTensor
-
-# One layer's cache: full-precision (K, V) block tensors, or quantized ones (kiln.kernels.kv_quant).
-KVCache = tuple[torch.Tensor, torch.Tensor] | tuple[QuantizedKV, QuantizedKV]
 
 # checkpoint sub-module name → (fused module name, shard name)
 PACKED_MODULES: dict[str, tuple[str, str]] = {
@@ -135,11 +133,12 @@ class LlamaForCausalLM(nn.Module):
         self.quantized_tied_head: Linear | None = None
         self.keep_gguf_blocks = False
         self.keep_dense_copies = False
-        # The fused decode step (kiln.kernels.decode_step): built on the first pure decode step,
-        # once the weights are final; `fused_decode_step = False` keeps every step on the plain path.
-        self.fused_decode_step = True
+        # The fused decode step (kiln.kernels.decode_step): built on the first pure decode step, once
+        # the weights are final. The kernel switches decide it (the engine installs them before it
+        # loads a model); tests and benchmarks set `fused_decode_step` per model to compare the paths.
+        self.fused_decode_step = switches.active().fused_decode_step
         self._decode_plan: object | None = None
-        self.decode_plan_status = "not built yet"
+        self._decode_plan_status: str | None = None  # None: not built yet
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -162,10 +161,17 @@ class LlamaForCausalLM(nn.Module):
 
     def decode_plan(self) -> object | None:
         """The fused decode step's plan (built once), or None when this model cannot use it."""
-        if self.decode_plan_status == "not built yet":
-            self._decode_plan, why = decode_step.build_decode_plan(self)
-            self.decode_plan_status = "fused native decode step" if self._decode_plan is not None else f"plain path: {why}"
+        if self._decode_plan_status is None:
+            self._decode_plan, why = build_decode_plan(self)
+            self._decode_plan_status = "fused native decode step" if self._decode_plan is not None else f"plain path: {why}"
         return self._decode_plan
+
+    @property
+    def decode_plan_status(self) -> str:
+        """How pure decode steps run: 'fused native decode step', 'plain path: <why>' or 'not built yet'."""
+        if self._decode_plan_status is not None:
+            return self._decode_plan_status
+        return "not built yet" if self.fused_decode_step else "plain path: fused decode step off for this model"
 
     def attach_quantized_tied_head(self, blocks: "GGUFQuantizedTensor") -> None:
         """Keep the tied embedding's GGUF blocks as a quantized LM head (embedding lookups stay dense)."""
@@ -180,11 +186,11 @@ class LlamaForCausalLM(nn.Module):
         self.quantized_tied_head = head
 
     def finalize_quantized_layers(self) -> None:
-        """After loading: quantized layers build their dense copies (the tied head adopts the embedding)."""
+        """After loading: quantized layers repack or build their dense copies (the tied head adopts the embedding)."""
         for module in self.modules():
-            finalize = getattr(getattr(module, "method", None), "finalize", None)
-            if finalize is not None:
-                finalize(module, self.embed_tokens.weight if module is self.quantized_tied_head else None)
+            if isinstance(module, Linear):
+                dense = self.embed_tokens.weight if module is self.quantized_tied_head else None
+                module.method.process_weights_after_loading(module, dense)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] → fp32 logits [N, vocab]."""

@@ -74,7 +74,7 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         linear_paths.add(path)
         prefix = "lm_head" if path == "lm_head" else f"model.{path}"
-        quantized = hasattr(module.method, "load_param")
+        quantized = module.method.quantized_checkpoint
         for name in module.checkpoint_params():
             if name == "bias" and len(module.shard_names) > 1:
                 parent, _, leaf = prefix.rpartition(".")

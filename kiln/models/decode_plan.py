@@ -1,0 +1,50 @@
+"""Build a Llama-family model's fused decode plan (kiln.kernels.decode_step) from its layers.
+
+The kernel side takes lists of tensors; this walks the model to collect them: per decoder layer the
+two RMSNorm weights and the `LinearEntry` each linear's method contributes
+(`LinearMethod.decode_plan_entry`), then the final norm and the RoPE tables. One layer the fused
+step cannot run keeps the whole model on the plain path, and the reason names it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kiln.kernels import decode_step
+from kiln.kernels.decode_step import DecoderLayerWeights, LinearEntry
+from kiln.layers.linear import Linear
+from kiln.layers.linear_method import LinearMethod
+
+if TYPE_CHECKING:
+    from kiln.models.llama import LlamaForCausalLM
+
+
+def build_decode_plan(model: "LlamaForCausalLM") -> tuple[Any | None, str]:
+    """(plan, "") when the model's layers can all run in the fused step, else (None, why not)."""
+    why = decode_step.unavailable_reason(model.device, model.dtype)
+    if why is not None:
+        return None, why
+    layers: list[DecoderLayerWeights] = []
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        entries: list[LinearEntry] = []
+        for name, linear in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj),
+                             ("gate_up_proj", mlp.gate_up_proj), ("down_proj", mlp.down_proj)):
+            entry = _entry(linear, model.dtype)
+            if entry is None:
+                return None, f"layer {i} {name} uses {linear.method.name}, which the fused step does not run"
+            entries.append(entry)
+        layers.append(DecoderLayerWeights(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                          *entries))
+    first = model.layers[0].self_attn
+    plan = decode_step.new_decode_plan(layers, model.norm.weight, first.rotary.cos, first.rotary.sin, first.num_heads,
+                                       first.num_kv_heads, first.head_dim, model.config.rms_norm_eps, first.scale)
+    return plan, ""
+
+
+def _entry(linear: Linear, dtype: torch.dtype) -> LinearEntry | None:
+    # A method set by hand that is no LinearMethod (tests install such stand-ins) has no entry to give.
+    method = linear.method
+    return method.decode_plan_entry(linear, dtype) if isinstance(method, LinearMethod) else None
