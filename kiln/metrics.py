@@ -87,10 +87,10 @@ class EngineMetrics:
         self._advance(self.prefix_hits, "hits", s.prefix_cache_hits)
         self._advance(self.preemptions, "preemptions", s.num_preemptions_total)
         self._advance(self.steps, "steps", stats.step_count)
-        self._advance(self.spec_proposed, "spec_proposed", stats.spec_proposed_total)
-        self._advance(self.spec_accepted, "spec_accepted", stats.spec_accepted_total)
-        self._advance(self.spec_steps, "spec_steps", stats.spec_steps_total)
-        self._advance(self.spec_skipped, "spec_skipped", stats.spec_skipped_steps_total)
+        self._advance(self.spec_proposed, "spec_proposed", stats.spec.proposed_total)
+        self._advance(self.spec_accepted, "spec_accepted", stats.spec.accepted_total)
+        self._advance(self.spec_steps, "spec_steps", stats.spec.steps_total)
+        self._advance(self.spec_skipped, "spec_skipped", stats.spec.skipped_steps_total)
 
     def _advance(self, counter: Counter, key: str, total: int) -> None:
         delta = total - self._seen.get(key, 0)

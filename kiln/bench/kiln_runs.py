@@ -24,14 +24,15 @@ def _weights(llm) -> str:
 
 def _spec_stats(engine) -> dict[str, Any]:
     """Speculative decoding figures (empty when it is off): acceptance rate and tokens per step."""
-    if engine.speculative_config is None:
+    if engine.spec is None:
         return {}
     s = engine.stats()
-    return {"speculative": engine.speculative_config.method,
-            "spec_acceptance_rate": s.spec_acceptance_rate,
-            "spec_mean_accepted_per_step": s.spec_accepted_total / s.spec_steps_total if s.spec_steps_total else None,
-            "spec_draft_seconds": engine.spec_draft_seconds_total,
-            "spec_skipped_steps": s.spec_skipped_steps_total, "engine_steps": s.step_count}
+    spec = s.spec
+    return {"speculative": engine.spec.config.method,
+            "spec_acceptance_rate": spec.acceptance_rate,
+            "spec_mean_accepted_per_step": spec.accepted_total / spec.steps_total if spec.steps_total else None,
+            "spec_draft_seconds": spec.draft_seconds_total,
+            "spec_skipped_steps": spec.skipped_steps_total, "engine_steps": s.step_count}
 
 
 def kiln_throughput(model: str, dtype: str, prompts: list[list[int]], max_tokens: int,
@@ -107,7 +108,7 @@ def kiln_generate_timed(model: str, dtype: str, prompts: list[list[int]], max_to
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     outputs: list[list[int]] = []
-    draft_before = llm.engine.spec_draft_seconds_total
+    draft_before = llm.engine.stats().spec.draft_seconds_total
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
         chunk = [{"prompt_token_ids": p} for p in prompts[i:i + batch]]
@@ -116,6 +117,6 @@ def kiln_generate_timed(model: str, dtype: str, prompts: list[list[int]], max_to
     generated = sum(map(len, outputs))
     stats = _spec_stats(llm.engine)
     if stats:
-        stats["spec_draft_time_share"] = (llm.engine.spec_draft_seconds_total - draft_before) / elapsed
+        stats["spec_draft_time_share"] = (stats["spec_draft_seconds"] - draft_before) / elapsed
     return {"system": f"kiln ({_weights(llm)})", "batch": batch, "elapsed_s": elapsed, "output_tokens": generated,
             "output_tok_s": generated / elapsed, "token_ids": outputs, **stats}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,9 +26,7 @@ from kiln.loader.model_loader import LoadedModel, load_model
 from kiln.outputs import RequestOutput
 from kiln.request import Request, RequestStatus
 from kiln.sampling_params import SamplingParams
-from kiln.spec_decode.controller import SpeculationController
-from kiln.spec_decode.draft_model import DraftModelProposer, build_draft_model
-from kiln.spec_decode.ngram_proposer import NgramProposer
+from kiln.spec_decode.spec_decoder import SpecDecoder, SpecDecodeStats, build_spec_decoder
 from kiln.worker.model_runner import ModelRunner, RunnerOutput
 
 if TYPE_CHECKING:
@@ -46,14 +44,7 @@ class EngineStats:
     step_count: int
     prompt_tokens_total: int
     generation_tokens_total: int
-    spec_proposed_total: int = 0
-    spec_accepted_total: int = 0
-    spec_steps_total: int = 0
-    spec_skipped_steps_total: int = 0
-
-    @property
-    def spec_acceptance_rate(self) -> float | None:
-        return self.spec_accepted_total / self.spec_proposed_total if self.spec_proposed_total else None
+    spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)  # all zero when speculation is off
 
 
 class LLMEngine:
@@ -67,17 +58,6 @@ class LLMEngine:
         self.loaded = loaded
         self.config: EngineConfig | None = None  # set by from_config
         self.speculative_config = speculative_config
-        self.proposer: NgramProposer | None = None
-        self.draft_proposer: DraftModelProposer | None = None
-        if speculative_config is not None and speculative_config.method == "ngram":
-            self.proposer = NgramProposer(speculative_config.ngram_min, speculative_config.ngram_max)
-        self.spec_proposed_total = 0  # draft tokens verified
-        self.spec_accepted_total = 0  # of those, accepted
-        self.spec_steps_total = 0  # sequence-steps that speculated
-        self.spec_draft_seconds_total = 0.0  # time spent running a draft model
-        self.spec_skipped_steps_total = 0  # engine steps not speculated: above the switch-off, or not paying
-        self.spec_controller: SpeculationController | None = (
-            SpeculationController(adaptive=speculative_config.adaptive) if speculative_config is not None else None)
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.cache_config = cache_config or CacheConfig()
@@ -94,10 +74,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.kv_budget.num_blocks, self.cache_config.block_size,
                                   self.cache_config.kv_cache_dtype)
-        if speculative_config is not None and speculative_config.method == "draft":
-            # The draft gets as many KV blocks as the target (same memory again for a same-shape draft).
-            self.draft_proposer = DraftModelProposer(build_draft_model(speculative_config.draft_model, loaded),
-                                                     self.kv_budget.num_blocks, self.cache_config.block_size)
+        self.spec: SpecDecoder | None = build_spec_decoder(
+            speculative_config, loaded, self.kv_budget.num_blocks, self.cache_config.block_size, self.max_model_len)
         self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
         self.states: dict[str, RequestState] = {}
         self.seq_to_request: dict[str, str] = {}
@@ -218,80 +196,27 @@ class LLMEngine:
         # record_function labels cost ~nothing unless a profiler runs (`kiln bench latency --profile`)
         start = time.perf_counter()
         with record_function("kiln::schedule"):
-            self._propose_drafts()
+            if self.spec is not None:
+                self.spec.propose(self.scheduler.running)
             sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         self.step_count += 1
         result = self.runner.execute(sched)
+        sampled = dict(result.sampled)  # the runner's lists, before token stops cut the entries
         with record_function("kiln::process_outputs"):
             outputs = self._process_outputs(sched, result)
-        if self.spec_controller is not None:
-            self._observe_speculation(sched, result, time.perf_counter() - start)
+        if self.spec is not None:
+            self.spec.observe(sched, sampled, result.sampled, time.perf_counter() - start)
         return outputs
-
-    def _observe_speculation(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
-        """Tell the speculation controller what a decode-only step yielded (prefill steps say nothing)."""
-        assert self.spec_controller is not None
-        if any(item.num_tokens != 1 + len(item.spec_token_ids) for item in sched.scheduled):
-            return
-        tokens = sum(len(result.sampled.get(item.request.request_id, ())) for item in sched.scheduled)
-        had_drafts = any(item.spec_token_ids for item in sched.scheduled)
-        self.spec_controller.observe(len(sched.scheduled), had_drafts, tokens, seconds)
-
-    def _propose_drafts(self) -> None:
-        """Give each decoding sequence up to k draft tokens (none when the batch is above the switch-off
-        or the controller has measured that speculation does not pay at this batch size)."""
-        cfg = self.speculative_config
-        running = self.scheduler.running
-        if cfg is None or not running:
-            return
-        assert self.spec_controller is not None
-        if len(running) > cfg.max_batch_size:
-            self.spec_skipped_steps_total += 1
-            return
-        # A seeded sampled request consumes its random stream differently with and without drafts,
-        # so it keeps speculating whatever the (timing-based) controller says: its output then
-        # depends only on the batch, as without the controller, never on how fast steps ran.
-        paying = self.spec_controller.should_speculate(len(running))
-        if not paying:
-            self.spec_skipped_steps_total += 1
-        wanted: dict[str, tuple[list[int], int]] = {}
-        by_id = {}
-        for request in running:
-            if request.num_computed_tokens != request.num_tokens - 1:
-                continue  # still prefilling
-            params = request.sampling_params
-            if not paying and (params.seed is None or params.greedy):
-                continue
-            k = cfg.num_speculative_tokens if params.num_speculative_tokens is None else min(
-                params.num_speculative_tokens, cfg.num_speculative_tokens)
-            room = (params.max_tokens - len(request.output_token_ids) - 1) if params.max_tokens is not None else k
-            room = min(room, k, self.max_model_len - request.num_tokens - 1)
-            if room > 0:
-                wanted[request.request_id] = (request.all_token_ids, room)
-                by_id[request.request_id] = request
-        if self.proposer is not None:
-            for rid, (tokens, k) in wanted.items():
-                by_id[rid].spec_token_ids = self.proposer.propose(tokens, k)
-        elif self.draft_proposer is not None and wanted:
-            start = time.perf_counter()
-            for rid, drafts in self.draft_proposer.propose_batch(wanted).items():
-                by_id[rid].spec_token_ids = drafts
-            self.spec_draft_seconds_total += time.perf_counter() - start
 
     def _release(self, seq_id: str) -> None:
         """A sequence left the engine (finished or aborted): drop its per-sequence state everywhere."""
         self.runner.remove_requests([seq_id])
-        if self.draft_proposer is not None:
-            self.draft_proposer.free(seq_id)
+        if self.spec is not None:
+            self.spec.free(seq_id)
 
     def _process_outputs(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
-        for item in sched.scheduled:
-            if item.spec_token_ids and item.request.request_id in result.sampled:
-                self.spec_steps_total += 1
-                self.spec_proposed_total += len(item.spec_token_ids)
-                self.spec_accepted_total += len(result.sampled[item.request.request_id]) - 1
         self.scheduler.update_from_output(sched, result.sampled)
         touched: dict[str, RequestState] = {}
         for item in sched.scheduled:
@@ -342,7 +267,7 @@ class LLMEngine:
         return EngineStats(
             self.scheduler.stats(), self.kv_budget.num_blocks, self.step_count,
             self.prompt_tokens_total, self.generation_tokens_total,
-            self.spec_proposed_total, self.spec_accepted_total, self.spec_steps_total, self.spec_skipped_steps_total,
+            self.spec.snapshot() if self.spec is not None else SpecDecodeStats(),
         )
 
     @torch.inference_mode()

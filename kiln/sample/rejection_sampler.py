@@ -1,4 +1,4 @@
-"""Lossless verification of draft tokens against the target model's distributions.
+"""Rejection sampling: lossless verification of draft tokens against the target model's distributions.
 
 For one sequence with k drafts the target forward gives k + 1 rows of logits: row j is the
 distribution of the token after (context + drafts[:j]). Each row goes through exactly the

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kiln.layers.attention_metadata import build_attention_metadata
+from kiln.spec_decode.proposer import ProposalRequests
 
 
 @dataclass
@@ -30,9 +31,10 @@ class _DraftSeq:
 
 
 class DraftModelProposer:
-    """propose_batch({request_id: (tokens, k)}) → {request_id: drafts}; free(request_id) when a request ends.
+    """A `Proposer` (kiln.spec_decode.proposer) backed by a draft model.
 
-    Invariant: every block id is either in `free_blocks` or in exactly one sequence's `block_ids`.
+    A request the draft has no free blocks for is left out of the answer (it does not speculate
+    this step). Invariant: every block id is either in `free_blocks` or in exactly one sequence's `block_ids`.
     """
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
@@ -72,7 +74,7 @@ class DraftModelProposer:
         return self.model.compute_logits(hidden[last]).argmax(-1).tolist()
 
     @torch.inference_mode()
-    def propose_batch(self, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+    def propose(self, requests: ProposalRequests) -> dict[str, list[int]]:
         active: list[tuple[str, _DraftSeq, list[int], int]] = []
         for rid, (tokens, k) in requests.items():
             if k <= 0 or not tokens:

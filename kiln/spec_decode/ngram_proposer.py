@@ -8,9 +8,11 @@ earlier match become the draft. Costs no model forward, so it pays whenever text
 
 from __future__ import annotations
 
+from kiln.spec_decode.proposer import ProposalRequests
+
 
 class NgramProposer:
-    """propose(tokens, k) → up to k draft token ids (possibly none)."""
+    """A `Proposer` that holds no per-sequence state: every request id gets an answer (maybe [])."""
 
     def __init__(self, ngram_min: int = 1, ngram_max: int = 4) -> None:
         if not 1 <= ngram_min <= ngram_max:
@@ -18,7 +20,14 @@ class NgramProposer:
         self.ngram_min = ngram_min
         self.ngram_max = ngram_max
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def propose(self, requests: ProposalRequests) -> dict[str, list[int]]:
+        return {rid: self.lookup(tokens, k) for rid, (tokens, k) in requests.items()}
+
+    def free(self, request_id: str) -> None:
+        """Nothing is kept per sequence."""
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the most recent earlier occurrence of the longest suffix."""
         length = len(tokens)
         if k <= 0:
             return []

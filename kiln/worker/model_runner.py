@@ -18,7 +18,7 @@ from kiln.kernels.kv_quant import allocate_kv_caches
 from kiln.layers.attention_metadata import AttentionMetadata, build_attention_metadata
 from kiln.models.architecture import CausalLM
 from kiln.sample.sampler import SampleRow, Sampler
-from kiln.spec_decode.verify import verify_drafts
+from kiln.sample.rejection_sampler import verify_drafts
 
 TopLogprobs = list[tuple[int, float]]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kiln import LLM, SamplingParams
+from kiln.spec_decode.draft_model import DraftModelProposer
 
 pytestmark = pytest.mark.real_model
 
@@ -46,20 +47,21 @@ def spec_llm(request, llm_fp32) -> LLM:
 def _assert_no_leaks(llm: LLM) -> None:
     engine = llm.engine
     assert engine.kv_manager.get_num_free_blocks() == engine.kv_budget.num_blocks
-    if engine.draft_proposer is not None:
-        assert len(engine.draft_proposer.free_blocks) == engine.draft_proposer.num_blocks
-        assert not engine.draft_proposer.seqs
+    draft = engine.spec.proposer
+    if isinstance(draft, DraftModelProposer):
+        assert len(draft.free_blocks) == draft.num_blocks
+        assert not draft.seqs
 
 
 @pytest.mark.parametrize("batch", [1, 4], ids=["single", "batched"])
 def test_greedy_equals_plain_decoding(spec_llm: LLM, plain: list[list[int]], batch: int) -> None:
-    before = spec_llm.engine.spec_accepted_total
+    before = spec_llm.engine.stats().spec.accepted_total
     out: list[list[int]] = []
     for i in range(0, len(PROMPTS), batch):  # 4 at once stays under the speculation switch-off (4 running)
         out += [o.outputs[0].token_ids for o in spec_llm.generate(PROMPTS[i:i + batch], PARAMS)]
     for prompt, a, b in zip(PROMPTS, out, plain):
         assert a == b, prompt
-    assert spec_llm.engine.spec_accepted_total - before > 40  # drafts really were accepted
+    assert spec_llm.engine.stats().spec.accepted_total - before > 40  # drafts really were accepted
     _assert_no_leaks(spec_llm)
 
 
@@ -69,7 +71,7 @@ def test_aborts_leak_no_blocks(llm_fp32) -> None:
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=40)) for p in PROMPTS[:4]]
     for _ in range(4):
         engine.step()
-    assert engine.draft_proposer.seqs  # the draft holds KV for running requests
+    assert engine.spec.proposer.seqs  # the draft holds KV for running requests
     engine.abort_request(ids[:2])
     while engine.has_unfinished_requests():
         engine.step()

@@ -9,7 +9,7 @@ from kiln.config import SpeculativeConfig
 from kiln.sample.sampler import SampleRow, truncate_probs
 from kiln.sampling_params import SamplingParams
 from kiln.spec_decode.ngram_proposer import NgramProposer
-from kiln.spec_decode.verify import verify_drafts
+from kiln.sample.rejection_sampler import verify_drafts
 
 
 def test_ngram_prefers_the_longest_most_recent_match() -> None:
@@ -17,11 +17,20 @@ def test_ngram_prefers_the_longest_most_recent_match() -> None:
     #        0  1  2  3  4  5  6  7  8  9
     tokens = [5, 6, 7, 1, 2, 9, 6, 7, 8, 4, 6, 7]
     # suffix [6, 7] (n=2) occurs at 1 and 6; the most recent (6) continues with 8, 4
-    assert p.propose(tokens, 2) == [8, 4]
-    assert p.propose(tokens, 10) == [8, 4, 6, 7]  # stops at the end of the sequence
-    assert p.propose([1, 2, 3], 4) == []  # nothing repeats
-    assert p.propose(tokens, 0) == []
-    assert NgramProposer(3, 3).propose([1, 2, 3, 9, 2, 3], 2) == []  # n=3 required, only n=2 repeats
+    assert p.lookup(tokens, 2) == [8, 4]
+    assert p.lookup(tokens, 10) == [8, 4, 6, 7]  # stops at the end of the sequence
+    assert p.lookup([1, 2, 3], 4) == []  # nothing repeats
+    assert p.lookup(tokens, 0) == []
+    assert NgramProposer(3, 3).lookup([1, 2, 3, 9, 2, 3], 2) == []  # n=3 required, only n=2 repeats
+
+
+def test_ngram_answers_every_request_of_a_batch() -> None:
+    """The batched Proposer interface: one answer per request id, [] where nothing repeats."""
+    p = NgramProposer(1, 3)
+    tokens = [5, 6, 7, 1, 2, 9, 6, 7, 8, 4, 6, 7]
+    assert p.propose({"a": (tokens, 2), "b": ([1, 2, 3], 4), "c": (tokens, 0)}) == {"a": [8, 4], "b": [], "c": []}
+    p.free("a")  # holds nothing per request: a no-op, unknown ids included
+    p.free("never-seen")
 
 
 @pytest.mark.parametrize("kwargs", [{"method": "eagle"}, {"num_speculative_tokens": 0}, {"ngram_min": 3, "ngram_max": 2}])

@@ -27,13 +27,13 @@ def spec_llm(llm_fp32) -> LLM:
 def test_greedy_with_ngram_drafts_equals_plain_decoding(llm_fp32, spec_llm) -> None:
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     plain = llm_fp32.generate(PROMPTS, params)
-    before = spec_llm.engine.spec_accepted_total
+    before = spec_llm.engine.stats().spec.accepted_total
     spec = spec_llm.generate(PROMPTS, params)
     for a, b in zip(spec, plain):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids, a.prompt
         assert a.outputs[0].text == b.outputs[0].text
     engine = spec_llm.engine
-    assert engine.spec_accepted_total - before > 20  # these prompts repeat: drafts must land
+    assert engine.stats().spec.accepted_total - before > 20  # these prompts repeat: drafts must land
     assert engine.kv_manager.get_num_free_blocks() == engine.kv_budget.num_blocks  # nothing leaked
 
 
@@ -63,10 +63,11 @@ def test_per_request_k_bounds_drafts_and_zero_turns_speculation_off(llm_fp32, sp
     plain = llm_fp32.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     for k, most in ((0, 0), (2, 2)):
         params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, num_speculative_tokens=k)
-        proposed, steps = engine.spec_proposed_total, engine.spec_steps_total
+        proposed, steps = engine.stats().spec.proposed_total, engine.stats().spec.steps_total
         out = spec_llm.generate(PROMPTS[:1], params)
         assert out[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
-        n_proposed, n_steps = engine.spec_proposed_total - proposed, engine.spec_steps_total - steps
+        spec = engine.stats().spec
+        n_proposed, n_steps = spec.proposed_total - proposed, spec.steps_total - steps
         assert n_proposed <= most * n_steps
         assert (n_proposed > 0) == (k > 0)  # this prompt repeats: with k > 0 drafts are proposed
 
@@ -85,8 +86,8 @@ def test_switch_off_skips_large_batches_and_counts_them(llm_fp32) -> None:
     out = llm.generate(PROMPTS, params)  # 4 sequences > 1: no step speculates until only one is left
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in plain]
     stats = llm.engine.stats()
-    assert stats.spec_skipped_steps_total > 0
-    assert stats.spec_proposed_total == 0  # all four decode in lockstep and finish together
+    assert stats.spec.skipped_steps_total > 0
+    assert stats.spec.proposed_total == 0  # all four decode in lockstep and finish together
 
 
 def test_adaptive_switch_off_spares_seeded_sampling(llm_fp32, monkeypatch) -> None:
@@ -95,12 +96,12 @@ def test_adaptive_switch_off_spares_seeded_sampling(llm_fp32, monkeypatch) -> No
     llm = LLM(str(llm_fp32.engine.loaded.source), dtype="float32", kv_cache_memory="128MiB",
               quantized_weights="dequantize", speculative_model="ngram", num_speculative_tokens=4)
     engine = llm.engine
-    assert engine.spec_controller is not None and engine.spec_controller.adaptive
-    monkeypatch.setattr(engine.spec_controller, "should_speculate", lambda num_running: False)
+    assert engine.spec is not None and engine.spec.controller.adaptive
+    monkeypatch.setattr(engine.spec.controller, "should_speculate", lambda num_running: False)
     llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-    assert engine.spec_proposed_total == 0 and engine.spec_skipped_steps_total > 0
+    assert engine.stats().spec.proposed_total == 0 and engine.stats().spec.skipped_steps_total > 0
     seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
     first = llm.generate(PROMPTS[:1], seeded)[0].outputs[0].token_ids
-    assert engine.spec_proposed_total > 0
+    assert engine.stats().spec.proposed_total > 0
     monkeypatch.undo()
     assert llm.generate(PROMPTS[:1], seeded)[0].outputs[0].token_ids == first
