@@ -109,7 +109,7 @@ class SchedulerConfig:
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
-    enable_chunked_prefill: bool = True
+    enable_chunked_prefill: bool = True  # off: a prompt waits for a step with room for all of it (one longer than the budget is chunked anyway)
     max_model_len: int | None = None  # None: the model's context length
 
 

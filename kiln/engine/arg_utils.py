@@ -54,7 +54,8 @@ class EngineArgs:
     max_num_seqs: int = _opt(64, "sequences in flight at once", type=int)
     max_num_batched_tokens: int = _opt(512, "tokens in one forward (the per-step token budget)", type=int)
     max_model_len: int | None = _opt(None, "context length (default: the model's)", type=int)
-    enable_chunked_prefill: bool = _opt(True, "prefill a prompt in one step instead of in budget-sized chunks",
+    enable_chunked_prefill: bool = _opt(True, "prefill a prompt in one step instead of in budget-sized chunks "
+                                              "(a prompt longer than --max-num-batched-tokens is still chunked)",
                                         flag="--no-chunked-prefill", negate=True)
     # ---- speculative decoding ----
     speculative_model: str | None = _opt(None, "speculative decoding: ngram (prompt lookup), self:int4 / self:int8 "
