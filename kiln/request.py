@@ -43,7 +43,12 @@ class Request:
     """One sequence being generated.
 
     Invariants: all_token_ids == prompt_token_ids + output_token_ids (final tokens only,
-    never speculative drafts); 0 <= num_computed_tokens <= num_tokens.
+    never speculative drafts); 0 <= num_computed_tokens <= num_tokens, except inside one engine
+    step, between `Scheduler.update_from_output` counting accepted drafts as computed and the
+    output processor appending them. Who writes what: the scheduler `num_computed_tokens`,
+    `status` and `spec_token_ids` (the SpecDecoder proposes the drafts); the output processor
+    the output tokens and their times. When a request stops is decided in
+    kiln.engine.output_processor, which reads `eos_token_ids` and `max_model_len` from here.
     """
 
     request_id: str
@@ -56,7 +61,6 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    stop_reason: int | str | None = None
     cache_salt: object | None = None
     spec_token_ids: list[int] = field(default_factory=list)
     metrics: RequestMetrics = field(init=False)
@@ -87,21 +91,3 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
-
-    def check_token_stop(self) -> RequestStatus | None:
-        """Token-level stop after the last appended token (EOS, stop ids, max tokens, context)."""
-        params = self.sampling_params
-        n_out = self.num_output_tokens
-        last = self.all_token_ids[-1]
-        if n_out >= params.min_tokens:
-            if not params.ignore_eos and last in self.eos_token_ids:
-                self.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-            if params.stop_token_ids and last in params.stop_token_ids:
-                self.stop_reason = last
-                return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and n_out >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if self.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None

@@ -9,13 +9,16 @@ preempted by recompute: its blocks are freed, its progress reset, and it goes ba
 the front of the waiting queue with its output so far.
 
 The scheduler never touches tensors; it emits a SchedulerOutput for the model runner
-and is told the sampled tokens back via `update_from_output`.
+and is told the sampled tokens back via `update_from_output`. It never decides that a request
+is done: the engine's output processor does (token stops and stop strings), and the engine
+then calls `finish_request`.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kiln.config import SchedulerConfig
@@ -172,16 +175,19 @@ class Scheduler:
         return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, preempted)
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled: dict[str, list[int]]
-    ) -> list[Request]:
-        """Advance computed-token counts, append sampled tokens and apply token-level stops.
+        self, output: SchedulerOutput, sampled: Mapping[str, list[int]]
+    ) -> dict[str, list[int]]:
+        """Advance the computed-token counts after a step; return each still-running request's new tokens.
 
-        `sampled[request_id]` holds the accepted tokens of requests that sampled this step; when a
-        token stop ends a request part-way through them, the entry is cut to the kept tokens.
-        Returns the requests that finished (their blocks are already freed).
+        `sampled` (the runner's output: accepted drafts + one token per request that sampled) is
+        only read. The tokens are not appended here: the engine's output processor decides how many
+        are kept (a stop inside a run of accepted drafts drops the rest) and appends those, and
+        the engine then frees the requests it finished (`finish_request`). Until it has, a request
+        that accepted drafts counts their KV as computed ahead of its `all_token_ids`.
+        A request that is no longer running (aborted while the step ran) is skipped and its tokens
+        are dropped. The returned lists are the runner's: read them only.
         """
-        finished: list[Request] = []
-        now = time.monotonic()
+        new_tokens: dict[str, list[int]] = {}
         for item in output.scheduled:
             request = item.request
             if request.status != RequestStatus.RUNNING:
@@ -195,19 +201,8 @@ class Scheduler:
             if drafts:
                 # Accepted drafts' KV is valid; the rejected ones' slots will be overwritten.
                 request.num_computed_tokens += len(tokens) - 1
-            for count, token in enumerate(tokens, start=1):
-                request.append_output_token(token)
-                if request.metrics.first_token_time is None:
-                    request.metrics.first_token_time = now
-                request.metrics.last_token_time = now
-                status = request.check_token_stop()
-                if status is not None:
-                    self.finish_request(request.request_id, status)
-                    finished.append(request)
-                    # accepted drafts after a stop token (EOS, max_tokens) are not part of the output
-                    sampled[request.request_id] = tokens[:count]
-                    break
-        return finished
+            new_tokens[request.request_id] = tokens
+        return new_tokens
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(

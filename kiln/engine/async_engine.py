@@ -203,8 +203,9 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         params = params or SamplingParams()
-        text, token_ids = self.engine.tokenize_prompt(prompt)
-        self.engine.validate_prompt(token_ids)
+        # Tokenized and validated here, once (a TokenizedPrompt passes through): errors reach the
+        # caller, and the engine thread's add_request takes the result as it is.
+        prompt = self.engine.process_prompt(prompt)
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         queue = queue if queue is not None else asyncio.Queue()
         tracked = _Tracked(request_id, loop, queue, params.n, time.monotonic())
@@ -221,7 +222,7 @@ class AsyncEngine:
                 )
             self._active_ids.add(request_id)
             self._pending_adds += params.n
-            payload = (tracked, {"prompt": text, "prompt_token_ids": token_ids}, params, priority)
+            payload = (tracked, prompt, params, priority)
             self._commands.append(("add", payload))
             self._cv.notify()
         return RequestStream(self, request_id, queue)
@@ -314,7 +315,7 @@ class AsyncEngine:
                 added += params.n
                 try:
                     self.engine.add_request(prompt, params, tracked.request_id, priority, tracked.arrival)
-                except Exception as exc:  # validated already; anything here is unexpected
+                except Exception as exc:  # a processed prompt: anything raised here is unexpected
                     logger.exception("engine rejected request %s", tracked.request_id)
                     self._tracked[tracked.request_id] = tracked
                     self._finish(tracked, "error", f"{type(exc).__name__}: {exc}")

@@ -1,16 +1,17 @@
 """The synchronous engine: add_request / step / abort_request / has_unfinished_requests.
 
-One `step()` = schedule → one forward over the mixed batch → sample → update requests →
-detokenize → RequestOutputs for every request that progressed. The async server drives
-exactly this loop from its own thread.
+One `step()` = propose drafts → schedule → one forward over the mixed batch → sample →
+scheduler bookkeeping (`update_from_output`) → output processor (stops, detokenization) →
+the scheduler frees what finished → RequestOutputs for every request that progressed. Data
+flows one way through it: nothing downstream reaches back into an earlier stage. The async
+server drives exactly this loop from its own thread.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,9 +20,8 @@ from torch.profiler import record_function
 from kiln.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from kiln.core.kv_cache_manager import KVCacheManager
 from kiln.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
-from kiln.detokenizer import IncrementalDetokenizer
 from kiln.engine.kv_budget import KVBudget, plan_kv_cache
-from kiln.engine.output_processor import RequestState, SequenceState
+from kiln.engine.output_processor import OutputProcessor
 from kiln.loader.model_loader import LoadedModel, load_model
 from kiln.outputs import RequestOutput
 from kiln.request import Request, RequestStatus
@@ -32,9 +32,21 @@ from kiln.worker.model_runner import ModelRunner, RunnerOutput
 if TYPE_CHECKING:
     from kiln.engine.arg_utils import EngineArgs
 
-logger = logging.getLogger("kiln")
 
-PromptInput = str | list[int] | dict[str, Any]
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    """A prompt tokenized and validated once, by `LLMEngine.process_prompt`.
+
+    Invariant: `token_ids` passed that engine's checks (non-empty, inside the vocabulary, shorter
+    than the context, fits the KV cache), so `add_request` takes it as it is. Build one only
+    through `process_prompt` (`dataclasses.replace` of `text` keeps it valid).
+    """
+
+    text: str | None
+    token_ids: list[int]
+
+
+PromptInput = str | list[int] | dict[str, Any] | TokenizedPrompt
 
 
 @dataclass
@@ -77,8 +89,7 @@ class LLMEngine:
         self.spec: SpecDecoder | None = build_spec_decoder(
             speculative_config, loaded, self.kv_budget.num_blocks, self.cache_config.block_size, self.max_model_len)
         self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
-        self.states: dict[str, RequestState] = {}
-        self.seq_to_request: dict[str, str] = {}
+        self.output_processor = OutputProcessor(loaded.tokenizer)
         self._ids = itertools.count()
         self.step_count = 0
         self.prompt_tokens_total = 0
@@ -112,13 +123,26 @@ class LLMEngine:
         return cls.from_config(args.create_engine_config())
 
     # ---- requests ---------------------------------------------------------------------
-    def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+    def process_prompt(self, prompt: PromptInput) -> TokenizedPrompt:
+        """Tokenize (unless ids are given) and validate a prompt; ValueError says what is wrong.
+
+        A TokenizedPrompt comes back as it is: it was processed already. A string is encoded with
+        the tokenizer's special tokens (BOS); ids, or a dict with `prompt_token_ids`, are taken as
+        they are (a chat template has put the BOS in already).
+        """
+        if isinstance(prompt, TokenizedPrompt):
+            return prompt
+        text, token_ids = self._tokenize(prompt)
+        self.validate_prompt(token_ids)
+        return TokenizedPrompt(text, token_ids)
+
+    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            return self.tokenize_prompt(prompt["prompt"])
+            return self._tokenize(prompt["prompt"])
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
         raise ValueError("prompt must be a string, a list of token ids, or {'prompt_token_ids': [...]}")
@@ -148,48 +172,43 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> str:
-        """Validate, tokenize and queue a request (n sequences). Raises ValueError on bad input."""
+        """Queue a request (n sequences); a prompt not yet processed is tokenized and validated
+        here (`process_prompt`). Raises ValueError on bad input."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.states:
+        if request_id in self.output_processor:
             raise ValueError(f"duplicate request id {request_id!r}")
-        text, token_ids = self.tokenize_prompt(prompt)
-        self.validate_prompt(token_ids)
+        prompt = self.process_prompt(prompt)
+        token_ids = prompt.token_ids
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        sequences: list[SequenceState] = []
+        sequences: list[Request] = []
         for i in range(params.n):
             seq_params = params
             if params.n > 1:
-                from dataclasses import replace
-
                 seq_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(seq_id, token_ids, seq_params, self.eos_token_ids, priority, arrival, self.max_model_len)
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-            sequences.append(SequenceState(req, i, detok))
-        state = RequestState(request_id, text, token_ids, sequences)
-        if params.prompt_logprobs is not None:
-            state.prompt_logprobs = [None]
-        self.states[request_id] = state
-        for seq in sequences:
-            self.seq_to_request[seq.request.request_id] = request_id
-            self.scheduler.add_request(seq.request)
+            sequences.append(Request(seq_id, token_ids, seq_params, self.eos_token_ids, priority, arrival,
+                                     self.max_model_len))
+        self.output_processor.add_request(request_id, prompt.text, token_ids, sequences)
+        for req in sequences:
+            self.scheduler.add_request(req)
         self.prompt_tokens_total += len(token_ids) * params.n
         return request_id
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Abort requests in any state; their KV blocks are freed at once. Unknown ids are ignored."""
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
-            state = self.states.pop(rid, None)
-            if state is None:
-                continue
-            for seq in state.sequences:
-                self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
-                self.seq_to_request.pop(seq.request.request_id, None)
-                self._release(seq.request.request_id)
+            for seq_id in self.output_processor.abort_request(rid):
+                self.scheduler.finish_request(seq_id, RequestStatus.FINISHED_ABORTED)
+                self._release(seq_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.states)
+        return self.output_processor.has_unfinished()
+
+    @property
+    def seq_to_request(self) -> dict[str, str]:
+        """Sequence id → request id of every live sequence (read-only for callers)."""
+        return self.output_processor.seq_to_request
 
     # ---- the loop ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -203,65 +222,31 @@ class LLMEngine:
             return []
         self.step_count += 1
         result = self.runner.execute(sched)
-        sampled = dict(result.sampled)  # the runner's lists, before token stops cut the entries
         with record_function("kiln::process_outputs"):
-            outputs = self._process_outputs(sched, result)
+            outputs, kept = self._process_outputs(sched, result)
         if self.spec is not None:
-            self.spec.observe(sched, sampled, result.sampled, time.perf_counter() - start)
+            self.spec.observe(sched, result.sampled, kept, time.perf_counter() - start)
         return outputs
+
+    def _process_outputs(self, sched: SchedulerOutput, result: RunnerOutput
+                         ) -> tuple[list[RequestOutput], dict[str, list[int]]]:
+        """Scheduler bookkeeping → stop decisions and text → the scheduler frees what finished →
+        RequestOutputs. Also returns the tokens kept per sequence."""
+        new_tokens = self.scheduler.update_from_output(sched, result.sampled)
+        step = self.output_processor.process([item.request.request_id for item in sched.scheduled], new_tokens, result)
+        for seq_id, status in step.finished.items():
+            self.scheduler.finish_request(seq_id, status)
+        outputs, released = self.output_processor.make_outputs(step)
+        for seq_id in released:
+            self._release(seq_id)
+        self.generation_tokens_total += step.num_generated
+        return outputs, step.kept
 
     def _release(self, seq_id: str) -> None:
         """A sequence left the engine (finished or aborted): drop its per-sequence state everywhere."""
         self.runner.remove_requests([seq_id])
         if self.spec is not None:
             self.spec.free(seq_id)
-
-    def _process_outputs(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
-        self.scheduler.update_from_output(sched, result.sampled)
-        touched: dict[str, RequestState] = {}
-        for item in sched.scheduled:
-            seq_id = item.request.request_id
-            rid = self.seq_to_request.get(seq_id)
-            state = self.states.get(rid) if rid else None
-            if state is None:
-                continue
-            seq = next(s for s in state.sequences if s.request.request_id == seq_id)
-            if seq_id in result.prompt_logprobs and state.prompt_logprobs is not None and seq.index == 0:
-                for _, lp, top in result.prompt_logprobs[seq_id]:
-                    state.prompt_logprobs.append(dict(top) | {_: lp})
-            tokens = result.sampled.get(seq_id)
-            if tokens:
-                self.generation_tokens_total += len(tokens)
-                lps = result.logprobs.get(seq_id)
-                self._record_logprobs(seq, lps[: len(tokens)] if lps else lps)
-                try:
-                    if seq.add_tokens(tokens):
-                        self.scheduler.finish_request(seq_id, RequestStatus.FINISHED_STOPPED)
-                except Exception as exc:  # one request's failure must not take down the batch
-                    logger.exception("request %s failed in output processing", seq_id)
-                    state.error = f"{type(exc).__name__}: {exc}"
-                    self.scheduler.finish_request(seq_id, RequestStatus.FINISHED_ERROR)
-                touched[rid] = state
-        outputs: list[RequestOutput] = []
-        for rid, state in touched.items():
-            out = state.to_output()
-            outputs.append(out)
-            if out.finished:
-                self.states.pop(rid, None)
-                for seq in state.sequences:
-                    self.seq_to_request.pop(seq.request.request_id, None)
-                    self._release(seq.request.request_id)
-        return outputs
-
-    def _record_logprobs(self, seq: SequenceState, entries: list[tuple[float, list[tuple[int, float]]]] | None) -> None:
-        if entries is None:
-            return
-        if seq.logprobs is None:
-            seq.logprobs, seq.cumulative_logprob = [], 0.0
-        tokens = seq.request.output_token_ids[-len(entries):]
-        for token, (lp, top) in zip(tokens, entries):
-            seq.logprobs.append(dict(top) | {token: lp})
-            seq.cumulative_logprob += lp
 
     def stats(self) -> EngineStats:
         return EngineStats(

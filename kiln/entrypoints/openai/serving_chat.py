@@ -81,21 +81,21 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     _check_supported(req)
     text = render_chat(ctx, req.messages)
     # The template already holds any BOS the model wants.
-    ids = ctx.tokenizer.encode(text, add_special_tokens=False)
-    ctx.validate_prompt(ids, param="messages")
+    prompt = ctx.process_prompt(text, ctx.tokenizer.encode(text, add_special_tokens=False), param="messages")
+    prompt_len = len(prompt.token_ids)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = resolve_max_tokens(ctx, getattr(req, field), field, len(ids))
+    max_tokens = resolve_max_tokens(ctx, getattr(req, field), field, prompt_len)
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    queue = add_requests(ctx, [{"prompt": text, "prompt_token_ids": ids}], [params], [rid])
+    queue = add_requests(ctx, [prompt], [params], [rid])
     results = outputs(ctx, queue, [rid])
     if req.stream:
         return StreamingResponse(
-            _stream(ctx, req, rid, results, len(ids)), media_type="text/event-stream",
+            _stream(ctx, req, rid, results, prompt_len), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"}, background=BackgroundTask(ctx.engine.abort, rid),
         )
     final = await until_disconnect(raw, _last(results))
-    return JSONResponse(_response(ctx, req, rid, final, len(ids)))
+    return JSONResponse(_response(ctx, req, rid, final, prompt_len))
 
 
 async def _last(results: AsyncIterator[RequestOutput]) -> RequestOutput:

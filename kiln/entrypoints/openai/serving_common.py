@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from kiln.detokenizer import token_bytes
 from kiln.engine.async_engine import AsyncEngine
+from kiln.engine.llm_engine import TokenizedPrompt
 from kiln.entrypoints.openai.errors import APIError, bad_value
 from kiln.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kiln.outputs import RequestOutput, TopLogprobs, coalesce_outputs
@@ -54,9 +55,11 @@ class ServingContext:
             cached = self._pieces[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
         return cached
 
-    def validate_prompt(self, token_ids: list[int], param: str = "prompt") -> None:
+    def process_prompt(self, text: str | None, token_ids: list[int], param: str = "prompt") -> TokenizedPrompt:
+        """Validate tokens the endpoint made (or was given) once, into the TokenizedPrompt the engine
+        takes as it is; a bad prompt is a 400 naming `param`."""
         try:
-            self.engine.engine.validate_prompt(token_ids)
+            return self.engine.engine.process_prompt({"prompt": text, "prompt_token_ids": token_ids})
         except ValueError as exc:
             raise APIError(400, str(exc), param=param, code="context_length_exceeded"
                            if len(token_ids) >= self.engine.max_model_len else None) from None
@@ -172,7 +175,7 @@ async def outputs(ctx: ServingContext, queue: asyncio.Queue, request_ids: list[s
             ctx.engine.abort(rid)
 
 
-def add_requests(ctx: ServingContext, prompts: list[dict[str, Any]], params: list[SamplingParams],
+def add_requests(ctx: ServingContext, prompts: list[TokenizedPrompt], params: list[SamplingParams],
                  ids: list[str]) -> asyncio.Queue:
     """Queue every prompt or none: if one is refused, the ones already queued are aborted."""
     queue: asyncio.Queue = asyncio.Queue()

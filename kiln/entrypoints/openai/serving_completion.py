@@ -10,13 +10,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from kiln.engine.llm_engine import TokenizedPrompt
 from kiln.entrypoints.openai.errors import APIError
 from kiln.entrypoints.openai.protocol import CompletionRequest
 from kiln.entrypoints.openai.serving_common import (
@@ -26,13 +27,8 @@ from kiln.entrypoints.openai.serving_common import (
 from kiln.outputs import RequestOutput, TopLogprobs
 
 
-@dataclass
-class _Prompt:
-    text: str
-    token_ids: list[int]
-
-
-def _prompts(ctx: ServingContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[_Prompt]:
+def _prompts(ctx: ServingContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[TokenizedPrompt]:
+    """Each prompt tokenized (or decoded, for echo) and validated once; every `text` is set."""
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif not prompt:
@@ -44,12 +40,10 @@ def _prompts(ctx: ServingContext, prompt: str | list[str] | list[int] | list[lis
     out = []
     for item in items:
         if isinstance(item, str):
-            p = _Prompt(item, ctx.tokenizer.encode(item, add_special_tokens=True))
+            p = ctx.process_prompt(item, ctx.tokenizer.encode(item, add_special_tokens=True))
         else:
-            ids = list(item)
-            ctx.validate_prompt(ids)  # range-check ids before decoding them
-            p = _Prompt(ctx.tokenizer.decode(ids), ids)
-        ctx.validate_prompt(p.token_ids)
+            p = ctx.process_prompt(None, list(item))  # range-checks the ids before they are decoded
+            p = replace(p, text=ctx.tokenizer.decode(p.token_ids))
         out.append(p)
     return out
 
@@ -93,7 +87,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     ]
     cid = f"cmpl-{uuid.uuid4().hex}"
     ids = [f"{cid}-{i}" for i in range(len(prompts))]
-    queue = add_requests(ctx, [{"prompt": p.text, "prompt_token_ids": p.token_ids} for p in prompts], params, ids)
+    queue = add_requests(ctx, prompts, params, ids)
     results = outputs(ctx, queue, ids)
     state = _Choices(ctx, req, prompts, ids)
     if req.stream:
@@ -129,7 +123,7 @@ async def _finals(results: AsyncIterator[RequestOutput]) -> dict[str, RequestOut
 class _Choices:
     """Per-choice bookkeeping: echo sent yet, logprob offsets, finished."""
 
-    def __init__(self, ctx: ServingContext, req: CompletionRequest, prompts: list[_Prompt], ids: list[str]) -> None:
+    def __init__(self, ctx: ServingContext, req: CompletionRequest, prompts: list[TokenizedPrompt], ids: list[str]) -> None:
         self.ctx, self.req, self.prompts = ctx, req, prompts
         self.position = {rid: i for i, rid in enumerate(ids)}
         self.echoed: set[int] = set()
@@ -150,7 +144,7 @@ class _Choices:
         tracker = self.logprobs.setdefault(index, _Logprobs(self.ctx, self.req.logprobs or 0))
         if self.req.echo and index not in self.echoed:
             self.echoed.add(index)
-            text = prompt.text + text
+            text = (prompt.text or "") + text
             if self.req.logprobs is not None:
                 entries = list(prompt_logprobs or [])
                 entries += [None] * (len(prompt.token_ids) - len(entries))
