@@ -83,7 +83,7 @@ def elementwise_rows(dtype: torch.dtype) -> list[dict[str, Any]]:
 def attention_rows(dtype: torch.dtype) -> list[dict[str, Any]]:
     from kiln.kernels.kv_quant import allocate_kv_caches
     from kiln.kernels.paged_attention import _decode_fallback, _native_decode
-    from kiln.layers.attention_metadata import build_attention_metadata
+    from kiln.kernels.attention_metadata import build_attention_metadata
 
     out = []
     block_size, context = 16, 512
@@ -134,7 +134,7 @@ def decode_step_row() -> dict[str, Any]:
     from kiln import LLM
     from kiln.kernels.decode_step import run_decode_plan
     from kiln.kernels.kv_quant import allocate_kv_caches
-    from kiln.layers.attention_metadata import build_attention_metadata
+    from kiln.kernels.attention_metadata import build_attention_metadata
 
     model = LLM("smollm2-135m").engine.loaded.model
     cfg = model.config

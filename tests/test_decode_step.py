@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from kiln.kernels import decode_step
+from kiln.kernels.attention_metadata import build_attention_metadata
 from kiln.kernels.kv_quant import allocate_kv_caches
 from kiln.kernels.native import load_native
-from kiln.layers.attention_metadata import build_attention_metadata
 from kiln.models.decode_plan import build_decode_plan
 
 pytestmark = pytest.mark.skipif(not load_native(), reason="the fused decode step is part of the native kernel library")

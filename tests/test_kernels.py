@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from kiln.kernels import fused
+from kiln.kernels.attention_metadata import build_attention_metadata
 from kiln.kernels.attention_reference import paged_attention_reference
 from kiln.kernels.native import load_native
 from kiln.kernels.paged_attention import _decode_fallback, paged_attention, write_kv
-from kiln.layers.attention_metadata import build_attention_metadata
 
 pytestmark = pytest.mark.skipif(not load_native(), reason="needs the native kernel library (a C++ compiler)")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

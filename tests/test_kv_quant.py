@@ -14,6 +14,7 @@ from kiln.data import WIKITEXT2_TEST, data_path
 from kiln.engine.kv_budget import plan_kv_cache
 from kiln.kernels import paged_attention as pa
 from kiln.kernels import kv_quant
+from kiln.kernels.attention_metadata import build_attention_metadata
 from kiln.kernels.attention_reference import paged_attention_reference
 from kiln.kernels.kv_quant import (
     QuantizedKV,
@@ -23,7 +24,6 @@ from kiln.kernels.kv_quant import (
     write_kv_quantized_reference,
 )
 from kiln.kernels.native import load_native
-from kiln.layers.attention_metadata import build_attention_metadata
 
 STORAGE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 needs_native = pytest.mark.skipif(not load_native(), reason="needs the native kernel library (a C++ compiler)")

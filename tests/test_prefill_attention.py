@@ -10,9 +10,9 @@ import torch
 
 from kiln.kernels import paged_attention as pa
 from kiln.kernels import switches
+from kiln.kernels.attention_metadata import build_attention_metadata
 from kiln.kernels.attention_reference import paged_attention_reference
 from kiln.kernels.native import load_native
-from kiln.layers.attention_metadata import build_attention_metadata
 from test_kernels import _random_paged_batch
 
 pytestmark = pytest.mark.skipif(not (load_native() and torch.ops.kiln.paged_prefill_supported()),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.layers.attention_metadata import build_attention_metadata
+from kiln.kernels.attention_metadata import build_attention_metadata
 
 BLOCK_SIZE = 16
 

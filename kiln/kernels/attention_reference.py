@@ -11,8 +11,8 @@ import math
 
 import torch
 
+from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.kv_quant import QuantizedKV
-from kiln.layers.attention_metadata import AttentionMetadata
 
 
 def gather_context(cache: torch.Tensor | QuantizedKV, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kiln.kernels import switches
+from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.kv_quant import KVCache, QuantizedKV
 from kiln.kernels.native import load_native
 from kiln.kernels.paged_attention import native_reads
-
-if TYPE_CHECKING:
-    from kiln.layers.attention_metadata import AttentionMetadata
 
 DENSE, Q4, Q8 = 0, 1, 2
 _EMPTY = torch.empty(0)
@@ -112,14 +110,14 @@ def new_decode_plan(layers: Sequence[DecoderLayerWeights], final_norm: torch.Ten
                                          num_heads, num_kv_heads, head_dim, rms_norm_eps, scale)
 
 
-def can_run(meta: "AttentionMetadata", hidden: torch.Tensor, kv_caches: list[KVCache]) -> bool:
+def can_run(meta: AttentionMetadata, hidden: torch.Tensor, kv_caches: list[KVCache]) -> bool:
     """Whether this step is one the plan runs: every sequence decodes one token, caches it can read."""
     if meta.num_decodes != meta.num_seqs or hidden.shape[0] != meta.num_seqs or not kv_caches:
         return False
     return native_reads(hidden.dtype, kv_caches[0][0])
 
 
-def run_decode_plan(plan: Any, hidden: torch.Tensor, positions: torch.Tensor, meta: "AttentionMetadata",
+def run_decode_plan(plan: Any, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                     kv_caches: list[KVCache]) -> torch.Tensor:
     """The final normed hidden states [T, H] of a pure decode step (see the module docstring)."""
     if type(kv_caches[0][0]) is QuantizedKV:

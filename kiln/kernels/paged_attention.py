@@ -29,11 +29,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.attention_reference import gather_context
 from kiln.kernels.kv_quant import QuantizedKV, write_kv_quantized
 from kiln.kernels import switches
 from kiln.kernels.native import load_native
-from kiln.layers.attention_metadata import AttentionMetadata
 
 # Query runs up to this long after a prefix use the decode kernel row by row (see above):
 # the last token plus the most drafts SpeculativeConfig allows (16).

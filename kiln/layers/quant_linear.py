@@ -1,4 +1,4 @@
-"""Linear methods for kiln's own quantized checkpoints (see kiln.quantization.primitives).
+"""Linear methods for kiln's own quantized checkpoints (layout: kiln.kernels.dequant).
 
 All three are `QuantizedBuffersMethod`s: the dense weight is replaced by the format's buffers, loaded
 by name from a kiln quantized folder.
@@ -10,14 +10,15 @@ by name from a kiln quantized folder.
 
 Weight-only INT layouts whose groups are whole 32-blocks (INT4 with group 32/64/128/256, INT8
 symmetric per channel) are repacked after loading (`process_weights_after_loading`) into the
-GGUF-style block layout of kiln.kernels.quant_matmul and run the native block kernel for small batches (M <= 16; dequantize +
-GEMM above), exactly like GGUF Q4_1 / Q8_0 weights: w = d·q + m with d = scale and m = -scale·zero
-rounded to fp16 (INT8: exact). The packed copy lives next to the checkpoint tensors (which stay, so
-a loaded model can be re-saved or converted). Other layouts (FP8, asymmetric INT8, odd group
-sizes) and tensors not yet finalized run the *reference path*: dequantize to the activation dtype,
-then a dense GEMM, which is correct everywhere but not faster than the dense model. `name` says
-which path a layer takes, and `kiln info` prints it. An optional per-input-channel `smooth` vector (AWQ, SmoothQuant) divides the
-activations first: the stored weight is W·diag(smooth), so (x / smooth) @ (W·diag(smooth))^T = x @ W^T.
+GGUF-style block layout of kiln.kernels.quant_matmul and run the native block kernel for small
+batches (M <= 16; dequantize + GEMM above), exactly like GGUF Q4_1 / Q8_0 weights: w = d·q + m with
+d = scale and m = -scale·zero rounded to fp16 (INT8: exact). The packed copy lives next to the
+checkpoint tensors (which stay, so a loaded model can be re-saved or converted). Other layouts (FP8,
+asymmetric INT8, odd group sizes) and tensors not yet finalized run the *reference path*: dequantize
+to the activation dtype, then a dense GEMM, which is correct everywhere but not faster than the
+dense model. `name` says which path a layer takes, and `kiln info` prints it. An optional
+per-input-channel `smooth` vector (AWQ, SmoothQuant) divides the activations first: the stored
+weight is W·diag(smooth), so (x / smooth) @ (W·diag(smooth))^T = x @ W^T.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.decode_step import LinearEntry
+from kiln.kernels.dequant import dequantize_codes, fp8_dequantize, int8_per_token, unpack_int4
 from kiln.layers.linear_method import LinearMethod
-from kiln.quantization.primitives import dequantize_codes, fp8_dequantize, int8_per_token, unpack_int4
 
 if TYPE_CHECKING:
     from kiln.layers.gguf_quant import GGUFQuantizedTensor, GGUFQuantLinearMethod

@@ -22,7 +22,8 @@ from kiln.config import ModelConfig
 from kiln.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from kiln.layers.attention_metadata import AttentionMetadata
+    from kiln.kernels.attention_metadata import AttentionMetadata
+    from kiln.kernels.kv_quant import KVCache
 
 
 class CausalLM(Protocol):
@@ -44,7 +45,7 @@ class CausalLM(Protocol):
     def finalize_quantized_layers(self) -> None: ...
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: "AttentionMetadata",
-                 kv_caches: list[Any]) -> torch.Tensor: ...
+                 kv_caches: "list[KVCache]") -> torch.Tensor: ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 

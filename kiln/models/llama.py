@@ -17,10 +17,10 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.kernels import decode_step, switches
+from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.fused import rope_qkv_, silu_and_mul
 from kiln.kernels.kv_quant import KVCache
 from kiln.kernels.paged_attention import paged_attention, write_kv
-from kiln.layers.attention_metadata import AttentionMetadata
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
@@ -163,7 +163,8 @@ class LlamaForCausalLM(nn.Module):
         """The fused decode step's plan (built once), or None when this model cannot use it."""
         if self._decode_plan_status is None:
             self._decode_plan, why = build_decode_plan(self)
-            self._decode_plan_status = "fused native decode step" if self._decode_plan is not None else f"plain path: {why}"
+            fused = self._decode_plan is not None
+            self._decode_plan_status = "fused native decode step" if fused else f"plain path: {why}"
         return self._decode_plan
 
     @property

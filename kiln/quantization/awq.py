@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.quantization.primitives import IntScheme, dequantize_codes, group_qparams, quantize_codes
+from kiln.kernels.dequant import dequantize_codes
+from kiln.quantization.primitives import IntScheme, group_qparams, quantize_codes
 
 
 def awq_quantize(

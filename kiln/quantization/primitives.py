@@ -1,6 +1,8 @@
 """Round-to-nearest building blocks shared by every method: group scales, codes, packing.
 
-One integer layout serves INT8 per-channel and INT4 group-wise weights alike:
+This is the offline (quantizing) side; unpacking and dequantizing, which the layers need at run
+time too, live in kiln.kernels.dequant. One integer layout serves INT8 per-channel and INT4
+group-wise weights alike:
 
     w[n, k] ≈ (code[n, k] - zero[n, g]) * scale[n, g],   g = k // group_size
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from kiln.kernels.dequant import dequantize_codes, grouped
 
 FP8_E4M3_MAX = 448.0
 
@@ -46,18 +50,9 @@ class IntScheme:
         return in_features if self.group_size == -1 else self.group_size
 
 
-def _grouped(t: torch.Tensor, group_len: int) -> torch.Tensor:
-    """[N, K] → [N, ceil(K / group_len), group_len], zero-padding a short last group (zeros never widen a range)."""
-    n, k = t.shape
-    groups = -(-k // group_len)
-    if groups * group_len != k:
-        t = torch.nn.functional.pad(t, (0, groups * group_len - k))
-    return t.reshape(n, groups, group_len)
-
-
 def group_qparams(w: torch.Tensor, scheme: IntScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale [N, G] fp32, zero [N, G] fp32 holding integers) from the range of each group of `w` [N, K]."""
-    wg = _grouped(w.float(), scheme.group_len(w.shape[1]))
+    wg = grouped(w.float(), scheme.group_len(w.shape[1]))
     if scheme.sym:
         half = 1 << (scheme.bits - 1)
         # Codes span [zero - half, zero + half - 1]: the positive side reaches half - 1 steps.
@@ -88,17 +83,9 @@ def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: IntScheme) -> torch.Tensor:
     """Unsigned integer codes (uint8) [N, K] of `w` under per-group (scale, zero)."""
     n, k = w.shape
-    wg = _grouped(w.float(), scheme.group_len(k))
+    wg = grouped(w.float(), scheme.group_len(k))
     q = torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
     return q.clamp(0, scheme.qmax).reshape(n, -1)[:, :k].to(torch.uint8)
-
-
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(codes - zero) * scale per group of `group_size` columns (-1: per row) → [N, K] in `dtype`."""
-    n, k = codes.shape
-    q = _grouped(codes.float(), k if group_size == -1 else group_size) - zero.float().unsqueeze(-1)
-    return (q * scale.float().unsqueeze(-1)).reshape(n, -1)[:, :k].to(dtype)
 
 
 def fake_quantize(w: torch.Tensor, scheme: IntScheme) -> torch.Tensor:
@@ -115,24 +102,8 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return c[..., 0::2] | (c[..., 1::2] << 4)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: [N, K/2] bytes → [N, K] codes."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
-
-
 def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel scaled E4M3: (float8_e4m3fn [N, K], scale fp32 [N]); w ≈ q * scale."""
     scale = (w.float().abs().amax(-1) / FP8_E4M3_MAX).clamp(min=1e-12)
     q = (w.float() / scale.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
-
-
-def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric INT8 of activations, one scale per row: (int8 [M, K], scale fp32 [M, 1])."""
-    scale = (x.float().abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-8)
-    q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
     return q, scale

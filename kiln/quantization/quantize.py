@@ -21,6 +21,7 @@ from torch import nn
 
 from kiln.errors import KilnError
 from kiln.eval.forward import window_logits
+from kiln.kernels.dequant import dequantize_codes, fp8_dequantize
 from kiln.layers.linear import Linear
 from kiln.layers.quant_linear import method_for
 from kiln.quantization.awq import awq_quantize
@@ -28,9 +29,7 @@ from kiln.quantization.calibration import (
     LayerStats, _progress, collect_stats, read_calibration_text, target_linears, token_windows,
 )
 from kiln.quantization.gptq import gptq_quantize
-from kiln.quantization.primitives import (
-    IntScheme, dequantize_codes, fp8_dequantize, fp8_quantize, group_qparams, pack_int4, quantize_codes,
-)
+from kiln.quantization.primitives import IntScheme, fp8_quantize, group_qparams, pack_int4, quantize_codes
 from kiln.quantization.smoothquant import smooth_scales, w8a8_weight
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "fp8")
@@ -95,7 +94,7 @@ class LayerQuant:
             return t["qweight_t"].t().float() * t["scales"].unsqueeze(1) / t["smooth"].unsqueeze(0)
         codes = t["qweight"]
         if self.entry["bits"] == 4:
-            from kiln.quantization.primitives import unpack_int4
+            from kiln.kernels.dequant import unpack_int4
 
             codes = unpack_int4(codes)
         w = dequantize_codes(codes, t["scales"].float(), t["qzeros"].float(), self.entry["group_size"])

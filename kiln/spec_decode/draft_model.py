@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.layers.attention_metadata import build_attention_metadata
+from kiln.kernels.attention_metadata import build_attention_metadata
 from kiln.spec_decode.proposer import ProposalRequests
 
 

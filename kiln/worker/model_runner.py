@@ -15,7 +15,7 @@ from torch.profiler import record_function
 
 from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
 from kiln.kernels.kv_quant import allocate_kv_caches
-from kiln.layers.attention_metadata import AttentionMetadata, build_attention_metadata
+from kiln.kernels.attention_metadata import AttentionMetadata, build_attention_metadata
 from kiln.models.architecture import CausalLM
 from kiln.sample.sampler import SampleRow, Sampler
 from kiln.sample.rejection_sampler import verify_drafts

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.layers.attention_metadata import build_attention_metadata
+from kiln.kernels.attention_metadata import build_attention_metadata
 from kiln.loader.model_loader import LoadedModel, load_model
 
 from .tiny_model import (

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kiln import SamplingParams
-from kiln.layers.attention_metadata import build_attention_metadata
+from kiln.kernels.attention_metadata import build_attention_metadata
 
 PROMPTS = [
     "The capital of France is",

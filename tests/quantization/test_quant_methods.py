@@ -8,9 +8,8 @@ import torch.nn.functional as F
 
 from kiln.quantization.awq import awq_quantize
 from kiln.quantization.gptq import gptq_quantize
-from kiln.quantization.primitives import (
-    IntScheme, dequantize_codes, fp8_dequantize, fp8_quantize, group_qparams, pack_int4, quantize_codes, unpack_int4,
-)
+from kiln.kernels.dequant import dequantize_codes, fp8_dequantize, unpack_int4
+from kiln.quantization.primitives import IntScheme, fp8_quantize, group_qparams, pack_int4, quantize_codes
 from kiln.quantization.smoothquant import smooth_scales, w8a8_weight
 
 
