@@ -26,6 +26,11 @@ from kiln.core.kv_cache_manager import KVCacheManager
 from kiln.request import Request, RequestStatus
 
 
+def _urgency(request: Request) -> tuple[int, float]:
+    """Scheduling order: lower priority value first, then earlier arrival (preemption takes the max)."""
+    return request.priority, request.arrival_time
+
+
 @dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step: compute `num_tokens` tokens starting at `start`."""
@@ -117,9 +122,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
 
-    def _pick_victim(self) -> Request:
-        # Lowest priority (largest value) first, then the newest arrival.
-        return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+    def _pick_victim(self, first_unscheduled: int) -> Request:
+        """The least urgent (largest priority value, then newest) running request not yet scheduled
+        in this step: `running[first_unscheduled:]`, which holds the request that needs the blocks.
+        A request scheduled earlier in the step is never the victim (its SchedulerOutput entry would
+        point at freed blocks); with `running` in urgency order this is also the least urgent overall."""
+        return max(self.running[first_unscheduled:], key=_urgency)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
@@ -127,6 +135,10 @@ class Scheduler:
         preempted: list[str] = []
         now = time.monotonic()
 
+        # Serve running requests in (priority, arrival) order, so the budget goes to the most urgent
+        # first and a victim (the least urgent not yet scheduled) is never more urgent than a request
+        # already scheduled: no request is preempted after being scheduled in the same step.
+        self.running.sort(key=_urgency)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -139,7 +151,7 @@ class Scheduler:
             while True:
                 if self.kv.allocate_slots(request, num_new) is not None:
                     break
-                victim = self._pick_victim()
+                victim = self._pick_victim(index)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
@@ -157,8 +169,8 @@ class Scheduler:
             request = self.waiting[0]
             computed_blocks, num_hits = self.kv.get_computed_blocks(request)
             num_new = request.num_tokens - num_hits
-            if num_new > budget and not self.config.enable_chunked_prefill:
-                break
+            if not self.config.enable_chunked_prefill and budget < num_new <= self.config.max_num_batched_tokens:
+                break  # wait for a step with room for the whole prompt; one longer than any step is chunked anyway
             num_new = min(num_new, budget)
             if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
                 break

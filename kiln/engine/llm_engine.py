@@ -10,6 +10,7 @@ server drives exactly this loop from its own thread.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,8 @@ class TokenizedPrompt:
     token_ids: list[int]
 
 
+logger = logging.getLogger("kiln")
+
 PromptInput = str | list[int] | dict[str, Any] | TokenizedPrompt
 
 
@@ -80,6 +83,13 @@ class LLMEngine:
         )
         self.kv_budget: KVBudget = plan_kv_cache(loaded.config, self.cache_config, loaded.model.dtype,
                                                  self.max_model_len, str(loaded.model.device))
+        if self.kv_budget.num_tokens < self.max_model_len:
+            # A sequence must fit the KV pool on its own: one that outgrew it with nothing left to
+            # preempt could never be scheduled again (found by the scheduler state machine).
+            logger.warning("context length capped at the KV cache's %d tokens (was %d); raise --kv-cache-memory "
+                           "for longer sequences", self.kv_budget.num_tokens, self.max_model_len)
+            self.max_model_len = self.kv_budget.num_tokens
+            self.kv_budget = replace(self.kv_budget, max_model_len=self.max_model_len)
         self.kv_manager = KVCacheManager(
             self.kv_budget.num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching
         )
@@ -153,15 +163,15 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in token_ids):
             raise ValueError(f"prompt contains token ids outside the vocabulary [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt is {len(token_ids)} tokens, but the context length is {self.max_model_len} tokens "
-                f"(prompt + output must fit); shorten the prompt"
-            )
         if len(token_ids) + 1 > self.kv_budget.num_tokens:
             raise ValueError(
                 f"prompt is {len(token_ids)} tokens but the KV cache holds only {self.kv_budget.num_tokens}; "
                 f"raise --kv-cache-memory"
+            )
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens, but the context length is {self.max_model_len} tokens "
+                f"(prompt + output must fit); shorten the prompt"
             )
 
     def add_request(

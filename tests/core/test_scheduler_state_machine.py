@@ -3,9 +3,10 @@
 The real `Scheduler` and `KVCacheManager` are driven the way `LLMEngine.step` drives them:
 drafts proposed (as `_propose_drafts`), `schedule()`, the model runner (here: a shadow of the KV
 slots it writes, and fabricated tokens for every item whose `samples` is true: accepted drafts
-plus one), `update_from_output` (token stops), then stop strings (`finish_request(...,
-FINISHED_STOPPED)`); aborts come between steps, and now and then between the runner and
-`update_from_output`. No model, no tensors.
+plus one), `update_from_output` (computed-token counts; it returns each running request's new
+tokens), then what the engine's output processor does with them (`append_until_stop`: token stops,
+then `finish_request`), then stop strings (`finish_request(..., FINISHED_STOPPED)`); aborts come
+between steps, and now and then between the runner and `update_from_output`. No model, no tensors.
 
 Checked after every rule or step: the token budget and `max_num_seqs`; admission takes a prefix
 of the waiting queue, which is preempted requests first, then (priority, arrival) order (lower
@@ -18,8 +19,7 @@ At the end of each example the state is drained (liveness: all finish within a b
 free), and a copy taken before the drain is aborted wholesale (all blocks free).
 
 What was kept from the sampled tokens is read from the request (its output grew by that many),
-never from the `sampled` dict, so the test holds whether `update_from_output` cuts the dict in
-place or returns the kept tokens.
+never from the `sampled` dict, which the scheduler must not change.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from kiln.config import SchedulerConfig
 from kiln.core.kv_cache_manager import KVCacheManager
 from kiln.core.kv_cache_utils import cdiv
 from kiln.core.scheduler import Scheduler, SchedulerOutput
+from kiln.engine.output_processor import append_until_stop
 from kiln.request import Request, RequestStatus
 from kiln.sampling_params import SamplingParams
 
@@ -75,10 +76,28 @@ def expected_stop(r: Request, n_out: int, tokens: list[int]) -> tuple[int, Reque
     return len(tokens), None
 
 
+def engine_update(sched: Scheduler, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+    """What LLMEngine does with a step's sampled tokens: the scheduler advances the computed counts
+    and returns each running request's new tokens (leaving `sampled` as it was); the output
+    processor appends them up to a token stop; the engine then has the scheduler free the finished
+    ones. Returns the requests finished by a token stop."""
+    before = {rid: list(t) for rid, t in sampled.items()}
+    new_tokens = sched.update_from_output(out, sampled)
+    assert sampled == before, "update_from_output changed the runner's output"
+    finished: list[Request] = []
+    for rid, tokens in new_tokens.items():
+        request = sched.requests[rid]
+        _, stop = append_until_stop(request, tokens, 0.0)
+        if stop is not None:
+            assert sched.finish_request(rid, stop.status) is request
+            finished.append(request)
+    return finished
+
+
 class SchedulerMachine(RuleBasedStateMachine):
-    # The known bug (xfail test below): the machine finds it in a few percent of examples. Set
-    # this to False once the scheduler drops (or never picks) a victim already scheduled this step.
-    TOLERATE_SCHEDULED_VICTIM = True
+    # A victim already scheduled in the same step was a bug (fixed: the scheduler serves running
+    # requests in urgency order and picks victims among the unscheduled); the machine checks it stays fixed.
+    TOLERATE_SCHEDULED_VICTIM = False
 
     @initialize(
         bs=st.sampled_from([1, 2, 4]),
@@ -206,7 +225,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self._record_finish(victim, RequestStatus.FINISHED_ABORTED)
         live_at_update = dict(self.live)
         n_out = {i.request.request_id: i.request.num_output_tokens for i in out.scheduled}
-        finished = sched.update_from_output(out, {rid: list(t) for rid, t in sampled.items()})
+        finished = engine_update(sched, out, sampled)
         self._check_update(out, sampled, n_out, live_at_update, finished)
         for rid in sampled:  # the engine's stop-string check finishes a request as STOPPED
             if rng.random() < stop_p:
@@ -445,13 +464,10 @@ def _req(rid: str, prompt: list[int], priority: int = 0, arrival: float = 0.0,
 
 def _run_step(s: Scheduler) -> SchedulerOutput:
     out = s.schedule()
-    s.update_from_output(out, {i.request.request_id: [7] for i in out.scheduled if i.samples})
+    engine_update(s, out, {i.request.request_id: [7] for i in out.scheduled if i.samples})
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler bug: the victim can be a request already scheduled "
-                   "earlier in the same step; it stays in SchedulerOutput.scheduled with block ids it "
-                   "no longer owns (freed, possibly reallocated to the request it made room for)")
 def test_preempting_an_already_scheduled_request_drops_it_from_the_step() -> None:
     s = _scheduler(num_blocks=3, block_size=2, caching=False)
     s.add_request(_req("a", [1, 2], priority=1, arrival=0.0))
@@ -460,24 +476,22 @@ def test_preempting_an_already_scheduled_request_drops_it_from_the_step() -> Non
     _run_step(s)  # a: 2 blocks, b: 1 block; pool full; running == [a, b]
     out = s.schedule()  # a's decode fits; b's needs a block, so a (priority 1) is preempted
     assert out.preempted_ids == ["a"]
-    # Observed: scheduled == [a (PREEMPTED, block ids [0, 1]), b (RUNNING, block ids [2, 1])]:
+    # Before the fix: scheduled == [a (PREEMPTED, block ids [0, 1]), b (RUNNING, block ids [2, 1])]:
     # the runner would write a's KV into block 1, which b now owns, and count a's token in the batch.
     assert [i.request.request_id for i in out.scheduled] == ["b"]
     assert out.num_batched_tokens == 1
 
 
-@pytest.mark.xfail(strict=True, reason="liveness gap: a request that outgrows the whole KV pool (the engine "
-                   "accepts max_model_len > pool tokens) or, without chunked prefill, a sequence longer than "
-                   "the budget (not validated) waits forever: schedule() returns empty steps. Fix in the "
-                   "scheduler (finish it) or refuse such configs in the engine, then replace this test")
+# A request that outgrows the whole KV pool could wait forever too (nothing left to preempt);
+# the engine caps the context at the pool for that (tests/engine/test_kv_capacity.py).
 @pytest.mark.parametrize(("num_blocks", "budget", "chunked", "prompt"), [
-    (2, 8, True, [1, 2, 3]),  # 4-token pool; the request grows to 5 tokens
-    (8, 4, False, [1, 2, 3, 4, 5, 6]),  # engine validation does not compare the prompt with the budget
+    (8, 4, False, [1, 2, 3, 4, 5, 6]),  # without chunked prefill, a prompt longer than the whole budget
+    (8, 4, True, [1, 2, 3, 4, 5, 6]),
 ])
 def test_request_that_cannot_fit_still_finishes(num_blocks: int, budget: int, chunked: bool,
                                                 prompt: list[int]) -> None:
     s = _scheduler(num_blocks, block_size=2, budget=budget, chunked=chunked)
-    s.add_request(_req("a", prompt, max_tokens=None))
+    s.add_request(_req("a", prompt, max_tokens=5))  # 11 tokens: fits the 16-token pool
     for _ in range(50):
         _run_step(s)
     assert not s.has_unfinished_requests()
