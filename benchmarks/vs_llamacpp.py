@@ -71,7 +71,7 @@ def kiln_single_stream(model: str, prompt: list[int], long_prompt: list[int], fu
     if profile:
         from kiln.bench.profile import profile_engine
 
-        result["profile"] = profile_engine(llm, prompt, long_prompt)
+        result["profile"] = profile_engine(llm.engine, prompt, long_prompt)
     return result
 
 

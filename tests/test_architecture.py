@@ -19,13 +19,6 @@ import pytest
 
 KILN = Path(__file__).resolve().parents[1] / "kiln"
 FORBIDDEN_IN_KERNELS = ("kiln.layers", "kiln.models", "kiln.engine", "kiln.core", "kiln.worker", "kiln.entrypoints")
-# Cycles another change of issue 16 is breaking at the same time (kiln.entrypoints ↔ kiln.bench through
-# cli.py / bench/kiln_runs.py), and kiln.metrics → kiln.engine (a TYPE_CHECKING import of EngineStats
-# against kiln.engine.async_engine → kiln.metrics). Left out of the strict check; the full graph is
-# checked by the xfail test below, which starts passing once they are gone.
-PENDING_EDGES = {("kiln.entrypoints", "kiln.bench"), ("kiln.bench", "kiln.entrypoints"),
-                 ("kiln.metrics", "kiln.engine")}
-
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(KILN.parent).with_suffix("").parts
@@ -130,16 +123,6 @@ def test_kernels_import_no_higher_package(path: Path) -> None:
                      + "; ".join(bad.values()))
 
 
-def test_packages_form_no_cycle_apart_from_pending_ones() -> None:
-    graph = package_graph()
-    for src, dst in PENDING_EDGES:
-        graph[src].discard(dst)
-    found = cycles(graph)
-    assert not found, "import cycles between kiln's packages: " + " | ".join(describe(graph, c) for c in found)
-
-
-@pytest.mark.xfail(strict=False, reason="kiln.entrypoints ↔ kiln.bench and kiln.metrics ↔ kiln.engine are being "
-                                        "broken by other changes of issue 16 (see PENDING_EDGES)")
 def test_packages_form_no_cycle_at_all() -> None:
     graph = package_graph()
     found = cycles(graph)

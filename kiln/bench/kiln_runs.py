@@ -1,24 +1,57 @@
-"""kiln's side of the benchmarks (module-level functions so they can run in a child process)."""
+"""kiln's side of the benchmarks (module-level functions so they can run in a child process).
+
+They drive an LLMEngine directly (built from EngineArgs, on the calling thread, as `LLM` does), so
+kiln.bench depends on the engine and not on kiln.entrypoints, whose `kiln bench` command calls it.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln.engine.llm_engine import LLMEngine
+    from kiln.outputs import RequestOutput
+    from kiln.sampling_params import SamplingParams
 
 
-def _llm(model: str, dtype: str, engine_kwargs: dict[str, Any]):
-    from kiln.entrypoints.llm import LLM
+def _engine(model: str, dtype: str, engine_kwargs: dict[str, Any]) -> "LLMEngine":
+    from kiln.engine.arg_utils import EngineArgs
+    from kiln.engine.llm_engine import LLMEngine
 
-    return LLM(model, dtype=dtype, **engine_kwargs)
+    return LLMEngine.from_engine_args(EngineArgs.from_kwargs(model=model, dtype=dtype, **engine_kwargs))
 
 
-def _weights(llm) -> str:
+def _generate(engine: "LLMEngine", prompts: list[list[int]], params: "SamplingParams") -> list["RequestOutput"]:
+    """Every prompt to completion, continuously batched; outputs in the order of `prompts`."""
+    ids = [engine.add_request({"prompt_token_ids": p}, params) for p in prompts]
+    final = engine.run_until_done()
+    return [final[i] for i in ids]
+
+
+def _stream_times(engine: "LLMEngine", prompt: list[int], params: "SamplingParams") -> list[float]:
+    """When each step that gave the (one) request tokens ended."""
+    engine.add_request({"prompt_token_ids": prompt}, params)
+    times: list[float] = []
+    while engine.has_unfinished_requests():
+        if engine.step():
+            times.append(time.perf_counter())
+    return times
+
+
+def _warm_up(engine: "LLMEngine", prompt: list[int]) -> None:
+    from kiln.sampling_params import SamplingParams
+
+    _generate(engine, [prompt], SamplingParams(temperature=0, max_tokens=4))
+
+
+def _weights(engine: "LLMEngine") -> str:
     """'torch.bfloat16' or e.g. 'Q4_1/Q8_0 blocks, bf16 activations' for the system label."""
-    model = llm.engine.loaded.model
+    model = engine.loaded.model
     types = sorted({t for m in model.modules() for t in getattr(getattr(m, "method", None), "source_types", ())})
     act = str(model.dtype).removeprefix("torch.")
     label = f"{'/'.join(types)} native kernels, {act} activations" if types else act
-    spec = llm.engine.speculative_config
+    spec = engine.speculative_config
     return label + (f", {spec.method} speculation k={spec.num_speculative_tokens}" if spec else "")
 
 
@@ -39,11 +72,10 @@ def kiln_throughput(model: str, dtype: str, prompts: list[list[int]], max_tokens
                     engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     from kiln.sampling_params import SamplingParams
 
-    llm = _llm(model, dtype, engine_kwargs)
+    engine = _engine(model, dtype, engine_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
-    llm.engine.kv_manager.reset_prefix_cache()
-    engine = llm.engine
+    _warm_up(engine, prompts[0])
+    engine.kv_manager.reset_prefix_cache()
     peak_blocks = 0
     ttfts: list[float] = []
     start = time.perf_counter()
@@ -61,7 +93,7 @@ def kiln_throughput(model: str, dtype: str, prompts: list[list[int]], max_tokens
     elapsed = time.perf_counter() - start
     stats = engine.stats()
     return {
-        "system": f"kiln ({_weights(llm)}, continuous batching)",
+        "system": f"kiln ({_weights(engine)}, continuous batching)",
         "elapsed_s": elapsed,
         "output_tokens": generated,
         "kv_blocks_peak": peak_blocks,
@@ -78,22 +110,19 @@ def kiln_latency(model: str, dtype: str, prompt: list[int], long_prompt: list[in
     from kiln.sampling_params import SamplingParams
 
     engine_kwargs = dict(engine_kwargs, enable_prefix_caching=False, max_num_batched_tokens=max(2048, len(long_prompt)))
-    llm = _llm(model, dtype, engine_kwargs)
-    llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    engine = _engine(model, dtype, engine_kwargs)
+    _warm_up(engine, prompt)
     start = time.perf_counter()
-    llm.generate([{"prompt_token_ids": long_prompt}], SamplingParams(temperature=0, max_tokens=1))
+    _generate(engine, [long_prompt], SamplingParams(temperature=0, max_tokens=1))
     prefill = len(long_prompt) / (time.perf_counter() - start)
-    times: list[float] = []
-    for out in llm.generate_stream({"prompt_token_ids": prompt},
-                                   SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)):
-        times.append(time.perf_counter())
+    times = _stream_times(engine, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     decode = (len(times) - 1) / (times[-1] - times[0])
-    result: dict[str, Any] = {"system": f"kiln ({_weights(llm)})", "prefill_tok_s": prefill, "decode_tok_s": decode,
-                              **_spec_stats(llm.engine)}
+    result: dict[str, Any] = {"system": f"kiln ({_weights(engine)})", "prefill_tok_s": prefill, "decode_tok_s": decode,
+                              **_spec_stats(engine)}
     if profile:  # after the timed runs, so the profiler's overhead never enters the figures
         from kiln.bench.profile import profile_engine
 
-        result["profile"] = profile_engine(llm, prompt, long_prompt)
+        result["profile"] = profile_engine(engine, prompt, long_prompt)
     return result
 
 
@@ -104,19 +133,18 @@ def kiln_generate_timed(model: str, dtype: str, prompts: list[list[int]], max_to
     Returns the token ids too, so a caller can check that speculation changed nothing."""
     from kiln.sampling_params import SamplingParams
 
-    llm = _llm(model, dtype, engine_kwargs)
+    engine = _engine(model, dtype, engine_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    _warm_up(engine, prompts[0])
     outputs: list[list[int]] = []
-    draft_before = llm.engine.stats().spec.draft_seconds_total
+    draft_before = engine.stats().spec.draft_seconds_total
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        chunk = [{"prompt_token_ids": p} for p in prompts[i:i + batch]]
-        outputs.extend(o.outputs[0].token_ids for o in llm.generate(chunk, params))
+        outputs.extend(o.outputs[0].token_ids for o in _generate(engine, prompts[i:i + batch], params))
     elapsed = time.perf_counter() - start
     generated = sum(map(len, outputs))
-    stats = _spec_stats(llm.engine)
+    stats = _spec_stats(engine)
     if stats:
         stats["spec_draft_time_share"] = (stats["spec_draft_seconds"] - draft_before) / elapsed
-    return {"system": f"kiln ({_weights(llm)})", "batch": batch, "elapsed_s": elapsed, "output_tokens": generated,
+    return {"system": f"kiln ({_weights(engine)})", "batch": batch, "elapsed_s": elapsed, "output_tokens": generated,
             "output_tok_s": generated / elapsed, "token_ids": outputs, **stats}

@@ -56,12 +56,12 @@ def breakdown(prof: Any, steps: int, wall_s: float) -> dict[str, Any]:
     }
 
 
-def profile_engine(llm: Any, prompt: list[int], long_prompt: list[int], decode_steps: int = 32) -> dict[str, Any]:
+def profile_engine(engine: Any, prompt: list[int], long_prompt: list[int], decode_steps: int = 32) -> dict[str, Any]:
+    """Profile `engine` (an LLMEngine, driven on this thread): decode steps, then a long prefill."""
     from torch.profiler import ProfilerActivity, profile
 
     from kiln.sampling_params import SamplingParams
 
-    engine = llm.engine
     engine.add_request({"prompt_token_ids": prompt},
                        SamplingParams(temperature=0, max_tokens=decode_steps + 8, ignore_eos=True))
     for _ in range(4):  # prefill + warm decode steps

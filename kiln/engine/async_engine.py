@@ -36,7 +36,7 @@ from typing import Any
 
 from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.llm_engine import LLMEngine, PromptInput
-from kiln.metrics import EngineMetrics
+from kiln.engine.metrics import EngineMetrics
 from kiln.outputs import CompletionOutput, RequestOutput
 from kiln.sampling_params import SamplingParams
 

@@ -31,7 +31,7 @@ from kiln.entrypoints.openai.protocol import (
 from kiln.entrypoints.openai.serving_chat import create_chat_completion, render_chat
 from kiln.entrypoints.openai.serving_common import ServingContext
 from kiln.entrypoints.openai.serving_completion import create_completion
-from kiln.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kiln.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger("kiln.server")
 
