@@ -2,37 +2,35 @@
 
 Perplexity, KL divergence, calibration and sensitivity scans all need "every position's logits
 for this token window" without a scheduler: one prefill through the model's own paged-attention
-path, into a scratch KV cache sized for the window and dropped afterwards.
+path (kiln.worker.forward, as the draft model and the engine's runner use it), into a scratch KV
+cache in the model's own dtype, sized for the window and dropped afterwards.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kiln.kernels.attention_metadata import build_attention_metadata
+from kiln.core.kv_cache_utils import cdiv
+from kiln.kernels.kv_quant import KVCache
+from kiln.worker.forward import allocate_model_kv_caches, forward_batch, model_kv_dtype
 
 BLOCK_SIZE = 16
 
 
-def scratch_kv_caches(model: torch.nn.Module, num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def scratch_kv_caches(model: torch.nn.Module, num_tokens: int) -> list[KVCache]:
     """Zeroed per-layer (K, V) block tensors for one sequence of `num_tokens` tokens."""
-    cfg = model.config
-    n_blocks = (num_tokens + BLOCK_SIZE - 1) // BLOCK_SIZE
-    shape = (n_blocks, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
-    return [(torch.zeros(shape, dtype=model.dtype, device=model.device),
-             torch.zeros(shape, dtype=model.dtype, device=model.device)) for _ in range(cfg.num_hidden_layers)]
+    return allocate_model_kv_caches(model, cdiv(num_tokens, BLOCK_SIZE), BLOCK_SIZE, model_kv_dtype(model))
 
 
 @torch.inference_mode()
 def window_hidden(model: torch.nn.Module, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
     """Final hidden states [T, hidden] of one causal prefill over `token_ids` (positions 0..T-1)."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long, device=model.device)
-    n = int(ids.numel())
-    if n == 0:
+    ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+    if not ids:
         raise ValueError("token window is empty")
-    n_blocks = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
-    meta = build_attention_metadata([n], [n], [list(range(n_blocks))], BLOCK_SIZE)
-    return model(ids, torch.arange(n, device=model.device), meta, scratch_kv_caches(model, n))
+    n = len(ids)
+    caches = scratch_kv_caches(model, n)
+    return forward_batch(model, caches, [ids], [0], [list(range(cdiv(n, BLOCK_SIZE)))], BLOCK_SIZE)
 
 
 @torch.inference_mode()

@@ -1,7 +1,8 @@
 """Draft-model proposer: a smaller or quantized model guesses the next k tokens greedily.
 
-The draft keeps its own paged KV cache (same block size as the target, its own blocks) and, per
-request, the token ids whose K/V it holds. Each step it compares those with the request's
+The draft keeps its own paged KV cache (same block size as the target, its own tensors, block ids
+from its own BlockPool: the target's bookkeeping, without prefix caching) and, per request, the
+token ids whose K/V it holds. Each step it compares those with the request's
 current tokens, keeps the common prefix (after a rejection the tail it drafted is simply
 overwritten), runs one forward over the tokens it has not seen — all speculating requests in one
 flat batch — and then k-1 single-token decode forwards. Drafts are greedy, i.e. deterministic
@@ -20,58 +21,59 @@ from pathlib import Path
 
 import torch
 
-from kiln.kernels.attention_metadata import build_attention_metadata
+from kiln.core.block_pool import BlockPool, KVCacheBlock
+from kiln.core.kv_cache_utils import cdiv
 from kiln.spec_decode.proposer import ProposalRequests
+from kiln.worker.forward import allocate_model_kv_caches, forward_batch, model_kv_dtype
 
 
 @dataclass
 class _DraftSeq:
-    block_ids: list[int] = field(default_factory=list)
+    blocks: list[KVCacheBlock] = field(default_factory=list)
     cached: list[int] = field(default_factory=list)  # token ids whose K/V sit in the blocks, in order
+
+    @property
+    def block_ids(self) -> list[int]:
+        return [b.block_id for b in self.blocks]
 
 
 class DraftModelProposer:
     """A `Proposer` (kiln.spec_decode.proposer) backed by a draft model.
 
     A request the draft has no free blocks for is left out of the answer (it does not speculate
-    this step). Invariant: every block id is either in `free_blocks` or in exactly one sequence's `block_ids`.
+    this step). Block ids come from `block_pool` with the target's invariants (kiln.core.block_pool):
+    every block is free or held by exactly one sequence (ref_cnt 1, in its `blocks`), and a
+    sequence's blocks go back tail-first when it is freed.
     """
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
-        cfg = model.config
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device=model.device),
-                           torch.zeros(shape, dtype=model.dtype, device=model.device))
-                          for _ in range(cfg.num_hidden_layers)]
-        self.num_blocks = num_blocks
-        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
+        # Its own cache, in exactly the draft's dtype (not the target's cache dtype).
+        self.kv_caches = allocate_model_kv_caches(model, num_blocks, block_size, model_kv_dtype(model))
+        self.block_pool = BlockPool(num_blocks, enable_caching=False)  # drafts are never shared
         self.seqs: dict[str, _DraftSeq] = {}
 
     # ---- memory -----------------------------------------------------------------------------
     def _reserve(self, seq: _DraftSeq, num_tokens: int) -> bool:
-        need = -(-num_tokens // self.block_size) - len(seq.block_ids)
-        if need > len(self.free_blocks):
+        """Blocks for `num_tokens` tokens of `seq`; False (taking none) when too few are free."""
+        need = cdiv(num_tokens, self.block_size) - len(seq.blocks)
+        if need > self.block_pool.get_num_free_blocks():
             return False
-        for _ in range(max(need, 0)):
-            seq.block_ids.append(self.free_blocks.pop())
+        if need > 0:
+            seq.blocks.extend(self.block_pool.get_new_blocks(need))
         return True
 
     def free(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
         if seq is not None:
-            self.free_blocks.extend(reversed(seq.block_ids))
+            self.block_pool.free_blocks(reversed(seq.blocks))
 
     # ---- proposing --------------------------------------------------------------------------
-    def _forward(self, ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
-                 blocks: list[list[int]]) -> torch.Tensor:
-        """Greedy next token after each sequence's last new token."""
-        meta = build_attention_metadata(query_lens, seq_lens, blocks, self.block_size, self.model.device)
-        hidden = self.model(torch.tensor(ids, device=self.model.device), torch.tensor(positions, device=self.model.device),
-                            meta, self.kv_caches)
-        last = torch.tensor(meta.query_start_loc[1:], device=hidden.device) - 1
-        return self.model.compute_logits(hidden[last]).argmax(-1).tolist()
+    def _greedy_next(self, new_tokens: list[list[int]], starts: list[int], blocks: list[list[int]]) -> list[int]:
+        """Greedy next token after each sequence's last new token (decodes first)."""
+        hidden = forward_batch(self.model, self.kv_caches, new_tokens, starts, blocks, self.block_size, last_only=True)
+        return self.model.compute_logits(hidden).argmax(-1).tolist()
 
     @torch.inference_mode()
     def propose(self, requests: ProposalRequests) -> dict[str, list[int]]:
@@ -93,23 +95,20 @@ class DraftModelProposer:
             return drafts
         # Decodes (one new token) must come first in a flat batch.
         active.sort(key=lambda a: len(a[2]) - len(a[1].cached) != 1)
-        ids, pos, qlens, slens, blocks = [], [], [], [], []
+        new_tokens, starts, blocks = [], [], []
         for _, seq, tokens, _ in active:
-            new = tokens[len(seq.cached):]
-            ids.extend(new)
-            pos.extend(range(len(seq.cached), len(tokens)))
-            qlens.append(len(new))
-            slens.append(len(tokens))
+            new_tokens.append(tokens[len(seq.cached):])
+            starts.append(len(seq.cached))
             blocks.append(seq.block_ids)
             seq.cached = list(tokens)
-        nxt = self._forward(ids, pos, qlens, slens, blocks)
+        nxt = self._greedy_next(new_tokens, starts, blocks)
         for (rid, _, _, _), t in zip(active, nxt):
             drafts[rid].append(t)
         for step in range(1, max(a[3] for a in active)):
             running = [a for a in active if a[3] > step]
-            ids = [drafts[rid][-1] for rid, *_ in running]
-            pos = [len(seq.cached) for _, seq, _, _ in running]
-            nxt = self._forward(ids, pos, [1] * len(running), [p + 1 for p in pos], [seq.block_ids for _, seq, _, _ in running])
+            nxt = self._greedy_next([[drafts[rid][-1]] for rid, *_ in running],
+                                    [len(seq.cached) for _, seq, _, _ in running],
+                                    [seq.block_ids for _, seq, _, _ in running])
             for (rid, seq, _, _), t in zip(running, nxt):
                 seq.cached.append(drafts[rid][-1])
                 drafts[rid].append(t)

@@ -14,11 +14,11 @@ import torch
 from torch.profiler import record_function
 
 from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
-from kiln.kernels.kv_quant import allocate_kv_caches
 from kiln.kernels.attention_metadata import AttentionMetadata, build_attention_metadata
 from kiln.models.architecture import CausalLM
-from kiln.sample.sampler import SampleRow, Sampler
 from kiln.sample.rejection_sampler import verify_drafts
+from kiln.sample.sampler import SampleRow, Sampler
+from kiln.worker.forward import allocate_model_kv_caches
 
 TopLogprobs = list[tuple[int, float]]
 
@@ -40,9 +40,7 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        cfg = model.config
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = allocate_kv_caches(cfg.num_hidden_layers, shape, kv_cache_dtype, model.dtype, self.device)
+        self.kv_caches = allocate_model_kv_caches(model, num_blocks, block_size, kv_cache_dtype)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
 

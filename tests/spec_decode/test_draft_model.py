@@ -49,7 +49,7 @@ def _assert_no_leaks(llm: LLM) -> None:
     assert engine.kv_manager.get_num_free_blocks() == engine.kv_budget.num_blocks
     draft = engine.spec.proposer
     if isinstance(draft, DraftModelProposer):
-        assert len(draft.free_blocks) == draft.num_blocks
+        assert draft.block_pool.get_num_free_blocks() == draft.block_pool.num_blocks
         assert not draft.seqs
 
 
