@@ -266,7 +266,26 @@ def fused_kernels_table() -> str:
             "is not used (torch's ops run in its place, also inside the fused decode step)._")
 
 
+def serve_single_stream_table() -> str:
+    d = _load("serve_single_stream")
+    if d is None:
+        return "_not measured yet_"
+    base = d["single_stream"]["kiln serve"]["decode_tok_s"]
+    rows = ["| single stream, greedy, 128 tokens | decode tok/s | kiln serve / this |", "|---|---:|---:|"]
+    for name, r in d["single_stream"].items():
+        runs = ", ".join(f"{x:.0f}" for x in r["runs"])
+        rows.append(f"| {name} | {r['decode_tok_s']:.1f} (runs {runs}) | {base / r['decode_tok_s']:.2f}× |")
+    conc = d["concurrent_64"]
+    lines = [f"{name}: {r['output_tok_s']:.0f} output tok/s (TTFT p50 {r['ttft_p50_s']:.2f} s, p95 "
+             f"{r['ttft_p95_s']:.2f} s, {r['errors']} errors)" for name, r in conc.items()]
+    return ("\n".join(rows) + "\n\n64 concurrent streaming clients (128 GSM8K chat requests): " + "; ".join(lines)
+            + f".\n\n_From `benchmarks/serve_single_stream.py` → `benchmarks/results/serve_single_stream.json`, one run, "
+            f"{d['date']}, {d['machine']}, {d['threads']} threads per system; {d['rounds']} rounds alternating the "
+            f"systems, each a fresh process, {d['repeats']} streams per round (median)._")
+
+
 TABLES = {"vs_llamacpp": vs_llamacpp_table, "fused_kernels": fused_kernels_table, "throughput": throughput_table, "latency": latency_table, "serving": serving_table,
+          "serve_single_stream": serve_single_stream_table,
           "quant_kernels": quant_kernels_table, "spec_decode": spec_decode_table,
           "quant_quality": quant_quality_table, "perplexity": perplexity_table}
 
