@@ -27,6 +27,7 @@ from kiln.outputs import CompletionOutput, RequestMetricsSnapshot, RequestOutput
 from kiln.request import Request, RequestStatus
 
 if TYPE_CHECKING:
+    from kiln.loader.tokenizer import Tokenizer
     from kiln.worker.model_runner import RunnerOutput
 
 logger = logging.getLogger("kiln")
@@ -199,7 +200,7 @@ class OutputProcessor:
     returned it finished) or it was aborted; so is each of its sequence ids in `seq_to_request`.
     """
 
-    def __init__(self, tokenizer: object) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
         self.seq_to_request: dict[str, str] = {}
