@@ -13,7 +13,7 @@ kiln.config.KernelConfig), so an environment variable and a flag mean the same t
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kiln.config import (
@@ -123,11 +123,6 @@ class EngineArgs:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
-
-    @classmethod
-    def default_of(cls, name: str) -> Any:
-        f = next(f for f in fields(cls) if f.name == name)
-        return None if f.default is MISSING else f.default
 
     # ---- the config ---------------------------------------------------------------------------
     def kernel_config(self) -> KernelConfig:

@@ -71,7 +71,6 @@ class LLMEngine:
         speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         self.loaded = loaded
-        self.config: EngineConfig | None = None  # set by from_config
         self.speculative_config = speculative_config
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
@@ -124,9 +123,7 @@ class LLMEngine:
             torch.set_num_threads(config.parallel.threads)
         m = config.model
         loaded = load_model(resolve_model(m.model), m.dtype, m.device, quantized_weights=m.quantized_weights)
-        engine = cls(loaded, config.cache, config.scheduler, config.speculative)
-        engine.config = config
-        return engine
+        return cls(loaded, config.cache, config.scheduler, config.speculative)
 
     @classmethod
     def from_engine_args(cls, args: "EngineArgs") -> "LLMEngine":
