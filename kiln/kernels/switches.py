@@ -13,9 +13,13 @@ model means.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
 from kiln.config import KernelConfig
 
-__all__ = ["KernelConfig", "active", "configure"]
+__all__ = ["KernelConfig", "active", "configure", "overridden"]
 
 _active: KernelConfig | None = None
 
@@ -32,3 +36,15 @@ def configure(config: KernelConfig) -> None:
     """Install the switches for this process (the engine does this once, before loading a model)."""
     global _active
     _active = config
+
+
+@contextmanager
+def overridden(**changes: object) -> Iterator[KernelConfig]:
+    """Run a block with some switches changed (tests and benchmarks compare paths this way)."""
+    global _active
+    before = active()
+    _active = replace(before, **changes)  # type: ignore[arg-type]
+    try:
+        yield _active
+    finally:
+        _active = before
