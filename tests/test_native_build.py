@@ -6,8 +6,6 @@ in the kiln cache is never rebuilt. Every test gets a fresh `native._state`, res
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -61,10 +59,11 @@ def test_building_line_only_when_a_build_runs(tmp_path: Path, capsys: pytest.Cap
     assert native.build_and_load([src], build, ["-O0"], name="kiln_test_good") is None  # cached: silent
     assert capsys.readouterr().err == ""
 
-    later = time.time() + 5
-    os.utime(src, (later, later))  # an edited source must be announced as a rebuild
-    assert native.needs_build(build, [src], ["-O0"], name="kiln_test_good")
-    assert native.needs_build(build, [src], ["-O2"], name="kiln_test_good")  # other flags: rebuild too
+    edited = tmp_path / "edited" / "probe.cpp"  # an edited source is another key: a build is announced
+    edited.parent.mkdir()
+    edited.write_text(GOOD_SOURCE + "// edited\n")
+    assert native.needs_build(native.build_folder([edited], build, ["-O0"], name="kiln_test_good"), "kiln_test_good")
+    assert native.needs_build(native.build_folder([src], build, ["-O2"], name="kiln_test_good"), "kiln_test_good")
 
 
 def test_no_compiler_falls_back_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:

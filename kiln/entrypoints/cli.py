@@ -168,11 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_bench)
 
-    from kiln.entrypoints import cli_convert, cli_eval, cli_quantize
+    from kiln.entrypoints import cli_cache, cli_convert, cli_eval, cli_quantize
 
     cli_quantize.register(sub)
     cli_eval.register(sub)
     cli_convert.register(sub)
+    cli_cache.register(sub)
     return parser
 
 

@@ -1,7 +1,9 @@
 """Build and load kiln's C++ kernels (compiled on first use against the installed torch).
 
-The library is compiled with `torch.utils.cpp_extension.load` into $KILN_HOME/build and
-cached there; later processes load it in well under a second. A build prints one line to
+The library is compiled with `torch.utils.cpp_extension.load` into a folder of $KILN_HOME/build
+keyed by its sources, flags, compiler, torch and the CPU features it targets (`build_cache`), under a
+lock that never waits on a dead builder (`build_lock`); later processes with the same key, from any
+checkout, load it in well under a second, and a CPU with other features builds its own. A build prints one line to
 stderr before it starts and one when it is done (first run only, ~2 minutes on 2 cores).
 
 When the native kernels are not used, callers run the plain-torch reference paths instead
@@ -27,29 +29,19 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.kernels import switches
+from kiln.kernels.build_cache import (build_root, host_features, make_key, missing_features, read_build_info,
+                                      touch_last_used, write_build_info)
+from kiln.kernels.build_lock import BuildLock
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ["paged_attention.cpp", "prefill_attention.cpp", "fused_ops.cpp", "quant_gemm.cpp", "decode_step.cpp"]
 _LIB_NAME = "kiln_native"
 _TAIL_LINES = 20  # compiler lines kept in a build error: the first error and its context, not the full log
 BUILDING_LINE = "kiln: building kiln's native kernels for this CPU (first run only, ~2 min)…"
-_STAMP = "kiln_build_flags.txt"  # the flags the cached library was built with (a change means a rebuild)
 _lock = threading.Lock()
 # loaded: None until the first attempt, then True/False; reason: why False; error: the KilnError a
 # failed build raised (kept, so later calls re-raise it instead of re-running a failing build).
 _state: dict[str, object] = {"loaded": None, "reason": None, "error": None}
-
-
-def _build_dir() -> Path:
-    from kiln.hub import kiln_home
-
-    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
-    march = _march()
-    if march != "native":
-        tag += f"-{march}"  # a build for another instruction set must not replace the native one
-    path = kiln_home() / "build" / tag
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _march() -> str:
@@ -76,48 +68,77 @@ def cxx_compiler() -> str | None:
     return shutil.which(words[0]) if words else None
 
 
-def needs_build(build_dir: Path, sources: list[Path], cflags: list[str], name: str = _LIB_NAME) -> bool:
-    """Whether loading will compile: no cached library, a source or header newer than it, or other flags.
-
-    A prediction of what ninja will decide (it is asked only to announce the build), so it errs
-    towards "yes" on anything it cannot see."""
-    library = build_dir / f"{name}.so"
-    stamp = build_dir / _STAMP
-    if not library.is_file() or not stamp.is_file() or stamp.read_text() != _stamp_text(cflags):
-        return True
-    inputs = [*sources, *(p for d in {s.parent for s in sources} for p in d.glob("*.h"))]
-    built = library.stat().st_mtime
-    return any(p.stat().st_mtime > built for p in inputs)
+def _ldflags() -> list[str]:
+    return ["-fopenmp"]
 
 
-def _stamp_text(cflags: list[str]) -> str:
-    return f"torch {torch.__version__}\ncflags {' '.join(cflags)}\n"
+def build_folder(sources: list[Path], build_root: Path, cflags: list[str], name: str = _LIB_NAME) -> Path:
+    """The folder this process builds and loads `name` in: `build_root/<name>-<key digest>` (see build_cache)."""
+    compiler = cxx_compiler()
+    if compiler is None:
+        raise KilnError(f"kiln: no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH) to build {name}")
+    return build_root / make_key(sources, cflags, _ldflags(), compiler).folder_name(name)
 
 
-def build_and_load(sources: list[Path], build_dir: Path, cflags: list[str], name: str = _LIB_NAME) -> float | None:
+def needs_build(folder: Path, name: str = _LIB_NAME) -> bool:
+    """Whether loading from `folder` will compile: no finished library there (a library and its
+    build_info.json, written only after a successful build). Sources and flags are in the folder's
+    key, so a changed source or flag means another folder, never a stale library."""
+    return _built_library(folder) is None
+
+
+def _built_library(folder: Path) -> Path | None:
+    """The finished library in `folder` (named in its build_info.json), or None."""
+    info = read_build_info(folder)
+    library = folder / str(info.get("library", "")) if info else None
+    return library if library is not None and library.suffix == ".so" and library.is_file() else None
+
+
+def build_and_load(sources: list[Path], build_root: Path, cflags: list[str], name: str = _LIB_NAME) -> float | None:
     """Compile (when needed) and load a kernel library into torch.ops; seconds spent building, or None
     when the cached library was loaded. Raises KilnError with the compiler's last lines on failure.
 
+    The library lives in a folder keyed by sources, flags, compiler, torch and target CPU features
+    (build_cache); a finished one is loaded directly, without running torch's builder (whose ninja
+    file records this checkout's paths and would rebuild for another clone of the same sources).
     Parameters exist so tests can build a tiny or broken source in a temporary folder."""
+    folder = build_folder(sources, build_root, cflags, name)
+    with BuildLock(folder):
+        library, info = _built_library(folder), read_build_info(folder)
+        if library is not None and info is not None:
+            compiler = cxx_compiler()
+            missing = missing_features(info, host_features(compiler)) if compiler else []
+            if missing:  # a hand-copied folder: the key should have kept it apart
+                raise KilnError(f"kiln: the native kernels in {folder} were built for CPU features this CPU lacks "
+                                f"({', '.join(missing)}); delete that folder (`kiln cache clean --all`) and run again")
+            try:
+                torch.ops.load_library(str(library))
+            except Exception as exc:  # a truncated or foreign file: say so rather than run without kernels
+                raise _build_error(exc, folder) from exc
+            touch_last_used(folder)
+            return None
+        return _build(sources, folder, cflags, name)
+
+
+def _build(sources: list[Path], folder: Path, cflags: list[str], name: str) -> float:
     from torch.utils.cpp_extension import load
 
-    build_dir.mkdir(parents=True, exist_ok=True)
-    building = needs_build(build_dir, sources, cflags, name)
-    if building:
-        print(BUILDING_LINE, file=sys.stderr, flush=True)
+    print(BUILDING_LINE, file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
         load(name=name, sources=[str(s) for s in sources], extra_include_paths=[str(s.parent) for s in sources[:1]],
-             extra_ldflags=["-fopenmp"], extra_cflags=cflags, build_directory=str(build_dir),
+             extra_ldflags=_ldflags(), extra_cflags=cflags, build_directory=str(folder),
              is_python_module=False, verbose=False)
     except Exception as exc:  # a compiler error, ninja missing, a library that will not load
-        raise _build_error(exc, build_dir) from exc
+        raise _build_error(exc, folder) from exc
     seconds = time.perf_counter() - start
-    if building:
-        (build_dir / _STAMP).write_text(_stamp_text(cflags))
-        print(f"kiln: native kernels built in {seconds:.0f} s (cached in {build_dir})", file=sys.stderr, flush=True)
-        return seconds
-    return None
+    compiler = cxx_compiler()
+    assert compiler is not None  # build_folder checked
+    # torch names a second library of one name in one process name_v1 (tests do that): record which file it wrote.
+    library = max(folder.glob(f"{name}*.so"), key=lambda p: p.stat().st_mtime)
+    write_build_info(folder, make_key(sources, cflags, _ldflags(), compiler), seconds, library.name)
+    print(f"kiln: native kernels built in {seconds:.0f} s (cached in {folder})", file=sys.stderr, flush=True)
+    return seconds
 
 
 def _build_error(exc: Exception, build_dir: Path) -> KilnError:
@@ -151,7 +172,7 @@ def load_native() -> bool:
             _state.update(loaded=False, reason=f"no C++ compiler: {os.environ.get('CXX', 'c++')} is not on PATH")
             return False
         try:
-            build_and_load([_CSRC / s for s in _SOURCES], _build_dir(), _cflags())
+            build_and_load([_CSRC / s for s in _SOURCES], build_root(), _cflags())
         except KilnError as exc:
             _state.update(loaded=False, reason="build failed", error=exc)
             raise
@@ -160,6 +181,13 @@ def load_native() -> bool:
         register_fake_impls()  # so torch.compile can trace through the ops
         _state.update(loaded=True, reason=None)
         return True
+
+
+def current_build_folder() -> Path | None:
+    """The folder this process loads kiln's kernels from (built or not), or None without a compiler."""
+    if cxx_compiler() is None:
+        return None
+    return build_folder([_CSRC / s for s in _SOURCES], build_root(), _cflags())
 
 
 def simd_path() -> str:
