@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kiln.entrypoints import cli_cache, cli_convert, cli_eval, cli_quantize
 
     cli_quantize.register(sub)
+    from kiln.entrypoints import cli_plan
+
+    cli_plan.register(sub)
     cli_eval.register(sub)
     cli_convert.register(sub)
     cli_cache.register(sub)

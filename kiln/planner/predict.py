@@ -1,0 +1,95 @@
+"""Speed predictions from a calibration: single-stream decode, prefill and batched decode tok/s.
+
+decode step(B) = linear weight bytes / the path's measured bytes/s at B rows
+               + LM head bytes / its measured bytes/s at B rows
+               + B x context x KV bytes per token / measured read bandwidth
+               + the path's measured overhead: fixed(B) + layers x per_layer(B)
+prefill(T)     = 2 x linear parameters x T / the path's measured FLOP/s
+               + causal attention FLOPs / measured attention FLOP/s + the measured prefill step overhead
+
+The kernel path follows kiln's own choice: GGUF Q4_0/Q4_1/Q8_0 weights on a CPU with native kernels run
+kiln's block kernels (and the fused decode step); anything else runs torch's dense GEMM in the activation
+dtype. Invariant: a prediction names the calibration it used; none is made without one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from kiln.planner.calibration import CAL_BATCHES, attention_prefill_flops
+from kiln.planner.memory import NATIVE_BLOCK_TYPES, MemoryPlan, matrix_type
+
+
+def _at(rates: dict[str, float], rows: int) -> float:
+    """A per-batch rate at `rows`, log-linearly interpolated between calibrated batches (clamped at the ends)."""
+    pts = sorted((int(k), v) for k, v in rates.items())
+    if rows <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if rows <= x1:
+            f = (math.log(rows) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + f * (y1 - y0)
+    x, y = pts[-1]
+    return y * x / rows if rows > x else y  # beyond the last batch: time grows with the rows
+
+
+def kernel_path(plan: MemoryPlan, native: bool) -> str:
+    """'native_block', 'float32' or 'bfloat16': which calibrated path the planned model runs on."""
+    req = plan.request
+    if req.device == "cpu" and native and matrix_type(plan.source, req) in NATIVE_BLOCK_TYPES:
+        return "native_block"
+    return "float32" if req.act_bytes() == 4 else "bfloat16"
+
+
+def _linear_params(plan: MemoryPlan) -> int:
+    a = plan.source.arch
+    per_layer = a.hidden_size * (a.q_size + 2 * a.kv_size) + a.q_size * a.hidden_size + 3 * a.hidden_size * a.intermediate_size
+    return per_layer * a.num_layers
+
+
+def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, decode_context: int = 256,
+            concurrency: int | None = None) -> dict[str, Any]:
+    """tok/s predictions for `plan` on the calibrated machine, each with the terms that make it up."""
+    a, req = plan.source.arch, plan.request
+    native = bool(cal["machine"].get("native_kernels"))
+    path = kernel_path(plan, native)
+    rates = cal["paths"][path]
+    w = plan.whole.weights
+    lin_bytes = w["attention"] + w["mlp"] if path == "native_block" else _linear_params(plan) * req.act_bytes()
+    head_bytes = w["embeddings"] if a.tie_word_embeddings else w["lm_head"]
+    if path != "native_block":
+        head_bytes = a.vocab_size * a.hidden_size * req.act_bytes()
+    head_rates = rates.get("head_decode_bytes_per_s", rates["decode_bytes_per_s"])
+    over = cal["overhead"]["fused" if native and req.device == "cpu" else "plain"]
+    f0, f1 = over["fixed_s"]
+    l0, l1 = over["per_layer_s"]
+    kv_token = plan.whole.kv_per_token_bytes
+
+    def step(b: int) -> dict[str, float]:
+        return {"linears": lin_bytes / _at(rates["decode_bytes_per_s"], b),
+                "lm_head": head_bytes / _at(head_rates, b),
+                "kv_reads": b * decode_context * kv_token / cal["read_bytes_per_s"],
+                "overhead": f0 + f1 * b + a.num_layers * (l0 + l1 * b)}
+
+    one = step(1)
+    conc = concurrency or req.concurrency
+    many = step(conc)
+    pre = cal["prefill"]
+    prefill_s = (2 * _linear_params(plan) * prompt_tokens / rates["prefill_flops_per_s"]
+                 + attention_prefill_flops(a.num_layers, a.q_size, prompt_tokens) / pre["attention_flops_per_s"]
+                 + pre["fixed_s"] + head_bytes / _at(head_rates, 1))
+
+    def why(parts: dict[str, float]) -> str:
+        return ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in parts.items())
+
+    return {"path": path, "calibration": f"{cal['machine']['cpu']}, {cal['machine']['threads']} threads, {cal['date']}",
+            "concurrency": conc, "prompt_tokens": prompt_tokens, "decode_context": decode_context,
+            "decode_tok_s": 1 / sum(one.values()), "prefill_tok_s": prompt_tokens / prefill_s,
+            "batched_decode_tok_s": conc / sum(many.values()),
+            "terms_s": {"decode": one, "batched_decode": many, "prefill": prefill_s},
+            "why": {"decode_tok_s": why(one), "batched_decode_tok_s": why(many),
+                    "prefill_tok_s": f"{prefill_s * 1e3:.0f} ms for {prompt_tokens} tokens"}}
+
+
+__all__ = ["predict", "kernel_path", "CAL_BATCHES"]
