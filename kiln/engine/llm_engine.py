@@ -23,6 +23,7 @@ from kiln.core.kv_cache_manager import KVCacheManager
 from kiln.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from kiln.engine.kv_budget import KVBudget, plan_kv_cache
 from kiln.engine.output_processor import OutputProcessor
+from kiln.engine.startup_checks import check_startup
 from kiln.loader.model_loader import LoadedModel, load_model
 from kiln.outputs import RequestOutput
 from kiln.request import Request, RequestStatus
@@ -76,6 +77,7 @@ class LLMEngine:
         self.model_config = loaded.config
         self.cache_config = cache_config or CacheConfig()
         self.scheduler_config = scheduler_config or SchedulerConfig()
+        check_startup(loaded.config, self.cache_config, self.scheduler_config, str(loaded.model.device))
         self.max_model_len = min(
             self.scheduler_config.max_model_len or loaded.config.max_position_embeddings,
             loaded.config.max_position_embeddings,

@@ -104,6 +104,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from kiln.engine.async_engine import AsyncEngine
     from kiln.entrypoints.openai.api_server import run_server
 
+    from kiln.entrypoints.openai.limits import ServerLimits
+
+    limits = ServerLimits(max_n=args.max_n, max_stop_strings=args.max_stop_strings,
+                          max_request_tokens=args.max_request_tokens, max_body_bytes=args.max_body_bytes,
+                          max_streams_per_key=args.max_streams_per_key)  # checked before the model loads
     # The engine thread loads the model and runs every step; this (main) thread only serves HTTP and
     # never enters a torch parallel region (AsyncEngine's threading contract, kiln issue 25).
     engine = AsyncEngine.from_engine_args(EngineArgs.from_cli_args(args), max_queue=args.max_queue or None)
@@ -111,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(
         engine, args.served_model_name or args.model, args.host, args.port,
         api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
-        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, limits=limits,
     )
 
 
@@ -158,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--max-n", type=int, default=16, help="most choices (n) one request may ask for")
+    p.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings one request may give")
+    p.add_argument("--max-request-tokens", type=int, default=0,
+                   help="most tokens one request may cost, prompt + n x max_tokens (0: only the context limits it)")
+    p.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body accepted (413 above)")
+    p.add_argument("--max-streams-per-key", type=int, default=0,
+                   help="streaming responses one API key may hold open at once (429 above; 0: no limit)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln.engine.async_engine import AsyncEngine
 from kiln.entrypoints.openai.errors import APIError, install_error_handlers
+from kiln.entrypoints.openai.limits import BodySizeLimitMiddleware, ServerLimits
 from kiln.entrypoints.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
 )
@@ -60,10 +61,12 @@ class APIKeyMiddleware:
 
 
 def build_app(
-    async_engine: AsyncEngine, model_name: str, api_key: str | None = None, engine_shutdown_timeout: float = 5.0
+    async_engine: AsyncEngine, model_name: str, api_key: str | None = None, engine_shutdown_timeout: float = 5.0,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """The FastAPI app. Its lifespan starts the engine thread and, at shutdown, drains and stops it
-    (run it with lifespan="off" to share one AsyncEngine between several apps)."""
+    (run it with lifespan="off" to share one AsyncEngine between several apps). `limits`: the
+    per-request resource limits (ServerLimits' defaults when None)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -72,10 +75,11 @@ def build_app(
         await asyncio.to_thread(async_engine.shutdown, engine_shutdown_timeout)
 
     app = FastAPI(title="kiln", summary="OpenAI-compatible API served by kiln", lifespan=lifespan)
-    ctx = ServingContext(async_engine, model_name)
+    ctx = ServingContext(async_engine, model_name, limits)
     app.state.ctx = ctx
     install_error_handlers(app)
-    if api_key:
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=ctx.limits.max_body_bytes)
+    if api_key:  # added last, so it runs first: an unauthenticated client cannot make the server read a body
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.post("/v1/chat/completions")
@@ -148,11 +152,12 @@ def run_server(
     api_key: str | None = None,
     shutdown_timeout: float = 30.0,
     log_level: str = "info",
+    limits: ServerLimits | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM. In-flight requests get `shutdown_timeout` seconds to finish."""
     import uvicorn
 
-    app = build_app(async_engine, model_name, api_key)
+    app = build_app(async_engine, model_name, api_key, limits=limits)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
         access_log=log_level == "debug",

@@ -15,8 +15,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from kiln.entrypoints.openai.errors import APIError
 from kiln.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
 from kiln.entrypoints.openai.serving_common import (
-    SSE_DONE, ServingContext, add_requests, clamp, new_logprobs, outputs, reject_unsupported, resolve_max_tokens,
-    sampling_params, sse, stream_error_event, top_entries, until_disconnect, usage,
+    SSE_DONE, ServingContext, add_requests, clamp, holding, new_logprobs, open_stream_slot, outputs,
+    reject_unsupported, resolve_max_tokens, sampling_params, sse, stream_error_event, top_entries, until_disconnect,
+    usage,
 )
 from kiln.outputs import RequestOutput, TopLogprobs
 
@@ -55,8 +56,8 @@ def chat_logprobs(ctx: ServingContext, token_ids: list[int], entries: list[TopLo
     return content
 
 
-def _check_supported(req: ChatCompletionRequest) -> None:
-    reject_unsupported(req)
+def _check_supported(req: ChatCompletionRequest, ctx: ServingContext) -> None:
+    reject_unsupported(req, ctx.limits)
     if req.tools:
         raise APIError(400, "tools (function calling) are not supported by kiln yet; remove `tools`", param="tools")
     fmt = (req.response_format or {}).get("type", "text")
@@ -78,21 +79,31 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
-    _check_supported(req)
+    _check_supported(req, ctx)
     text = render_chat(ctx, req.messages)
     # The template already holds any BOS the model wants.
     prompt = ctx.process_prompt(text, ctx.tokenizer.encode(text, add_special_tokens=False), param="messages")
     prompt_len = len(prompt.token_ids)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = resolve_max_tokens(ctx, getattr(req, field), field, prompt_len)
+    max_tokens = resolve_max_tokens(ctx, getattr(req, field), field, prompt_len, req.n)
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    queue = add_requests(ctx, [prompt], [params], [rid])
+    slot = open_stream_slot(ctx, raw) if req.stream else None
+    try:
+        queue = add_requests(ctx, [prompt], [params], [rid])
+    except BaseException:
+        if slot is not None:
+            slot.release()
+        raise
     results = outputs(ctx, queue, [rid])
-    if req.stream:
+    if slot is not None:
+        def finish() -> None:
+            ctx.engine.abort(rid)
+            slot.release()
+
         return StreamingResponse(
-            _stream(ctx, req, rid, results, prompt_len), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"}, background=BackgroundTask(ctx.engine.abort, rid),
+            holding(slot, _stream(ctx, req, rid, results, prompt_len)), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"}, background=BackgroundTask(finish),
         )
     final = await until_disconnect(raw, _last(results))
     return JSONResponse(_response(ctx, req, rid, final, prompt_len))

@@ -8,6 +8,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -16,6 +17,9 @@ from kiln.detokenizer import token_bytes
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.llm_engine import TokenizedPrompt
 from kiln.entrypoints.openai.errors import APIError, bad_value
+from kiln.entrypoints.openai.limits import (
+    ServerLimits, StreamSlot, StreamSlots, api_key_of, check_n_and_stops, check_request_tokens, request_token_room,
+)
 from kiln.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kiln.outputs import RequestOutput, TopLogprobs, coalesce_outputs
 from kiln.sampling_params import SamplingParams
@@ -33,9 +37,11 @@ _MIN_LOGPROB = -9999.0
 class ServingContext:
     """The engine, the served name and a few cached facts, shared by every endpoint."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.limits = limits or ServerLimits()
+        self.streams = StreamSlots(self.limits.max_streams_per_key)
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
         self._pieces: dict[int, tuple[str, list[int]]] = {}
@@ -65,7 +71,9 @@ class ServingContext:
                            if len(token_ids) >= self.engine.max_model_len else None) from None
 
 
-def reject_unsupported(req: SamplingFields) -> None:
+def reject_unsupported(req: SamplingFields, limits: ServerLimits | None = None) -> None:
+    if limits is not None:
+        check_n_and_stops(limits, req.n, req.stop)
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported by kiln; remove it", param="logit_bias")
     # torch generators take 64-bit seeds; a bigger one would only fail later, inside a step.
@@ -73,12 +81,14 @@ def reject_unsupported(req: SamplingFields) -> None:
         raise APIError(400, f"seed must fit in 64 bits; got {req.seed}", param="seed")
 
 
-def resolve_max_tokens(ctx: ServingContext, requested: int | None, field: str, prompt_len: int) -> int:
-    """The output budget: what was asked for, or all the room the context leaves."""
+def resolve_max_tokens(ctx: ServingContext, requested: int | None, field: str, prompt_len: int, n: int = 1) -> int:
+    """The output budget per choice: what was asked for, or all the room the context (and the
+    server's per-request token budget, shared by the n choices) leaves."""
     limit = ctx.engine.max_model_len
     room = limit - prompt_len
+    budget_room = request_token_room(ctx.limits, prompt_len, n, field)
     if requested is None:
-        return room
+        return room if budget_room is None else min(room, budget_room)
     if requested >= 1 and requested > room:
         raise APIError(
             400,
@@ -86,7 +96,24 @@ def resolve_max_tokens(ctx: ServingContext, requested: int | None, field: str, p
             f"{requested}, {prompt_len + requested} in all. Lower {field} or shorten the prompt.",
             param=field, code="context_length_exceeded",
         )
+    check_request_tokens(ctx.limits, prompt_len, n, requested, field)
     return requested
+
+
+def open_stream_slot(ctx: ServingContext, request: Request) -> StreamSlot:
+    """A place among the API key's open streams (429 when they are all taken); take it before the
+    request is queued, so a refused stream costs the engine nothing."""
+    return ctx.streams.acquire(api_key_of(request.scope["headers"]))
+
+
+async def holding(slot: StreamSlot, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events`, releasing `slot` when they end, fail or are abandoned."""
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    finally:
+        slot.release()
 
 
 def sampling_params(

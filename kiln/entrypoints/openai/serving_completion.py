@@ -21,8 +21,9 @@ from kiln.engine.llm_engine import TokenizedPrompt
 from kiln.entrypoints.openai.errors import APIError
 from kiln.entrypoints.openai.protocol import CompletionRequest
 from kiln.entrypoints.openai.serving_common import (
-    SSE_DONE, ServingContext, add_requests, clamp, new_logprobs, outputs, reject_unsupported, resolve_max_tokens,
-    sampling_params, sse, stream_error_event, top_entries, until_disconnect, usage,
+    SSE_DONE, ServingContext, add_requests, clamp, holding, new_logprobs, open_stream_slot, outputs,
+    reject_unsupported, resolve_max_tokens, sampling_params, sse, stream_error_event, top_entries, until_disconnect,
+    usage,
 )
 from kiln.outputs import RequestOutput, TopLogprobs
 
@@ -74,7 +75,7 @@ def _merge(a: dict[str, list] | None, b: dict[str, list]) -> dict[str, list]:
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
-    reject_unsupported(req)
+    reject_unsupported(req, ctx.limits)
     if req.suffix:
         raise APIError(400, "suffix is not supported by kiln; remove it", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -82,19 +83,30 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     prompts = _prompts(ctx, req.prompt)
     prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
     params = [
-        sampling_params(req, resolve_max_tokens(ctx, req.max_tokens, "max_tokens", len(p.token_ids)), req.logprobs, prompt_lp)
+        sampling_params(req, resolve_max_tokens(ctx, req.max_tokens, "max_tokens", len(p.token_ids), req.n), req.logprobs,
+                        prompt_lp)
         for p in prompts
     ]
     cid = f"cmpl-{uuid.uuid4().hex}"
     ids = [f"{cid}-{i}" for i in range(len(prompts))]
-    queue = add_requests(ctx, prompts, params, ids)
+    slot = open_stream_slot(ctx, raw) if req.stream else None
+    try:
+        queue = add_requests(ctx, prompts, params, ids)
+    except BaseException:
+        if slot is not None:
+            slot.release()
+        raise
     results = outputs(ctx, queue, ids)
     state = _Choices(ctx, req, prompts, ids)
-    if req.stream:
-        abort_all = BackgroundTask(lambda: [ctx.engine.abort(rid) for rid in ids])
+    if slot is not None:
+        def finish() -> None:
+            for rid in ids:
+                ctx.engine.abort(rid)
+            slot.release()
+
         return StreamingResponse(
-            _stream(ctx, req, cid, state, results), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"}, background=abort_all,
+            holding(slot, _stream(ctx, req, cid, state, results)), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"}, background=BackgroundTask(finish),
         )
     finals = await until_disconnect(raw, _finals(results))
     for final in finals.values():
