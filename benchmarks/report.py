@@ -284,10 +284,44 @@ def serve_single_stream_table() -> str:
             f"systems, each a fresh process, {d['repeats']} streams per round (median)._")
 
 
+def soak_table() -> str:
+    d = _load("soak")
+    if d is None:
+        return "_not measured yet_"
+    mib = 2 ** 20
+    first, final = d["samples"][0], d["final"]
+    peak = max(d["samples"], key=lambda s: s["rss_bytes"])
+    verdict = {True: "met", False: "**missed**"}
+    v = d["verdicts"]
+    kinds = ", ".join(f"{k} {r.get('completed_whole', 0)}/{r['sent']}" for k, r in sorted(d["by_kind"].items()))
+    statuses = ", ".join(f"{k}: {n}" for k, n in sorted(d["by_status"].items()))
+    growth = d["rss_growth_frac"]
+    window = d["rss_growth_window"]
+    rows = [
+        "| measure | value | target |", "|---|---|---|",
+        f"| load | {d['load_s'] / 60:.1f} min open-loop, {d['rate']} req/s Poisson + a burst of {d['burst_size']} every "
+        f"{d['burst_every_s'] / 60:.0f} min (--max-queue {d['max_queue']}), drained in {d['drain_s']:.0f} s | ≥ 30 min |",
+        f"| requests | {d['requests']} (HTTP status: {statuses}; 0 = abandoned by the client on purpose) | |",
+        f"| completed whole, by kind | {kinds} | every completed response whole: {verdict[v['every_completed_response_whole']]} |",
+        f"| refused | {d['refused_503']} × 503, all with Retry-After | {verdict[v['refused_are_503_with_retry_after']]} |",
+        f"| other errors | {d['other_errors']} (5xx other than 503: "
+        f"{'none' if v['no_5xx_but_queue_503'] else 'some'}) | none: {verdict[v['no_5xx_but_queue_503'] and v['no_client_errors']]} |",
+        f"| KV blocks in use | {first['kv_blocks_in_use']:.0f} at the start, {final['kv_blocks_in_use']:.0f} after the load "
+        f"(of {d['kv_blocks_total']:.0f}) | back to 0: {verdict[v['kv_blocks_back_to_zero']]} |",
+        f"| RSS | {first['rss_bytes'] / mib:.0f} MiB at the start, peak {peak['rss_bytes'] / mib:.0f}, "
+        f"{final['rss_bytes'] / mib:.0f} after; growth {growth * 100:+.2f} % from minute {window[0] / 60:.0f} to "
+        f"{window[1] / 60:.0f} | < 2 % over the last 20 min: {verdict[v['rss_growth_last_20_min_under_2pct']]} |",
+        f"| threads, open fds | {first['threads']} → {final['threads']}, {first['open_fds']} → {final['open_fds']} | steady |",
+    ]
+    return ("\n".join(rows) + "\n\n![p95 latency, RSS and KV blocks per minute](benchmarks/results/soak.svg)"
+            + f"\n\n_From `benchmarks/soak.py` → `benchmarks/results/soak.json` (+ `soak.svg`), one run, {d['date']}, "
+            f"{d['machine']}, {d['threads']} threads; `{d['command']}`._")
+
+
 TABLES = {"vs_llamacpp": vs_llamacpp_table, "fused_kernels": fused_kernels_table, "throughput": throughput_table, "latency": latency_table, "serving": serving_table,
           "serve_single_stream": serve_single_stream_table,
           "quant_kernels": quant_kernels_table, "spec_decode": spec_decode_table,
-          "quant_quality": quant_quality_table, "perplexity": perplexity_table}
+          "quant_quality": quant_quality_table, "perplexity": perplexity_table, "soak": soak_table}
 
 
 def render(readme: str) -> str:

@@ -49,6 +49,14 @@ def running_server(cmd: list[str], port: int, threads: int, startup_timeout: flo
                    env: dict[str, str] | None = None) -> Iterator[str]:
     """Start `cmd` (in `env`, default this process's), wait until GET /v1/models answers, yield the
     base URL, then stop it."""
+    with running_server_process(cmd, port, threads, startup_timeout, env) as (url, _):
+        yield url
+
+
+@contextmanager
+def running_server_process(cmd: list[str], port: int, threads: int, startup_timeout: float = 180.0,
+                           env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`running_server`, yielding the process too (for benchmarks that watch its RSS, threads, fds)."""
     env = dict(env if env is not None else os.environ, OMP_NUM_THREADS=str(threads))
     log = open(f"/tmp/kiln-bench-server-{port}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -66,7 +74,7 @@ def running_server(cmd: list[str], port: int, threads: int, startup_timeout: flo
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start in {startup_timeout:.0f}s; see {log.name}")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
