@@ -48,8 +48,15 @@ def _linear_params(plan: MemoryPlan) -> int:
     return per_layer * a.num_layers
 
 
+def decode_step_s(plan: MemoryPlan, cal: dict[str, Any], seqs: int, rows: int | None = None,
+                  decode_context: int = 256) -> dict[str, float]:
+    """Predicted seconds of one decode step of `seqs` sequences computing `rows` rows (rows > seqs when
+    verifying drafts), by term."""
+    return predict(plan, cal, decode_context=decode_context, concurrency=seqs, rows=rows)["terms_s"]["batched_decode"]
+
+
 def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, decode_context: int = 256,
-            concurrency: int | None = None) -> dict[str, Any]:
+            concurrency: int | None = None, rows: int | None = None) -> dict[str, Any]:
     """tok/s predictions for `plan` on the calibrated machine, each with the terms that make it up."""
     a, req = plan.source.arch, plan.request
     native = bool(cal["machine"].get("native_kernels"))
@@ -66,15 +73,15 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
     l0, l1 = over["per_layer_s"]
     kv_token = plan.whole.kv_per_token_bytes
 
-    def step(b: int) -> dict[str, float]:
-        return {"linears": lin_bytes / _at(rates["decode_bytes_per_s"], b),
-                "lm_head": head_bytes / _at(head_rates, b),
+    def step(b: int, r: int) -> dict[str, float]:
+        return {"linears": lin_bytes / _at(rates["decode_bytes_per_s"], r),
+                "lm_head": head_bytes / _at(head_rates, r),
                 "kv_reads": b * decode_context * kv_token / cal["read_bytes_per_s"],
                 "overhead": f0 + f1 * b + a.num_layers * (l0 + l1 * b)}
 
-    one = step(1)
+    one = step(1, 1)
     conc = concurrency or req.concurrency
-    many = step(conc)
+    many = step(conc, rows or conc)
     pre = cal["prefill"]
     prefill_s = (2 * _linear_params(plan) * prompt_tokens / rates["prefill_flops_per_s"]
                  + attention_prefill_flops(a.num_layers, a.q_size, prompt_tokens) / pre["attention_flops_per_s"]
@@ -92,4 +99,9 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
                     "prefill_tok_s": f"{prefill_s * 1e3:.0f} ms for {prompt_tokens} tokens"}}
 
 
-__all__ = ["predict", "kernel_path", "CAL_BATCHES"]
+def prefill_s(plan: MemoryPlan, cal: dict[str, Any], tokens: int) -> float:
+    """Predicted seconds to prefill `tokens` prompt tokens in one chunk."""
+    return tokens / predict(plan, cal, prompt_tokens=tokens)["prefill_tok_s"]
+
+
+__all__ = ["predict", "decode_step_s", "prefill_s", "kernel_path", "CAL_BATCHES"]
