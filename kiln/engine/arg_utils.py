@@ -121,6 +121,27 @@ class EngineArgs:
         return cls(**kwargs)
 
     @classmethod
+    def from_config_file(cls, path: str, args: argparse.Namespace | None = None) -> "EngineArgs":
+        """Options from a JSON object of field names (what `kiln advise --apply` writes), with every flag
+        in `args` that differs from its default on top: the command line wins over the file."""
+        import json
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--config {path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {path}: expected a JSON object of engine options, got {type(loaded).__name__}")
+        if args is not None:
+            loaded.update({f.name: getattr(args, f.name) for f in fields(cls)
+                           if hasattr(args, f.name) and getattr(args, f.name) != f.default})
+        try:
+            return cls.from_kwargs(**loaded)
+        except TypeError as exc:
+            raise ValueError(f"--config {path}: {exc}") from None
+
+    @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 

@@ -111,10 +111,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           max_streams_per_key=args.max_streams_per_key)  # checked before the model loads
     # The engine thread loads the model and runs every step; this (main) thread only serves HTTP and
     # never enters a torch parallel region (AsyncEngine's threading contract, kiln issue 25).
-    engine = AsyncEngine.from_engine_args(EngineArgs.from_cli_args(args), max_queue=args.max_queue or None)
+    engine_args = EngineArgs.from_config_file(args.config, args) if args.config else EngineArgs.from_cli_args(args)
+    engine = AsyncEngine.from_engine_args(engine_args, max_queue=args.max_queue or None)
     print_startup(engine.engine)
     run_server(
-        engine, args.served_model_name or args.model, args.host, args.port,
+        engine, args.served_model_name or engine_args.model, args.host, args.port,
         api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, limits=limits,
     )
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--config", default=None, metavar="FILE.json",
+                   help="engine options from a JSON object of option names (what `kiln advise --apply` writes); "
+                        "flags given here win over the file")
     p.add_argument("--max-n", type=int, default=16, help="most choices (n) one request may ask for")
     p.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings one request may give")
     p.add_argument("--max-request-tokens", type=int, default=0,
