@@ -325,7 +325,9 @@ def soak_table() -> str:
             f"{d['machine']}, {d['threads']} threads; `{d['command']}`._")
 
 
-TABLES = {"vs_llamacpp": vs_llamacpp_table, "fused_kernels": fused_kernels_table, "throughput": throughput_table, "latency": latency_table, "serving": serving_table,
+from kiln.bench.report_plan import plan_advise_table  # noqa: E402 (the planner's section, issue 18)
+
+TABLES = {"plan_advise": plan_advise_table, "vs_llamacpp": vs_llamacpp_table, "fused_kernels": fused_kernels_table, "throughput": throughput_table, "latency": latency_table, "serving": serving_table,
           "serve_single_stream": serve_single_stream_table,
           "quant_kernels": quant_kernels_table, "spec_decode": spec_decode_table,
           "quant_quality": quant_quality_table, "perplexity": perplexity_table, "soak": soak_table}

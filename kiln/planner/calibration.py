@@ -1,6 +1,6 @@
 """`kiln plan --calibrate`: a short measurement of this machine that the speed predictions stand on.
 
-What is measured (each the best or median of a few repeats, on the engine's thread count):
+What is measured (each the median of a few repeats, on the engine's thread count):
 - read bandwidth (a large fp32 sum): what decode attention's KV reads stream at;
 - per kernel path, the time of every decoder linear layer of the default model at M = 1..16 rows
   (bytes/s: decode) and at M = 256 (FLOP/s: prefill). The native path runs the GGUF's Q4_1 blocks through
@@ -70,22 +70,23 @@ def load_calibration(threads: int, device: str = "cpu") -> dict[str, Any] | None
         return None
 
 
-def _best(fn: Callable[[], None], repeats: int) -> float:
-    """Best wall time of `repeats` calls after one warm-up (the machine is shared: the best is the least disturbed)."""
+def _median(fn: Callable[[], None], repeats: int) -> float:
+    """Median wall time of `repeats` calls after one warm-up. The median, like the engine measurements it
+    is compared with: on a shared CPU the best call is luckier than a run of engine steps ever is."""
     fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times)
+    return statistics.median(times)
 
 
 def read_bandwidth_gb_s() -> float:
     import torch
 
     x = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB: far above any cache
-    return x.numel() * 4 / _best(lambda: x.sum(), 6) / 1e9
+    return x.numel() * 4 / _median(lambda: x.sum(), 6) / 1e9
 
 
 def _linears(model: Any) -> list[Any]:
@@ -108,7 +109,7 @@ def time_pass(layers: list[Callable[[Any], Any]], in_sizes: list[int], rows: int
         with torch.inference_mode():
             for f, k in zip(layers, in_sizes):
                 f(xs[k])
-    return _best(run, repeats)
+    return _median(run, repeats)
 
 
 def _dense_layers(shapes: list[tuple[int, int]], dtype: Any) -> list[Callable[[Any], Any]]:
@@ -155,20 +156,21 @@ def engine_decode(engine: Any, batch: int, steps: int, prompt: list[int]) -> tup
 
 
 def engine_prefill(engine: Any, prompt: list[int], repeats: int = 3) -> tuple[float, float]:
-    """(step seconds, forward seconds) of one prefill chunk of len(prompt) tokens (best of `repeats`)."""
+    """(step seconds, forward seconds) of one prefill chunk of len(prompt) tokens (the median run of `repeats`)."""
     from kiln.sampling_params import SamplingParams
 
-    best = (float("inf"), float("inf"))
+    runs = []
     for i in range(repeats):
         total, remove = _timed_forward(engine.loaded.model)
         engine.add_request({"prompt_token_ids": [prompt[0] + i, *prompt[1:]]}, SamplingParams(temperature=0, max_tokens=1))
         t0 = time.perf_counter()
         engine.step()
-        best = min(best, (time.perf_counter() - t0, total()))
+        runs.append((time.perf_counter() - t0, total()))
         remove()
         while engine.has_unfinished_requests():
             engine.step()
-    return best
+    runs.sort()
+    return runs[len(runs) // 2]
 
 
 def _fit(xs: tuple[int, int], ys: tuple[float, float]) -> tuple[float, float]:
@@ -182,8 +184,8 @@ def _path_rates(layers: list[Callable[[Any], Any]], shapes: list[tuple[int, int]
     """bytes/s of one decode pass over the layers at each batch in CAL_BATCHES, FLOP/s at PREFILL_ROWS."""
     ins = [k for _, k in shapes]
     params = sum(n * k for n, k in shapes)
-    decode = {str(m): weight_bytes / time_pass(layers, ins, m, dtype, 7) for m in CAL_BATCHES}
-    prefill = 2 * params * PREFILL_ROWS / time_pass(layers, ins, PREFILL_ROWS, dtype, 2)
+    decode = {str(m): weight_bytes / time_pass(layers, ins, m, dtype, 5) for m in CAL_BATCHES}
+    prefill = 2 * params * PREFILL_ROWS / time_pass(layers, ins, PREFILL_ROWS, dtype, 3)
     return {"weight_bytes": weight_bytes, "decode_bytes_per_s": decode, "prefill_flops_per_s": prefill}
 
 
@@ -195,7 +197,7 @@ def _head_rates(model: Any, dtype: Any, head_bytes: int) -> dict[str, float]:
     for m in CAL_BATCHES:
         x = torch.randn(m, model.config.hidden_size, dtype=dtype)
         with torch.inference_mode():
-            out[str(m)] = head_bytes / _best(lambda: model.compute_logits(x), 7)
+            out[str(m)] = head_bytes / _median(lambda: model.compute_logits(x), 5)
     return out
 
 
@@ -205,7 +207,7 @@ def _overheads(engine: Any, linear_s: Callable[[int], float], head_s: Callable[[
     per layer (forward - linears - KV reads) / layers."""
     fixed, per_layer = [], []
     for b in (2, 8):
-        step, fwd = engine_decode(engine, b, 12, prompt)
+        step, fwd = engine_decode(engine, b, 10, prompt)
         ctx = len(prompt) + 8  # the mean context of the measured steps
         kv_s = b * ctx * kv_token_bytes / read_bps
         fixed.append(max(0.0, step - fwd - head_s(b)))

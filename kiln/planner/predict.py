@@ -42,6 +42,15 @@ def kernel_path(plan: MemoryPlan, native: bool) -> str:
     return "float32" if req.act_bytes() == 4 else "bfloat16"
 
 
+def native_row_limit(act: str) -> int:
+    """Most rows kiln runs through its block/panel kernels before the dense GEMM (kiln.layers.gguf_quant)."""
+    from kiln.layers.gguf_quant import default_dense_threshold, default_panel_rows
+
+    if act == "float32":
+        return max(default_panel_rows()[1], default_dense_threshold(True))
+    return default_dense_threshold(True)
+
+
 def _linear_params(plan: MemoryPlan) -> int:
     a = plan.source.arch
     per_layer = a.hidden_size * (a.q_size + 2 * a.kv_size) + a.q_size * a.hidden_size + 3 * a.hidden_size * a.intermediate_size
@@ -61,31 +70,41 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
     a, req = plan.source.arch, plan.request
     native = bool(cal["machine"].get("native_kernels"))
     path = kernel_path(plan, native)
-    rates = cal["paths"][path]
+    act = "float32" if req.act_bytes() == 4 else "bfloat16"
+    dense = cal["paths"][act]
     w = plan.whole.weights
-    lin_bytes = w["attention"] + w["mlp"] if path == "native_block" else _linear_params(plan) * req.act_bytes()
-    head_bytes = w["embeddings"] if a.tie_word_embeddings else w["lm_head"]
-    if path != "native_block":
-        head_bytes = a.vocab_size * a.hidden_size * req.act_bytes()
-    head_rates = rates.get("head_decode_bytes_per_s", rates["decode_bytes_per_s"])
+    dense_lin = _linear_params(plan) * req.act_bytes()
+    dense_head = a.vocab_size * a.hidden_size * req.act_bytes()
+    if path == "native_block":
+        blocks = cal["paths"]["native_block"]
+        lin_bytes = w["attention"] + w["mlp"]
+        head_bytes = w["embeddings"] if a.tie_word_embeddings else w["lm_head"]
+        limit = native_row_limit(act)
     over = cal["overhead"]["fused" if native and req.device == "cpu" else "plain"]
     f0, f1 = over["fixed_s"]
     l0, l1 = over["per_layer_s"]
     kv_token = plan.whole.kv_per_token_bytes
 
+    def matmuls(r: int) -> dict[str, float]:
+        # kiln's own kernel choice: block kernels up to `limit` rows, the dense GEMM (resident copy) above
+        if path == "native_block" and r <= limit:
+            return {"linears": lin_bytes / _at(blocks["decode_bytes_per_s"], r),
+                    "lm_head": head_bytes / _at(blocks["head_decode_bytes_per_s"], r)}
+        return {"linears": dense_lin / _at(dense["decode_bytes_per_s"], r),
+                "lm_head": dense_head / _at(dense["decode_bytes_per_s"], r)}
+
     def step(b: int, r: int) -> dict[str, float]:
-        return {"linears": lin_bytes / _at(rates["decode_bytes_per_s"], r),
-                "lm_head": head_bytes / _at(head_rates, r),
-                "kv_reads": b * decode_context * kv_token / cal["read_bytes_per_s"],
+        return {**matmuls(r), "kv_reads": b * decode_context * kv_token / cal["read_bytes_per_s"],
                 "overhead": f0 + f1 * b + a.num_layers * (l0 + l1 * b)}
 
     one = step(1, 1)
     conc = concurrency or req.concurrency
     many = step(conc, rows or conc)
     pre = cal["prefill"]
-    prefill_s = (2 * _linear_params(plan) * prompt_tokens / rates["prefill_flops_per_s"]
+    # a prefill chunk has far more rows than any block-kernel limit: the dense GEMM of the activation dtype
+    prefill_s = (2 * _linear_params(plan) * prompt_tokens / dense["prefill_flops_per_s"]
                  + attention_prefill_flops(a.num_layers, a.q_size, prompt_tokens) / pre["attention_flops_per_s"]
-                 + pre["fixed_s"] + head_bytes / _at(head_rates, 1))
+                 + pre["fixed_s"] + matmuls(1)["lm_head"])
 
     def why(parts: dict[str, float]) -> str:
         return ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in parts.items())
