@@ -16,9 +16,10 @@ from kiln.bench.runner import run_isolated
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["throughput", "latency", "serving", "serve"],
+    p.add_argument("kind", choices=["throughput", "latency", "serving", "serve", "report"],
                    help="throughput: offline batch; latency: single stream; serving: kiln serve vs llama-cpp-python "
-                        "server over a rate sweep; serve: load-generate against any OpenAI-compatible --base-url")
+                        "server over a rate sweep; serve: load-generate against any OpenAI-compatible --base-url; "
+                        "report: the benchmark report (benchmarks/results/*.json) as one HTML file, -o FILE")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=1024, help="latency: prompt length for the prefill figure")
@@ -44,7 +45,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="latency: also print where a decode step and a prefill chunk spend their time")
     p.add_argument("--no-dequantized-baseline", action="store_true",
                    help="skip the extra kiln run with GGUF weights dequantized to bfloat16")
-    p.add_argument("--out", default=None, help="write results as JSON to this file")
+    p.add_argument("-o", "--out", default=None, help="write results as JSON to this file (report: the HTML page)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,7 +112,21 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
         args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, args.api_key, Path(args.plot) if args.plot else None)
 
 
+def _write_report(args: argparse.Namespace) -> dict[str, Any]:
+    """`kiln bench report -o report.html`: the README's tables and plots as one self-contained page."""
+    from kiln.bench import report
+    from kiln.bench.report_html import NOT_PRESENT, write_report
+
+    if not report.results_present():
+        print(NOT_PRESENT, file=sys.stderr)
+    out = write_report(args.out or "report.html")
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB)", file=sys.stderr)
+    return {"report": str(out)}
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.kind == "report":
+        return _write_report(args)
     if args.kind == "serve":
         return _write(args, _run_serve(args))
     if args.kind == "serving":

@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(
         engine, args.served_model_name or engine_args.model, args.host, args.port,
         api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
-        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, limits=limits,
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, limits=limits, ui=not args.no_ui,
     )
 
 
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body accepted (413 above)")
     p.add_argument("--max-streams-per-key", type=int, default=0,
                    help="streaming responses one API key may hold open at once (429 above; 0: no limit)")
+    p.add_argument("--no-ui", action="store_true",
+                   help="no browser pages (chat at /, /dashboard, /report); the API is unchanged")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: `build_app` (FastAPI) and `run_server` (uvicorn + graceful stop).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
-POST /tokenize, POST /detokenize, GET /metrics, GET /version.
+POST /tokenize, POST /detokenize, GET /metrics, GET /version; and unless `ui=False` (`--no-ui`) the
+browser pages GET /, /dashboard, /report (kiln.entrypoints.openai.ui).
 
 The HTTP layer never runs a forward pass: it validates, hands requests to the AsyncEngine's
 thread and relays outputs. SIGTERM: uvicorn stops accepting connections and waits (up to the
@@ -32,6 +33,7 @@ from kiln.entrypoints.openai.protocol import (
 from kiln.entrypoints.openai.serving_chat import create_chat_completion, render_chat
 from kiln.entrypoints.openai.serving_common import ServingContext
 from kiln.entrypoints.openai.serving_completion import create_completion
+from kiln.entrypoints.openai.ui import is_ui_path, mount_ui
 from kiln.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger("kiln.server")
@@ -48,7 +50,9 @@ class APIKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        path = scope.get("path", "")
+        # the UI pages are open (no secret in them); the chat page sends the key on its API calls
+        if scope["type"] != "http" or path in OPEN_PATHS or is_ui_path(path) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
@@ -62,11 +66,11 @@ class APIKeyMiddleware:
 
 def build_app(
     async_engine: AsyncEngine, model_name: str, api_key: str | None = None, engine_shutdown_timeout: float = 5.0,
-    limits: ServerLimits | None = None,
+    limits: ServerLimits | None = None, ui: bool = True,
 ) -> FastAPI:
     """The FastAPI app. Its lifespan starts the engine thread and, at shutdown, drains and stops it
     (run it with lifespan="off" to share one AsyncEngine between several apps). `limits`: the
-    per-request resource limits (ServerLimits' defaults when None)."""
+    per-request resource limits (ServerLimits' defaults when None). `ui`: serve the browser pages."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -141,6 +145,8 @@ def build_app(
 
         return {"version": __version__}
 
+    if ui:
+        mount_ui(app, async_engine, model_name)
     return app
 
 
@@ -153,11 +159,12 @@ def run_server(
     shutdown_timeout: float = 30.0,
     log_level: str = "info",
     limits: ServerLimits | None = None,
+    ui: bool = True,
 ) -> None:
     """Serve until SIGINT/SIGTERM. In-flight requests get `shutdown_timeout` seconds to finish."""
     import uvicorn
 
-    app = build_app(async_engine, model_name, api_key, limits=limits)
+    app = build_app(async_engine, model_name, api_key, limits=limits, ui=ui)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
         access_log=log_level == "debug",
