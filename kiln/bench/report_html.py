@@ -24,7 +24,7 @@ TITLES = {
     "vs_llamacpp": "Kernel-level speed vs llama.cpp", "serve_single_stream": "kiln serve for one user",
     "fused_kernels": "Fused kernels", "quant_kernels": "Quantized matmul kernels",
     "quant_quality": "Quantization quality", "perplexity": "Perplexity", "spec_decode": "Speculative decoding",
-    "serving": "Serving under load", "soak": "A long day of traffic (soak)",
+    "serving": "Serving under load", "soak": "A long day of traffic (soak)", "plan_advise": "kiln plan and kiln advise",
 }
 NOT_PRESENT = ("The benchmark results are not present in this install: they are the files "
                "benchmarks/results/*.json of kiln's source checkout, which the package does not ship. "
@@ -36,6 +36,10 @@ table{border-collapse:collapse;margin:8px 0;font-size:13px}th,td{border:1px soli
 th{background:#f3f3f3}td.r,th.r{text-align:right}code{background:#f3f3f3;padding:0 3px;border-radius:3px}
 section{border-top:1px solid #ddd;margin-top:18px}nav a{margin-right:10px}.notice{background:#fff3cd;padding:10px;
 border:1px solid #e0c36b}svg.plot{max-width:100%;height:auto;margin:6px 8px 0 0}em{color:#555}"""
+
+
+def _title(name: str) -> str:
+    return TITLES.get(name, name.replace("_", " "))
 
 
 def _inline(text: str) -> str:
@@ -125,11 +129,11 @@ def render_report_html() -> str:
     sections = []
     for name, table in report.TABLES.items():
         body = markdown_to_html(table()) + "".join(_plots(name))
-        sections.append(f'<section id="{name}"><h2>{escape(TITLES.get(name, name))}</h2>{body}</section>')
-    nav = " ".join(f'<a href="#{n}">{escape(TITLES.get(n, n))}</a>' for n in report.TABLES)
+        sections.append(f'<section id="{name}"><h2>{escape(_title(name))}</h2>{body}</section>')
+    nav = " ".join(f'<a href="#{n}">{escape(_title(n))}</a>' for n in report.TABLES)
     notice = "" if present else f'<p class="notice" id="not-present">{escape(NOT_PRESENT)}</p>'
     return ("<!doctype html><html lang=en><head><meta charset=utf-8><title>kiln benchmark report</title>"
-            f"<meta name=viewport content='width=device-width'><style>{_CSS}</style></head>"
+            f"<meta name=viewport content='width=device-width'><link rel=icon href='data:,'><style>{_CSS}</style></head>"
             f"<body data-results-present={'yes' if present else 'no'}>"
             f"<h1>kiln benchmark report</h1>"
             f"{notice}<nav>{nav}</nav>{''.join(sections)}"

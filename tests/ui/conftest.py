@@ -87,6 +87,7 @@ def _driver_session() -> Iterator[Any]:
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,860",
                 "--disable-extensions", "--no-first-run", "--disable-background-networking"):
         opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, checked after each test
     # an explicit driver path: selenium never looks for (or downloads) a driver itself
     drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
     drv.set_page_load_timeout(30)
@@ -101,14 +102,17 @@ def browser(_driver_session: Any, ui_url: str) -> Iterator[Any]:
     drv.get(ui_url + "/ui/static/ui.css")
     drv.execute_script("localStorage.clear()")
     drv.set_window_size(1280, 860)
+    drv.get_log("browser")  # drop what earlier tests left
     yield drv
+    errors = [e["message"] for e in drv.get_log("browser") if e["level"] == "SEVERE" and "status of 401" not in e["message"]]
+    assert not errors, f"the page logged errors: {errors}"
 
 
 def screenshot(drv: Any, name: str, full_page: bool = False) -> Path:
     """Write benchmarks/results/ui_NAME.png (checked in; the README shows them)."""
     path = SCREENSHOTS / f"ui_{name}.png"
     if full_page:
-        height = min(int(drv.execute_script("return document.documentElement.scrollHeight")), 7000)
+        height = min(int(drv.execute_script("return document.documentElement.scrollHeight")), 2400)
         drv.set_window_size(1280, max(height, 860))
     drv.save_screenshot(str(path))
     return path

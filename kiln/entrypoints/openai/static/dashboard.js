@@ -52,7 +52,15 @@
     charts[id] = { box, value, lines, top, unit, series };
   }
 
-  function fmt(x) { return x === null || x === undefined ? "–" : x >= 100 ? x.toFixed(0) : x.toFixed(x >= 10 ? 1 : 2); }
+  function fmt(x) {
+    if (x === null || x === undefined) return "–";
+    return Number.isInteger(x) || x >= 100 ? x.toFixed(0) : x.toFixed(x >= 10 ? 1 : 2);
+  }
+  // the newest value a series has (a percentile is null while its window saw no new request)
+  function latest(f) {
+    for (let j = history.length - 1; j >= 0; j--) { const v = f(history[j]); if (v !== null && v !== undefined) return v; }
+    return null;
+  }
   function draw() {
     for (const id in charts) {
       const c = charts[id];
@@ -62,13 +70,15 @@
       let drawn = 0;
       values.forEach((vals, i) => {
         const pts = [];
-        vals.forEach((v, j) => { if (v !== null && v !== undefined) pts.push(((j / (KEEP - 1)) * 300).toFixed(1) + "," + (100 - (v / max) * 95).toFixed(1)); });
+        // x: poll index, stretched over the width until KEEP polls fill it
+        const span = Math.max(history.length - 1, 1);
+        vals.forEach((v, j) => { if (v !== null && v !== undefined) pts.push(((j / span) * 300).toFixed(1) + "," + (100 - (v / max) * 95).toFixed(1)); });
         c.lines[i].setAttribute("points", pts.join(" "));
         drawn += pts.length;
       });
       c.top.textContent = all.length ? fmt(max / 1.1) + " " + c.unit : "no data yet";
-      const latest = c.series.map(([label, f]) => (c.series.length > 1 ? label + " " : "") + fmt(history.length ? f(history[history.length - 1]) : null)).join(" · ");
-      c.value.textContent = latest + (c.unit && c.unit !== "blocks" ? " " + c.unit : "");
+      const now = c.series.map(([label, f]) => (c.series.length > 1 ? label + " " : "") + fmt(latest(f))).join(" · ");
+      c.value.textContent = now + (c.unit && c.unit !== "blocks" ? " " + c.unit : "");
       c.box.dataset.points = drawn; // how many points are plotted (the browser test watches it grow)
     }
     const last = history[history.length - 1];
@@ -107,4 +117,5 @@
   poll();
   setInterval(poll, POLL_MS);
   loadConfig();
+  setInterval(loadConfig, 10000); // the decode step and kernel lines change once the first steps ran
 })();
