@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import gc
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from kiln.planner.profile import Profile, run_profile
-from kiln.planner.rules import Recommendation, candidates, ngram_tokens_per_step, questions
+from kiln.planner.rules import (
+    candidates,
+    ngram_tokens_per_step,
+    questions,
+)
 
 SCHEMA = "kiln.advise/1"
 
@@ -82,9 +87,10 @@ class CalibratedSpeed:
             many = sum(decode_step_s(base, self.cal, concurrency, rows=change["_verify_rows"] * concurrency).values())
             return 1.0, one / many
         if "max_num_batched_tokens" in change:
-            over = self.cal["overhead"]["fused"]
-            per_step = over["fixed_s"][0] + over["fixed_s"][1] * concurrency + self.source.arch.num_layers * (
-                over["per_layer_s"][0] + over["per_layer_s"][1] * concurrency)
+            from kiln.planner.predict import kernel_path
+
+            fixed = self.cal["paths"][kernel_path(base, True)]["fixed_s"]
+            per_step = fixed[0] + fixed[1] * concurrency  # a step's cost outside its forward
             total = self.prompt_tokens
             steps_saved = math.ceil(total / self.baseline.get("max_num_batched_tokens", 512)) - math.ceil(
                 total / change["max_num_batched_tokens"])
@@ -107,7 +113,7 @@ def _engine(model: str, opts: dict[str, Any], threads: int):
 
 
 def _measure(model: str, opts: dict[str, Any], threads: int, items: list, concurrency: int,
-             fixed_ids: list[int] | None) -> tuple[Profile, Any, list, Any]:
+             fixed_ids: list[int] | Callable[[Any], list[int]] | None) -> tuple[Profile, Any, list, Any]:
     """(profile, teacher-forced logprobs, (prompt, output) pairs, kernel facts) of one configuration."""
     from kiln.planner.fidelity import teacher_forced_logprobs
     from kiln.planner.workload import WorkItem
@@ -117,8 +123,9 @@ def _measure(model: str, opts: dict[str, Any], threads: int, items: list, concur
         run_profile(engine, [WorkItem(items[0].messages, 4)], 1, opts)  # warm-up: kernels, caches, the decode plan
         prof = run_profile(engine, items, concurrency, opts)
         logprobs = None
-        if fixed_ids is not None:
-            logprobs = teacher_forced_logprobs(engine.loaded.model, opts.get("kv_cache_dtype", "auto"), fixed_ids)
+        if fixed_ids is not None:  # token ids, or a function of the tokenizer that makes them
+            ids = fixed_ids(engine.tokenizer) if callable(fixed_ids) else fixed_ids
+            logprobs = teacher_forced_logprobs(engine.loaded.model, opts.get("kv_cache_dtype", "auto"), ids)
         return prof, logprobs, prof.kernels.pop("_pairs", []), engine.tokenizer
     finally:
         del engine
@@ -139,12 +146,8 @@ def advise(model: str, workload: str, concurrency: int, baseline: dict[str, Any]
     items = load_workload(workload, n, max_tokens)
     native_blocks = any(t.type_name.lower() in NATIVE_BLOCK_TYPES for t in resolve_source(model).tensors)
     log(f"baseline profile ({n} requests at concurrency {concurrency}) ...")
-    fixed = None
-    engine = _engine(model, baseline, threads)
-    fixed = fixed_text_ids(engine.tokenizer)
-    del engine
-    gc.collect()
-    base, base_lp, pairs, _ = _measure(model, baseline, threads, items, concurrency, fixed)
+    base, base_lp, pairs, tokenizer = _measure(model, baseline, threads, items, concurrency, fixed_text_ids)
+    fixed = fixed_text_ids(tokenizer)
     base.kernels["native_blocks_available"] = native_blocks
     cal = load_calibration(threads)
     speed = CalibratedSpeed(model, baseline, cal, base.prompt_tokens) if cal else None

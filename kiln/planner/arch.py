@@ -87,7 +87,6 @@ def arch_from_hf_config(raw: dict[str, Any], name: str = "") -> ArchSpec:
     hidden = int(raw["hidden_size"])
     layers = int(raw["num_hidden_layers"])
     tied = raw.get("tie_word_embeddings")
-    gemma = model_type.startswith("gemma")
     return ArchSpec(
         name=name or str(raw.get("_name_or_path") or model_type),
         model_type=model_type,

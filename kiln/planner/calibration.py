@@ -1,19 +1,19 @@
 """`kiln plan --calibrate`: a short measurement of this machine that the speed predictions stand on.
 
-What is measured (each the median of a few repeats, on the engine's thread count):
+What is measured (each a low percentile of repeats, on the engine's thread count: see `low`):
 - read bandwidth (a large fp32 sum): what decode attention's KV reads stream at;
-- per kernel path, the time of every decoder linear layer of the default model at M = 1..16 rows
-  (bytes/s: decode) and at M = 256 (FLOP/s: prefill). The native path runs the GGUF's Q4_1 blocks through
-  kiln's block kernels; the dense paths run torch's fp32 / bf16 GEMM on weights of the same shapes, so
-  the figures carry over to any model whose layers stream from memory the same way;
-- the LM head (Q8_0 tied blocks on the native path, dense otherwise);
-- per-step overhead, by path (the fused native decode step and the op-by-op Python path): an engine
-  step's time minus its forward (the engine, sampling, the LM head) and the forward's time minus its
-  linear layers and KV reads (norms, RoPE, attention over a short context, dispatch), at 2 and 8
-  sequences, fitted linearly in the batch; and prefill attention's FLOP/s from a 256-token prefill.
+- torch's dense GEMM FLOP/s (fp32, bf16) over the default model's layer shapes at 256 rows (prefill);
+- per decode kernel path (the GGUF blocks through kiln's native kernels; dense fp32; dense bf16), engine
+  decode steps of the default model at 2 and 8 sequences: the forward's time less its KV reads, per byte
+  of weights the step streams ("seconds per byte": the path's effective bandwidth, kernels and per-layer
+  work included), and the step's time outside the forward (scheduling, sampling, outputs), each fitted
+  linearly in the batch;
+- prefill attention's FLOP/s from a 256-token prefill (its forward less the GEMM time above).
 
-The overheads are measured on the default model at settings (2 and 8 sequences, a 256-token prefill)
-that differ from those the README checks predictions at (1 and 16 sequences, 1,024 tokens). Cached in
+Micro-benchmarks of single GEMV calls from Python were tried first and dropped: on a shared 2-core CPU
+they stalled for seconds where the fused native decode step did not, so the decode figures come from
+the engine's own steps. They are measured at settings (2 and 8 sequences, a 256-token prefill) other
+than those the README checks predictions at (1 and 16 sequences, 1,024 tokens). Cached in
 $KILN_HOME/calibration/<machine key>.json; the key names the CPU, threads, torch, device and kernel path.
 """
 
@@ -23,15 +23,13 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CAL_BATCHES = (1, 2, 4, 8, 16, 32)
 PREFILL_ROWS = 256
-VERSION = 1
+VERSION = 2
 
 
 def cpu_name() -> str:
@@ -70,33 +68,33 @@ def load_calibration(threads: int, device: str = "cpu") -> dict[str, Any] | None
         return None
 
 
-def _median(fn: Callable[[], None], repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up. The median, like the engine measurements it
-    is compared with: on a shared CPU the best call is luckier than a run of engine steps ever is."""
+def low(times: list[float]) -> float:
+    """The 10th percentile: what a step costs when the machine's other work leaves it alone.
+
+    On a shared CPU the other processes only ever add time, and how much changes minute to minute
+    (3x between two runs here); a low percentile estimates the cost itself, the median mostly the
+    neighbours. Every calibration figure and every measurement the predictions are checked against
+    uses this same statistic."""
+    xs = sorted(times)
+    return xs[int(0.1 * (len(xs) - 1))]
+
+
+def _low_time(fn: Callable[[], None], repeats: int) -> float:
+    """`low` of `repeats` timed calls after one warm-up."""
     fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return low(times)
 
 
 def read_bandwidth_gb_s() -> float:
     import torch
 
     x = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB: far above any cache
-    return x.numel() * 4 / _median(lambda: x.sum(), 6) / 1e9
-
-
-def _linears(model: Any) -> list[Any]:
-    return [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                  layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-
-
-def _shapes(model: Any) -> list[tuple[int, int]]:
-    """(out, in) of every decoder linear, in order."""
-    return [(sum(m.output_sizes), m.input_size) for m in _linears(model)]
+    return x.numel() * 4 / _low_time(lambda: x.sum(), 6) / 1e9
 
 
 def time_pass(layers: list[Callable[[Any], Any]], in_sizes: list[int], rows: int, dtype: Any, repeats: int) -> float:
@@ -109,7 +107,7 @@ def time_pass(layers: list[Callable[[Any], Any]], in_sizes: list[int], rows: int
         with torch.inference_mode():
             for f, k in zip(layers, in_sizes):
                 f(xs[k])
-    return _median(run, repeats)
+    return _low_time(run, repeats)
 
 
 def _dense_layers(shapes: list[tuple[int, int]], dtype: Any) -> list[Callable[[Any], Any]]:
@@ -132,7 +130,7 @@ def _timed_forward(model: Any) -> tuple[Callable[[], float], Callable[[], None]]
 
 
 def engine_decode(engine: Any, batch: int, steps: int, prompt: list[int]) -> tuple[float, float]:
-    """(step seconds, forward seconds) per pure decode step of `batch` sequences (median of `steps`)."""
+    """(step seconds, forward seconds) per pure decode step of `batch` sequences (`low` of `steps`)."""
     from kiln.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
@@ -152,11 +150,11 @@ def engine_decode(engine: Any, batch: int, steps: int, prompt: list[int]) -> tup
         remove()
         while engine.has_unfinished_requests():
             engine.step()
-    return statistics.median(steps_s), statistics.median(fwd_s)
+    return low(steps_s), low(fwd_s)
 
 
 def engine_prefill(engine: Any, prompt: list[int], repeats: int = 3) -> tuple[float, float]:
-    """(step seconds, forward seconds) of one prefill chunk of len(prompt) tokens (the median run of `repeats`)."""
+    """(step seconds, forward seconds) of one prefill chunk of len(prompt) tokens (the fastest of `repeats`)."""
     from kiln.sampling_params import SamplingParams
 
     runs = []
@@ -169,8 +167,7 @@ def engine_prefill(engine: Any, prompt: list[int], repeats: int = 3) -> tuple[fl
         remove()
         while engine.has_unfinished_requests():
             engine.step()
-    runs.sort()
-    return runs[len(runs) // 2]
+    return min(runs)
 
 
 def _fit(xs: tuple[int, int], ys: tuple[float, float]) -> tuple[float, float]:
@@ -179,101 +176,105 @@ def _fit(xs: tuple[int, int], ys: tuple[float, float]) -> tuple[float, float]:
     return max(0.0, ys[0] - slope * xs[0]), slope
 
 
-def _path_rates(layers: list[Callable[[Any], Any]], shapes: list[tuple[int, int]], weight_bytes: int,
-                dtype: Any) -> dict[str, Any]:
-    """bytes/s of one decode pass over the layers at each batch in CAL_BATCHES, FLOP/s at PREFILL_ROWS."""
-    ins = [k for _, k in shapes]
+def _prefill_rate(shapes: list[tuple[int, int]], dtype: Any) -> float:
+    """FLOP/s of torch's dense GEMM over the layers' shapes at PREFILL_ROWS rows (a prefill chunk)."""
+    layers = _dense_layers(shapes, dtype)
     params = sum(n * k for n, k in shapes)
-    decode = {str(m): weight_bytes / time_pass(layers, ins, m, dtype, 5) for m in CAL_BATCHES}
-    prefill = 2 * params * PREFILL_ROWS / time_pass(layers, ins, PREFILL_ROWS, dtype, 3)
-    return {"weight_bytes": weight_bytes, "decode_bytes_per_s": decode, "prefill_flops_per_s": prefill}
+    return 2 * params * PREFILL_ROWS / time_pass(layers, [k for _, k in shapes], PREFILL_ROWS, dtype, 3)
 
 
-def _head_rates(model: Any, dtype: Any, head_bytes: int) -> dict[str, float]:
-    """bytes/s of the LM head (compute_logits, fp32 logits out) at each batch."""
-    import torch
+# The kernel paths a decode step can take, and the engine options that select each on the default model.
+PATHS = {"native_block": {}, "float32": {"quantized_weights": "dequantize", "dtype": "float32"},
+         "bfloat16": {"quantized_weights": "dequantize", "dtype": "bfloat16"}}
 
-    out = {}
-    for m in CAL_BATCHES:
-        x = torch.randn(m, model.config.hidden_size, dtype=dtype)
-        with torch.inference_mode():
-            out[str(m)] = head_bytes / _median(lambda: model.compute_logits(x), 5)
+
+def step_bytes(on_disk: dict[str, int], params: int, head_params: int, path: str) -> int:
+    """Weight bytes one decode step streams on `path`: the GGUF blocks, or dense copies in the activation dtype."""
+    if path == "native_block":
+        return on_disk["attention"] + on_disk["mlp"] + on_disk["embeddings"] + on_disk["lm_head"]
+    return (params + head_params) * (4 if path == "float32" else 2)
+
+
+def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bps: float, arch: Any,
+                 weight_bytes: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Seconds per streamed weight byte and the engine's fixed step cost at 2 and 8 sequences, on one path."""
+    from kiln.engine.arg_utils import EngineArgs
+    from kiln.engine.llm_engine import LLMEngine
+    from kiln.planner.memory import PlanRequest, kv_cache
+
+    log(f"decode steps, {path} path ...")
+    engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(
+        model=model, threads=threads, kv_cache_memory="256MiB", max_num_batched_tokens=PREFILL_ROWS + 64, **PATHS[path]))
+    act = "float32" if engine.loaded.model.dtype == __import__("torch").float32 else "bfloat16"
+    kv_token = kv_cache(arch, PlanRequest(context=1, block_size=1, activation_dtype=act), 1)[1]
+    per_byte, fixed = [], []
+    for b in (2, 8):
+        step, fwd = engine_decode(engine, b, 16, prompt)
+        kv_s = b * (len(prompt) + 8) * kv_token / read_bps  # the measured steps' mean context
+        per_byte.append(max(fwd - kv_s, 1e-6) / weight_bytes)
+        fixed.append(max(0.0, step - fwd))
+    out = {"weight_bytes": weight_bytes, "act_dtype": act, "decode_path": engine.loaded.model.decode_plan_status,
+           "s_per_byte": _fit((2, 8), tuple(per_byte)), "fixed_s": _fit((2, 8), tuple(fixed))}
+    if path == "native_block":
+        out["_engine"] = engine  # the prefill calibration reuses it
     return out
 
 
-def _overheads(engine: Any, linear_s: Callable[[int], float], head_s: Callable[[int], float], kv_token_bytes: int,
-               read_bps: float, prompt: list[int], layers: int) -> dict[str, Any]:
-    """Per-step overhead at 2 and 8 sequences, fitted in the batch: engine (step - forward - head) and
-    per layer (forward - linears - KV reads) / layers."""
-    fixed, per_layer = [], []
-    for b in (2, 8):
-        step, fwd = engine_decode(engine, b, 10, prompt)
-        ctx = len(prompt) + 8  # the mean context of the measured steps
-        kv_s = b * ctx * kv_token_bytes / read_bps
-        fixed.append(max(0.0, step - fwd - head_s(b)))
-        per_layer.append(max(0.0, fwd - linear_s(b) - kv_s) / layers)
-    return {"fixed_s": _fit((2, 8), tuple(fixed)), "per_layer_s": _fit((2, 8), tuple(per_layer))}
-
-
 def calibrate(threads: int = 2, model: str = "smollm2-135m", log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Measure this machine (about a minute) and cache the result; returns the calibration."""
+    """Measure this machine (a few minutes on a busy 2-core CPU) and cache the result; returns the calibration."""
     import torch
 
-    from kiln.engine.arg_utils import EngineArgs
-    from kiln.engine.llm_engine import LLMEngine
-    from kiln.planner.memory import PlanRequest, kv_cache, weights_from_tensors
+    from kiln.planner.memory import weights_from_tensors
     from kiln.planner.sources import resolve_source
 
     torch.set_num_threads(threads)
     key = machine_key(threads)
     source = resolve_source(model)
+    arch = source.arch
     on_disk = weights_from_tensors(source.tensors)
+    h, f, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_size, arch.kv_size
+    shapes = [(q + 2 * kv, h), (h, q), (2 * f, h), (h, f)] * arch.num_layers
+    params = sum(n * k for n, k in shapes)
     log("read bandwidth ...")
     read = read_bandwidth_gb_s() * 1e9
-    engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(
-        model=model, threads=threads, kv_cache_memory="512MiB", max_num_batched_tokens=PREFILL_ROWS + 64))
-    net = engine.loaded.model
-    shapes = _shapes(net)
+    log("prefill GEMM (fp32, bf16) ...")
+    prefill_rates = {"float32": _prefill_rate(shapes, torch.float32), "bfloat16": _prefill_rate(shapes, torch.bfloat16)}
+    prompt = _prompt(model, "The history of the printing press begins in " * 6)
     paths: dict[str, Any] = {}
-    log("native block kernels ...")
-    native = _path_rates(list(_linears(net)), shapes, on_disk["attention"] + on_disk["mlp"], net.dtype)
-    paths["native_block"] = {**native, "act_dtype": str(net.dtype).removeprefix("torch."),
-                             "source_type": "q4_1", "head_decode_bytes_per_s": _head_rates(net, net.dtype, on_disk["embeddings"])}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        log(f"dense {name} GEMM ...")
-        size = torch.empty((), dtype=dtype).element_size()
-        paths[name] = _path_rates(_dense_layers(shapes, dtype), shapes, sum(n * k for n, k in shapes) * size, dtype)
-    kv_token = kv_cache(source.arch, PlanRequest(context=1, block_size=1), 1)[1]
-    head_bytes = on_disk["embeddings"]
-    rates = paths["native_block"]
-
-    def linear_s(b: int) -> float:
-        return rates["weight_bytes"] / rates["decode_bytes_per_s"][str(b)]
-
-    def head_s(b: int) -> float:
-        return head_bytes / rates["head_decode_bytes_per_s"][str(b)]
-
-    prompt = engine.tokenizer.encode("The history of the printing press begins in " * 6)[:48]
-    layers = source.arch.num_layers
-    log("engine overheads (fused decode step, op-by-op path) ...")
-    over = {"fused": _overheads(engine, linear_s, head_s, kv_token, read, prompt, layers)}
-    net.fused_decode_step = False
-    over["plain"] = _overheads(engine, linear_s, head_s, kv_token, read, prompt, layers)
-    net.fused_decode_step = True
+    for path in PATHS:
+        entry = _decode_path(model, path, threads, prompt, read, arch, step_bytes(on_disk, params, arch.vocab_size * h, path), log)
+        entry["prefill_flops_per_s"] = prefill_rates[entry["act_dtype"]]
+        paths[path] = entry
+    engine = paths["native_block"].pop("_engine")
     log("prefill attention ...")
     long_prompt = (prompt * (PREFILL_ROWS // len(prompt) + 1))[:PREFILL_ROWS]
     step, fwd = engine_prefill(engine, long_prompt)
-    linear_prefill = 2 * sum(n * k for n, k in shapes) * PREFILL_ROWS / rates["prefill_flops_per_s"]
-    attn_flops = attention_prefill_flops(source.arch.num_layers, source.arch.q_size, PREFILL_ROWS)
+    linear_prefill = 2 * params * PREFILL_ROWS / prefill_rates[paths["native_block"]["act_dtype"]]
+    attn_flops = attention_prefill_flops(arch.num_layers, q, PREFILL_ROWS)
     cal = {"machine": key, "date": time.strftime("%Y-%m-%d %H:%M"), "calibration_model": model,
-           "read_bytes_per_s": read, "paths": paths, "overhead": over,
+           "read_bytes_per_s": read, "paths": paths,
            "prefill": {"step_s": step, "forward_s": fwd, "linear_s": linear_prefill,
                        "attention_flops_per_s": attn_flops / max(fwd - linear_prefill, 1e-4),
                        "fixed_s": max(0.0, step - fwd)}}
-    path = cache_file(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cal, indent=1))
+    path_file = cache_file(key)
+    path_file.parent.mkdir(parents=True, exist_ok=True)
+    path_file.write_text(json.dumps(cal, indent=1))
     return cal
+
+
+_PROMPTS: dict[str, list[int]] = {}
+
+
+def _prompt(model: str, text: str) -> list[int]:
+    """48 tokens of `text` in the model's tokenizer (loaded once)."""
+    if model not in _PROMPTS:
+        from kiln.hub import resolve_model
+        from kiln.loader.tokenizer import Tokenizer
+
+        path = resolve_model(model)
+        tok = Tokenizer.from_gguf(path) if str(path).endswith(".gguf") else Tokenizer.from_hf_dir(path)
+        _PROMPTS[model] = tok.encode(text)[:48]
+    return _PROMPTS[model]
 
 
 def attention_prefill_flops(layers: int, q_size: int, tokens: int, prefix: int = 0) -> float:

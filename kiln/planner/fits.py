@@ -12,7 +12,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kiln.planner.formats import matrix_bytes, weight_format
-from kiln.planner.memory import MemoryPlan, ModelSource, PlanRequest, matrix_type, plan_memory
+from kiln.planner.memory import (
+    MemoryPlan,
+    ModelSource,
+    PlanRequest,
+    matrix_type,
+    plan_memory,
+)
 from kiln.planner.quality import QualityCost, kv_cost, weight_cost
 
 # weight types to try, larger to smaller (kiln can run or produce each one)

@@ -14,7 +14,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kiln.planner.arch import ArchSpec
-from kiln.planner.formats import DENSE_BYTES, GGUF_BLOCKS, WeightFormat, matrix_bytes, weight_format
+from kiln.planner.formats import (
+    DENSE_BYTES,
+    GGUF_BLOCKS,
+    WeightFormat,
+    matrix_bytes,
+    weight_format,
+)
 
 # value bytes and scale bytes per token and KV head (kiln.kernels.kv_quant's layout: fp32 scale per head)
 _KV_BYTES = {"float32": (4, 0), "bfloat16": (2, 0), "float16": (2, 0), "int8": (1, 4), "fp8_e4m3": (1, 4)}
@@ -250,7 +256,7 @@ def activations(a: ArchSpec, req: PlanRequest, tp: int = 1) -> dict[str, int]:
     the concurrency), twice (probabilities for sampling)."""
     t, act = req.max_num_batched_tokens, req.act_bytes()
     hidden = 3 * t * a.hidden_size * act
-    attn = t * (2 * a.q_size + 2 * math.ceil(a.num_kv_heads / tp) * a.head_dim) * act // (tp if tp > 1 else 1)
+    attn = t * (2 * a.q_size + 2 * math.ceil(a.num_kv_heads / tp) * a.head_dim) * act // (max(1, tp))
     mlp = t * 3 * a.intermediate_size * act // tp
     rows = min(t, req.concurrency)
     return {"hidden states": hidden, "attention or MLP work": max(attn, mlp), "logits + sampling": 2 * rows * a.vocab_size * 4}

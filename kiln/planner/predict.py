@@ -1,9 +1,9 @@
 """Speed predictions from a calibration: single-stream decode, prefill and batched decode tok/s.
 
-decode step(B) = linear weight bytes / the path's measured bytes/s at B rows
-               + LM head bytes / its measured bytes/s at B rows
+decode step(B) = weight bytes the step streams x the path's measured seconds per byte at B rows
+                 (its effective bandwidth, per-layer kernel work included)
                + B x context x KV bytes per token / measured read bandwidth
-               + the path's measured overhead: fixed(B) + layers x per_layer(B)
+               + the path's measured per-step cost outside the forward: fixed(B)
 prefill(T)     = 2 x linear parameters x T / the path's measured FLOP/s
                + causal attention FLOPs / measured attention FLOP/s + the measured prefill step overhead
 
@@ -14,24 +14,15 @@ dtype. Invariant: a prediction names the calibration it used; none is made witho
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from kiln.planner.calibration import CAL_BATCHES, attention_prefill_flops
+from kiln.planner.calibration import attention_prefill_flops
 from kiln.planner.memory import NATIVE_BLOCK_TYPES, MemoryPlan, matrix_type
 
 
-def _at(rates: dict[str, float], rows: int) -> float:
-    """A per-batch rate at `rows`, log-linearly interpolated between calibrated batches (clamped at the ends)."""
-    pts = sorted((int(k), v) for k, v in rates.items())
-    if rows <= pts[0][0]:
-        return pts[0][1]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if rows <= x1:
-            f = (math.log(rows) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return y0 + f * (y1 - y0)
-    x, y = pts[-1]
-    return y * x / rows if rows > x else y  # beyond the last batch: time grows with the rows
+def _lin(fit: list[float], x: int) -> float:
+    """A calibrated (intercept, slope) line at x."""
+    return fit[0] + fit[1] * x
 
 
 def kernel_path(plan: MemoryPlan, native: bool) -> str:
@@ -73,29 +64,18 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
     act = "float32" if req.act_bytes() == 4 else "bfloat16"
     dense = cal["paths"][act]
     w = plan.whole.weights
-    dense_lin = _linear_params(plan) * req.act_bytes()
-    dense_head = a.vocab_size * a.hidden_size * req.act_bytes()
-    if path == "native_block":
-        blocks = cal["paths"]["native_block"]
-        lin_bytes = w["attention"] + w["mlp"]
-        head_bytes = w["embeddings"] if a.tie_word_embeddings else w["lm_head"]
-        limit = native_row_limit(act)
-    over = cal["overhead"]["fused" if native and req.device == "cpu" else "plain"]
-    f0, f1 = over["fixed_s"]
-    l0, l1 = over["per_layer_s"]
+    dense_bytes = (_linear_params(plan) + a.vocab_size * a.hidden_size) * req.act_bytes()
+    block_bytes = w["attention"] + w["mlp"] + w["embeddings"] + w["lm_head"]
+    limit = native_row_limit(act) if path == "native_block" else 0
     kv_token = plan.whole.kv_per_token_bytes
-
-    def matmuls(r: int) -> dict[str, float]:
-        # kiln's own kernel choice: block kernels up to `limit` rows, the dense GEMM (resident copy) above
-        if path == "native_block" and r <= limit:
-            return {"linears": lin_bytes / _at(blocks["decode_bytes_per_s"], r),
-                    "lm_head": head_bytes / _at(blocks["head_decode_bytes_per_s"], r)}
-        return {"linears": dense_lin / _at(dense["decode_bytes_per_s"], r),
-                "lm_head": dense_head / _at(dense["decode_bytes_per_s"], r)}
+    head_share = a.vocab_size * a.hidden_size / (_linear_params(plan) + a.vocab_size * a.hidden_size)
 
     def step(b: int, r: int) -> dict[str, float]:
-        return {**matmuls(r), "kv_reads": b * decode_context * kv_token / cal["read_bytes_per_s"],
-                "overhead": f0 + f1 * b + a.num_layers * (l0 + l1 * b)}
+        # kiln's own kernel choice: block kernels up to `limit` rows, the dense GEMM (resident copy) above
+        p, nbytes = (cal["paths"]["native_block"], block_bytes) if r <= limit else (dense, dense_bytes)
+        return {"weights": nbytes * _lin(p["s_per_byte"], r),
+                "kv_reads": b * decode_context * kv_token / cal["read_bytes_per_s"],
+                "outside forward": max(0.0, _lin(p["fixed_s"], b))}
 
     one = step(1, 1)
     conc = concurrency or req.concurrency
@@ -104,7 +84,7 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
     # a prefill chunk has far more rows than any block-kernel limit: the dense GEMM of the activation dtype
     prefill_s = (2 * _linear_params(plan) * prompt_tokens / dense["prefill_flops_per_s"]
                  + attention_prefill_flops(a.num_layers, a.q_size, prompt_tokens) / pre["attention_flops_per_s"]
-                 + pre["fixed_s"] + matmuls(1)["lm_head"])
+                 + pre["fixed_s"] + step(1, 1)["weights"] * head_share)  # + the LM head for the last token
 
     def why(parts: dict[str, float]) -> str:
         return ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in parts.items())
@@ -123,4 +103,4 @@ def prefill_s(plan: MemoryPlan, cal: dict[str, Any], tokens: int) -> float:
     return tokens / predict(plan, cal, prompt_tokens=tokens)["prefill_tok_s"]
 
 
-__all__ = ["predict", "decode_step_s", "prefill_s", "kernel_path", "CAL_BATCHES"]
+__all__ = ["decode_step_s", "kernel_path", "predict", "prefill_s"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ class QualityCost:
         return f"KL {self.kl:.4f}{top1} ({self.source})"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str, root: str) -> dict[str, Any] | None:
     path = Path(root) / f"{name}.json"
     try:

@@ -11,8 +11,14 @@ from __future__ import annotations
 import pytest
 
 from kiln.planner.arch import arch_from_hf_config
-from kiln.planner.memory import ModelSource, PlanRequest, kv_cache, plan_memory, weights_for_format
 from kiln.planner.formats import matrix_bytes, weight_format
+from kiln.planner.memory import (
+    ModelSource,
+    PlanRequest,
+    kv_cache,
+    plan_memory,
+    weights_for_format,
+)
 from kiln.planner.presets import PRESETS
 
 GPU_BF16 = dict(device="cuda", weights="bf16")  # bf16 activations and KV cache, no kiln CPU copies
