@@ -48,6 +48,9 @@ class QuantizedBuffersMethod(LinearMethod):
     """
 
     quantized_checkpoint = True
+    # Foreign checkpoints (GPTQ, AWQ, compressed-tensors) quantize q/k/v and gate/up separately: their
+    # tensors, translated to this layout, arrive per shard and fill the shard's rows of each buffer.
+    buffers_by_shard = False
 
     @abstractmethod
     def buffer_specs(self, layer: "Linear") -> BufferSpecs:
@@ -69,22 +72,26 @@ class QuantizedBuffersMethod(LinearMethod):
 
     def load_param(self, layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantizedTensor",
                    shard: str | None = None) -> None:
-        """A buffer by name (exact shape and dtype), or the dense bias at `shard`'s rows."""
+        """A buffer by name (exact shape and dtype), or the dense bias at `shard`'s rows; with
+        `buffers_by_shard`, the buffer rows of `shard` (buffers whose dim 0 is the output rows)."""
         if name == "bias":
             super().load_param(layer, name, tensor, shard)
         elif name == "weight":
             raise ValueError(f"this layer keeps quantized blocks ({self.name}); got a dense tensor")
         else:
-            _load_buffer(layer, name, tensor)
+            _load_buffer(layer, name, tensor, layer.shard_slice(shard) if self.buffers_by_shard else None)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(layer, x.dtype), layer.bias)
 
 
-def _load_buffer(layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantizedTensor") -> None:
+def _load_buffer(layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantizedTensor",
+                 rows: slice | None = None) -> None:
     target = getattr(layer, name, None)
     if not isinstance(target, torch.Tensor) or not isinstance(tensor, torch.Tensor):
         raise ValueError(f"unexpected quantized tensor {name!r} for this layer")
+    if rows is not None:
+        target = target[rows]
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"shape mismatch for {name}: expected {tuple(target.shape)}, got {tuple(tensor.shape)}")
     if target.dtype != tensor.dtype:

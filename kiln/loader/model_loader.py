@@ -88,6 +88,19 @@ def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: boo
             module.set_method(GGUFQuantLinearMethod(family, keep_dense=keep_dense))
 
 
+def safetensors_names(folder: Path) -> list[str]:
+    """Every tensor name in the folder's safetensors files (headers only; no tensor is read)."""
+    from safetensors import safe_open
+
+    from kiln.loader.safetensors_loader import safetensors_files
+
+    names: list[str] = []
+    for f in safetensors_files(folder):
+        with safe_open(str(f), framework="pt") as sf:
+            names.extend(sf.keys())
+    return names
+
+
 def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                quantized_weights: str = "auto") -> LoadedModel:
     """Load a GGUF file or a Hugging Face folder.
@@ -109,11 +122,20 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         from kiln.quantization.checkpoint import plan_quantized_layers
         from kiln.loader.safetensors_loader import read_config_json
 
+        from kiln.quantization.foreign import is_foreign, plan_foreign_layers
+
         cfg = hf_model_config(path)
         arch = get_architecture(cfg.architecture, path)
         model = arch.model_class(cfg, torch_dtype, device)
-        quantized = plan_quantized_layers(model, read_config_json(path), path / "config.json")
-        load_named_weights(model, iter_safetensors_weights(path), path, arch.weight_names)
+        config_json = read_config_json(path)
+        weights = iter_safetensors_weights(path)
+        if is_foreign(config_json.get("quantization_config")):  # GPTQ / AWQ / compressed-tensors
+            quantized = config_json["quantization_config"]
+            plan = plan_foreign_layers(model, quantized, path / "config.json", safetensors_names(path), arch.weight_names)
+            weights = plan.translate(weights)
+        else:
+            quantized = plan_quantized_layers(model, config_json, path / "config.json")
+        load_named_weights(model, weights, path, arch.weight_names)
         if quantized is not None:
             model.finalize_quantized_layers()  # repack for the native kernels where they apply
         tokenizer = Tokenizer.from_hf_dir(path)

@@ -29,7 +29,8 @@ def expected_shards(model: nn.Module) -> set[tuple[str, str, str | None]]:
             needed.update((mod_name, p, None) for p, _ in module.named_parameters(recurse=False))
             continue
         for p_name in module.checkpoint_params():
-            if p_name not in ("weight", "bias") and module.method.quantized_checkpoint:
+            by_shard = getattr(module.method, "buffers_by_shard", False)
+            if p_name not in ("weight", "bias") and module.method.quantized_checkpoint and not by_shard:
                 needed.add((mod_name, p_name, None))  # a quantized method's buffers cover all shards at once
                 continue
             for shard in module.shard_names:

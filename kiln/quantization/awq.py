@@ -3,6 +3,8 @@ group-wise rounding, so the weights that matter most lose the least precision.
 
 For a layer y = x Wᵀ the search tries s = mean|x|^α (α on a grid in [0, 1)), quantizes W·diag(s)
 and keeps the α whose output (x / s)·Q(W·diag(s))ᵀ is closest to x Wᵀ on calibration rows.
+With `clip`, each (row, group) range of W·diag(s) is then shrunk where that lowers the group's
+output error (kiln.quantization.awq_clip, the paper's second step).
 kiln stores `smooth` = s with the layer and divides the activations at run time (instead of
 folding 1/s into the previous op), which works for every layer, GQA's o_proj included.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels.dequant import dequantize_codes
+from kiln.quantization.awq_clip import clip_weight, search_clip
 from kiln.quantization.primitives import IntScheme, group_qparams, quantize_codes
 
 
@@ -21,9 +24,13 @@ def awq_quantize(
     x_absmean: torch.Tensor,
     scheme: IntScheme,
     grid: int = 20,
+    clip: bool = False,
+    frozen_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """weight [N, K], x_sample [R, K] calibration inputs, x_absmean [K] mean |x| per channel →
-    (codes [N, K] of W·diag(s), scale, zero, smooth s [K], chosen α)."""
+    (codes [N, K] of W·diag(s), scale, zero, smooth s [K], chosen α).
+
+    `clip`: also search a clip ratio per (row, group), leaving `frozen_rows` (bool [N]) unclipped."""
     w = weight.detach().float()
     x = x_sample.float()
     reference = x @ w.t()
@@ -42,5 +49,8 @@ def awq_quantize(
     assert best is not None
     _, alpha, s = best
     ws = w * s.unsqueeze(0)
+    if clip:
+        ratio = search_clip(ws, x / s, scheme, frozen_rows)
+        ws = clip_weight(ws, ratio, scheme.group_len(ws.shape[1]))
     scale, zero = group_qparams(ws, scheme)
     return quantize_codes(ws, scale, zero, scheme), scale, zero, s, alpha

@@ -84,9 +84,35 @@ def target_linears(model: nn.Module) -> dict[str, Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Linear) and name.startswith("layers.")}
 
 
+def accumulate(st: LayerStats, x: torch.Tensor, hessian: bool, absmean: bool, absmax: bool, sample_rows: int,
+               generator: torch.Generator, first_token_weight: float = 1.0) -> None:
+    """Add one window's inputs of a Linear, `x` [T, K] in position order, to `st` (only the statistics
+    asked for); `sample_rows` random rows of it join AWQ's sample.
+
+    `first_token_weight` counts position 0 that many times in the Hessian. Why: the first token is the
+    attention sink, whose keys and values every later token reads with a large share of its attention,
+    so an error there reaches the whole window; as one row in T, plain GPTQ trades its accuracy away
+    (measured on SmolLM2, layer 15 qkv_proj: 3.7x RTN's relative error on position 0 at weight 1,
+    50x below RTN's at weight 64, the other positions' error unchanged)."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    st.rows += x.shape[0]
+    if hessian:
+        st.hessian = x.t() @ x if st.hessian is None else st.hessian.addmm_(x.t(), x)
+        if first_token_weight != 1.0:
+            st.hessian.addr_(x[0], x[0], alpha=first_token_weight - 1.0)
+    if absmean:
+        a = x.abs().sum(0)
+        st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
+        idx = torch.randperm(x.shape[0], generator=generator)[:sample_rows]
+        st.sample.append(x[idx].clone())
+    if absmax:
+        m = x.abs().amax(0)
+        st.abs_max = m if st.abs_max is None else torch.maximum(st.abs_max, m)
+
+
 def collect_stats(
     model: nn.Module, windows: list[list[int]], hessian: bool = False, absmean: bool = False, absmax: bool = False,
-    progress: bool = True,
+    progress: bool = True, first_token_weight: float = 1.0,
 ) -> dict[str, LayerStats]:
     """Run the model over `windows` and accumulate the requested statistics for every target Linear."""
     layers = target_linears(model)
@@ -96,19 +122,7 @@ def collect_stats(
 
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            st = stats[name]
-            st.rows += x.shape[0]
-            if hessian:
-                st.hessian = x.t() @ x if st.hessian is None else st.hessian.addmm_(x.t(), x)
-            if absmean:
-                a = x.abs().sum(0)
-                st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
-                idx = torch.randperm(x.shape[0], generator=generator)[:per_window]
-                st.sample.append(x[idx].clone())
-            if absmax:
-                m = x.abs().amax(0)
-                st.abs_max = m if st.abs_max is None else torch.maximum(st.abs_max, m)
+            accumulate(stats[name], args[0], hessian, absmean, absmax, per_window, generator, first_token_weight)
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]

@@ -127,7 +127,8 @@ def plan_quantized_layers(model: nn.Module, config_json: dict, source: Path) -> 
         return None
     if qc.get("quant_method") != "kiln":
         raise ModelLoadError(source, f"quantization_config quant_method {qc.get('quant_method')!r} is not supported; "
-                                     "kiln loads full-precision folders and its own (`kiln quantize`) quantized ones")
+                                     "kiln loads full-precision folders, its own (`kiln quantize`) quantized ones, "
+                                     "and gptq, awq (GEMM) and compressed-tensors (pack-quantized) checkpoints")
     if qc.get("format_version") != 1:
         raise ModelLoadError(source, f"kiln quantized format version {qc.get('format_version')!r} is not 1")
     for name, entry in (qc.get("layers") or {}).items():

@@ -6,9 +6,11 @@ input statistics → each Linear quantized by the chosen method → optional sen
 layers at 8 bits and by --max-kl to say which layers hurt → the layers installed in the model →
 KL of the whole quantized model vs the original on the held-out windows → refuse when over --max-kl.
 
-Calibration uses the *original* model's activations for every layer (one pass), not the
-outputs of already-quantized earlier layers as sequential GPTQ does: simpler and cheaper;
-the quality table measures what it costs.
+By default calibration uses the *original* model's activations for every layer (one pass).
+With `sequential` (GPTQ and AWQ), each Linear is instead calibrated on the inputs the
+already-quantized layers before it produce, block by block and sub-layer by sub-layer
+(kiln.quantization.sequential): what the GPTQ paper does, and what lets GPTQ correct the error
+earlier layers made; it costs about three forward passes over the calibration windows.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kiln.quantization.calibration import (
 )
 from kiln.quantization.gptq import gptq_quantize
 from kiln.quantization.primitives import IntScheme, fp8_quantize, group_qparams, pack_int4, quantize_codes
+from kiln.quantization.sequential import sequential_quantize
 from kiln.quantization.smoothquant import smooth_scales, w8a8_weight
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "fp8")
@@ -49,6 +52,9 @@ class QuantizeOptions:
     sym: bool | None = None  # None: symmetric at 8 bits, asymmetric (zero points) at 4
     damp: float = 0.01
     act_order: bool = True
+    first_token_weight: float = 1.0  # GPTQ: position 0 (the attention sink) counts this many times in the Hessian
+    sequential: bool = False  # GPTQ / AWQ: calibrate each layer on the quantized earlier layers' outputs
+    clip: bool = False  # AWQ: also search a clip ratio per (row, group) (the paper's second step)
     alpha: float = 0.5
     calib_file: Path | str | None = None
     calib_samples: int = 64
@@ -68,6 +74,12 @@ class QuantizeOptions:
             raise KilnError(f"--group-size must be 32, 64, 128, 256 or -1 (per channel), got {self.group_size}")
         if self.target_bits is not None and not self.bits <= self.target_bits <= 8:
             raise KilnError(f"--target-bits must lie between --bits ({self.bits}) and 8, got {self.target_bits}")
+        if self.sequential and self.method not in ("gptq", "awq"):
+            raise KilnError(f"--sequential applies to gptq and awq, not {self.method}")
+        if self.clip and self.method != "awq":
+            raise KilnError(f"--clip applies to awq, not {self.method}")
+        if self.first_token_weight < 1.0:
+            raise KilnError(f"--first-token-weight must be at least 1, got {self.first_token_weight}")
         if self.max_kl is not None and self.max_kl <= 0:
             raise KilnError(f"--max-kl must be positive, got {self.max_kl}")
 
@@ -115,7 +127,10 @@ class QuantizeReport:
     sensitivity: list[tuple[str, float]] = field(default_factory=list)  # (layer, KL alone), worst first
 
 
-def quantize_layer(w: torch.Tensor, stats: LayerStats | None, opts: QuantizeOptions, bits: int) -> LayerQuant:
+def quantize_layer(w: torch.Tensor, stats: LayerStats | None, opts: QuantizeOptions, bits: int,
+                   frozen_rows: torch.Tensor | None = None) -> LayerQuant:
+    """One Linear's weight w [N, K] → its quantized tensors; `frozen_rows` (bool [N]): rows AWQ's
+    clip search leaves alone (query and key projections)."""
     method = opts.method
     if method == "fp8":
         q, scale = fp8_quantize(w)
@@ -132,7 +147,8 @@ def quantize_layer(w: torch.Tensor, stats: LayerStats | None, opts: QuantizeOpti
         codes, scale, zero = gptq_quantize(w, stats.mean_hessian(), scheme, opts.damp, opts.act_order)
     elif method == "awq":
         assert stats is not None
-        codes, scale, zero, smooth, _ = awq_quantize(w, stats.sample_rows(), stats.absmean(), scheme)
+        codes, scale, zero, smooth, _ = awq_quantize(w, stats.sample_rows(), stats.absmean(), scheme,
+                                                     clip=opts.clip, frozen_rows=frozen_rows)
         extra["smooth"] = smooth
     else:
         scale, zero = group_qparams(w, scheme)
@@ -215,23 +231,27 @@ def quantize_model(model: nn.Module, tokenizer: "object", opts: QuantizeOptions)
     ref = _logprobs(model, heldout)
 
     needs = {"gptq": {"hessian": True}, "awq": {"absmean": True}, "smoothquant": {"absmax": True}}.get(opts.method)
-    stats = collect_stats(model, calib, progress=opts.progress, **needs) if needs else {}
     linears = target_linears(model)
+    frozen = {name: _qk_rows(m) for name, m in linears.items()}
+    layers: dict[str, LayerQuant] = {}
+    if opts.sequential:
+        def quantize_one(name: str, w: torch.Tensor, st: LayerStats) -> torch.Tensor:
+            layers[name] = quantize_layer(w, st, opts, opts.bits, frozen[name])
+            return layers[name].effective_weight()
 
-    def quantize_all(bits_for: dict[str, int]) -> dict[str, LayerQuant]:
-        out = {}
+        stats = sequential_quantize(model, calib, quantize_one, progress=opts.progress,
+                                    first_token_weight=opts.first_token_weight, **(needs or {}))
+    else:
+        stats = collect_stats(model, calib, progress=opts.progress, first_token_weight=opts.first_token_weight,
+                              **needs) if needs else {}
         for name in _progress(list(linears), f"{opts.method} int{opts.bits}", opts.progress, "layer"):
-            out[name] = quantize_layer(linears[name].weight.data.float(), stats.get(name), opts, bits_for[name])
-        return out
-
-    bits_for = {name: opts.bits for name in linears}
-    layers = quantize_all(bits_for)
+            layers[name] = quantize_layer(linears[name].weight.data.float(), stats.get(name), opts, opts.bits, frozen[name])
     sensitivity: list[tuple[str, float]] = []
     if opts.target_bits is not None or opts.max_kl is not None:
         sensitivity = sensitivity_scan(model, layers, heldout[:2], ref[:2], opts.progress)
     if opts.target_bits is not None and opts.bits < 8:
         for name in choose_mixed_bits(model, sensitivity, opts.bits, opts.target_bits):
-            layers[name] = quantize_layer(linears[name].weight.data.float(), stats.get(name), opts, 8)
+            layers[name] = quantize_layer(linears[name].weight.data.float(), stats.get(name), opts, 8, frozen[name])
     stats.clear()
 
     sizes = {name: m.input_size * sum(m.output_sizes) for name, m in linears.items()}
@@ -248,6 +268,15 @@ def quantize_model(model: nn.Module, tokenizer: "object", opts: QuantizeOptions)
     return report
 
 
+def _qk_rows(linear: Linear) -> torch.Tensor:
+    """bool [N]: the rows of a fused projection that belong to its "q" or "k" shard."""
+    rows = torch.zeros(sum(linear.output_sizes), dtype=torch.bool)
+    for shard in linear.shard_names:
+        if shard in ("q", "k"):
+            rows[linear.shard_slice(shard)] = True
+    return rows
+
+
 def quantization_config(opts: QuantizeOptions, layers: dict[str, LayerQuant], sizes: dict[str, int],
                         kl_mean: float) -> dict:
     """The documented `quantization_config` block of config.json (see kiln.quantization.checkpoint)."""
@@ -259,6 +288,9 @@ def quantization_config(opts: QuantizeOptions, layers: dict[str, LayerQuant], si
         "bits": opts.bits,
         "group_size": opts.group_size if opts.bits == 4 else -1,
         "sym": opts.scheme().sym,
+        **({"sequential": True} if opts.sequential else {}),
+        **({"clip": True} if opts.clip else {}),
+        **({"first_token_weight": opts.first_token_weight} if opts.first_token_weight != 1.0 else {}),
         "mean_bits": round(mean_bits, 3),
         "calibration": {"file": Path(opts.calib_file).name if opts.calib_file else "pride_and_prejudice_pg1342.txt",
                         "samples": opts.calib_samples, "seqlen": opts.calib_seqlen},
