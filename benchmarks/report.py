@@ -11,7 +11,6 @@ by kiln.bench.report (the same code renders `kiln serve`'s /report page and `kil
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from kiln.bench.report import ROOT, TABLES, render  # noqa: F401 (TABLES: the sections, for callers)
 

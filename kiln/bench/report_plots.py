@@ -44,8 +44,8 @@ def xy_plot(series: dict[str, Sequence[Point]], title: str, x_label: str, y_labe
     def py(y: float) -> float:
         return top + ph - (y - y_lo) / (y_hi - y_lo) * ph
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" viewBox="0 0 {width} {height}" width="{width}" '
-           f'height="{height}" font-family="sans-serif" font-size="11" role="img" aria-label="{escape(title)}">',
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" viewBox="0 0 {width} {height}" width="{width}" '
+            f'height="{height}" font-family="sans-serif" font-size="11" role="img" aria-label="{escape(title)}">'),
            f'<text x="{left}" y="18" font-weight="bold">{escape(title)}</text>',
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
     for t in _ticks(y_lo, y_hi):

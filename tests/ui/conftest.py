@@ -8,23 +8,15 @@ either, or selenium, is missing the browser tests skip and say how to get them.
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.async_engine import AsyncEngine
 
-MODEL = "kiln-ui-test"
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-INSTALL_HINT = ("browser tests need Debian's chromium and chromium-driver "
-                "(apt-get install -y --no-install-recommends chromium chromium-driver) and selenium (the test extra)")
+from .ui_helpers import INSTALL_HINT, MODEL, serve
 
 
 @pytest.fixture(scope="session")
@@ -32,29 +24,6 @@ def ui_engine(default_gguf_path: Path) -> Iterator[AsyncEngine]:
     ae = AsyncEngine.from_engine_args(EngineArgs(model=str(default_gguf_path), kv_cache_memory=256 << 20))
     yield ae
     ae.shutdown(timeout=5.0)
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """A uvicorn server for `app` on a free loopback port, in a thread; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 @pytest.fixture(scope="session")
@@ -106,24 +75,3 @@ def browser(_driver_session: Any, ui_url: str) -> Iterator[Any]:
     yield drv
     errors = [e["message"] for e in drv.get_log("browser") if e["level"] == "SEVERE" and "status of 401" not in e["message"]]
     assert not errors, f"the page logged errors: {errors}"
-
-
-def screenshot(drv: Any, name: str, full_page: bool = False) -> Path:
-    """Write benchmarks/results/ui_NAME.png (checked in; the README shows them)."""
-    path = SCREENSHOTS / f"ui_{name}.png"
-    if full_page:
-        height = min(int(drv.execute_script("return document.documentElement.scrollHeight")), 2400)
-        drv.set_window_size(1280, max(height, 860))
-    drv.save_screenshot(str(path))
-    return path
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)

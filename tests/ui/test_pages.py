@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from kiln.bench import report
 from kiln.engine.metrics import EngineMetrics
 from kiln.entrypoints.openai.ui_stats import StatsFeed, quantile
-from tests.ui.conftest import MODEL, serve
+
+from .ui_helpers import MODEL, serve
 
 REPO = Path(__file__).resolve().parents[2]
 STATIC = REPO / "kiln" / "entrypoints" / "openai" / "static"

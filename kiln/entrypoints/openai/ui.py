@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from kiln.engine.async_engine import AsyncEngine
 from kiln.entrypoints.openai.ui_stats import StatsFeed
+from kiln.errors import KilnError
 
 STATIC_DIR = files("kiln.entrypoints.openai") / "static"
 UI_PATHS = frozenset({"/", "/dashboard", "/report"})
@@ -60,7 +61,7 @@ def engine_config(async_engine: AsyncEngine, model_name: str) -> dict[str, Any]:
             paths[m.method.name] = paths.get(m.method.name, 0) + 1
     try:
         kernels = native_status() if model.device.type == "cpu" else f"torch on {model.device}"
-    except Exception as exc:  # a failed build is the engine's problem to report, not the page's
+    except KilnError as exc:  # a failed build is the engine's problem to report, not the page's
         kernels = f"unknown ({type(exc).__name__})"
     spec = engine.speculative_config
     return {
