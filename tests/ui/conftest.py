@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.async_engine import AsyncEngine
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from kiln.bench import report
 
 from .ui_helpers import INSTALL_HINT, MODEL, screenshot, serve, wait_for

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from kiln.bench import report
 from kiln.engine.metrics import EngineMetrics
 from kiln.entrypoints.openai.ui_stats import StatsFeed, quantile
