@@ -114,6 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine_args = EngineArgs.from_config_file(args.config, args) if args.config else EngineArgs.from_cli_args(args)
     engine = AsyncEngine.from_engine_args(engine_args, max_queue=args.max_queue or None)
     print_startup(engine.engine)
+    if not args.no_ui:
+        print(f"web UI: http://{args.host}:{args.port}/ (chat), /dashboard, /report (--no-ui turns them off)", file=sys.stderr)
     run_server(
         engine, args.served_model_name or engine_args.model, args.host, args.port,
         api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
