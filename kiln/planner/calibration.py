@@ -2,17 +2,17 @@
 
 What is measured (each a low percentile of repeats, on the engine's thread count: see `low`):
 - read bandwidth (a large fp32 sum): what decode attention's KV reads stream at;
-- torch's dense GEMM FLOP/s (fp32, bf16) over the default model's layer shapes at 256 rows (prefill);
 - per decode kernel path (the GGUF blocks through kiln's native kernels; dense fp32; dense bf16), engine
   decode steps of the default model at 2 and 8 sequences: the forward's time less its KV reads, per byte
   of weights the step streams ("seconds per byte": the path's effective bandwidth, kernels and per-layer
   work included), and the step's time outside the forward (scheduling, sampling, outputs), each fitted
   linearly in the batch;
-- prefill attention's FLOP/s from a 256-token prefill (its forward less the GEMM time above).
+- engine prefills of 128 and 512 tokens per activation dtype: a per-token cost (per linear parameter)
+  and a per-token-pair cost (causal attention, per layer x query width), see `_prefill_fit`.
 
 Micro-benchmarks of single GEMV calls from Python were tried first and dropped: on a shared 2-core CPU
 they stalled for seconds where the fused native decode step did not, so the decode figures come from
-the engine's own steps. They are measured at settings (2 and 8 sequences, a 256-token prefill) other
+the engine's own steps. They are measured at settings (2 and 8 sequences, 128- and 512-token prefills) other
 than those the README checks predictions at (1 and 16 sequences, 1,024 tokens). Cached in
 $KILN_HOME/calibration/<machine key>.json; the key names the CPU, threads, torch, device and kernel path.
 """
@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PREFILL_ROWS = 256
-VERSION = 2
+PREFILL_LENGTHS = (128, 512)  # engine prefills that split a prompt's cost into per-token and per-token-pair terms
+VERSION = 3
 
 
 def cpu_name() -> str:
@@ -97,26 +97,6 @@ def read_bandwidth_gb_s() -> float:
     return x.numel() * 4 / _low_time(lambda: x.sum(), 6) / 1e9
 
 
-def time_pass(layers: list[Callable[[Any], Any]], in_sizes: list[int], rows: int, dtype: Any, repeats: int) -> float:
-    """Seconds for one pass over `layers` with `rows` activation rows each (each layer streams its weight)."""
-    import torch
-
-    xs = {k: torch.randn(rows, k, dtype=dtype) for k in set(in_sizes)}
-
-    def run() -> None:
-        with torch.inference_mode():
-            for f, k in zip(layers, in_sizes):
-                f(xs[k])
-    return _low_time(run, repeats)
-
-
-def _dense_layers(shapes: list[tuple[int, int]], dtype: Any) -> list[Callable[[Any], Any]]:
-    import torch
-
-    ws = [torch.randn(n, k, dtype=dtype) * 0.02 for n, k in shapes]
-    return [lambda x, w=w: torch.nn.functional.linear(x, w) for w in ws]
-
-
 def _timed_forward(model: Any) -> tuple[Callable[[], float], Callable[[], None]]:
     """Hooks that add up the model's forward time; (read total, remove hooks)."""
     state = {"t0": 0.0, "total": 0.0}
@@ -176,13 +156,6 @@ def _fit(xs: tuple[int, int], ys: tuple[float, float]) -> tuple[float, float]:
     return max(0.0, ys[0] - slope * xs[0]), slope
 
 
-def _prefill_rate(shapes: list[tuple[int, int]], dtype: Any) -> float:
-    """FLOP/s of torch's dense GEMM over the layers' shapes at PREFILL_ROWS rows (a prefill chunk)."""
-    layers = _dense_layers(shapes, dtype)
-    params = sum(n * k for n, k in shapes)
-    return 2 * params * PREFILL_ROWS / time_pass(layers, [k for _, k in shapes], PREFILL_ROWS, dtype, 3)
-
-
 # The kernel paths a decode step can take, and the engine options that select each on the default model.
 PATHS = {"native_block": {}, "float32": {"quantized_weights": "dequantize", "dtype": "float32"},
          "bfloat16": {"quantized_weights": "dequantize", "dtype": "bfloat16"}}
@@ -204,7 +177,8 @@ def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bp
 
     log(f"decode steps, {path} path ...")
     engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(
-        model=model, threads=threads, kv_cache_memory="256MiB", max_num_batched_tokens=PREFILL_ROWS + 64, **PATHS[path]))
+        model=model, threads=threads, kv_cache_memory="256MiB", max_num_batched_tokens=PREFILL_LENGTHS[-1] + 64,
+        **PATHS[path]))
     act = "float32" if engine.loaded.model.dtype == __import__("torch").float32 else "bfloat16"
     kv_token = kv_cache(arch, PlanRequest(context=1, block_size=1, activation_dtype=act), 1)[1]
     per_byte, fixed = [], []
@@ -215,9 +189,25 @@ def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bp
         fixed.append(max(0.0, step - fwd))
     out = {"weight_bytes": weight_bytes, "act_dtype": act, "decode_path": engine.loaded.model.decode_plan_status,
            "s_per_byte": _fit((2, 8), tuple(per_byte)), "fixed_s": _fit((2, 8), tuple(fixed))}
-    if path == "native_block":
-        out["_engine"] = engine  # the prefill calibration reuses it
+    if path != "float32":  # fp32 prefill is the native path's (its blocks prefill through the dense fp32 copy)
+        log(f"prefill, {path} path ...")
+        out["prefill"] = _prefill_fit(engine, prompt, arch)
     return out
+
+
+def _prefill_fit(engine: Any, prompt: list[int], arch: Any) -> dict[str, float]:
+    """Engine prefills of PREFILL_LENGTHS tokens → t(T) = fixed + a*T + b*T^2, with a per linear parameter
+    (the GEMM's measured cost) and b per layer x query width (causal attention's pairs), so both carry
+    over to another model's shapes. Two lengths instead of a GEMM micro-benchmark: the engine's prefill
+    is what is predicted, and attributing a residual to the quadratic term alone blew up 4x at 1,024."""
+    (t1, f1), (t2, f2) = (engine_prefill(engine, (prompt * (n // len(prompt) + 1))[:n], 2) for n in PREFILL_LENGTHS)
+    n1, n2 = PREFILL_LENGTHS
+    b = max(0.0, (f2 / n2 - f1 / n1) / (n2 - n1))  # forward/T = a + b*T
+    a = max(1e-12, f1 / n1 - b * n1)
+    h, f, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_size, arch.kv_size
+    params = arch.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * f)
+    return {"s_per_token_param": a / params, "s_per_token_pair_layer_q": b / (arch.num_layers * q),
+            "fixed_s": max(0.0, min(t1 - f1, t2 - f2)), "measured": {str(n1): t1, str(n2): t2}}
 
 
 def calibrate(threads: int = 2, model: str = "smollm2-135m", log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -237,25 +227,14 @@ def calibrate(threads: int = 2, model: str = "smollm2-135m", log: Callable[[str]
     params = sum(n * k for n, k in shapes)
     log("read bandwidth ...")
     read = read_bandwidth_gb_s() * 1e9
-    log("prefill GEMM (fp32, bf16) ...")
-    prefill_rates = {"float32": _prefill_rate(shapes, torch.float32), "bfloat16": _prefill_rate(shapes, torch.bfloat16)}
     prompt = _prompt(model, "The history of the printing press begins in " * 6)
     paths: dict[str, Any] = {}
     for path in PATHS:
         entry = _decode_path(model, path, threads, prompt, read, arch, step_bytes(on_disk, params, arch.vocab_size * h, path), log)
-        entry["prefill_flops_per_s"] = prefill_rates[entry["act_dtype"]]
         paths[path] = entry
-    engine = paths["native_block"].pop("_engine")
-    log("prefill attention ...")
-    long_prompt = (prompt * (PREFILL_ROWS // len(prompt) + 1))[:PREFILL_ROWS]
-    step, fwd = engine_prefill(engine, long_prompt)
-    linear_prefill = 2 * params * PREFILL_ROWS / prefill_rates[paths["native_block"]["act_dtype"]]
-    attn_flops = attention_prefill_flops(arch.num_layers, q, PREFILL_ROWS)
+    paths["float32"]["prefill"] = paths["native_block"]["prefill"]
     cal = {"machine": key, "date": time.strftime("%Y-%m-%d %H:%M"), "calibration_model": model,
-           "read_bytes_per_s": read, "paths": paths,
-           "prefill": {"step_s": step, "forward_s": fwd, "linear_s": linear_prefill,
-                       "attention_flops_per_s": attn_flops / max(fwd - linear_prefill, 1e-4),
-                       "fixed_s": max(0.0, step - fwd)}}
+           "read_bytes_per_s": read, "paths": paths}
     path_file = cache_file(key)
     path_file.parent.mkdir(parents=True, exist_ok=True)
     path_file.write_text(json.dumps(cal, indent=1))
@@ -275,9 +254,3 @@ def _prompt(model: str, text: str) -> list[int]:
         tok = Tokenizer.from_gguf(path) if str(path).endswith(".gguf") else Tokenizer.from_hf_dir(path)
         _PROMPTS[model] = tok.encode(text)[:48]
     return _PROMPTS[model]
-
-
-def attention_prefill_flops(layers: int, q_size: int, tokens: int, prefix: int = 0) -> float:
-    """Causal attention of `tokens` new tokens after `prefix` cached ones: QK^T and PV, 2 FLOPs a MAC."""
-    pairs = tokens * prefix + tokens * (tokens + 1) / 2
-    return 4.0 * layers * q_size * pairs

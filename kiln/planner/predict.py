@@ -4,8 +4,9 @@ decode step(B) = weight bytes the step streams x the path's measured seconds per
                  (its effective bandwidth, per-layer kernel work included)
                + B x context x KV bytes per token / measured read bandwidth
                + the path's measured per-step cost outside the forward: fixed(B)
-prefill(T)     = 2 x linear parameters x T / the path's measured FLOP/s
-               + causal attention FLOPs / measured attention FLOP/s + the measured prefill step overhead
+prefill(T)     = the measured cost per token and linear parameter x parameters x T
+               + the measured cost per token pair and layer x query width x layers x width x T^2
+               + the prefill step's measured cost outside the forward
 
 The kernel path follows kiln's own choice: GGUF Q4_0/Q4_1/Q8_0 weights on a CPU with native kernels run
 kiln's block kernels (and the fused decode step); anything else runs torch's dense GEMM in the activation
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.planner.calibration import attention_prefill_flops
 from kiln.planner.memory import NATIVE_BLOCK_TYPES, MemoryPlan, matrix_type
 
 
@@ -80,11 +80,10 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
     one = step(1, 1)
     conc = concurrency or req.concurrency
     many = step(conc, rows or conc)
-    pre = cal["prefill"]
-    # a prefill chunk has far more rows than any block-kernel limit: the dense GEMM of the activation dtype
-    prefill_s = (2 * _linear_params(plan) * prompt_tokens / dense["prefill_flops_per_s"]
-                 + attention_prefill_flops(a.num_layers, a.q_size, prompt_tokens) / pre["attention_flops_per_s"]
-                 + pre["fixed_s"] + step(1, 1)["weights"] * head_share)  # + the LM head for the last token
+    pf = dense["prefill"]  # a prefill chunk has more rows than any block-kernel limit: the activation dtype's GEMM
+    prefill_s = (pf["fixed_s"] + pf["s_per_token_param"] * _linear_params(plan) * prompt_tokens
+                 + pf["s_per_token_pair_layer_q"] * a.num_layers * a.q_size * prompt_tokens ** 2
+                 + step(1, 1)["weights"] * head_share)  # + the LM head for the last token
 
     def why(parts: dict[str, float]) -> str:
         return ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in parts.items())
