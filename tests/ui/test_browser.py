@@ -195,7 +195,8 @@ def test_chat_page_weight_and_no_external_requests(browser: Any, ui_url: str) ->
     # transferSize is 0 for a cached file: count the body then, so a warm cache cannot hide weight
     total = sum(max(e["transfer"], e["body"]) for e in entries)
     assert total < 200_000, f"the chat page loaded {total} bytes"
-    print(f"chat page: {len(entries)} requests, {total} bytes")  # the figure the README quotes (pytest -s)
+    print(f"chat page: {len(entries)} requests, {total} bytes")
+    screenshot(browser, "chat_cold_load")  # the figure the README quotes (pytest -s)
 
 
 def test_api_key_is_asked_once(_driver_session: Any, ui_engine: Any) -> None:
@@ -214,6 +215,7 @@ def test_api_key_is_asked_once(_driver_session: Any, ui_engine: Any) -> None:
         answer = _send(drv, "Hi!")
         wait_for(lambda: answer.get_attribute("data-state") != "streaming", 120, what="an answer with the key")
         assert answer.get_attribute("data-state") == "done"
+        screenshot(drv, "chat_api_key")
         drv.execute_script("localStorage.clear()")
 
 
