@@ -50,6 +50,12 @@ class _WindowState:
     hidden: torch.Tensor
     residual: torch.Tensor | None
 
+    def run(self, block: nn.Module, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block over this window, on copies: the fused add + norm ops update their inputs in
+        place, and the same block inputs are run once per Linear of the block."""
+        residual = None if self.residual is None else self.residual.clone()
+        return block(self.positions, self.hidden.clone(), residual, kv_cache, self.meta)
+
 
 def _initial_states(model: nn.Module, windows: list[list[int]]) -> list[_WindowState]:
     states = []
@@ -67,7 +73,7 @@ def _call_order(block: nn.Module, state: _WindowState, kv_cache) -> list[tuple[s
     handles = [m.register_forward_pre_hook(lambda mod, _a, n=n: order.append((n, mod)))
                for n, m in block.named_modules() if isinstance(m, Linear)]
     try:
-        block(state.positions, state.hidden, state.residual, kv_cache, state.meta)
+        state.run(block, kv_cache)
     finally:
         for h in handles:
             h.remove()
@@ -107,7 +113,7 @@ def sequential_quantize(
                 try:
                     for s in states:
                         try:
-                            block(s.positions, s.hidden, s.residual, kv_cache, s.meta)
+                            s.run(block, kv_cache)
                         except _StopBlock:
                             pass
                 finally:
@@ -117,7 +123,7 @@ def sequential_quantize(
                 linear.weight.data = quantize(name, original.float(), st).to(original.dtype)
                 all_stats[name] = st
             for s in states:
-                s.hidden, s.residual = block(s.positions, s.hidden, s.residual, kv_cache, s.meta)
+                s.hidden, s.residual = s.run(block, kv_cache)
     finally:
         for linear, original in originals.values():
             linear.weight.data = original
