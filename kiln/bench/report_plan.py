@@ -56,14 +56,17 @@ def plan_advise_table() -> str:
              f"| KV cache | **{_gb(s['kv_seed_formula_bytes'])}** (2 × {s['layers']} × {s['hidden']} × {s['context']} × 2 B) | "
              f"**{_gb(s['kv_gqa_bytes'])}** (2 × {s['layers']} × {s['kv_heads']} × {s['head_dim']} × {s['context']} × 2 B) |",
              f"| activations at a 512-token step | – | {_gb(s['activations_bytes'])} |", ""]
-    lines += ["Predicted (`kiln plan`, from this run's calibration) against measured (the engine, same run), default model:",
+    lines += ["Predicted (`kiln plan`, from this run's calibration) against measured (the engine, same run), default model. "
+              "Calibration and measurements alike take the 10th-percentile decode step and the fastest of 3 prefills, "
+              "the step's own cost on a CPU shared with other work (medians in brackets):",
               "", "| configuration | decode tok/s measured | predicted | measured / predicted | prefill tok/s (1,024) "
               "measured | predicted | measured / predicted |", "|---|---:|---:|---:|---:|---:|---:|"]
     for c in d["checks"]:
         m, p = c["measured"], c["predicted"]
-        pre = (f"{m['prefill_tok_s']:.0f} | {p['prefill_tok_s']:.0f} | {c['ratio_prefill']:.2f}"
-               if "ratio_prefill" in c else "– | – | –")
-        lines.append(f"| {c['config']} | {m['decode_tok_s']:.1f} | {p['decode_tok_s']:.1f} | {c['ratio_decode']:.2f} | {pre} |")
+        pre = (f"{m['prefill_tok_s']:.0f} ({m['prefill_tok_s_median']:.0f}) | {p['prefill_tok_s']:.0f} | "
+               f"{c['ratio_prefill']:.2f}" if "ratio_prefill" in c else "– | – | –")
+        lines.append(f"| {c['config']} | {m['decode_tok_s']:.1f} ({m['decode_tok_s_median']:.1f}) | {p['decode_tok_s']:.1f} | "
+                     f"{c['ratio_decode']:.2f} | {pre} |")
     ratios = [r for c in d["checks"] for r in (c["ratio_decode"], c.get("ratio_prefill")) if r is not None]
     within = sum(0.75 <= r <= 1.25 for r in ratios)
     lines += ["", f"{within} of {len(ratios)} predictions within 25 % of the measurement."]
@@ -73,7 +76,11 @@ def plan_advise_table() -> str:
     for conc, r in d["advise"].items():
         lines += [""] + _advise_section(conc, r)
     cal = d["calibration"]
-    lines.append(f"\n_From `benchmarks/plan_advise.py` → `benchmarks/results/plan_advise.json`, one run, {d['date']}, "
+    when = (f"calibration and checks {d['date']}, advise runs {d['advise_date']}" if d.get("advise_date", d["date"]) != d["date"]
+            else f"one run, {d['date']}")
+    lines.append(f"\n_From `benchmarks/plan_advise.py` → `benchmarks/results/plan_advise.json`, {when}, "
                  f"{d['machine']}, {d['threads']} threads; calibration read bandwidth "
-                 f"{cal['read_bytes_per_s'] / 1e9:.1f} GB/s; {d['wall_s'] / 60:.0f} minutes on a CPU shared with other work._")
+                 f"{cal['read_bytes_per_s'] / 1e9:.1f} GB/s; on a CPU shared with other work"
+                 + (f" (1-minute load average {d['load_average_start']:.1f} at the start, {d['load_average_end']:.1f} at "
+                    f"the end, on {d['machine'].split(',')[1].strip()})" if "load_average_end" in d else "") + "._")
     return "\n".join(lines)

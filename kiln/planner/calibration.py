@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 PREFILL_LENGTHS = (128, 512)  # engine prefills that split a prompt's cost into per-token and per-token-pair terms
-VERSION = 3
+VERSION = 4
 
 
 def cpu_name() -> str:
@@ -109,8 +109,8 @@ def _timed_forward(model: Any) -> tuple[Callable[[], float], Callable[[], None]]
     return (lambda: state["total"]), remove
 
 
-def engine_decode(engine: Any, batch: int, steps: int, prompt: list[int]) -> tuple[float, float]:
-    """(step seconds, forward seconds) per pure decode step of `batch` sequences (`low` of `steps`)."""
+def engine_decode(engine: Any, batch: int, steps: int, prompt: list[int]) -> tuple[list[float], list[float]]:
+    """(step seconds, forward seconds) of each of `steps` pure decode steps of `batch` sequences."""
     from kiln.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
@@ -130,7 +130,7 @@ def engine_decode(engine: Any, batch: int, steps: int, prompt: list[int]) -> tup
         remove()
         while engine.has_unfinished_requests():
             engine.step()
-    return low(steps_s), low(fwd_s)
+    return steps_s, fwd_s
 
 
 def engine_prefill(engine: Any, prompt: list[int], repeats: int = 3) -> tuple[float, float]:
@@ -182,8 +182,14 @@ def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bp
     act = "float32" if engine.loaded.model.dtype == __import__("torch").float32 else "bfloat16"
     kv_token = kv_cache(arch, PlanRequest(context=1, block_size=1, activation_dtype=act), 1)[1]
     per_byte, fixed = [], []
-    for b in (2, 8):
-        step, fwd = engine_decode(engine, b, 16, prompt)
+    samples: dict[int, tuple[list[float], list[float]]] = {2: ([], []), 8: ([], [])}
+    for _ in range(3):  # rounds that alternate the batches: a busy minute on the machine hits both alike
+        for b, (steps_s, fwd_s) in samples.items():
+            more_steps, more_fwd = engine_decode(engine, b, 6, prompt)
+            steps_s += more_steps
+            fwd_s += more_fwd
+    for b, (steps_s, fwd_s) in samples.items():
+        step, fwd = low(steps_s), low(fwd_s)
         kv_s = b * (len(prompt) + 8) * kv_token / read_bps  # the measured steps' mean context
         per_byte.append(max(fwd - kv_s, 1e-6) / weight_bytes)
         fixed.append(max(0.0, step - fwd))
@@ -200,7 +206,11 @@ def _prefill_fit(engine: Any, prompt: list[int], arch: Any) -> dict[str, float]:
     (the GEMM's measured cost) and b per layer x query width (causal attention's pairs), so both carry
     over to another model's shapes. Two lengths instead of a GEMM micro-benchmark: the engine's prefill
     is what is predicted, and attributing a residual to the quadratic term alone blew up 4x at 1,024."""
-    (t1, f1), (t2, f2) = (engine_prefill(engine, (prompt * (n // len(prompt) + 1))[:n], 2) for n in PREFILL_LENGTHS)
+    runs: dict[int, list[tuple[float, float]]] = {n: [] for n in PREFILL_LENGTHS}
+    for _ in range(2):  # alternating lengths, as the decode batches
+        for n in PREFILL_LENGTHS:
+            runs[n].append(engine_prefill(engine, (prompt * (n // len(prompt) + 1))[:n], 1))
+    (t1, f1), (t2, f2) = (min(runs[n]) for n in PREFILL_LENGTHS)
     n1, n2 = PREFILL_LENGTHS
     b = max(0.0, (f2 / n2 - f1 / n1) / (n2 - n1))  # forward/T = a + b*T
     a = max(1e-12, f1 / n1 - b * n1)
