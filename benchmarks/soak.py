@@ -356,6 +356,9 @@ def main() -> None:
     parser.add_argument("--burst-size", type=int, default=60)
     parser.add_argument("--sample-every", type=float, default=60.0)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="engine threads (1 when other work shares the cores: a 2-thread OpenMP team on "
+                             "2 oversubscribed cores waits at every barrier for a descheduled thread)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--replot", action="store_true", help="only redraw the figure from the result file")
     args = parser.parse_args()
@@ -365,16 +368,16 @@ def main() -> None:
 
     port = free_port()
     cmd = [sys.executable, "-m", "kiln.entrypoints.cli", "serve", "--model", args.model, "--port", str(port),
-           "--served-model-name", "soak", "--log-level", "warning", "--threads", str(THREADS),
+           "--served-model-name", "soak", "--log-level", "warning", "--threads", str(args.threads),
            "--max-queue", str(MAX_QUEUE), "--speculative-model", "ngram"]
-    with running_server_process(cmd, port, THREADS) as (url, proc):
+    with running_server_process(cmd, port, args.threads) as (url, proc):
         run = asyncio.run(soak(url, proc.pid, args.duration, args.rate, args.burst_every, args.burst_size,
                                args.sample_every))
     summary = summarize(run, args.duration)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.machine())
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu}, {os.cpu_count()} cores", "threads": THREADS,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu}, {os.cpu_count()} cores", "threads": args.threads,
         "command": " ".join(cmd[1:]).replace(str(port), "PORT"), "duration_s": args.duration, "rate": args.rate,
         "burst_every_s": args.burst_every, "burst_size": args.burst_size, "max_queue": MAX_QUEUE,
         "kinds": KINDS, "load_s": round(run["load_s"], 1), "drain_s": round(run["drain_s"], 1),
