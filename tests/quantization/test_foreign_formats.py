@@ -177,3 +177,17 @@ def test_partly_quantized_fused_layer_is_refused(tiny: TinyModels, calib_file: P
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="fuses q, k, v into one layer"):
         load_model(folder, dtype="float32")
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
+def test_cli_quantize_writes_foreign_format(tiny: TinyModels, calib_file: Path, tmp_path: Path, fmt: str) -> None:
+    from kiln.entrypoints.cli import main as kiln_main
+
+    args = ["quantize", str(tiny.hf["untied"]), "--method", "rtn", "--bits", "4", "--group-size", "32",
+            "--calib-file", str(calib_file), "--calib-samples", "2", "--calib-seqlen", "64"]
+    assert kiln_main([*args, "-o", str(tmp_path / "kiln")]) == 0
+    assert kiln_main([*args, "--format", fmt, "-o", str(tmp_path / fmt)]) == 0
+    assert json.loads((tmp_path / fmt / "config.json").read_text())["quantization_config"]["quant_method"] == fmt
+    ids = list(range(3, 40))
+    mine, theirs = load_model(tmp_path / "kiln", dtype="float32"), load_model(tmp_path / fmt, dtype="float32")
+    torch.testing.assert_close(window_logits(theirs.model, ids), window_logits(mine.model, ids), rtol=0, atol=0)
