@@ -85,6 +85,13 @@ def main() -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations for faster host-to-device copies without
+        # checking for a device, which raises "Cannot access accelerator device" on a CPU-only machine;
+        # pinning buys nothing here, so skip it.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     windows = json.loads(Path(args.windows).read_text())
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
