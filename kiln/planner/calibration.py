@@ -28,8 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+PANEL_FIRST = 6  # kiln.layers.gguf_quant.PANEL_ROWS: the panel kernel's first row count (AVX-512, fp32)
 PREFILL_LENGTHS = (128, 512)  # engine prefills that split a prompt's cost into per-token and per-token-pair terms
-VERSION = 4
+VERSION = 5
 
 
 def cpu_name() -> str:
@@ -181,20 +182,30 @@ def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bp
         **PATHS[path]))
     act = "float32" if engine.loaded.model.dtype == __import__("torch").float32 else "bfloat16"
     kv_token = kv_cache(arch, PlanRequest(context=1, block_size=1, activation_dtype=act), 1)[1]
-    per_byte, fixed = [], []
-    samples: dict[int, tuple[list[float], list[float]]] = {2: ([], []), 8: ([], [])}
-    for _ in range(3):  # rounds that alternate the batches: a busy minute on the machine hits both alike
+    # kiln switches kernels by rows: fp32 activations run the block kernel up to PANEL_FIRST - 1 rows and the
+    # panel kernel above, so each regime gets its own two batches (a line across the switch misfits both)
+    panel = path == "native_block" and act == "float32"
+    batches = (2, 4, 8, 12) if panel else (2, 8)
+    samples: dict[int, tuple[list[float], list[float]]] = {b: ([], []) for b in batches}
+    for _ in range(3):  # rounds that alternate the batches: a busy minute on the machine hits all alike
         for b, (steps_s, fwd_s) in samples.items():
             more_steps, more_fwd = engine_decode(engine, b, 6, prompt)
             steps_s += more_steps
             fwd_s += more_fwd
+    per_byte, fixed = {}, {}
     for b, (steps_s, fwd_s) in samples.items():
         step, fwd = low(steps_s), low(fwd_s)
         kv_s = b * (len(prompt) + 8) * kv_token / read_bps  # the measured steps' mean context
-        per_byte.append(max(fwd - kv_s, 1e-6) / weight_bytes)
-        fixed.append(max(0.0, step - fwd))
+        per_byte[b] = max(fwd - kv_s, 1e-6) / weight_bytes
+        fixed[b] = max(0.0, step - fwd)
+    lo, hi = (2, 4) if panel else (2, 8)
     out = {"weight_bytes": weight_bytes, "act_dtype": act, "decode_path": engine.loaded.model.decode_plan_status,
-           "s_per_byte": _fit((2, 8), tuple(per_byte)), "fixed_s": _fit((2, 8), tuple(fixed))}
+           "s_per_byte": _fit((lo, hi), (per_byte[lo], per_byte[hi])), "fixed_s": _fit((lo, hi), (fixed[lo], fixed[hi])),
+           "measured_batches": {str(b): {"s_per_byte": per_byte[b], "outside_forward_s": fixed[b]} for b in batches}}
+    if panel:
+        out["panel_from_rows"] = PANEL_FIRST
+        out["panel_s_per_byte"] = _fit((8, 12), (per_byte[8], per_byte[12]))
+        out["panel_fixed_s"] = _fit((8, 12), (fixed[8], fixed[12]))
     if path != "float32":  # fp32 prefill is the native path's (its blocks prefill through the dense fp32 copy)
         log(f"prefill, {path} path ...")
         out["prefill"] = _prefill_fit(engine, prompt, arch)

@@ -73,9 +73,12 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
     def step(b: int, r: int) -> dict[str, float]:
         # kiln's own kernel choice: block kernels up to `limit` rows, the dense GEMM (resident copy) above
         p, nbytes = (cal["paths"]["native_block"], block_bytes) if r <= limit else (dense, dense_bytes)
-        return {"weights": nbytes * _lin(p["s_per_byte"], r),
+        per_byte, fixed = p["s_per_byte"], p["fixed_s"]
+        if act == "float32" and r >= p.get("panel_from_rows", 1 << 30):  # the panel kernel's regime
+            per_byte, fixed = p["panel_s_per_byte"], p["panel_fixed_s"]
+        return {"weights": nbytes * _lin(per_byte, r),
                 "kv_reads": b * decode_context * kv_token / cal["read_bytes_per_s"],
-                "outside forward": max(0.0, _lin(p["fixed_s"], b))}
+                "outside forward": max(0.0, _lin(fixed, b))}
 
     one = step(1, 1)
     conc = concurrency or req.concurrency
