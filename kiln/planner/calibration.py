@@ -20,6 +20,7 @@ $KILN_HOME/calibration/<machine key>.json; the key names the CPU, threads, torch
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -30,7 +31,8 @@ from typing import Any
 
 PANEL_FIRST = 6  # kiln.layers.gguf_quant.PANEL_ROWS: the panel kernel's first row count (AVX-512, fp32)
 PREFILL_LENGTHS = (128, 512)  # engine prefills that split a prompt's cost into per-token and per-token-pair terms
-VERSION = 5
+VERSION = 6
+_FRESH = itertools.count(1)  # first-token offsets that keep calibration prompts out of the prefix cache
 
 
 def cpu_name() -> str:
@@ -141,7 +143,9 @@ def engine_prefill(engine: Any, prompt: list[int], repeats: int = 3) -> tuple[fl
     runs = []
     for i in range(repeats):
         total, remove = _timed_forward(engine.loaded.model)
-        engine.add_request({"prompt_token_ids": [prompt[0] + i, *prompt[1:]]}, SamplingParams(temperature=0, max_tokens=1))
+        # a first token no earlier call used: otherwise the prefix cache serves the prompt and nothing is prefilled
+        engine.add_request({"prompt_token_ids": [prompt[0] + next(_FRESH), *prompt[1:]]},
+                           SamplingParams(temperature=0, max_tokens=1))
         t0 = time.perf_counter()
         engine.step()
         runs.append((time.perf_counter() - t0, total()))
