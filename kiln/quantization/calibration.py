@@ -103,7 +103,10 @@ def accumulate(st: LayerStats, x: torch.Tensor, hessian: bool, absmean: bool, ab
     if absmean:
         a = x.abs().sum(0)
         st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
+        # Position 0 (the attention sink, where SmolLM2's massive activations live) is always in the
+        # sample: AWQ's searches otherwise almost never see it and clip the weights it depends on.
         idx = torch.randperm(x.shape[0], generator=generator)[:sample_rows]
+        idx = torch.cat([idx.new_zeros(1), idx[idx != 0]])[:sample_rows]
         st.sample.append(x[idx].clone())
     if absmax:
         m = x.abs().amax(0)
