@@ -9,7 +9,7 @@ from dataclasses import fields
 from typing import Any
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     from kiln.engine.arg_utils import EngineArgs
 
     p = sub.add_parser("advise", help="profile a workload, answer prefill/decode-bound, KV limit, kernels and batching, "

@@ -11,7 +11,7 @@ WEIGHT_CHOICES = ("file", "fp32", "fp16", "bf16", "int8", "fp8", "int4", "q8_0",
 KV_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8_e4m3")
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="memory budget (weights, KV cache, activations, per rank) and predicted speed of a "
                                     "model before you run it; --calibrate measures this machine")
     p.add_argument("model", nargs="?", default="smollm2-135m",
