@@ -29,10 +29,15 @@ def _probe(model: Path, mode: str) -> float:
 @pytest.mark.real_model
 def test_serve_engine_thread_decodes_as_fast_as_the_main_thread(default_gguf_path: Path) -> None:
     rates: dict[str, list[float]] = {"offline": [], "serve": []}
-    for _ in range(2):  # alternate, so a drift of the machine hits both modes alike
+    # Alternate, so a drift of the machine hits both modes alike; on a busy machine (other processes
+    # on the same cores) add rounds, up to 4, until the best of each is within the bound. The bug this
+    # guards against (two OpenMP teams) halves serve's speed in every round, so it still fails.
+    for round_ in range(4):
         for mode in rates:
             rates[mode].append(_probe(default_gguf_path, mode))
-    offline, serve = max(rates["offline"]), max(rates["serve"])
+        offline, serve = max(rates["offline"]), max(rates["serve"])
+        if round_ >= 1 and offline / serve <= 1.3:
+            break
     assert offline / serve <= 1.3, f"serve's engine thread decodes at {serve:.1f} tok/s, offline {offline:.1f} ({rates})"
 
 
