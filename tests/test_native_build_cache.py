@@ -142,3 +142,14 @@ def test_list_and_remove_builds(tmp_path: Path) -> None:
     assert build_cache.remove_builds(builds[:1]) == 1000
     assert [b.path.name for b in build_cache.list_builds(tmp_path)] == ["torch2.13.0_cpu-py311"]
     shutil.rmtree(tmp_path / "torch2.13.0_cpu-py311")
+
+
+def test_a_compiler_that_cannot_preprocess_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "c++"
+    broken.write_text("#!/bin/sh\necho 'c++: internal error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    build_cache.target_features.cache_clear()
+    build_cache.compiler_identity.cache_clear()
+    with pytest.raises(KilnError, match="KILN_NO_NATIVE=1"):
+        native.build_folder([_tree(tmp_path / "src")], tmp_path / "build", ["-O0", "-march=native"], NAME)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -77,7 +78,12 @@ def build_folder(sources: list[Path], build_root: Path, cflags: list[str], name:
     compiler = cxx_compiler()
     if compiler is None:
         raise KilnError(f"kiln: no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH) to build {name}")
-    return build_root / make_key(sources, cflags, _ldflags(), compiler).folder_name(name)
+    try:
+        key = make_key(sources, cflags, _ldflags(), compiler)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # a compiler that cannot even preprocess
+        raise KilnError(f"kiln: could not ask the C++ compiler {compiler} which CPU features it targets ({exc}); "
+                        "fix the toolchain, or set KILN_NO_NATIVE=1 to run on the plain-torch kernels") from exc
+    return build_root / key.folder_name(name)
 
 
 def needs_build(folder: Path, name: str = _LIB_NAME) -> bool:
