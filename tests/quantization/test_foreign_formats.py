@@ -10,7 +10,6 @@ field and the value.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -30,29 +29,9 @@ from kiln.quantization.foreign import writers
 from kiln.quantization.foreign.layout import IntLayout
 from kiln.quantization.quantize import QuantizeOptions, quantize_model
 
-from loader.tiny_model import TinyModels, build_tiny_models, one_torch_thread
+from loader.tiny_model import TinyModels
 
 UNPACKED = {(fused, shard): leaf for leaf, (fused, shard) in PACKED_MODULES.items()}
-WORDS = "the of and a to in is was that for on with as by at from his her it an be this which or had not".split()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    return build_tiny_models(tmp_path_factory.getbasetemp() / "kiln-tiny-models")
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
-    return path
 
 
 def kiln_folder(tiny: TinyModels, calib_file: Path, out: Path, bits: int, group: int, sym: bool) -> Path:

@@ -3,7 +3,6 @@ GPTQ's first-token Hessian weight: what each promises, on random weights and a t
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -19,28 +18,8 @@ from kiln.quantization.primitives import IntScheme, fake_quantize, group_qparams
 from kiln.quantization.quantize import QuantizeOptions, quantize_model
 from kiln.quantization.sequential import sequential_quantize
 
-from loader.tiny_model import TinyModels, build_tiny_models, one_torch_thread
+from loader.tiny_model import TinyModels
 
-WORDS = "the of and a to in is was that for on with as by at from his her it an be this which or had not".split()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    return build_tiny_models(tmp_path_factory.getbasetemp() / "kiln-tiny-models")
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
-    return path
 
 
 def test_sequential_sees_each_linear_after_the_ones_before_are_quantized(tiny: TinyModels) -> None:

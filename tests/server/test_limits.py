@@ -20,7 +20,7 @@ LIMITS = ServerLimits(max_n=3, max_stop_strings=2, max_stop_chars=8, max_request
 @pytest.fixture(scope="module")
 def limited(async_engine):
     from kiln.entrypoints.openai.api_server import build_app
-    from tests.server.conftest import serve_in_thread
+    from server.conftest import serve_in_thread
 
     with serve_in_thread(build_app(async_engine, MODEL, limits=LIMITS)) as url:
         yield url

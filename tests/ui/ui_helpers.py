@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from server.conftest import serve_in_thread as serve  # noqa: F401  (the UI tests run the server tests' one)
 
 MODEL = "kiln-ui-test"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 INSTALL_HINT = ("browser tests need Debian's chromium and chromium-driver "
                 "(apt-get install -y --no-install-recommends chromium chromium-driver) and selenium (the test extra)")
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """A uvicorn server for `app` on a free loopback port, in a thread; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-
 
 
 def screenshot(drv: Any, name: str, full_page: bool = False) -> Path:
