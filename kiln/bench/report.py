@@ -322,7 +322,7 @@ def soak_table() -> str:
     ]
     return ("\n".join(rows) + "\n\n![p95 latency, RSS and KV blocks per minute](benchmarks/results/soak.svg)"
             + f"\n\n_From `benchmarks/soak.py` → `benchmarks/results/soak.json` (+ `soak.svg`), one run, {d['date']}, "
-            f"{d['machine']}, {d['threads']} threads; `{d['command']}`._")
+            f"{d['machine']}, {d['threads']} thread{'s' if d['threads'] != 1 else ''}; `{d['command']}`._")
 
 
 from kiln.bench.report_plan import plan_advise_table  # noqa: E402 (the planner's section, issue 18)

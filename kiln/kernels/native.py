@@ -30,8 +30,9 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.kernels import switches
-from kiln.kernels.build_cache import (build_root, host_features, make_key, missing_features, read_build_info,
-                                      touch_last_used, write_build_info)
+from kiln.kernels.build_cache import (
+    BuildKey, build_root, host_features, make_key, missing_features, read_build_info, touch_last_used, write_build_info,
+)
 from kiln.kernels.build_lock import BuildLock
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -73,17 +74,21 @@ def _ldflags() -> list[str]:
     return ["-fopenmp"]
 
 
-def build_folder(sources: list[Path], build_root: Path, cflags: list[str], name: str = _LIB_NAME) -> Path:
-    """The folder this process builds and loads `name` in: `build_root/<name>-<key digest>` (see build_cache)."""
+def _key(sources: list[Path], cflags: list[str], name: str) -> tuple[str, BuildKey]:
+    """The compiler and the build key of `name` from these sources and flags (see build_cache)."""
     compiler = cxx_compiler()
     if compiler is None:
         raise KilnError(f"kiln: no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH) to build {name}")
     try:
-        key = make_key(sources, cflags, _ldflags(), compiler)
+        return compiler, make_key(sources, cflags, _ldflags(), compiler)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # a compiler that cannot even preprocess
         raise KilnError(f"kiln: could not ask the C++ compiler {compiler} which CPU features it targets ({exc}); "
                         "fix the toolchain, or set KILN_NO_NATIVE=1 to run on the plain-torch kernels") from exc
-    return build_root / key.folder_name(name)
+
+
+def build_folder(sources: list[Path], build_root: Path, cflags: list[str], name: str = _LIB_NAME) -> Path:
+    """The folder this process builds and loads `name` in: `build_root/<name>-<key digest>` (see build_cache)."""
+    return build_root / _key(sources, cflags, name)[1].folder_name(name)
 
 
 def needs_build(folder: Path, name: str = _LIB_NAME) -> bool:
@@ -93,9 +98,9 @@ def needs_build(folder: Path, name: str = _LIB_NAME) -> bool:
     return _built_library(folder) is None
 
 
-def _built_library(folder: Path) -> Path | None:
-    """The finished library in `folder` (named in its build_info.json), or None."""
-    info = read_build_info(folder)
+def _built_library(folder: Path, info: dict[str, object] | None = None) -> Path | None:
+    """The finished library in `folder` (named in its build_info.json, or in `info` read from it), or None."""
+    info = read_build_info(folder) if info is None else info
     library = folder / str(info.get("library", "")) if info else None
     return library if library is not None and library.suffix == ".so" and library.is_file() else None
 
@@ -108,12 +113,13 @@ def build_and_load(sources: list[Path], build_root: Path, cflags: list[str], nam
     (build_cache); a finished one is loaded directly, without running torch's builder (whose ninja
     file records this checkout's paths and would rebuild for another clone of the same sources).
     Parameters exist so tests can build a tiny or broken source in a temporary folder."""
-    folder = build_folder(sources, build_root, cflags, name)
+    compiler, key = _key(sources, cflags, name)
+    folder = build_root / key.folder_name(name)
     with BuildLock(folder):
-        library, info = _built_library(folder), read_build_info(folder)
+        info = read_build_info(folder)
+        library = _built_library(folder, info) if info is not None else None
         if library is not None and info is not None:
-            compiler = cxx_compiler()
-            missing = missing_features(info, host_features(compiler)) if compiler else []
+            missing = missing_features(info, host_features(compiler))
             if missing:  # a hand-copied folder: the key should have kept it apart
                 raise KilnError(f"kiln: the native kernels in {folder} were built for CPU features this CPU lacks "
                                 f"({', '.join(missing)}); delete that folder (`kiln cache clean --all`) and run again")
@@ -123,10 +129,10 @@ def build_and_load(sources: list[Path], build_root: Path, cflags: list[str], nam
                 raise _build_error(exc, folder) from exc
             touch_last_used(folder)
             return None
-        return _build(sources, folder, cflags, name)
+        return _build(sources, folder, cflags, name, key)
 
 
-def _build(sources: list[Path], folder: Path, cflags: list[str], name: str) -> float:
+def _build(sources: list[Path], folder: Path, cflags: list[str], name: str, key: BuildKey) -> float:
     from torch.utils.cpp_extension import load
 
     print(BUILDING_LINE, file=sys.stderr, flush=True)
@@ -138,11 +144,9 @@ def _build(sources: list[Path], folder: Path, cflags: list[str], name: str) -> f
     except Exception as exc:  # a compiler error, ninja missing, a library that will not load
         raise _build_error(exc, folder) from exc
     seconds = time.perf_counter() - start
-    compiler = cxx_compiler()
-    assert compiler is not None  # build_folder checked
     # torch names a second library of one name in one process name_v1 (tests do that): record which file it wrote.
     library = max(folder.glob(f"{name}*.so"), key=lambda p: p.stat().st_mtime)
-    write_build_info(folder, make_key(sources, cflags, _ldflags(), compiler), seconds, library.name)
+    write_build_info(folder, key, seconds, library.name)
     print(f"kiln: native kernels built in {seconds:.0f} s (cached in {folder})", file=sys.stderr, flush=True)
     return seconds
 
