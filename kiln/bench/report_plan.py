@@ -82,5 +82,7 @@ def plan_advise_table() -> str:
                  f"{d['machine']}, {d['threads']} threads; calibration read bandwidth "
                  f"{cal['read_bytes_per_s'] / 1e9:.1f} GB/s; on a CPU shared with other work"
                  + (f" (1-minute load average {d['load_average_start']:.1f} at the start, {d['load_average_end']:.1f} at "
-                    f"the end, on {d['machine'].split(',')[1].strip()})" if "load_average_end" in d else "") + "._")
+                    f"the end, on {d['machine'].split(',')[1].strip()})" if "load_average_end" in d else "")
+                 + ("; run at real-time priority (SCHED_FIFO), so that work waited while it measured"
+                    if d.get("scheduling") == "SCHED_FIFO" else "") + "._")
     return "\n".join(lines)

@@ -3,18 +3,24 @@
 What is measured (each a low percentile of repeats, on the engine's thread count: see `low`):
 - read bandwidth (a large fp32 sum): what decode attention's KV reads stream at;
 - per decode kernel path (the GGUF blocks through kiln's native kernels; dense fp32; dense bf16), engine
-  decode steps of the default model at 2 and 8 sequences: the forward's time less its KV reads, per byte
-  of weights the step streams ("seconds per byte": the path's effective bandwidth, kernels and per-layer
-  work included), and the step's time outside the forward (scheduling, sampling, outputs), each fitted
-  linearly in the batch;
-- engine prefills of 128 and 512 tokens per activation dtype: a per-token cost (per linear parameter)
-  and a per-token-pair cost (causal attention, per layer x query width), see `_prefill_fit`.
+  decode steps of the default model at 1, 2 and 8 sequences (1, 2, 4, 8 and 12 on the native fp32 path,
+  whose block and panel kernels are two regimes): the forward's time less its KV reads, per byte of
+  weights the step streams ("seconds per byte": the path's effective bandwidth, kernels and per-layer
+  work included), and the step's time outside the forward (scheduling, sampling, outputs). Predictions
+  interpolate between the measured batches and extend the last segment beyond them;
+- engine prefills with a 256-token step budget: first chunks of 128 and 256 tokens give the cost per
+  token (per linear parameter); the second 256-token chunk of a 512-token prompt, less the first, gives
+  the cost of attending to an earlier chunk (per token pair, layer and query width). See `_prefill_fit`.
 
 Micro-benchmarks of single GEMV calls from Python were tried first and dropped: on a shared 2-core CPU
 they stalled for seconds where the fused native decode step did not, so the decode figures come from
-the engine's own steps. They are measured at settings (2 and 8 sequences, 128- and 512-token prefills) other
-than those the README checks predictions at (1 and 16 sequences, 1,024 tokens). Cached in
-$KILN_HOME/calibration/<machine key>.json; the key names the CPU, threads, torch, device and kernel path.
+the engine's own steps. Of the settings the README checks predictions at, single-stream decode is a
+calibrated batch (in sample); 16 sequences (beyond the last measured batch) and the 1,024-token prefill
+in 512-token chunks (twice the measured chunk and prefix) are out of sample. An earlier version left
+batch 1 out and extrapolated a line from 2 and 4 sequences down to it: the native path's single-stream
+decode then came out 0.72x the prediction, because one row streams the blocks at a lower rate than that
+line implies. Cached in $KILN_HOME/calibration/<machine key>.json; the key names the CPU, threads, torch,
+device and kernel path.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 PANEL_FIRST = 6  # kiln.layers.gguf_quant.PANEL_ROWS: the panel kernel's first row count (AVX-512, fp32)
-PREFILL_LENGTHS = (128, 512)  # engine prefills that split a prompt's cost into per-token and per-token-pair terms
-VERSION = 6
+PREFILL_CHUNK = 256  # the calibration engine's step budget: prompts above it prefill in chunks of this size
+PREFILL_LENGTHS = (128, PREFILL_CHUNK)  # first chunks: the cost per token
+VERSION = 7
 _FRESH = itertools.count(1)  # first-token offsets that keep calibration prompts out of the prefix cache
 
 
@@ -116,10 +123,13 @@ def engine_decode(engine: Any, batch: int, steps: int, prompt: list[int]) -> tup
     """(step seconds, forward seconds) of each of `steps` pure decode steps of `batch` sequences."""
     from kiln.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    budget = engine.scheduler_config.max_num_batched_tokens
+    warm = -(-batch * len(prompt) // budget) + 2  # the prompts' prefill chunks, then a first decode step
+    # room for every timed step even for a request whose prefill finished in the first warm-up step
+    params = SamplingParams(temperature=0, max_tokens=warm + steps + 4, ignore_eos=True)
     for i in range(batch):
         engine.add_request({"prompt_token_ids": [prompt[0] + i % 7, *prompt[1:]]}, params)
-    for _ in range(3):  # prefill and the first decode steps
+    for _ in range(warm):
         engine.step()
     total, remove = _timed_forward(engine.loaded.model)
     steps_s, fwd_s = [], []
@@ -136,23 +146,23 @@ def engine_decode(engine: Any, batch: int, steps: int, prompt: list[int]) -> tup
     return steps_s, fwd_s
 
 
-def engine_prefill(engine: Any, prompt: list[int], repeats: int = 3) -> tuple[float, float]:
-    """(step seconds, forward seconds) of one prefill chunk of len(prompt) tokens (the fastest of `repeats`)."""
+def engine_prefill(engine: Any, prompt: list[int]) -> list[tuple[float, float]]:
+    """(step seconds, forward seconds) of each prefill chunk of `prompt` (one per step of the engine's budget)."""
     from kiln.sampling_params import SamplingParams
 
-    runs = []
-    for i in range(repeats):
-        total, remove = _timed_forward(engine.loaded.model)
-        # a first token no earlier call used: otherwise the prefix cache serves the prompt and nothing is prefilled
-        engine.add_request({"prompt_token_ids": [prompt[0] + next(_FRESH), *prompt[1:]]},
-                           SamplingParams(temperature=0, max_tokens=1))
-        t0 = time.perf_counter()
-        engine.step()
-        runs.append((time.perf_counter() - t0, total()))
-        remove()
+    total, remove = _timed_forward(engine.loaded.model)
+    # a first token no earlier call used: otherwise the prefix cache serves the prompt and nothing is prefilled
+    engine.add_request({"prompt_token_ids": [prompt[0] + next(_FRESH), *prompt[1:]]},
+                       SamplingParams(temperature=0, max_tokens=1))
+    chunks = []
+    try:
         while engine.has_unfinished_requests():
+            f0, t0 = total(), time.perf_counter()
             engine.step()
-    return min(runs)
+            chunks.append((time.perf_counter() - t0, total() - f0))
+    finally:
+        remove()
+    return chunks
 
 
 def _fit(xs: tuple[int, int], ys: tuple[float, float]) -> tuple[float, float]:
@@ -182,14 +192,13 @@ def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bp
 
     log(f"decode steps, {path} path ...")
     engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(
-        model=model, threads=threads, kv_cache_memory="256MiB", max_num_batched_tokens=PREFILL_LENGTHS[-1] + 64,
-        **PATHS[path]))
+        model=model, threads=threads, kv_cache_memory="256MiB", max_num_batched_tokens=PREFILL_CHUNK, **PATHS[path]))
     act = "float32" if engine.loaded.model.dtype == __import__("torch").float32 else "bfloat16"
     kv_token = kv_cache(arch, PlanRequest(context=1, block_size=1, activation_dtype=act), 1)[1]
     # kiln switches kernels by rows: fp32 activations run the block kernel up to PANEL_FIRST - 1 rows and the
-    # panel kernel above, so each regime gets its own two batches (a line across the switch misfits both)
+    # panel kernel above, so each regime gets its own batches (a line across the switch misfits both)
     panel = path == "native_block" and act == "float32"
-    batches = (2, 4, 8, 12) if panel else (2, 8)
+    batches = (1, 2, 4, 8, 12) if panel else (1, 2, 8)
     samples: dict[int, tuple[list[float], list[float]]] = {b: ([], []) for b in batches}
     for _ in range(3):  # rounds that alternate the batches: a busy minute on the machine hits all alike
         for b, (steps_s, fwd_s) in samples.items():
@@ -216,23 +225,36 @@ def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bp
     return out
 
 
-def _prefill_fit(engine: Any, prompt: list[int], arch: Any) -> dict[str, float]:
-    """Engine prefills of PREFILL_LENGTHS tokens → t(T) = fixed + a*T + b*T^2, with a per linear parameter
-    (the GEMM's measured cost) and b per layer x query width (causal attention's pairs), so both carry
-    over to another model's shapes. Two lengths instead of a GEMM micro-benchmark: the engine's prefill
-    is what is predicted, and attributing a residual to the quadratic term alone blew up 4x at 1,024."""
-    runs: dict[int, list[tuple[float, float]]] = {n: [] for n in PREFILL_LENGTHS}
-    for _ in range(2):  # alternating lengths, as the decode batches
-        for n in PREFILL_LENGTHS:
-            runs[n].append(engine_prefill(engine, (prompt * (n // len(prompt) + 1))[:n], 1))
-    (t1, f1), (t2, f2) = (min(runs[n]) for n in PREFILL_LENGTHS)
-    n1, n2 = PREFILL_LENGTHS
-    b = max(0.0, (f2 / n2 - f1 / n1) / (n2 - n1))  # forward/T = a + b*T
-    a = max(1e-12, f1 / n1 - b * n1)
+def _prefill_fit(engine: Any, prompt: list[int], arch: Any) -> dict[str, Any]:
+    """Engine prefills under a PREFILL_CHUNK-token step budget → the cost per token and linear parameter
+    (first chunks of PREFILL_LENGTHS tokens, least squares through the step's fixed cost) and the cost per
+    token pair, layer and query width of attending to an earlier chunk (a 2 x PREFILL_CHUNK prompt's second
+    chunk less its first). Both are per shape, so they carry over to another model's sizes.
+
+    An earlier fit put all growth of the per-token cost between 128 and 512 tokens into a T^2 attention
+    term; it predicted a 1,024-token prefill at 0.69x what the engine measured, because the engine prefills
+    a long prompt in budget-sized chunks whose cost per token barely grows. Measured here (AMD EPYC, 2
+    threads, 2026-11-30): first chunks of 128, 256 and 512 tokens at 647, 718 and 737 tok/s; a second
+    512-token chunk after 512 costs 130 ms more than the first."""
     h, f, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_size, arch.kv_size
     params = arch.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * f)
-    return {"s_per_token_param": a / params, "s_per_token_pair_layer_q": b / (arch.num_layers * q),
-            "fixed_s": max(0.0, min(t1 - f1, t2 - f2)), "measured": {str(n1): t1, str(n2): t2}}
+    firsts: dict[int, list[tuple[float, float]]] = {n: [] for n in PREFILL_LENGTHS}
+    seconds: list[tuple[float, float]] = []  # the 2-chunk prompt's second chunk: (step, forward)
+    for _ in range(3):  # alternating lengths, as the decode batches
+        for n in PREFILL_LENGTHS:
+            firsts[n].append(engine_prefill(engine, (prompt * (n // len(prompt) + 1))[:n])[0])
+        two = engine_prefill(engine, (prompt * (2 * PREFILL_CHUNK // len(prompt) + 1))[:2 * PREFILL_CHUNK])
+        firsts[PREFILL_CHUNK].append(two[0])  # a first chunk like any other
+        seconds.append(two[1])
+    fwd = {n: low([f_ for _, f_ in runs]) for n, runs in firsts.items()}
+    fixed = low([t - f_ for runs in firsts.values() for t, f_ in runs] + [t - f_ for t, f_ in seconds])
+    per_token = sum(fwd[n] * n for n in fwd) / sum(n * n for n in fwd)  # least squares through the origin
+    # low() of each side, then the difference: the low of noisy differences would pick the luckiest pair
+    cross = max(0.0, low([f_ for _, f_ in seconds]) - fwd[PREFILL_CHUNK])
+    return {"s_per_token_param": per_token / params,
+            "s_per_token_pair_layer_q": cross / (PREFILL_CHUNK * PREFILL_CHUNK * arch.num_layers * q),
+            "fixed_s": fixed, "chunk_tokens": PREFILL_CHUNK,
+            "measured": {**{str(n): fwd[n] for n in fwd}, f"second_{PREFILL_CHUNK}_extra": cross}}
 
 
 def calibrate(threads: int = 2, model: str = "smollm2-135m", log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:

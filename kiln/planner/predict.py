@@ -1,11 +1,14 @@
 """Speed predictions from a calibration: single-stream decode, prefill and batched decode tok/s.
 
 decode step(B) = weight bytes the step streams x the path's measured seconds per byte at B rows
-                 (its effective bandwidth, per-layer kernel work included)
+                 (its effective bandwidth, per-layer kernel work included; interpolated between the
+                 calibrated batches of the kernel regime B falls in, the last segment extended beyond)
                + B x context x KV bytes per token / measured read bandwidth
-               + the path's measured per-step cost outside the forward: fixed(B)
-prefill(T)     = the measured cost per token and linear parameter x parameters x T
-               + the measured cost per token pair and layer x query width x layers x width x T^2
+               + the path's measured per-step cost outside the forward: fixed(B), interpolated alike
+prefill(T)     = the sum over the scheduler's chunks (--max-num-batched-tokens each) of
+                 the measured cost per token and linear parameter x parameters x chunk tokens
+               + the measured cost per token pair, layer and query width x layers x width x chunk x the
+                 tokens of earlier chunks it attends to
                + the prefill step's measured cost outside the forward
 
 The kernel path follows kiln's own choice: GGUF Q4_0/Q4_1/Q8_0 weights on a CPU with native kernels run
@@ -23,6 +26,29 @@ from kiln.planner.memory import NATIVE_BLOCK_TYPES, MemoryPlan, matrix_type
 def _lin(fit: list[float], x: int) -> float:
     """A calibrated (intercept, slope) line at x."""
     return fit[0] + fit[1] * x
+
+
+def _interpolate(points: dict[int, float], x: int) -> float:
+    """Piecewise-linear through the measured points, the end segments extended (never below 0)."""
+    xs = sorted(points)
+    if len(xs) == 1:
+        return points[xs[0]]
+    i = 1
+    while i < len(xs) - 1 and xs[i] < x:
+        i += 1
+    x0, x1 = xs[i - 1], xs[i]
+    return max(0.0, points[x0] + (points[x1] - points[x0]) * (x - x0) / (x1 - x0))
+
+
+def _regime_points(path: dict[str, Any], rows: int, key: str) -> dict[int, float] | None:
+    """The calibrated batches of the kernel regime `rows` falls in (block kernel below `panel_from_rows`,
+    panel kernel from it), or None for a calibration without per-batch points."""
+    measured = path.get("measured_batches")
+    if not measured:
+        return None
+    split = path.get("panel_from_rows", 1 << 30)
+    points = {int(b): v[key] for b, v in measured.items() if (int(b) >= split) == (rows >= split)}
+    return points or None
 
 
 def kernel_path(plan: MemoryPlan, native: bool) -> str:
@@ -73,20 +99,28 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
     def step(b: int, r: int) -> dict[str, float]:
         # kiln's own kernel choice: block kernels up to `limit` rows, the dense GEMM (resident copy) above
         p, nbytes = (cal["paths"]["native_block"], block_bytes) if r <= limit else (dense, dense_bytes)
-        per_byte, fixed = p["s_per_byte"], p["fixed_s"]
-        if act == "float32" and r >= p.get("panel_from_rows", 1 << 30):  # the panel kernel's regime
-            per_byte, fixed = p["panel_s_per_byte"], p["panel_fixed_s"]
-        return {"weights": nbytes * _lin(per_byte, r),
+        per_byte_points, fixed_points = _regime_points(p, r, "s_per_byte"), _regime_points(p, r, "outside_forward_s")
+        if per_byte_points and fixed_points:
+            per_byte, fixed = _interpolate(per_byte_points, r), _interpolate(fixed_points, b)
+        else:  # an older calibration: its fitted lines
+            line_b, line_f = p["s_per_byte"], p["fixed_s"]
+            if act == "float32" and r >= p.get("panel_from_rows", 1 << 30):  # the panel kernel's regime
+                line_b, line_f = p["panel_s_per_byte"], p["panel_fixed_s"]
+            per_byte, fixed = _lin(line_b, r), _lin(line_f, b)
+        return {"weights": nbytes * per_byte,
                 "kv_reads": b * decode_context * kv_token / cal["read_bytes_per_s"],
-                "outside forward": max(0.0, _lin(fixed, b))}
+                "outside forward": max(0.0, fixed)}
 
     one = step(1, 1)
     conc = concurrency or req.concurrency
     many = step(conc, rows or conc)
     pf = dense["prefill"]  # a prefill chunk has more rows than any block-kernel limit: the activation dtype's GEMM
-    prefill_s = (pf["fixed_s"] + pf["s_per_token_param"] * _linear_params(plan) * prompt_tokens
-                 + pf["s_per_token_pair_layer_q"] * a.num_layers * a.q_size * prompt_tokens ** 2
-                 + step(1, 1)["weights"] * head_share)  # + the LM head for the last token
+    chunk = max(1, req.max_num_batched_tokens)
+    prefill_s = step(1, 1)["weights"] * head_share  # the LM head, for the last token only
+    for start in range(0, prompt_tokens, chunk):
+        n = min(chunk, prompt_tokens - start)
+        prefill_s += (pf["fixed_s"] + pf["s_per_token_param"] * _linear_params(plan) * n
+                      + pf["s_per_token_pair_layer_q"] * a.num_layers * a.q_size * n * start)
 
     def why(parts: dict[str, float]) -> str:
         return ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in parts.items())
