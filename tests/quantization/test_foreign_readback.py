@@ -1,0 +1,153 @@
+"""compressed-tensors folders across tools: made by the `compressed-tensors` library and loaded by kiln,
+and written by `kiln quantize --format compressed-tensors` and loaded by transformers.
+
+The references are the other tools' own computations, not kiln's:
+- a folder the library made is compared with the library's fake-quantized model (the same quantized
+  weights run by transformers' own Llama, before the library packs them);
+- a folder kiln wrote is loaded by transformers (which decompresses it through `compressed-tensors`)
+  and compared with kiln running its own folder of the same weights.
+
+The plain-torch path (dequantized weights, fp32 matmuls) must agree to float rounding; the native
+kernels (int16 activations, fp16 scales) within a small KL.
+
+Asymmetric (zero-point) folders: transformers 5.24 with compressed-tensors 0.20 cannot read them back
+(it allocates unpacked zero points, the library writes them packed along the rows, and loading fails
+on the size mismatch), so kiln's asymmetric output is checked by compressed-tensors' own decompressor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # the test extra has it, and compressed-tensors
+
+from kiln.eval.forward import window_logits
+from kiln.kernels import switches
+from kiln.loader.model_loader import load_model
+
+from loader.tiny_model import TinyModels
+
+
+IDS = list(range(3, 40))
+
+
+def _kl_max(ref: torch.Tensor, other: torch.Tensor) -> float:
+    p, q = torch.log_softmax(ref.float(), -1), torch.log_softmax(other.float(), -1)
+    return (p.exp() * (p - q)).sum(-1).max().item()
+
+
+def _hf_logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0]
+
+
+def _library_folder(src: Path, out: Path, bits: int, group: int | None, sym: bool) -> torch.Tensor:
+    """Quantize `src` with compressed-tensors (min-max scales per group or channel), save it packed, and
+    return the library's fake-quantized logits on IDS: the reference for whoever loads the folder."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group" if group else "channel",
+                            group_size=group)
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                ignore=["lm_head"], quantization_status=QuantizationStatus.INITIALIZED)
+    apply_quantization_config(model, config)
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            w = module.weight.data
+            g = w.reshape(w.shape[0], -1, group) if group else w.reshape(w.shape[0], 1, -1)
+            scale, zero = calculate_qparams(g.amin(-1), g.amax(-1), module.quantization_scheme.weights)
+            # kiln's INT layout keeps fp16 scales; the library keeps the model's dtype (fp32 here, bf16 for
+            # a real checkpoint, which fp16 holds exactly). fp16-exact scales make the comparison exact.
+            scale = scale.half().float()
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
+            if not sym:
+                module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape)
+                                                    .to(module.weight_zero_point.dtype))
+    reference = _hf_logits(model)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / name).exists() and not (out / name).exists():
+            (out / name).write_bytes((src / name).read_bytes())
+    return reference
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 32, False), (8, None, True)],
+                         ids=["w4a16-g32-sym", "w4a16-g32-asym", "w8a16-channel-sym"])
+def test_folder_made_by_compressed_tensors_loads_in_kiln(tiny: TinyModels, tmp_path: Path, monkeypatch,
+                                                          bits: int, group: int | None, sym: bool) -> None:
+    folder = tmp_path / "ct"
+    reference = _library_folder(tiny.hf["untied"], folder, bits, group, sym)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    native = load_model(folder, dtype="float32")
+    assert any(n.endswith("qweight") for n, _ in native.model.named_buffers()), "not kept in kiln's INT layout"
+    assert _kl_max(reference, window_logits(native.model, IDS)) < 1e-4
+    monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))
+    plain = window_logits(load_model(folder, dtype="float32").model, IDS)
+    torch.testing.assert_close(plain, reference, rtol=1e-4, atol=1e-4)
+
+
+def _kiln_export(tiny: TinyModels, calib_file: Path, out: Path, sym: bool) -> Path:
+    from kiln.entrypoints.cli import main as kiln_main
+
+    args = ["quantize", str(tiny.hf["untied"]), "--method", "rtn", "--bits", "4", "--group-size", "32",
+            "--sym" if sym else "--no-sym", "--calib-file", str(calib_file), "--calib-samples", "2",
+            "--calib-seqlen", "64"]
+    assert kiln_main([*args, "-o", str(out / "kiln")]) == 0
+    assert kiln_main([*args, "--format", "compressed-tensors", "-o", str(out / "ct")]) == 0
+    return out
+
+
+def test_kiln_compressed_tensors_output_loads_in_transformers(tiny: TinyModels, calib_file: Path, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    out = _kiln_export(tiny, calib_file, tmp_path, sym=True)
+    theirs = _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(out / "ct", dtype=torch.float32))
+    monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))
+    mine = window_logits(load_model(out / "kiln", dtype="float32").model, IDS)
+    torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-4)
+
+
+def test_kiln_asymmetric_output_decompresses_in_compressed_tensors(tiny: TinyModels, calib_file: Path,
+                                                                   tmp_path: Path, monkeypatch) -> None:
+    """compressed-tensors' own pack-quantized decompressor turns kiln's packed codes, scales and zero points
+    back into dense weights; transformers' Llama with those weights computes what kiln's plain path does."""
+    from collections import defaultdict
+
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    out = _kiln_export(tiny, calib_file, tmp_path, sym=False)
+    qconfig = json.loads((out / "ct" / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationScheme.model_validate(qconfig["config_groups"]["group_0"])
+    assert scheme.weights.symmetric is False
+    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    dense: dict[str, torch.Tensor] = {}
+    for name, t in load_file(str(out / "ct" / "model.safetensors")).items():
+        module, _, leaf = name.rpartition(".")
+        if leaf.startswith("weight_"):
+            modules[module][leaf] = t
+        else:
+            dense[name] = t
+    assert modules and all("weight_zero_point" in parts for parts in modules.values())
+    for module, parts in modules.items():
+        # the decompressor computes in the scales' dtype (fp16 as kiln writes them); fp32 scales holding the
+        # same values make it compute in fp32, as kiln's plain path does
+        parts = {**parts, "weight_scale": parts["weight_scale"].float()}
+        dense[f"{module}.weight"] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"].float()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny.hf["untied"], dtype=torch.float32)
+    hf.load_state_dict(dense, strict=True)
+    theirs = _hf_logits(hf)
+    monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))
+    mine = window_logits(load_model(out / "kiln", dtype="float32").model, IDS)
+    torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-4)
