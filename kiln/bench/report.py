@@ -171,18 +171,9 @@ def quant_quality_table() -> str:
     d = _load("quant_quality")
     if d is None:
         return "_not measured yet_"
-    rows = ["| method | mean bits | size on disk (MiB) | PPL | ΔPPL | mean KL | p99 KL | top-1 agree | mean abs Δp |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in d["results"]:
-        size = f"{r['size_bytes'] / 2**20:.1f}"
-        if "kl_mean" not in r:
-            rows.append(f"| {r['method']} | – | {size} | {r['ppl']:.3f} ± {r['ppl_stderr']:.3f} | – | – | – | – | – |")
-            continue
-        rows.append(f"| {r['method']} | {r['mean_bits']:.2f} | {size} | {r['ppl']:.3f} ± {r['ppl_stderr']:.3f} | "
-                    f"{r['delta_ppl_pct']:+.2f} % | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | "
-                    f"{100 * r['top1_agreement']:.1f} % | {r['mean_abs_dp']:.4f} |")
     return (f"WikiText-2 test, {d['chunks']} windows of {d['ctx']} tokens (llama.cpp's chunking: second half of each "
-            f"window scored, {d['tokens_scored']} tokens); calibration: {d['calibration']}.\n\n" + "\n".join(rows)
+            f"window scored, {d['tokens_scored']} tokens); calibration: {d['calibration']}.\n\n"
+            + "\n".join(quality_rows(d["results"]))
             + f"\n\n_From `benchmarks/quant_quality.py` → `benchmarks/results/quant_quality.json`, one run, "
             + f"{d['date']}, {d['machine']}, {d['threads']} threads._")
 
@@ -326,11 +317,13 @@ def soak_table() -> str:
 
 
 from kiln.bench.report_plan import plan_advise_table  # noqa: E402 (the planner's section, issue 18)
+from kiln.bench.report_quant import foreign_decode_table, foreign_quality_table, quality_rows  # noqa: E402
 
 TABLES = {"plan_advise": plan_advise_table, "vs_llamacpp": vs_llamacpp_table, "fused_kernels": fused_kernels_table, "throughput": throughput_table, "latency": latency_table, "serving": serving_table,
           "serve_single_stream": serve_single_stream_table,
           "quant_kernels": quant_kernels_table, "spec_decode": spec_decode_table,
-          "quant_quality": quant_quality_table, "perplexity": perplexity_table, "soak": soak_table}
+          "quant_quality": quant_quality_table, "perplexity": perplexity_table, "soak": soak_table,
+          "quant_quality_issue24": foreign_quality_table, "foreign_decode": foreign_decode_table}
 
 
 def render(readme: str) -> str:
