@@ -126,6 +126,11 @@ constexpr int64_t CHUNK = 16;
 // short for the hardware prefetcher to catch up on (measured: the 49152 x 576 Q8_0 LM head ran at
 // 12.6 GB/s from DRAM without it).
 constexpr int64_t PREFETCH_ROWS = 8;
+// A second, farther prefetch into L2 keeps more DRAM lines in flight than the near L1 one alone: the
+// 49152 x 576 Q8_0 LM head read from DRAM (cold cache, 2 threads) took 1.95 ms with the L1 prefetch only
+// and 1.09 ms with this one added (24, 32 and 64 rows ahead: 1.30, 1.09, 1.23 ms; AMD EPYC, 2026-11-30);
+// single-stream decode of the default model went from 7.6 to 6.2 ms per step.
+constexpr int64_t PREFETCH_ROWS_L2 = 4 * PREFETCH_ROWS;
 
 template <int NR, int MC>
 inline void accumulate_block(__m512 (&acc)[NR][MC], const __m512i (&w)[NR], const float (&sc)[NR][MC][CHUNK],
@@ -170,8 +175,10 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
       for (int64_t b = c; b < c + cn; b += 2) {  // c is even, so b walks whole pairs
         __m512i lo[NR], hi[NR];
         for (int r = 0; r < NR; ++r) {
-          if ((b & 2) == 0)  // one prefetch per 64-byte line (two pairs)
+          if ((b & 2) == 0) {  // one prefetch per 64-byte line (two pairs)
             _mm_prefetch(reinterpret_cast<const char*>(qs + (r + PREFETCH_ROWS) * row_bytes + (b / 2) * QK), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(qs + (r + PREFETCH_ROWS_L2) * row_bytes + (b / 2) * QK), _MM_HINT_T1);
+          }
           const __m512i v = _mm512_cvtepu8_epi16(
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + (b / 2) * QK)));
           lo[r] = _mm512_and_si512(v, low_mask);
@@ -184,8 +191,10 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
       for (int64_t b = c; b < c + cn; ++b) {
         __m512i w[NR];
         for (int r = 0; r < NR; ++r) {
-          if ((b & 1) == 0)  // one prefetch per 64-byte line (two blocks)
+          if ((b & 1) == 0) {  // one prefetch per 64-byte line (two blocks)
             _mm_prefetch(reinterpret_cast<const char*>(qs + (r + PREFETCH_ROWS) * row_bytes + b * QK), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(qs + (r + PREFETCH_ROWS_L2) * row_bytes + b * QK), _MM_HINT_T1);
+          }
           w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + b * QK)));
         }
         accumulate_block<NR, MC>(acc, w, sc, static_cast<int>(b - c), xr, m0, K, b);
