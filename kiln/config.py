@@ -56,9 +56,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    # Per-layer sliding attention window (keys a query sees, itself included); None = global
+    # attention. Empty: every layer is global (the Llama family).
+    layer_windows: tuple[int | None, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        if self.layer_windows and len(self.layer_windows) != self.num_hidden_layers:
+            raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_hidden_layers} layers")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "

@@ -31,8 +31,12 @@ def paged_attention_reference(
     v_cache: torch.Tensor | QuantizedKV,
     meta: AttentionMetadata,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] (K/V of these tokens already written) → out [T, Hq, D]."""
+    """q [T, Hq, D] (K/V of these tokens already written) → out [T, Hq, D].
+
+    `window`: a query at position p sees only keys p - window < k <= p (sliding-window layers);
+    None: every earlier key."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     out = torch.empty_like(q)
@@ -48,7 +52,10 @@ def paged_attention_reference(
         scores = torch.einsum("lhd,shd->hls", qi, k) * scale
         q_pos = torch.arange(seq_len - (end - start), seq_len).unsqueeze(1)
         k_pos = torch.arange(seq_len).unsqueeze(0)
-        scores = scores.masked_fill((k_pos > q_pos).unsqueeze(0), float("-inf"))
+        hidden = k_pos > q_pos
+        if window is not None:
+            hidden |= k_pos <= q_pos - window
+        scores = scores.masked_fill(hidden.unsqueeze(0), float("-inf"))
         probs = scores.softmax(dim=-1)
         out[start:end] = torch.einsum("hls,shd->lhd", probs, v).to(q.dtype)
     return out

@@ -14,6 +14,12 @@
   `scaled_dot_product_attention` on the gathered context with a causal mask offset by the prefix.
   `KILN_PREFILL_ATTENTION=sdpa` forces the latter (benchmarks/fused_kernels.py compares them).
 
+Sliding-window layers (`window=W`: a query at position p sees keys p - W < k <= p) take those
+routes while every sequence of the step is at most W tokens long (the window then hides nothing);
+past that, each sequence runs `_sdpa_window`: SDPA over only the blocks its window can still see,
+with the window masked. The native decode and prefill kernels have no window yet; nothing past the
+window is ever read, so blocks the hybrid KV cache has freed behind the window are never touched.
+
 A float16/bfloat16 cache under float32 queries (`--kv-cache-dtype float16`) takes the same routes:
 the native kernel widens each K/V row as it reads it; gathers convert to the query dtype.
 A quantized cache (int8 / fp8_e4m3, `QuantizedKV` pairs from kv_quant) takes the same routes:
@@ -134,15 +140,46 @@ def _sdpa_prefill(q: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTenso
     return o[0].transpose(0, 1)
 
 
+def _sdpa_window(q: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTensor, block_table: torch.Tensor,
+                 seq_len: int, scale: float, window: int) -> torch.Tensor:
+    """One sequence's queries q [L, Hq, D] (the last L of seq_len tokens) over the keys their window sees.
+
+    Only blocks from the one holding the first visible key (position seq_len - L - window + 1) on are
+    gathered: earlier entries of `block_table` may already be freed and reused."""
+    q_len = q.shape[0]
+    block_size = k_cache.shape[1]
+    first_block = max(seq_len - q_len - window + 1, 0) // block_size
+    start = first_block * block_size
+    table = block_table[first_block:]
+    k = gather_context(k_cache, table, seq_len - start).to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, S', D]
+    v = gather_context(v_cache, table, seq_len - start).to(q.dtype).transpose(0, 1).unsqueeze(0)
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+    k_pos = torch.arange(start, seq_len, device=q.device).unsqueeze(0)
+    mask = (k_pos <= q_pos) & (k_pos > q_pos - window)  # [L, S']
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask, scale=scale,
+                                       enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: KVCacheTensor,
     v_cache: KVCacheTensor,
     meta: AttentionMetadata,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] (this step's K/V already written) → out [T, Hq, D]."""
+    """q [T, Hq, D] (this step's K/V already written) → out [T, Hq, D].
+
+    `window`: sliding-window attention (see the module docstring); None: full causal attention."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if window is not None and max(meta.seq_lens, default=0) > window:
+        out = torch.empty_like(q)
+        for i in range(meta.num_seqs):
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            out[start:end] = _sdpa_window(q[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens[i],
+                                          scale, window)
+        return out
     n_dec = meta.num_decodes
     native = q.device.type == "cpu" and native_reads(q.dtype, k_cache) and load_native()
     if n_dec == meta.num_seqs and native:  # pure decode step: no output copy

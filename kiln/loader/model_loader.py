@@ -175,5 +175,7 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         fmt = "gguf"
     else:
         raise ModelLoadError(path, "no such file or folder")
+    if tokenizer.chat_template is None and arch.default_chat_template is not None:
+        tokenizer.chat_template = arch.default_chat_template
     model.eval()
     return LoadedModel(model, cfg, tokenizer, path, fmt, types)

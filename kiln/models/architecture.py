@@ -119,6 +119,8 @@ class ModelArchitecture:
     missing key (the loader reports it); both parsers raise ModelLoadError for anything else.
     `gguf_rope_permuted`: llama.cpp's converter stored this architecture's Q/K rows in its
     interleaved-RoPE order, which the GGUF loader undoes (and the GGUF writer redoes).
+    `default_chat_template`: the architecture's own turn format, used when a file ships no template
+    (instead of the ChatML guess).
     """
 
     name: str
@@ -128,3 +130,4 @@ class ModelArchitecture:
     config_from_gguf: Callable[[GGUFHeader], ModelConfig]
     config_from_hf: Callable[[str, dict[str, Any], Path], ModelConfig]
     gguf_rope_permuted: bool = False
+    default_chat_template: str | None = None

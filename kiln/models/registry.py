@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ModelLoadError
-from kiln.models import llama_checkpoint
+from kiln.models import gemma3_checkpoint, llama_checkpoint
 from kiln.models.architecture import ModelArchitecture
 
 _REGISTERED: tuple[ModelArchitecture, ...] = (
     *llama_checkpoint.ARCHITECTURES,
+    *gemma3_checkpoint.ARCHITECTURES,
 )
 _BY_NAME = {a.name: a for a in _REGISTERED}
 _BY_HF_CLASS = {a.hf_class: a for a in _REGISTERED}
