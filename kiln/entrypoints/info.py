@@ -22,7 +22,21 @@ def describe_config(cfg: ModelConfig) -> list[str]:
                                        (("fp32", 4), ("bf16", 2), ("int8", 1), ("int4", 0.5))),
         f"KV cache         {cfg.kv_bytes_per_token(2) / 1024:.1f} KiB/token at bf16, "
         f"{cfg.kv_bytes_per_token(4) / 1024:.1f} KiB/token at fp32",
+        *describe_layer_pattern(cfg),
     ]
+
+
+def describe_layer_pattern(cfg: ModelConfig) -> list[str]:
+    """Sliding-window models: which layers are local (L, windowed) and which global (G)."""
+    if not any(w is not None for w in cfg.layer_windows):
+        return []
+    pattern = "".join("G" if w is None else "L" for w in cfg.layer_windows)
+    global_layers = [i for i, w in enumerate(cfg.layer_windows) if w is None]
+    windows = sorted({w for w in cfg.layer_windows if w is not None})
+    local_base = cfg.extra.get("rope_local_base")
+    return [f"layer pattern    {pattern} (L: sliding window {', '.join(map(str, windows))} tokens"
+            + (f", rope theta {local_base:g}" if local_base else "")
+            + f"; G: global, layers {', '.join(map(str, global_layers)) or 'none'})"]
 
 
 def print_info(model: str, dtype: str = "auto") -> None:

@@ -26,6 +26,8 @@ def build_decode_plan(model: "LlamaForCausalLM") -> tuple[Any | None, str]:
     why = decode_step.unavailable_reason(model.device, model.dtype)
     if why is not None:
         return None, why
+    if any(w is not None for w in model.config.layer_windows):
+        return None, "sliding-window layers (the fused step attends over the whole context)"
     layers: list[DecoderLayerWeights] = []
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp

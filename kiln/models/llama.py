@@ -40,8 +40,10 @@ PACKED_MODULES: dict[str, tuple[str, str]] = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device,
+                 window: int | None = None) -> None:
         super().__init__()
+        self.window = window  # Mistral-style sliding window (None: full causal attention)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -67,7 +69,7 @@ class LlamaAttention(nn.Module):
         # Every token's K/V is written before any attention is computed, so a sequence may
         # attend to slots another sequence of the same step just filled (shared prefix).
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale, window=self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -83,9 +85,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device,
+                 window: int | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, dtype, device)
+        self.self_attn = LlamaAttention(cfg, rotary, dtype, device, window)
         self.mlp = LlamaMLP(cfg, dtype, device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -126,7 +129,8 @@ class LlamaForCausalLM(nn.Module):
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, dtype, device) for _ in range(cfg.num_hidden_layers))
+        windows = cfg.layer_windows or (None,) * cfg.num_hidden_layers
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, dtype, device, w) for w in windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         # Set by the GGUF loader when a tied embedding in Q8_0/Q4 blocks should also serve as a
         # natively quantized LM head (the largest matrix of a small model).

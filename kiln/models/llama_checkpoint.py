@@ -31,6 +31,22 @@ GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.n
 WEIGHT_NAMES = WeightNames(GGUF_LAYER_NAMES, GGUF_GLOBAL_NAMES, PACKED_MODULES)
 
 
+def hf_layer_windows(raw: dict[str, Any], layers: int) -> tuple[int | None, ...]:
+    """Mistral-style `sliding_window` (every layer, or Qwen2's layers from `max_window_layers` on) as
+    per-layer windows; () when the model attends over everything (no window, `use_sliding_window`
+    false, or a window no shorter than the context)."""
+    window = raw.get("sliding_window")
+    if not window or raw.get("use_sliding_window") is False:
+        return ()
+    if isinstance(raw.get("layer_types"), list) and len(raw["layer_types"]) == layers:  # transformers 5
+        windows = tuple(int(window) if t == "sliding_attention" else None for t in raw["layer_types"])
+        return windows if any(w is not None for w in windows) else ()
+    if int(window) >= int(raw.get("max_position_embeddings", 4096)):
+        return ()
+    first = int(raw.get("max_window_layers", 0)) if raw.get("model_type") == "qwen2" else 0
+    return tuple(int(window) if i >= first else None for i in range(layers))
+
+
 def config_from_gguf(header: GGUFHeader) -> ModelConfig:
     """GGUF metadata (`<arch>.*`, `tokenizer.ggml.*`, `general.name`) → ModelConfig."""
     key = header.arch_key
@@ -48,24 +64,29 @@ def config_from_gguf(header: GGUFHeader) -> ModelConfig:
     eot = header.get("tokenizer.ggml.eot_token_id")
     eos_ids = tuple(sorted({int(i) for i in (eos, eot) if i is not None}))
     bos = header.get("tokenizer.ggml.bos_token_id")
+    layers = int(key("block_count"))
+    window = key("attention.sliding_window", required=False)
+    context = int(key("context_length", 4096))
     return ModelConfig(
         architecture=header.architecture,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")),
-        num_hidden_layers=int(key("block_count")),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
-        max_position_embeddings=int(key("context_length", 4096)),
+        max_position_embeddings=context,
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=eos_ids,
         name=str(header.get("general.name", header.path.stem)),
+        # A Mistral-style window that llama.cpp's converter recorded: every layer slides.
+        layer_windows=(int(window),) * layers if window and int(window) < context else (),
     )
 
 
@@ -121,6 +142,7 @@ def config_from_hf(arch: str, raw: dict[str, Any], folder: Path) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=tuple(int(e) for e in eos_ids),
         name=raw.get("_name_or_path", folder.name) or folder.name,
+        layer_windows=hf_layer_windows(raw, int(raw["num_hidden_layers"])),
     )
 
 
