@@ -38,7 +38,7 @@ class ScheduledRequest:
     request: Request  # read-only for the runner
     start: int  # = request.num_computed_tokens at scheduling time
     num_tokens: int  # new tokens computed this step (prompt chunk, 1 decode token, or 1 + drafts)
-    block_ids: list[int]
+    block_ids: list[int] | list[list[int]]  # one list per layer group under a hybrid cache (kv_cache_groups)
     spec_token_ids: list[int] = field(default_factory=list)
 
     @property

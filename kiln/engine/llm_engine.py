@@ -19,7 +19,9 @@ import torch
 from torch.profiler import record_function
 
 from kiln.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from kiln.core.hybrid_kv_cache_manager import HybridKVCacheManager
 from kiln.core.kv_cache_manager import KVCacheManager
+from kiln.engine.hybrid_kv import plan_hybrid_kv
 from kiln.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from kiln.engine.kv_budget import KVBudget, plan_kv_cache
 from kiln.engine.output_processor import OutputProcessor
@@ -84,19 +86,24 @@ class LLMEngine:
         )
         self.kv_budget: KVBudget = plan_kv_cache(loaded.config, self.cache_config, loaded.model.dtype,
                                                  self.max_model_len, str(loaded.model.device))
-        if self.kv_budget.num_tokens < self.max_model_len:
+        self.kv_groups, self.kv_budget, longest = plan_hybrid_kv(loaded, self.kv_budget, self.scheduler_config)
+        if longest < self.max_model_len:
             # A sequence must fit the KV pool on its own: one that outgrew it with nothing left to
             # preempt could never be scheduled again (found by the scheduler state machine).
             logger.warning("context length capped at the KV cache's %d tokens (was %d); raise --kv-cache-memory "
-                           "for longer sequences", self.kv_budget.num_tokens, self.max_model_len)
-            self.max_model_len = self.kv_budget.num_tokens
+                           "for longer sequences", longest, self.max_model_len)
+            self.max_model_len = longest
             self.kv_budget = replace(self.kv_budget, max_model_len=self.max_model_len)
-        self.kv_manager = KVCacheManager(
-            self.kv_budget.num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching
-        )
+        if self.kv_groups is None:
+            self.kv_manager = KVCacheManager(
+                self.kv_budget.num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching
+            )
+        else:
+            self.kv_manager = HybridKVCacheManager(self.kv_budget.num_blocks, self.cache_config.block_size,
+                                                   self.kv_groups, self.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.kv_budget.num_blocks, self.cache_config.block_size,
-                                  self.cache_config.kv_cache_dtype)
+                                  self.cache_config.kv_cache_dtype, self.kv_groups)
         self.spec: SpecDecoder | None = build_spec_decoder(
             speculative_config, loaded, self.kv_budget.num_blocks, self.cache_config.block_size, self.max_model_len)
         self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)

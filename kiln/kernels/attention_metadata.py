@@ -23,6 +23,16 @@ class AttentionMetadata:
     num_decodes: int  # sequences [0, num_decodes) have exactly one new token
     seq_lens_tensor: torch.Tensor  # [B] int32, the same as seq_lens
     block_size: int
+    # Hybrid KV cache (kiln.core.kv_cache_groups): one metadata per layer group (its own block tables
+    # and slots) and each layer's group; None for the plain cache, where this metadata serves all layers.
+    groups: list[AttentionMetadata] | None = None
+    layer_group: tuple[int, ...] | None = None
+
+    def for_layer(self, layer: int) -> AttentionMetadata:
+        """The metadata layer `layer` reads and writes its KV through."""
+        if self.groups is None or self.layer_group is None:
+            return self
+        return self.groups[self.layer_group[layer]]
 
     @property
     def num_seqs(self) -> int:
@@ -31,6 +41,23 @@ class AttentionMetadata:
     @property
     def num_decode_tokens(self) -> int:
         return self.num_decodes
+
+
+def build_group_metadata(
+    query_lens: list[int],
+    seq_lens: list[int],
+    group_block_ids: list[list[list[int]]],
+    block_size: int,
+    layer_group: tuple[int, ...],
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Metadata for a hybrid cache: `group_block_ids[i][g]` is sequence i's table in group g."""
+    num_groups = len(group_block_ids[0]) if group_block_ids else len(set(layer_group))
+    groups = [build_attention_metadata(query_lens, seq_lens, [tables[g] for tables in group_block_ids], block_size,
+                                       device) for g in range(num_groups)]
+    first = groups[0]
+    return AttentionMetadata(first.slot_mapping, first.query_start_loc, first.seq_lens, first.block_tables,
+                             first.num_decodes, first.seq_lens_tensor, block_size, groups, layer_group)
 
 
 def build_attention_metadata(

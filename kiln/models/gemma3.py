@@ -115,6 +115,9 @@ class Gemma3DecoderLayer(nn.Module):
 
 class Gemma3ForCausalLM(nn.Module):
     packed_modules = PACKED_MODULES
+    # Reads each layer's metadata with `meta.for_layer`, so local and global layers may keep separate
+    # block tables (the hybrid KV cache, kiln.core.hybrid_kv_cache_manager).
+    supports_kv_groups = True
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         super().__init__()
@@ -147,8 +150,8 @@ class Gemma3ForCausalLM(nn.Module):
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """Flat tokens [T] at positions [T] → final hidden states [T, hidden]."""
         hidden = self.embed_tokens(input_ids) * self.embed_scale
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, meta)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            hidden = layer(positions, hidden, kv_cache, meta.for_layer(i))
         return self.norm(hidden)
 
     def decode_plan(self) -> None:

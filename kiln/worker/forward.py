@@ -14,8 +14,13 @@ from itertools import accumulate
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from kiln.kernels.kv_quant import KVCache, allocate_kv_caches
 from kiln.kernels.attention_metadata import build_attention_metadata
+
+if TYPE_CHECKING:
+    from kiln.core.kv_cache_groups import KVCacheGroup
 
 
 def model_kv_dtype(model: torch.nn.Module) -> str:
@@ -25,14 +30,23 @@ def model_kv_dtype(model: torch.nn.Module) -> str:
 
 
 def allocate_model_kv_caches(model: torch.nn.Module, num_blocks: int, block_size: int,
-                             kv_cache_dtype: str = "auto") -> list[KVCache]:
+                             kv_cache_dtype: str = "auto", groups: "list[KVCacheGroup] | None" = None) -> list[KVCache]:
     """Zeroed per-layer (K, V) caches of `num_blocks` blocks for `model`, on its device.
 
     `kv_cache_dtype`: one of config.KV_CACHE_DTYPES; raises ValueError for one the model cannot use.
+    `groups` (a hybrid cache, kiln.core.kv_cache_groups): the i-th layer of every group shares the
+    i-th page tensor (the groups' block ids never overlap), so only `layers_per_block` tensors exist.
     """
     cfg = model.config
     shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-    return allocate_kv_caches(cfg.num_hidden_layers, shape, kv_cache_dtype, model.dtype, model.device)
+    if groups is None:
+        return allocate_kv_caches(cfg.num_hidden_layers, shape, kv_cache_dtype, model.dtype, model.device)
+    pages = allocate_kv_caches(len(groups[0].layers), shape, kv_cache_dtype, model.dtype, model.device)
+    caches: list[KVCache | None] = [None] * cfg.num_hidden_layers
+    for group in groups:
+        for i, layer in enumerate(group.layers):
+            caches[layer] = pages[i]
+    return caches  # type: ignore[return-value]  # every layer is in exactly one group
 
 
 def forward_batch(

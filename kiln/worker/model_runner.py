@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
+from kiln.core.kv_cache_groups import KVCacheGroup
 from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
-from kiln.kernels.attention_metadata import AttentionMetadata, build_attention_metadata
+from kiln.kernels.attention_metadata import AttentionMetadata, build_attention_metadata, build_group_metadata
 from kiln.models.architecture import CausalLM
 from kiln.sample.rejection_sampler import verify_drafts
 from kiln.sample.sampler import SampleRow, Sampler
@@ -34,13 +35,19 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(
-        self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"
+        self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto",
+        kv_groups: list[KVCacheGroup] | None = None,
     ) -> None:
-        """`kv_cache_dtype`: one of config.KV_CACHE_DTYPES ('auto': kv_quant.full_precision_kv_dtype)."""
+        """`kv_cache_dtype`: one of config.KV_CACHE_DTYPES ('auto': kv_quant.full_precision_kv_dtype).
+        `kv_groups`: a hybrid cache's layer groups (then each request's block ids are one list per group)."""
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        self.kv_caches = allocate_model_kv_caches(model, num_blocks, block_size, kv_cache_dtype)
+        self.kv_caches = allocate_model_kv_caches(model, num_blocks, block_size, kv_cache_dtype, kv_groups)
+        self.layer_group: tuple[int, ...] | None = None
+        if kv_groups is not None:
+            owner = {layer: g for g, group in enumerate(kv_groups) for layer in group.layers}
+            self.layer_group = tuple(owner[i] for i in range(len(owner)))
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
 
@@ -81,13 +88,13 @@ class ModelRunner:
             token_ids.extend(req.all_token_ids[item.start:end])
             token_ids.extend(item.spec_token_ids)
             positions.extend(range(item.start, item.start + item.num_tokens))
-        meta = build_attention_metadata(
-            [i.num_tokens for i in items],
-            [i.start + i.num_tokens for i in items],
-            [i.block_ids for i in items],
-            self.block_size,
-            self.device,
-        )
+        query_lens, seq_lens = [i.num_tokens for i in items], [i.start + i.num_tokens for i in items]
+        if self.layer_group is not None:
+            meta = build_group_metadata(query_lens, seq_lens, [i.block_ids for i in items], self.block_size,
+                                        self.layer_group, self.device)
+        else:
+            meta = build_attention_metadata(query_lens, seq_lens, [i.block_ids for i in items], self.block_size,
+                                            self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return items, ids, pos, meta

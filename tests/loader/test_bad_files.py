@@ -73,7 +73,7 @@ def _build_cases(tiny: TinyModels, root: Path) -> dict[str, Case]:
     gguf_case("gguf_truncated_in_metadata", (("truncated", "corrupt"),), copy_truncated(300))
     gguf_case("gguf_not_a_gguf", ("not a GGUF file",), lambda p: p.write_text("just some text, not a model\n"))
     gguf_case("gguf_empty_file", ("not a GGUF file",), lambda p: p.write_bytes(b""))
-    for arch in ("gemma3", "gpt2"):
+    for arch in ("phi3", "gpt2"):
         gguf_case(f"gguf_arch_{arch}", (f"unsupported architecture '{arch}'", "llama", "mistral", "qwen2"),
                   lambda p, arch=arch: write_gguf(ck, p, arch=arch))
     gguf_case("gguf_missing_tensor", ("missing tensor", ("blk.1.ffn_down", "layers.1.mlp.down_proj")),
@@ -132,7 +132,7 @@ def cases(tiny: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 CASE_NAMES = [
-    "gguf_truncated_half", "gguf_truncated_in_metadata", "gguf_not_a_gguf", "gguf_empty_file", "gguf_arch_gemma3",
+    "gguf_truncated_half", "gguf_truncated_in_metadata", "gguf_not_a_gguf", "gguf_empty_file", "gguf_arch_phi3",
     "gguf_arch_gpt2", "gguf_missing_tensor", "gguf_shape_mismatch", "gguf_shape_mismatch_attn_k",
     "hf_no_config_json", "hf_pytorch_bin_only", "hf_truncated_safetensors", "hf_truncated_shard",
     "hf_corrupt_index_json", "hf_missing_tensor", "hf_shape_mismatch",

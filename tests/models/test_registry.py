@@ -12,7 +12,8 @@ from kiln.loader.safetensors_loader import hf_model_config
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.registry import architecture_for_hf, get_architecture
 
-SUPPORTED = ("llama", "mistral", "qwen2", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma3", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+             "Gemma3ForCausalLM")
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
@@ -26,7 +27,7 @@ def test_only_llama_cpp_permuted_architectures_are_unpermuted() -> None:
     assert [get_architecture(n, "x").gguf_rope_permuted for n in ("llama", "mistral", "qwen2")] == [True, True, False]
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gpt2", None, 7])
+@pytest.mark.parametrize("name", ["phi3", "gpt2", None, 7])
 def test_unknown_architecture_is_one_user_error_listing_the_supported_ones(name: object) -> None:
     with pytest.raises(ModelLoadError) as info:
         get_architecture(name, "model.gguf")
@@ -41,17 +42,18 @@ def test_unknown_architecture_is_one_user_error_listing_the_supported_ones(name:
     ({"architectures": ["MistralForCausalLM"]}, "mistral"),
     ({"architectures": ["LlamaForSomethingElse"], "model_type": "llama"}, "llama"),  # model_type is the fallback
     ({"model_type": "mistral"}, "mistral"),
+    ({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}, "gemma3"),
 ])
 def test_hf_config_finds_its_entry(config: dict, expected: str) -> None:
     assert architecture_for_hf(config, "config.json").name == expected
 
 
 def test_unknown_hf_architecture_names_the_class(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3"}))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}))
     with pytest.raises(ModelLoadError) as info:
         hf_model_config(tmp_path)
     message = str(info.value)
-    assert "unsupported architecture 'Gemma3ForCausalLM'" in message and all(s in message for s in SUPPORTED)
+    assert "unsupported architecture 'Phi3ForCausalLM'" in message and all(s in message for s in SUPPORTED)
 
 
 def test_hf_config_missing_key_is_reported(tmp_path: Path) -> None:

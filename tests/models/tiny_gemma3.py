@@ -37,7 +37,7 @@ def make_hf_model(query_pre_attn_scalar: int = 16, seed: int = 0, layers: int = 
 
     cfg = Gemma3TextConfig(
         vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, sliding_window=WINDOW, max_position_embeddings=512,
+        num_key_value_heads=1, head_dim=16, sliding_window=WINDOW, max_position_embeddings=4608,
         query_pre_attn_scalar=query_pre_attn_scalar, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=0,
         rms_norm_eps=1e-6, attn_implementation="eager",
     )
