@@ -72,6 +72,7 @@ class GGUFQuantizedTensor:
     qtype: str
     raw: torch.Tensor
     cols: int
+    origin: str = ""  # the file's type when the blocks were repacked into `qtype` (kiln.layers.gguf_repack)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -184,7 +185,7 @@ class GGUFQuantLinearMethod(LinearMethod):
         layer.d[rows].copy_(d)
         if self.is_q4:
             layer.m[rows].copy_(m)
-        self.source_types.add(t.qtype)
+        self.source_types.add(f"{t.origin}→{t.qtype}" if t.origin else t.qtype)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -212,7 +213,11 @@ class GGUFQuantLinearMethod(LinearMethod):
 
 
 def family_of(qtypes: set[str]) -> str | None:
-    """'Q4' / 'Q8' when every shard of a layer can share one packed layout, else None (dense)."""
+    """'Q4' / 'Q8' when every shard of a layer can share one packed layout, else None (dense).
+    File types that are repacked at load (Q5_0, Q4_K: kiln.layers.gguf_repack) count as their target."""
+    from kiln.layers.gguf_repack import repack_target
+
+    qtypes = {repack_target(t) for t in qtypes}
     if qtypes and qtypes <= set(Q4_TYPES):
         return "Q4"
     if qtypes == {"Q8_0"}:

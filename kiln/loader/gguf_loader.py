@@ -20,10 +20,12 @@ import torch
 from kiln.config import ModelConfig
 from kiln.errors import ModelLoadError
 from kiln.layers.gguf_quant import BLOCK_BYTES, NATIVE_TYPES, GGUFQuantizedTensor
+from kiln.layers.gguf_repack import REPACKED, repack, repack_target
 from kiln.models.architecture import GGUFHeader, WeightNames
 from kiln.models.registry import get_architecture
 
 GGUF_MAGIC = b"GGUF"
+RUNNABLE_TYPES = NATIVE_TYPES | frozenset(REPACKED)  # kept in blocks (repacked where needed) for native layers
 
 
 def open_gguf(path: Path) -> Any:
@@ -74,14 +76,20 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
 
 
 def _raw_blocks(tensor: Any, path: Path) -> GGUFQuantizedTensor:
-    """A Q4_0/Q4_1/Q8_0 matrix as its raw blocks (uint8 [rows, bytes per row]), no dequantization."""
+    """A Q4_0/Q4_1/Q8_0 matrix as its raw blocks (uint8 [rows, bytes per row]), no dequantization;
+    a Q5_0 / Q4_K one repacked into Q8_0 / Q4_1 blocks (kiln.layers.gguf_repack)."""
     cols = int(tensor.shape[0])  # GGUF lists dims innermost first
     rows = int(np.prod(tensor.shape[1:]))
     data = np.asarray(tensor.data)
-    row_bytes = cols // 32 * BLOCK_BYTES[tensor.tensor_type.name]
-    if cols % 32 or data.size != rows * row_bytes:
+    qtype = tensor.tensor_type.name
+    _, block_bytes, block_weights = REPACKED.get(qtype, (qtype, BLOCK_BYTES.get(qtype), 32))
+    row_bytes = cols // block_weights * block_bytes
+    if cols % block_weights or data.size != rows * row_bytes:
         raise ModelLoadError(path, f"tensor {tensor.name!r} is corrupt or truncated ({data.size} bytes for {rows}x{cols})")
-    return GGUFQuantizedTensor(tensor.tensor_type.name, torch.from_numpy(np.array(data, dtype=np.uint8).reshape(rows, row_bytes)), cols)
+    raw = np.array(data, dtype=np.uint8).reshape(rows, row_bytes)
+    if qtype in REPACKED:
+        return GGUFQuantizedTensor(repack_target(qtype), torch.from_numpy(repack(qtype, raw)), cols, origin=qtype)
+    return GGUFQuantizedTensor(qtype, torch.from_numpy(raw), cols)
 
 
 def iter_gguf_weights(
@@ -100,7 +108,7 @@ def iter_gguf_weights(
             if tensor.name == "rope_freqs.weight":
                 continue  # Llama 3.1 frequency factors: handled via config (see load_gguf)
             raise ModelLoadError(path, f"unexpected tensor {tensor.name!r} for architecture {cfg.architecture}")
-        if keep_blocks and tensor.tensor_type.name in NATIVE_TYPES and len(tensor.shape) == 2:
+        if keep_blocks and tensor.tensor_type.name in RUNNABLE_TYPES and len(tensor.shape) == 2:
             blocks = _raw_blocks(tensor, path)
             heads = _qk_heads(tensor.name, cfg)
             if heads is not None:
