@@ -10,6 +10,10 @@ import torch
 
 # Two cores here: keep torch from oversubscribing when pytest runs.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Kernel choice by the built-in crossovers, not by a `kiln tune` file this machine may hold: tests that
+# check which kernel runs at which batch size must not depend on a developer's earlier tuning
+# (tests/test_tune.py sets its own).
+os.environ.setdefault("KILN_NO_TUNE", "1")
 
 @pytest.fixture(scope="session")
 def default_gguf_path() -> Path:

@@ -58,4 +58,51 @@ def single_stream_peers_table() -> str:
             f"scheduling: {sched}; llama.cpp built with {build}._")
 
 
-__all__ = ["single_stream_peers_table"]
+
+
+TUNE_RESULT = RESULT.parent / "kernel_tune.json"
+
+
+def kernel_tune_table() -> str:
+    """`kiln tune` on the machine of the run: each path's time at each M, the fitted crossovers, and the
+    engine's decode with them against the built-in ones."""
+    if not TUNE_RESULT.exists():
+        return "_not measured yet_"
+    d: dict[str, Any] = json.loads(TUNE_RESULT.read_text())
+    fp, rows = d["fingerprint"], d["rows"]
+    lines = []
+    for dtype, by_m in d["seconds_per_step"].items():
+        paths = [p for p in ("block", "panel", "resident", "dequantize") if p in by_m[str(rows[0])]]
+        lines += [f"**{dtype} activations**, ms for one decode step's {d['linears']} Q4 linears:", "",
+                  "| M | " + " | ".join(paths) + " |", "|---:|" + "---:|" * len(paths)]
+        for m in rows:
+            t = by_m[str(m)]
+            best = min(t[p] for p in paths)
+            cells = [f"**{1e3 * t[p]:.1f}**" if t[p] == best else f"{1e3 * t[p]:.1f}" for p in paths]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["| activations | fallback above kiln's kernels | tuned here | built-in |", "|---|---|---|---|"]
+    b = d["built_in"]
+    for dtype, by_copy in d["crossovers"].items():
+        for copy, c in by_copy.items():
+            tuned = f"block M≤{c['block_max']}" + (f", panel {c['panel'][0]}–{c['panel'][1]}" if c["panel"][1] else "")
+            limit = b["block_max_vs_resident"] if copy == "resident" else b["block_max_vs_dequantize"]
+            built = (f"block M≤{min(limit, b['panel_fp32'][0] - 1)}, panel {b['panel_fp32'][0]}–{b['panel_fp32'][1]}"
+                     if dtype == "float32" and b["panel_fp32"][1] else f"block M≤{limit}")
+            fallback = "resident dense copy" if copy == "resident" else "dequantize per call"
+            lines.append(f"| {dtype} | {fallback} | {tuned} | {built} |")
+    e = d.get("engine_decode_tok_s")
+    if e:
+        lines += ["", "Engine decode (default model, fp32 activations, dense copy resident), tok/s, median of 3 "
+                  "alternating fresh processes:", "", "| sequences | tuned | built-in | tuned / built-in |",
+                  "|---:|---:|---:|---:|"]
+        for batch, tok_s in e["tuned"].items():
+            lines.append(f"| {batch} | {tok_s:.1f} | {e['built-in'][batch]:.1f} | {tok_s / e['built-in'][batch]:.2f} |")
+    lines.append(f"\n_From `benchmarks/kernel_tune.py` → `benchmarks/results/kernel_tune.json` (`kiln tune`), one run, "
+                 f"{d['date']}; {fp['cpu']} ({', '.join(fp['flags'])}), {fp['threads']} threads, {fp['simd']} build, "
+                 f"torch {fp['torch']}; 10th percentile of 5 alternating rounds; load average {d['load_average']:.1f} "
+                 "(other work niced, this run at nice -20)._")
+    return "\n".join(lines)
+
+
+__all__ = ["kernel_tune_table", "single_stream_peers_table"]

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_bench)
 
-    from kiln.entrypoints import cli_cache, cli_convert, cli_eval, cli_quantize
+    from kiln.entrypoints import cli_cache, cli_convert, cli_eval, cli_quantize, cli_tune
 
     cli_quantize.register(sub)
     from kiln.entrypoints import cli_plan
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_eval.register(sub)
     cli_convert.register(sub)
     cli_cache.register(sub)
+    cli_tune.register(sub)
     return parser
 
 

@@ -57,6 +57,10 @@ def print_info(model: str, dtype: str = "auto") -> None:
         if hasattr(m, "method"):
             counts[m.method.name] = counts.get(m.method.name, 0) + 1
     print("linear path      " + "\n                 ".join(f"{n} layer(s): {name}" for name, n in sorted(counts.items())))
+    from kiln.kernels.tune import describe, load_tuning
+
+    for line in describe(load_tuning()):
+        print(line)
     if loaded.model.quantized_tied_head is None and loaded.config.tie_word_embeddings:
         print("lm head          tied to the dense embedding")
     # Which kernels run and, when plain torch, why (switched off, or no C++ compiler here).

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from kiln.kernels.decode_step import LinearEntry, block_entry
 from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, quant_matmul, quant_matmul_panels, use_native_quant
+from kiln.kernels.tune import limits, load_tuning
 from kiln.layers.linear_method import LinearMethod
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 Q4_TYPES = ("Q4_0", "Q4_1")
 NATIVE_TYPES = frozenset(BLOCK_BYTES)
 
-# Measured crossovers on this CPU (benchmarks/quant_kernels.py), by the library's SIMD path:
+# Built-in crossovers, used where `kiln tune` has not measured this machine (kiln.kernels.tune).
+# Measured on an AMD EPYC (benchmarks/quant_kernels.py), by the library's SIMD path:
 # (largest M where the block kernel beats a resident bf16 GEMM, ... beats dequantize-per-call + GEMM).
 # AVX-512 (three runs): 1.07-1.10x at M=16, 0.87x at 32 vs resident bf16; with fp32 activations
 # against a resident fp32 copy (the default dtype on this CPU) the crossover is the same, 1.17x at
@@ -115,10 +117,18 @@ class GGUFQuantLinearMethod(LinearMethod):
         self.keep_dense = keep_dense
         self.dense_threshold = dense_threshold if dense_threshold is not None else default_dense_threshold(keep_dense)
         self.panel_rows = panel_rows if panel_rows is not None else default_panel_rows()
+        # `kiln tune`'s crossovers for this machine replace the built-in ones, unless the caller set its own
+        self.tuning = load_tuning() if dense_threshold is None and panel_rows is None else None
         self.source_types: set[str] = set()
+
+    def _tuned(self, dtype: torch.dtype) -> tuple[int, int] | None:
+        return limits(self.tuning, dtype, self.keep_dense) if self.tuning is not None else None
 
     def block_max_rows(self, dtype: torch.dtype) -> int:
         """Largest M the block kernel takes for activations of `dtype`."""
+        tuned = self._tuned(dtype)
+        if tuned is not None:
+            return tuned[0]
         first_panel, last_panel = self.panel_rows
         if dtype == torch.float32 and last_panel > 0:
             return min(self.dense_threshold, first_panel - 1)
@@ -126,7 +136,10 @@ class GGUFQuantLinearMethod(LinearMethod):
 
     def panel_max_rows(self, dtype: torch.dtype) -> int:
         """Largest M the panel kernel takes (0: never; it runs fp32 activations only)."""
-        return self.panel_rows[1] if dtype == torch.float32 else 0
+        if dtype != torch.float32:
+            return 0
+        tuned = self._tuned(dtype)
+        return tuned[1] if tuned is not None else self.panel_rows[1]
 
     @property
     def name(self) -> str:
@@ -134,6 +147,11 @@ class GGUFQuantLinearMethod(LinearMethod):
         path = "native int16·int{} kernel".format(4 if self.is_q4 else 8) if use_native_quant(torch.empty(0)) \
             else "reference (dequantize + matmul)"
         dense = "resident dense copy" if self.keep_dense else "dequantized per call"
+        if self.tuning is not None:
+            f32, b16 = self._tuned(torch.float32), self._tuned(torch.bfloat16)
+            return (f"gguf {types}: {path} (tuned here: fp32 M<={f32[0] if f32 else '?'}"
+                    + (f", panel kernel to M={f32[1]}" if f32 and f32[1] else "")
+                    + f"; bf16 M<={b16[0] if b16 else '?'}), dense GEMM above ({dense})")
         panel = ""
         if self.panel_rows[1] > 0 and use_native_quant(torch.empty(0)):
             panel = (f" (fp32: M<={self.block_max_rows(torch.float32)}, then the panel kernel up to "

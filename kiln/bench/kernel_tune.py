@@ -1,0 +1,89 @@
+"""`kiln tune`'s measurement: every kernel path for a block-quantized linear at every batch size in
+kiln.kernels.tune.ROWS, on the tuning model's Q4 linears in turn (distinct weights, as a decode step
+streams them), fp32 and bf16 activations, alternating rounds; the crossovers are fitted and saved by
+kiln.kernels.tune, where the engine's linears pick them up."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kiln.kernels.tune import ROWS, crossovers, fingerprint, save
+
+
+def _linears(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    from kiln.layers.gguf_quant import GGUFQuantLinearMethod
+
+    out = []
+    for layer in model.layers:
+        for module in layer.modules():
+            method = getattr(module, "method", None)
+            if isinstance(method, GGUFQuantLinearMethod) and method.is_q4:
+                out.append((module.qs, module.d, module.m))
+    return out
+
+
+def _low(xs: list[float]) -> float:
+    """The 10th percentile: a path's own cost on a CPU that other work may share (kiln.planner uses the same)."""
+    return sorted(xs)[int(0.1 * (len(xs) - 1))]
+
+
+def _step_time(fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int = 3,
+            log: Callable[[str], None] = lambda s: None, rows: tuple[int, ...] = ROWS) -> dict[str, Any]:
+    """Time every path at every M on `model`'s Q4 linears, save the crossovers for this machine, return them."""
+    from kiln.hub import resolve_model
+    from kiln.kernels.native import load_native, simd_path
+    from kiln.kernels.quant_matmul import dequantize
+    from kiln.loader.model_loader import load_model
+
+    if not load_native():
+        raise RuntimeError("kiln tune needs kiln's native kernels (a C++ compiler); the plain-torch path has no choice to tune")
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    loaded = load_model(resolve_model(model), dtype="float32", quantized_weights="native")
+    linears = _linears(loaded.model)
+    if not linears:
+        raise RuntimeError(f"{model} has no GGUF Q4 linears to tune on; use a Q4_0/Q4_1 GGUF")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dense = {name: [dequantize(qs, d, m, True, dt) for qs, d, m in linears] for name, dt in dtypes.items()}
+    panel_ok = simd_path() == "AVX-512"
+    samples: dict[str, dict[str, dict[str, list[float]]]] = {n: {str(m): {} for m in rows} for n in dtypes}
+    ops = torch.ops.kiln
+    with torch.inference_mode():
+        for r in range(rounds):
+            log(f"round {r + 1} of {rounds} ...")
+            for name, dt in dtypes.items():
+                for m in rows:
+                    xs = [torch.randn(m, d.shape[1] * 32, dtype=dt) for _, d, _ in linears]
+                    paths: dict[str, Callable[[], None]] = {
+                        "block": lambda: [ops.quant_matmul(x, qs, d, mm, True) for x, (qs, d, mm) in zip(xs, linears)],
+                        "resident": lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, dense[name])],
+                        "dequantize": lambda: [torch.nn.functional.linear(x, dequantize(qs, d, mm, True, dt))
+                                               for x, (qs, d, mm) in zip(xs, linears)],
+                    }
+                    if panel_ok and name == "float32":
+                        paths["panel"] = lambda: [ops.quant_matmul_panels(x, qs, d, mm, True)
+                                                  for x, (qs, d, mm) in zip(xs, linears)]
+                    for path, fn in paths.items():
+                        fn()  # warm-up: first touch, oneDNN's primitive cache
+                        samples[name][str(m)].setdefault(path, []).append(_step_time(fn))
+    times = {n: {m: {p: _low(v) for p, v in paths.items()} for m, paths in by_m.items()} for n, by_m in samples.items()}
+    fp = fingerprint(threads)
+    result = {"fingerprint": fp, "date": time.strftime("%Y-%m-%d %H:%M"), "model": model, "linears": len(linears),
+              "rows": list(rows), "seconds_per_step": times,
+              "crossovers": {n: {"resident": crossovers(times[n], rows, True),
+                                 "no_resident": crossovers(times[n], rows, False)} for n in dtypes}}
+    save(result)
+    return result
+
+
+__all__ = ["measure"]

@@ -1,0 +1,158 @@
+"""`kiln tune`: measure, on this machine, which kernel runs a block-quantized linear fastest at each
+batch size, and cache the crossovers for kiln to use instead of constants measured elsewhere.
+
+The measurement itself is kiln.bench.kernel_tune.measure; this module holds what the engine needs: the
+fingerprint, the crossovers fitted to the measured times, and the lookup of this machine's file.
+
+Candidates for a GGUF Q4/Q8 linear with M activation rows (kiln.layers.gguf_quant):
+- `block`: the int16·int4/int8 block kernel (torch.ops.kiln.quant_matmul);
+- `panel`: fp32 only, the panel kernel (blocks dequantized into L1 per panel; AVX-512 builds);
+- `resident`: the dense GEMM (torch / oneDNN, which uses AMX where the CPU has it) on a resident copy in
+  the activation dtype;
+- `dequantize`: the weights dequantized per call, then the dense GEMM (what runs without a resident copy).
+Each is timed on every Q4 linear of the tuning model's layers in turn (distinct weights, as a decode step
+streams them, so caches play the part they play in the engine), for M in ROWS, fp32 and bf16
+activations, in alternating rounds; a path's figure is the 10th percentile of its rounds.
+
+The crossovers (per activation dtype: the largest M the block kernel wins up to, the panel kernel's range,
+and where the dense GEMM takes over, with and without a resident copy) are cached in
+$KILN_HOME/tune/<fingerprint>.json. The fingerprint names the CPU, its ISA flags, cores, threads, torch,
+kiln's version and its native build: a different machine or build is untuned until `kiln tune` runs
+there, and then kiln.layers.gguf_quant takes its thresholds from the file.
+Q8_0 linears (the default model's tied LM head) take the Q4 crossovers: they are not timed on their own.
+Invariant: tuning changes which kernel runs, never what a kernel computes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROWS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+             "amx_int8", "amx_bf16")
+VERSION = 1  # the file's layout
+
+
+def _cpu() -> tuple[str, list[str]]:
+    name, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return name, [f for f in ISA_FLAGS if f in flags]
+
+
+@functools.lru_cache(maxsize=8)
+def fingerprint(threads: int) -> dict[str, Any]:
+    """What a tuning is valid for (computed once per thread count and process)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from kiln.kernels.native import current_build_folder, simd_path
+
+    try:
+        kiln_version = version("kiln-llm")
+    except PackageNotFoundError:
+        kiln_version = "source"
+    cpu, flags = _cpu()
+    build = current_build_folder()
+    return {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "kiln": kiln_version, "native_build": build.name if build else None, "simd": simd_path(),
+            "layout": VERSION}
+
+
+def tune_file(fp: dict[str, Any]) -> Path:
+    from kiln.hub import kiln_home
+
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return kiln_home() / "tune" / f"{digest}.json"
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_tuning(threads: int | None = None) -> dict[str, Any] | None:
+    """This machine's tuning for `threads` (default: torch's current count), or None if untuned."""
+    from kiln.kernels.native import load_native
+
+    if os.environ.get("KILN_NO_TUNE") or not load_native():
+        return None
+    return _load(str(tune_file(fingerprint(threads or torch.get_num_threads()))))
+
+
+def crossovers(times: dict[str, dict[str, float]], rows: tuple[int, ...], resident: bool) -> dict[str, Any]:
+    """One activation dtype's {M: {path: seconds}} → where kiln's kernels run, with (`resident`) or without
+    a resident dense copy to fall back on: the block kernel for M <= `block_max`, the panel kernel for
+    `panel` = [first, last] ([0, 0]: never), the dense GEMM above.
+
+    The two breakpoints are the ones whose three regimes cost least summed over the measured M, each M
+    weighted by its fastest path's time (so every M counts alike); a regime fit rather than each M's
+    winner, because neighbouring M within a few percent flip winners from round to round."""
+    dense = "resident" if resident else "dequantize"
+    has_panel = any("panel" in times[str(m)] for m in rows)
+
+    def cost(a: int, b: int) -> float:
+        total = 0.0
+        for m in rows:
+            t = times[str(m)]
+            path = "block" if m <= a else "panel" if m <= b else dense
+            best = min(v for k, v in t.items() if k in ("block", "panel", dense))
+            total += t.get(path, float("inf")) / best
+        return total
+
+    breaks = (0, *rows)
+    options = [(a, b) for a in breaks for b in breaks if b >= a and (has_panel or b == a)]
+    a, b = min(options, key=lambda ab: (cost(*ab), -ab[0]))
+    return {"block_max": a, "panel": [next(m for m in rows if m > a), b] if b > a else [0, 0]}
+
+
+def limits(tuning: dict[str, Any], dtype: torch.dtype, resident: bool) -> tuple[int, int] | None:
+    """(largest M for the block kernel, largest M for the panel kernel) from a tuning, for activations
+    of `dtype` (None: not tuned for that dtype)."""
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype)
+    if name is None or name not in tuning.get("crossovers", {}):
+        return None
+    c = tuning["crossovers"][name]["resident" if resident else "no_resident"]
+    return c["block_max"], c["panel"][1]
+
+
+def save(result: dict[str, Any]) -> Path:
+    """Write a measurement (kiln.bench.kernel_tune.measure) where `load_tuning` finds it; returns the path."""
+    path = tune_file(result["fingerprint"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    _load.cache_clear()
+    return path
+
+
+def describe(tuning: dict[str, Any] | None) -> list[str]:
+    """Lines for `kiln info`: the crossovers in use, or that none are tuned here."""
+    if tuning is None:
+        return ["kernel choice    untuned on this machine: built-in crossovers (run `kiln tune` to measure them here)"]
+    lines = [f"kernel choice    tuned {tuning['date']} on this CPU, {tuning['fingerprint']['threads']} threads "
+             "(M = activation rows of a linear):"]
+    for dtype, by_copy in tuning["crossovers"].items():
+        for copy, c in by_copy.items():
+            panel = f", panel kernel M={c['panel'][0]}-{c['panel'][1]}" if c["panel"][1] else ""
+            above = max(c["block_max"], c["panel"][1])
+            lines.append(f"                 {dtype}, {'resident dense copy' if copy == 'resident' else 'no dense copy'}: "
+                         f"block kernel M<={c['block_max']}{panel}, dense GEMM above M={above}")
+    return lines
+
+
+__all__ = ["ROWS", "crossovers", "describe", "fingerprint", "limits", "load_tuning", "save", "tune_file"]
