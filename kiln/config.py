@@ -222,14 +222,32 @@ QUANTIZED_WEIGHTS_MODES = ("auto", "native", "dequantize")
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the engine uses the machine. `threads`: torch/OpenMP threads of the engine thread (None: all
-    cores). They are set on the thread that runs the model, since OpenMP's thread count is per thread."""
+    """How the engine uses the machine. `threads`: torch/OpenMP threads of the engine thread, and of each
+    tensor-parallel rank (None: all cores, or cores / tensor_parallel_size under TP, at least 1). They are
+    set on the thread that runs the model, since OpenMP's thread count is per thread.
+
+    `tensor_parallel_size` ranks run one model (kiln.distributed); `distributed_init` None: the engine
+    spawns the other ranks on this machine; 'env://': a launcher (torchrun) started every rank and its
+    RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT environment variables say who is who."""
 
     threads: int | None = None
+    tensor_parallel_size: int = 1
+    distributed_init: str | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_init not in (None, "env://"):
+            raise ValueError(f"distributed_init must be 'env://' (ranks from a launcher such as torchrun) or unset "
+                             f"(the engine spawns its ranks), got {self.distributed_init!r}")
+
+    def rank_threads(self, cores: int) -> int:
+        """Threads of one rank: `threads` when set, else this machine's cores shared by its ranks."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, cores // self.tensor_parallel_size)
 
 
 @dataclass(frozen=True)

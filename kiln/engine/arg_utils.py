@@ -70,7 +70,13 @@ class EngineArgs:
     ngram_min: int = _opt(1, "ngram proposer: shortest suffix to match", type=int)
     ngram_max: int = _opt(4, "ngram proposer: longest suffix to match", type=int)
     # ---- the machine ----
-    threads: int | None = _opt(None, "torch/OpenMP threads of the engine (default: all cores)", type=int)
+    threads: int | None = _opt(None, "torch/OpenMP threads of the engine, and of each tensor-parallel rank "
+                                     "(default: all cores, shared by the ranks under tensor parallel)", type=int)
+    tensor_parallel_size: int = _opt(1, "tensor parallel: shard the model over this many processes joined by "
+                                        "torch.distributed (gloo on CPU, NCCL on CUDA)", type=int)
+    distributed_init: str | None = _opt(None, "tensor parallel rendezvous: env:// takes the ranks from a launcher "
+                                              "(torchrun --nnodes ...); default: the engine spawns its ranks here",
+                                        choices=("env://",))
     # ---- kernel switches (None: the environment variable's value, see kiln.config.KernelConfig) ----
     native_kernels: bool | None = _opt(None, "do not build or use kiln's C++ kernels: plain torch everywhere "
                                              "(env KILN_NO_NATIVE=1)", flag="--no-native-kernels", negate=True)
@@ -176,6 +182,7 @@ class EngineArgs:
                                       enable_chunked_prefill=self.enable_chunked_prefill,
                                       max_model_len=self.max_model_len),
             speculative=speculative,
-            parallel=ParallelConfig(threads=self.threads),
+            parallel=ParallelConfig(threads=self.threads, tensor_parallel_size=self.tensor_parallel_size,
+                                    distributed_init=self.distributed_init),
             kernel=self.kernel_config(),
         )

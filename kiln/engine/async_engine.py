@@ -262,6 +262,14 @@ class AsyncEngine:
         if not self._load():
             return
         try:
+            self._serve()
+        finally:
+            close = getattr(self.engine, "close", None)  # test doubles may have none
+            if close is not None:
+                close()  # a tensor-parallel engine's other ranks stop with this thread
+
+    def _serve(self) -> None:
+        try:
             while True:
                 with self._cv:
                     while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +73,10 @@ class LLMEngine:
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         speculative_config: SpeculativeConfig | None = None,
+        runner_factory: Callable[..., ModelRunner] = ModelRunner,
     ) -> None:
+        """`runner_factory(model, num_blocks, block_size, kv_cache_dtype, kv_groups)` builds the model runner (a
+        tensor-parallel engine passes one that drives its other ranks, kiln.distributed)."""
         self.loaded = loaded
         self.speculative_config = speculative_config
         self.tokenizer = loaded.tokenizer
@@ -102,8 +106,8 @@ class LLMEngine:
             self.kv_manager = HybridKVCacheManager(self.kv_budget.num_blocks, self.cache_config.block_size,
                                                    self.kv_groups, self.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, self.max_model_len)
-        self.runner = ModelRunner(loaded.model, self.kv_budget.num_blocks, self.cache_config.block_size,
-                                  self.cache_config.kv_cache_dtype, self.kv_groups)
+        self.runner = runner_factory(loaded.model, self.kv_budget.num_blocks, self.cache_config.block_size,
+                                     self.cache_config.kv_cache_dtype, self.kv_groups)
         self.spec: SpecDecoder | None = build_spec_decoder(
             speculative_config, loaded, self.kv_budget.num_blocks, self.cache_config.block_size, self.max_model_len)
         self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
@@ -128,6 +132,10 @@ class LLMEngine:
         from kiln.kernels import switches
 
         switches.configure(config.kernel)
+        if config.parallel.tensor_parallel_size > 1:
+            from kiln.distributed.engine import build_tensor_parallel_engine
+
+            return build_tensor_parallel_engine(cls, config)  # rank 0 here; other ranks never return
         if config.parallel.threads:
             torch.set_num_threads(config.parallel.threads)
         m = config.model
@@ -263,6 +271,11 @@ class LLMEngine:
         self.runner.remove_requests([seq_id])
         if self.spec is not None:
             self.spec.free(seq_id)
+
+    def close(self) -> None:
+        """Stop what the engine runs outside this thread (tensor-parallel ranks); idempotent. An engine
+        without such ranks has nothing to stop."""
+        self.runner.close()
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -11,7 +11,8 @@ format can replace the matmul without the model file branching on it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,9 @@ class Linear(nn.Module):
         )
         self.method: LinearMethod = DenseLinearMethod()
         self.loaded_shards: set[tuple[str, str | None]] = set()
+        # Tensor parallel (set from outside by kiln.distributed, before loading): cuts each checkpoint
+        # tensor down to this rank's part; the layer's sizes are already this rank's.
+        self.tp_slice: Callable[[Linear, str, Any, str | None], Any] | None = None
 
     def shard_slice(self, shard: str | None) -> slice:
         idx = self.shard_names.index(shard)
@@ -83,6 +87,8 @@ class Linear(nn.Module):
     def weight_loader(self, param_name: str, loaded: "torch.Tensor | GGUFQuantizedTensor", shard: str | None = None) -> None:
         """Hand a checkpoint tensor to the method (`weight`/`bias` at `shard`'s rows, or one of its own
         buffers); ValueError naming the expected shape when the checkpoint disagrees."""
+        if self.tp_slice is not None:
+            loaded = self.tp_slice(self, param_name, loaded, shard)
         self.method.load_param(self, param_name, loaded, shard)
         self.loaded_shards.add((param_name, shard))
 

@@ -52,6 +52,16 @@ class LinearMethod(ABC):
         block tensor dequantized first; ValueError (naming the expected shape) when it does not fit."""
         load_dense_rows(layer, name, tensor, shard)
 
+    def tp_layout(self, layer: "Linear", name: str) -> tuple[int | None, int | None, int]:
+        """How checkpoint tensor `name` lies over the layer, for tensor-parallel slicing: (its dim along the
+        output rows or None, its dim along the input columns or None, input columns per index along that
+        dim). Default: a dense `weight` [out, in] and `bias` [out]."""
+        if name == "weight":
+            return 0, 1, 1
+        if name == "bias":
+            return 0, None, 1
+        raise ValueError(f"{self.name}: no tensor-parallel layout for {name!r}")
+
     def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
         """Once every tensor is loaded. `dense`: an existing dense copy of the weight to adopt (a tied
         embedding serving as LM head). Default: nothing to do."""

@@ -149,6 +149,12 @@ class IntWeightLinearMethod(QuantizedBuffersMethod):
         layer.dense_weight = None
         self.blocks = GGUFQuantLinearMethod("Q4" if self.bits == 4 else "Q8", keep_dense=False)
 
+    def tp_layout(self, layer: "Linear", name: str) -> tuple[int | None, int | None, int]:
+        per_channel = self.group_size == -1
+        layouts = {"qweight": (0, 1, 2 if self.bits == 4 else 1), "scales": (0, None if per_channel else 1,
+                   self.group_size), "qzeros": (0, None if per_channel else 1, self.group_size), "smooth": (None, 0, 1)}
+        return layouts[name] if name in layouts else super().tp_layout(layer, name)
+
     def buffer_specs(self, layer: "Linear") -> BufferSpecs:
         n, k = sum(layer.output_sizes), layer.input_size
         g = 1 if self.group_size == -1 else -(-k // self.group_size)  # a short last group when G ∤ K
@@ -181,6 +187,9 @@ class FP8WeightLinearMethod(QuantizedBuffersMethod):
 
     name = "fp8 e4m3 per-channel: reference path (dequantize + dense matmul)"
 
+    def tp_layout(self, layer: "Linear", name: str) -> tuple[int | None, int | None, int]:
+        return {"qweight": (0, 1, 1), "scales": (0, None, 1)}.get(name) or super().tp_layout(layer, name)
+
     def buffer_specs(self, layer: "Linear") -> BufferSpecs:
         n, k = sum(layer.output_sizes), layer.input_size
         return {"qweight": ((n, k), torch.float8_e4m3fn), "scales": ((n,), torch.float32)}
@@ -197,6 +206,10 @@ class W8A8LinearMethod(QuantizedBuffersMethod):
     """
 
     name = "w8a8 int8 (SmoothQuant; per-token dynamic activations): torch._int_mm"
+
+    def tp_layout(self, layer: "Linear", name: str) -> tuple[int | None, int | None, int]:
+        layouts = {"qweight_t": (1, 0, 1), "scales": (0, None, 1), "smooth": (None, 0, 1)}
+        return layouts.get(name) or super().tp_layout(layer, name)
 
     def buffer_specs(self, layer: "Linear") -> BufferSpecs:
         n, k = sum(layer.output_sizes), layer.input_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,14 +103,16 @@ def safetensors_names(folder: Path) -> list[str]:
 
 
 def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               quantized_weights: str = "auto") -> LoadedModel:
+               quantized_weights: str = "auto",
+               prepare_model: Callable[[nn.Module], None] | None = None) -> LoadedModel:
     """Load a GGUF file or a Hugging Face folder.
 
     `quantized_weights` (GGUF only): 'auto' keeps Q4_0/Q4_1/Q8_0 matrices in their blocks for
     kiln's native kernels when those are available on CPU (small batches) plus a dense copy in
     `dtype` for large batches; 'native' keeps the blocks only (memory-lean; large batches
     dequantize per call); 'dequantize' expands every tensor to `dtype` (the reference path
-    the tests compare with).
+    the tests compare with). `prepare_model(model)` runs once the model is built and before any weight
+    is planned or loaded (tensor parallel resizes the layers to one rank's share there).
     """
     from kiln.loader.tokenizer import Tokenizer
 
@@ -127,6 +130,8 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         cfg = hf_model_config(path)
         arch = get_architecture(cfg.architecture, path)
         model = arch.model_class(cfg, torch_dtype, device)
+        if prepare_model is not None:
+            prepare_model(model)
         config_json = read_config_json(path)
         weights = iter_safetensors_weights(path)
         if is_foreign(config_json.get("quantization_config")):  # GPTQ / AWQ / compressed-tensors
@@ -158,6 +163,8 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
             cfg.extra["rope_freq_factors"] = factors
         arch = get_architecture(cfg.architecture, path)
         model = arch.model_class(cfg, torch_dtype, device)
+        if prepare_model is not None:
+            prepare_model(model)
         keep_blocks = use_gguf_blocks(quantized_weights, device)
         keep_dense = quantized_weights == "auto"
         if keep_blocks:

@@ -38,7 +38,9 @@ def allocate_model_kv_caches(model: torch.nn.Module, num_blocks: int, block_size
     i-th page tensor (the groups' block ids never overlap), so only `layers_per_block` tensors exist.
     """
     cfg = model.config
-    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    # Under tensor parallel each rank caches only its own KV heads (kiln.distributed sets the count).
+    kv_heads = getattr(model, "tp_num_kv_heads", None) or cfg.num_key_value_heads
+    shape = (num_blocks, block_size, kv_heads, cfg.head_dim)
     if groups is None:
         return allocate_kv_caches(cfg.num_hidden_layers, shape, kv_cache_dtype, model.dtype, model.device)
     pages = allocate_kv_caches(len(groups[0].layers), shape, kv_cache_dtype, model.dtype, model.device)

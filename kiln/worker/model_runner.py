@@ -51,6 +51,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
 
+    def close(self) -> None:
+        """Release what the runner holds outside this process (a tensor-parallel runner's ranks); idempotent."""
+
     def remove_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.generators.pop(rid, None)
@@ -106,14 +109,14 @@ class ModelRunner:
         for i, item in enumerate(items):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             if item.request.sampling_params.prompt_logprobs is not None and item.start < item.request.num_prompt_tokens:
-                out.prompt_logprobs[item.request.request_id] = self._prompt_logprobs(item, hidden[start:end])
+                out.prompt_logprobs[item.request.request_id] = self._prompt_logprobs(item, hidden, start)
             if item.samples:
                 # a speculating sequence samples at its last token and at each of its k drafts
                 sample_rows.extend(range(end - 1 - len(item.spec_token_ids), end))
                 sample_items.append(item)
         if not sample_rows:
             return out
-        logits = self.model.compute_logits(hidden[sample_rows])
+        logits = self._compute_logits(hidden, sample_rows)
         plain = [(j, item) for j, item in enumerate(sample_items) if not item.spec_token_ids]
         offsets, at = [], 0
         for item in sample_items:
@@ -148,14 +151,36 @@ class ModelRunner:
         return SampleRow(req.sampling_params, req.prompt_token_ids, output_token_ids,
                          generator if generator is not None else self._generator(item), req.eos_token_ids)
 
-    def _prompt_logprobs(self, item: ScheduledRequest, hidden: torch.Tensor) -> list[tuple[int, float, TopLogprobs]]:
-        """Logprob of each next prompt token given the tokens before it, for this chunk's rows."""
+    def logit_rows(self, items: list[ScheduledRequest], meta: AttentionMetadata) -> list[int]:
+        """Every row of the flat batch whose logits `_sample` will ask for, sorted (the rows each sampling
+        request samples at, and the prompt rows of prompt logprobs)."""
+        rows: set[int] = set()
+        for i, item in enumerate(items):
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            if item.request.sampling_params.prompt_logprobs is not None and item.start < item.request.num_prompt_tokens:
+                rows.update(range(start, start + self._num_prompt_logprob_rows(item)))
+            if item.samples:
+                rows.update(range(end - 1 - len(item.spec_token_ids), end))
+        return sorted(rows)
+
+    def _compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """fp32 logits of the flat batch's `rows` (a tensor-parallel runner serves them from one gather)."""
+        return self.model.compute_logits(hidden[rows])
+
+    @staticmethod
+    def _num_prompt_logprob_rows(item: ScheduledRequest) -> int:
+        return min(item.num_tokens, item.request.num_prompt_tokens - 1 - item.start)
+
+    def _prompt_logprobs(self, item: ScheduledRequest, hidden: torch.Tensor,
+                         start: int) -> list[tuple[int, float, TopLogprobs]]:
+        """Logprob of each next prompt token given the tokens before it, for this chunk's rows (from `start`)."""
         req = item.request
         n_top = req.sampling_params.prompt_logprobs or 0
-        last_prompt_row = min(item.num_tokens, req.num_prompt_tokens - 1 - item.start)
+        last_prompt_row = self._num_prompt_logprob_rows(item)
         if last_prompt_row <= 0:
             return []
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:last_prompt_row]), dim=-1)
+        logits = self._compute_logits(hidden, list(range(start, start + last_prompt_row)))
+        logprobs = torch.log_softmax(logits, dim=-1)
         result = []
         for r in range(last_prompt_row):
             target = req.prompt_token_ids[item.start + r + 1]
