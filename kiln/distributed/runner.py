@@ -9,6 +9,7 @@ same per-request seeded generators), so sampling does not depend on the TP size.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,12 +53,15 @@ class TPModelRunner(ModelRunner):
             raise ValueError("tensor parallel does not run hybrid (sliding-window) KV caches yet; "
                              "use --tensor-parallel-size 1 for this model")
         super().__init__(model, num_blocks, block_size, kv_cache_dtype)
+        self._healthy = [True]  # shared with the finalizer: no stop message into a broken group
         self.group, self.processes = group, processes
         self.failed: str | None = None
-        self._closed = False
         self._logits: torch.Tensor | None = None
         self._row_at: dict[int, int] = {}
         self._collective(lambda: group.broadcast(CacheSetup(num_blocks, block_size, kv_cache_dtype)))
+        # An engine nobody closes still stops its other ranks (they would wait for the next step forever)
+        # once it is garbage or the interpreter exits; the finalizer holds no reference to the runner.
+        self._stop = weakref.finalize(self, _stop_ranks, group, processes, self._healthy)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -89,6 +93,7 @@ class TPModelRunner(ModelRunner):
             if not _is_comm_failure(exc):
                 raise
             self.failed = self._why_failed(exc)
+            self._healthy[0] = False
             raise TensorParallelError(self.failed) from exc
 
     def _why_failed(self, exc: BaseException) -> str:
@@ -99,17 +104,18 @@ class TPModelRunner(ModelRunner):
 
     def close(self) -> None:
         """Tell the workers to stop, wait for them (killing any that hang), leave the group. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.failed is None:
-            try:
-                self.group.broadcast(None)
-            except (RuntimeError, ConnectionError):
-                pass
-        if self.processes is not None:
-            self.processes.stop()
-        self.group.leave()
+        self._stop()
+
+
+def _stop_ranks(group: TPGroup, processes: "RankProcesses | None", healthy: list[bool]) -> None:
+    if healthy[0]:
+        try:
+            group.broadcast(None)
+        except (RuntimeError, ConnectionError):
+            pass
+    if processes is not None:
+        processes.stop()
+    group.leave()
 
 
 def _is_comm_failure(exc: BaseException) -> bool:
