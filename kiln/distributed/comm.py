@@ -41,7 +41,7 @@ class TPGroup:
         self.rank, self.world, self.device = rank, world, device
 
     @classmethod
-    def join(cls, rank: int, world: int, init_method: str, device: torch.device) -> "TPGroup":
+    def join(cls, rank: int, world: int, init_method: str, device: torch.device) -> TPGroup:
         """Join the default process group (blocks until all `world` ranks have joined)."""
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -17,7 +17,13 @@ import torch
 from kiln.config import EngineConfig
 from kiln.distributed.comm import TensorParallelError, TPGroup, describe
 from kiln.distributed.runner import TPModelRunner
-from kiln.distributed.worker import load_rank_model, rank_device, report_ready, run_worker, spawned_worker
+from kiln.distributed.worker import (
+    load_rank_model,
+    rank_device,
+    report_ready,
+    run_worker,
+    spawned_worker,
+)
 
 # kiln.engine.LLMEngine (not imported: kiln.engine imports this package); built as
 # engine_cls(loaded, cache_config, scheduler_config, speculative_config, runner_factory=...).

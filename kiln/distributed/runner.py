@@ -48,7 +48,7 @@ class TPModelRunner(ModelRunner):
     """A ModelRunner whose forward and logits are collective over the tensor-parallel group."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto",
-                 kv_groups: list | None = None, *, group: TPGroup, processes: "RankProcesses | None" = None) -> None:
+                 kv_groups: list | None = None, *, group: TPGroup, processes: RankProcesses | None = None) -> None:
         if kv_groups is not None:
             raise ValueError("tensor parallel does not run hybrid (sliding-window) KV caches yet; "
                              "use --tensor-parallel-size 1 for this model")
@@ -107,7 +107,7 @@ class TPModelRunner(ModelRunner):
         self._stop()
 
 
-def _stop_ranks(group: TPGroup, processes: "RankProcesses | None", healthy: list[bool]) -> None:
+def _stop_ranks(group: TPGroup, processes: RankProcesses | None, healthy: list[bool]) -> None:
     if healthy[0]:
         try:
             group.broadcast(None)

@@ -45,7 +45,7 @@ class RankShare:
     vocab_size: int
 
     @classmethod
-    def of(cls, cfg: ModelConfig, rank: int, world: int) -> "RankShare":
+    def of(cls, cfg: ModelConfig, rank: int, world: int) -> RankShare:
         check_tp_size(cfg, world)
         return cls(rank, world, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                    cfg.intermediate_size, cfg.vocab_size)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from loader.tiny_model import TinyModels, build_tiny_models
 
 from kiln import LLM, SamplingParams
 from kiln.distributed.comm import TensorParallelError
-from loader.tiny_model import TinyModels, build_tiny_models
 
 COMMON = {"threads": 1, "kv_cache_memory": 1 << 20, "max_num_batched_tokens": 64, "max_num_seqs": 8}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from loader.tiny_model import TinyModels, build_tiny_models
 
 from kiln import LLM, SamplingParams
-from loader.tiny_model import TinyModels, build_tiny_models
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_FLAGS = ["--threads", "1", "--kv-cache-memory", "1MiB", "--max-num-batched-tokens", "64"]
