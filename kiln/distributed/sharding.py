@@ -30,9 +30,11 @@ from kiln.layers.linear import DenseLinearMethod, Linear
 
 def shard_model(model: nn.Module, group: TPGroup) -> RankShare:
     """Turn a freshly built (unloaded) Llama-family model into rank `group.rank`'s share of it."""
-    for attr in ("layers", "embed_tokens", "norm", "compute_logits"):
-        if not hasattr(model, attr):
-            raise ValueError(f"tensor parallel supports the Llama model family; {type(model).__name__} is not one")
+    from kiln.models.llama import LlamaForCausalLM
+
+    if type(model) is not LlamaForCausalLM:  # another family's layers would need their own plan
+        raise ValueError(f"tensor parallel runs the Llama model family (Llama, Mistral, Qwen2, SmolLM2) so far; "
+                         f"{model.config.architecture} is not one of them: use --tensor-parallel-size 1")
     share = RankShare.of(model.config, group.rank, group.world)
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
