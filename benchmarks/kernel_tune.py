@@ -1,7 +1,9 @@
 """`kiln tune` on this machine, for the README: which kernel runs a block-quantized linear at each batch
 size, measured here (kiln.kernels.tune), the built-in crossovers it replaces, and what the engine gains:
-decode tok/s of the default model at 1, 16 and 64 sequences with the tuning and with the built-in
-crossovers (KILN_NO_TUNE=1), each in a fresh process, alternating, 3 rounds.
+decode tok/s of the default model at 1, 16 and 64 sequences and 1,024-token prefill tok/s with the
+tuning and with the built-in choices (KILN_NO_TUNE=1), each in a fresh process, alternating, 3 rounds;
+and, where the tuning keeps fp32 models' dense copies in bf16, what that costs in quality: teacher-forced
+KL and top-1 agreement of the next-token distributions against the fp32 copy over WikiText-2 windows.
 
 Writes benchmarks/results/kernel_tune.json (the tuning itself is also cached in $KILN_HOME/tune/, where
 the engine picks it up). On a CPU shared with other work, run it as `nice -n -20 python
@@ -38,6 +40,16 @@ for batch in %s:
         t = time.perf_counter(); eng.step(); steps.append(time.perf_counter() - t)
     steps = sorted(steps[:-2])
     out[str(batch)] = batch / steps[len(steps) // 2]
+# the default 512-token budget: a 1,024-token prompt runs in two chunks, as a user's would
+prefills = []
+for i in range(3):
+    eng.add_request({"prompt_token_ids": [1 + i] + [504 + (j * 7) %% 3000 for j in range(1023)]},
+                    SamplingParams(temperature=0, max_tokens=1))
+    t = time.perf_counter()
+    while eng.has_unfinished_requests():
+        eng.step()
+    prefills.append(time.perf_counter() - t)
+out["prefill_1024"] = 1024 / min(prefills)
 print(json.dumps(out))
 """ % (BATCHES,)
 
@@ -49,6 +61,34 @@ def engine_decode(tuned: bool) -> dict[str, float]:
         env["KILN_NO_TUNE"] = "1"
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def bf16_copy_quality(windows: int = 4) -> dict[str, float]:
+    """Teacher-forced next-token KL(fp32 copy ‖ bf16 copy) and top-1 agreement on WikiText-2 windows of 512
+    tokens: the whole window runs through the dense copies, as a prefill does."""
+    import torch
+
+    from kiln.data import WIKITEXT2_TEST, data_path
+    from kiln.eval.forward import window_logits
+    from kiln.hub import resolve_model
+    from kiln.loader.model_loader import load_model
+
+    path = resolve_model("smollm2-135m")
+    os.environ["KILN_NO_TUNE"] = "1"
+    exact = load_model(path, dtype="float32")
+    del os.environ["KILN_NO_TUNE"]
+    tuned = load_model(path, dtype="float32")
+    ids = exact.tokenizer.encode(data_path(WIKITEXT2_TEST).read_text()[:60000])
+    kls, agree = [], []
+    for w in range(windows):
+        window = ids[w * 512:(w + 1) * 512]
+        a = torch.log_softmax(window_logits(exact.model, window).float(), -1)
+        b = torch.log_softmax(window_logits(tuned.model, window).float(), -1)
+        kls.append((a.exp() * (a - b)).sum(-1))
+        agree.append((a.argmax(-1) == b.argmax(-1)).float())
+    kl = torch.cat(kls)
+    return {"kl_mean": kl.mean().item(), "kl_p99": kl.quantile(0.99).item(),
+            "top1_agreement": torch.cat(agree).mean().item(), "tokens": int(kl.numel())}
 
 
 def main() -> None:
@@ -68,6 +108,10 @@ def main() -> None:
             print(f"round {r + 1} {name}: {runs[name][-1]}", file=sys.stderr)
     result["engine_decode_tok_s"] = {name: {b: statistics.median(x[b] for x in rs) for b in map(str, BATCHES)}
                                      for name, rs in runs.items()}
+    result["engine_prefill_1024_tok_s"] = {name: statistics.median(x["prefill_1024"] for x in rs)
+                                           for name, rs in runs.items()}
+    if result.get("fp32_dense_copy") == "bfloat16":
+        result["bf16_copy_quality"] = bf16_copy_quality()
     result["engine_decode_runs"] = runs
     result["load_average"] = os.getloadavg()[0]
     OUT.write_text(json.dumps(result, indent=1))

@@ -54,11 +54,12 @@ def test_crossovers_without_panel_or_resident_copy() -> None:
     assert tune.crossovers(times, ROWS, resident=False)["block_max"] == 64
 
 
-def _write_tuning(block: int, panel: tuple[int, int]) -> Path:
+def _write_tuning(block: int, panel: tuple[int, int], dense_copy: str = "float32") -> Path:
     fp = tune.fingerprint(torch.get_num_threads())
     c = {"block_max": block, "panel": list(panel)}
     data = {"fingerprint": fp, "date": "test", "crossovers": {"float32": {"resident": c, "no_resident": c},
-                                                             "bfloat16": {"resident": c, "no_resident": c}}}
+                                                             "bfloat16": {"resident": c, "no_resident": c}},
+            "fp32_dense_copy": dense_copy}
     path = tune.tune_file(fp)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
@@ -88,6 +89,36 @@ def test_linears_follow_this_machines_tuning(tuned_home: Path) -> None:
     # an explicit choice (tests, callers that measured for themselves) wins over the file
     explicit = GGUFQuantLinearMethod("Q4", dense_threshold=7, panel_rows=(0, 0))
     assert explicit.block_max_rows(torch.float32) == 7
+
+
+def test_dense_copy_dtype_choice() -> None:
+    times = {"128": {"resident": 10.0, "resident_bf16": 8.0}}
+    assert tune.dense_copy_dtype(times, (128,)) == "bfloat16"
+    times["128"]["resident_bf16"] = 9.5  # within 10 %: not worth the rounding
+    assert tune.dense_copy_dtype(times, (128,)) == "float32"
+
+
+def test_a_bf16_dense_copy_runs_prefill_in_bf16(tuned_home: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With `kiln tune` having chosen a bf16 copy, an fp32 model's block layers keep their dense copy in bf16
+    and run large batches as bf16 GEMMs (casts in and out); small batches still run the exact blocks."""
+    from kiln.kernels.quant_matmul import dequantize, quant_matmul
+    from kiln.loader.model_loader import load_model
+
+    tiny: TinyModels = build_tiny_models(tmp_path_factory.mktemp("tune-bf16"))
+    _write_tuning(block=2, panel=(0, 0), dense_copy="bfloat16")
+    model = load_model(tiny.gguf["untied"], dtype="float32").model
+    layers = [m for m in model.modules() if isinstance(getattr(m, "method", None), GGUFQuantLinearMethod)
+              and m.dense_weight is not None and not isinstance(m.dense_weight, torch.nn.Parameter)]
+    assert layers and all(m.dense_weight.dtype == torch.bfloat16 for m in layers)
+    layer = layers[0]
+    x = torch.randn(16, layer.input_size)
+    exact = dequantize(layer.qs, layer.d, layer.m, layer.method.is_q4, torch.float32)
+    expected = torch.nn.functional.linear(x.to(torch.bfloat16), exact.to(torch.bfloat16)).float()
+    if layer.bias is not None:
+        expected = expected + layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    assert torch.equal(layer(x[:1]), quant_matmul(x[:1], layer.qs, layer.d, layer.m, layer.method.is_q4)
+                       + (layer.bias if layer.bias is not None else 0))
 
 
 def test_a_tuning_of_another_machine_is_not_used(tuned_home: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kiln.kernels.tune import ROWS, crossovers, fingerprint, save
+from kiln.kernels.tune import ROWS, crossovers, dense_copy_dtype, fingerprint, save
 
 
 def _linears(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -70,6 +70,10 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
                         "dequantize": lambda: [torch.nn.functional.linear(x, dequantize(qs, d, mm, True, dt))
                                                for x, (qs, d, mm) in zip(xs, linears)],
                     }
+                    if name == "float32":  # fp32 activations through a bf16 copy: the casts in and out included
+                        paths["resident_bf16"] = lambda: [
+                            torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
+                            for x, w in zip(xs, dense["bfloat16"])]
                     if panel_ok and name == "float32":
                         paths["panel"] = lambda: [ops.quant_matmul_panels(x, qs, d, mm, True)
                                                   for x, (qs, d, mm) in zip(xs, linears)]
@@ -81,7 +85,8 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
     result = {"fingerprint": fp, "date": time.strftime("%Y-%m-%d %H:%M"), "model": model, "linears": len(linears),
               "rows": list(rows), "seconds_per_step": times,
               "crossovers": {n: {"resident": crossovers(times[n], rows, True),
-                                 "no_resident": crossovers(times[n], rows, False)} for n in dtypes}}
+                                 "no_resident": crossovers(times[n], rows, False)} for n in dtypes},
+              "fp32_dense_copy": dense_copy_dtype(times["float32"], rows)}
     save(result)
     return result
 

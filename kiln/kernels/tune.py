@@ -103,22 +103,46 @@ def crossovers(times: dict[str, dict[str, float]], rows: tuple[int, ...], reside
     The two breakpoints are the ones whose three regimes cost least summed over the measured M, each M
     weighted by its fastest path's time (so every M counts alike); a regime fit rather than each M's
     winner, because neighbouring M within a few percent flip winners from round to round."""
-    dense = "resident" if resident else "dequantize"
     has_panel = any("panel" in times[str(m)] for m in rows)
+    # the fallback's GEMM: on the resident copy in its own dtype or, for fp32 activations, through a bf16 copy
+    # (kiln.kernels.tune.dense_copy_dtype keeps whichever wins); without a copy, dequantize per call
+    dense_paths = [p for p in (("resident", "resident_bf16") if resident else ("dequantize",))
+                   if p in times[str(rows[0])]]
+
+    def dense_time(t: dict[str, float]) -> float:
+        return min(t[p] for p in dense_paths)
 
     def cost(a: int, b: int) -> float:
         total = 0.0
         for m in rows:
             t = times[str(m)]
-            path = "block" if m <= a else "panel" if m <= b else dense
-            best = min(v for k, v in t.items() if k in ("block", "panel", dense))
-            total += t.get(path, float("inf")) / best
+            path_time = t["block"] if m <= a else t.get("panel", float("inf")) if m <= b else dense_time(t)
+            best = min(t["block"], t.get("panel", float("inf")), dense_time(t))
+            total += path_time / best
         return total
 
     breaks = (0, *rows)
     options = [(a, b) for a in breaks for b in breaks if b >= a and (has_panel or b == a)]
     a, b = min(options, key=lambda ab: (cost(*ab), -ab[0]))
     return {"block_max": a, "panel": [next(m for m in rows if m > a), b] if b > a else [0, 0]}
+
+
+def dense_copy_dtype(times: dict[str, dict[str, float]], rows: tuple[int, ...]) -> str:
+    """fp32 activations: keep the resident dense copy (what prefill and the largest batches run) in bf16 when
+    its GEMM, casts included, beats the fp32 GEMM by 10 % or more at the largest measured M; else fp32.
+    The bf16 copy rounds the weights to 8 mantissa bits (the blocks themselves stay exact): its cost in
+    quality is measured by benchmarks/kernel_tune.py."""
+    big = times[str(max(rows))]
+    if "resident_bf16" in big and big["resident_bf16"] <= 0.9 * big["resident"]:
+        return "bfloat16"
+    return "float32"
+
+
+def copy_dtype(tuning: dict[str, Any] | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a resident dense copy is kept in for a model of `dtype` (the tuning's choice for fp32)."""
+    if tuning is not None and dtype == torch.float32 and tuning.get("fp32_dense_copy") == "bfloat16":
+        return torch.bfloat16
+    return dtype
 
 
 def limits(tuning: dict[str, Any], dtype: torch.dtype, resident: bool) -> tuple[int, int] | None:
@@ -152,7 +176,10 @@ def describe(tuning: dict[str, Any] | None) -> list[str]:
             above = max(c["block_max"], c["panel"][1])
             lines.append(f"                 {dtype}, {'resident dense copy' if copy == 'resident' else 'no dense copy'}: "
                          f"block kernel M<={c['block_max']}{panel}, dense GEMM above M={above}")
+    if tuning.get("fp32_dense_copy") == "bfloat16":
+        lines.append("                 fp32 models keep their dense copy in bf16 (prefill GEMMs in bf16: faster here; "
+                     "the blocks stay exact for decode)")
     return lines
 
 
-__all__ = ["ROWS", "crossovers", "describe", "fingerprint", "limits", "load_tuning", "save", "tune_file"]
+__all__ = ["ROWS", "crossovers", "describe", "copy_dtype", "dense_copy_dtype", "fingerprint", "limits", "load_tuning", "save", "tune_file"]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kiln.kernels.decode_step import LinearEntry, block_entry
 from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, quant_matmul, quant_matmul_panels, use_native_quant
-from kiln.kernels.tune import limits, load_tuning
+from kiln.kernels.tune import copy_dtype, limits, load_tuning
 from kiln.layers.linear_method import LinearMethod
 
 if TYPE_CHECKING:
@@ -174,7 +174,9 @@ class GGUFQuantLinearMethod(LinearMethod):
         layer.register_buffer("d", torch.zeros(n, nb, dtype=torch.float16, device=device))
         layer.register_buffer("m", torch.zeros((n, nb) if self.is_q4 else (0,), dtype=torch.float16, device=device))
         layer.dense_weight = None
-        layer.dense_dtype = dtype
+        # the resident copy's dtype: the model's, or bf16 under fp32 activations where `kiln tune` found
+        # bf16 GEMMs (casts included) faster here (kiln.kernels.tune.dense_copy_dtype)
+        layer.dense_dtype = copy_dtype(self.tuning, dtype) if self.keep_dense else dtype
 
     def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
         """After every shard is loaded: build (or adopt, e.g. a tied embedding) the dense copy."""
@@ -219,6 +221,11 @@ class GGUFQuantLinearMethod(LinearMethod):
                 y = y + layer.bias
         else:
             w = layer.dense_weight
+            if w is not None and w.dtype == torch.bfloat16 and x2.dtype == torch.float32:
+                y = F.linear(x2.to(torch.bfloat16), w).float()  # the tuned bf16 copy (see create_weights)
+                if layer.bias is not None:
+                    y = y + layer.bias
+                return y.reshape(*lead, y.shape[-1])
             if w is None or w.dtype != x.dtype:
                 w = dequantize(layer.qs, layer.d, layer.m, self.is_q4, x.dtype)
             y = F.linear(x2, w, layer.bias)

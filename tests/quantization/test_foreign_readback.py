@@ -151,3 +151,26 @@ def test_kiln_asymmetric_output_decompresses_in_compressed_tensors(tiny: TinyMod
     monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))
     mine = window_logits(load_model(out / "kiln", dtype="float32").model, IDS)
     torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.real_model
+def test_default_model_quantized_by_compressed_tensors_loads_in_kiln(default_gguf_path: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """The default model, dequantized by transformers from its GGUF, quantized W4A16 asym g64 by the
+    compressed-tensors library and saved packed: kiln's load of that folder against the library's own
+    fake-quantized model."""
+    dense = tmp_path / "dense"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(default_gguf_path.parent),
+                                                              gguf_file=default_gguf_path.name, dtype=torch.float32)
+    model.save_pretrained(dense)
+    transformers.AutoTokenizer.from_pretrained(str(default_gguf_path.parent),
+                                               gguf_file=default_gguf_path.name).save_pretrained(dense)
+    del model
+    reference = _library_folder(dense, tmp_path / "ct", 4, 64, sym=False)
+    native = load_model(tmp_path / "ct", dtype="float32")
+    assert any(n.endswith("qweight") for n, _ in native.model.named_buffers())
+    assert _kl_max(reference, window_logits(native.model, IDS)) < 1e-3
+    monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))
+    plain = window_logits(load_model(tmp_path / "ct", dtype="float32").model, IDS)
+    assert _kl_max(reference, plain) < 1e-5
+    assert torch.equal(plain.argmax(-1), reference.argmax(-1))

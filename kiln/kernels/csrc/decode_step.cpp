@@ -54,6 +54,11 @@ struct LinearWeights {
       return bias ? y + *bias : y;
     }
     at::Tensor w = dense;
+    if (w.defined() && w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
+      // a bf16 copy under fp32 activations (`kiln tune`'s choice): as GGUFQuantLinearMethod.apply runs it
+      at::Tensor y = at::linear(x.to(at::kBFloat16), w).to(at::kFloat);
+      return bias ? y + *bias : y;
+    }
     if (!w.defined() || w.scalar_type() != x.scalar_type()) {
       KILN_PROFILED("kiln::quant_dequantize");
       w = quant_dequantize(weight, d, m, kind == kQ4, x.scalar_type());
