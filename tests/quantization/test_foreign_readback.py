@@ -17,6 +17,7 @@ on the size mismatch), so kiln's asymmetric output is checked by compressed-tens
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -160,9 +161,15 @@ def test_default_model_quantized_by_compressed_tensors_loads_in_kiln(default_ggu
     compressed-tensors library and saved packed: kiln's load of that folder against the library's own
     fake-quantized model."""
     dense = tmp_path / "dense"
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(default_gguf_path.parent),
-                                                              gguf_file=default_gguf_path.name, dtype=torch.float32)
+    from_gguf = transformers.AutoModelForCausalLM.from_pretrained(str(default_gguf_path.parent),
+                                                                  gguf_file=default_gguf_path.name, dtype=torch.float32)
+    # transformers will not save a model it loaded from GGUF: the same weights in a plain model of its config
+    config = copy.deepcopy(from_gguf.config)
+    config.__dict__.pop("quantization_config", None)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(from_gguf.state_dict())
     model.save_pretrained(dense)
+    del from_gguf
     transformers.AutoTokenizer.from_pretrained(str(default_gguf_path.parent),
                                                gguf_file=default_gguf_path.name).save_pretrained(dense)
     del model
