@@ -58,9 +58,13 @@ def machine_key(threads: int, device: str = "cpu") -> dict[str, Any]:
 
     from kiln.kernels.native import load_native
 
+    from kiln.kernels.tune import load_tuning
+
+    tuning = load_tuning(threads)  # `kiln tune` changes which kernels the engine runs: a new tuning recalibrates
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "device": device, "native_kernels": bool(load_native()),
-            "kernel_march": os.environ.get("KILN_KERNEL_MARCH", "native"), "version": VERSION}
+            "kernel_march": os.environ.get("KILN_KERNEL_MARCH", "native"), "version": VERSION,
+            "kernel_tuning": tuning["date"] if tuning else None}
 
 
 def cache_file(key: dict[str, Any]) -> Path:
