@@ -181,3 +181,57 @@ def test_default_model_quantized_by_compressed_tensors_loads_in_kiln(default_ggu
     plain = window_logits(load_model(tmp_path / "ct", dtype="float32").model, IDS)
     assert _kl_max(reference, plain) < 1e-5
     assert torch.equal(plain.argmax(-1), reference.argmax(-1))
+
+
+def test_w8a8_int8_folder_made_by_compressed_tensors_loads_as_int8_weights(tiny: TinyModels, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """llm-compressor's W8A8 int8 scheme (int-quantized: int8 per-channel weights, dynamic per-token int8
+    activations), made by the library, loads as kiln's INT8 per-channel layer (its nearest method: the
+    activations are not rounded to int8 per token). Against the library's own stored weights it must agree to
+    float rounding; against the library's int8-activation forward, within that rounding's KL."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from safetensors.torch import load_file
+
+    src, folder = tiny.hf["untied"], tmp_path / "w8a8"
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
+        input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                                                        quantization_status=QuantizationStatus.INITIALIZED))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            w = module.weight.data
+            scale, _ = calculate_qparams(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True),
+                                         module.quantization_scheme.weights)
+            module.weight_scale.data.copy_(scale.half().float().reshape(module.weight_scale.shape))
+    with_int8_activations = _hf_logits(model)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(folder)
+    (folder / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    # the weights the library stored, dequantized, in a plain model: the weight-only reference
+    stored = load_file(str(folder / "model.safetensors"))
+    dense = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    state = dense.state_dict()
+    for name, t in stored.items():
+        if name.endswith(".weight") and t.dtype == torch.int8:
+            state[name] = t.float() * stored[name.replace(".weight", ".weight_scale")].float()
+    dense.load_state_dict(state)
+    weights_only = _hf_logits(dense)
+
+    native = load_model(folder, dtype="float32")
+    assert native.model.layers[0].self_attn.qkv_proj.method.name.startswith("int8")
+    assert _kl_max(weights_only, window_logits(native.model, IDS)) < 1e-4
+    # kiln differs from the int8-activation forward by the activation rounding alone: as much as the
+    # library's own weight-only forward does
+    activation_rounding = _kl_max(with_int8_activations, weights_only)
+    assert _kl_max(with_int8_activations, window_logits(native.model, IDS)) <= 1.05 * activation_rounding + 1e-5
+    monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))
+    plain = window_logits(load_model(folder, dtype="float32").model, IDS)
+    torch.testing.assert_close(plain, weights_only, rtol=1e-4, atol=1e-4)

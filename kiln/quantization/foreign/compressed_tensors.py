@@ -11,7 +11,14 @@
 w[n, k] = (code - zero) · scale with both codes offset the same way, so kiln's unsigned layout reads
 them as they are (symmetric: zero = 2**(b-1)). Config read: config_groups[*].weights (num_bits 4/8,
 type int, strategy group/channel, symmetric, group_size, dynamic false, actorder), and refused when
-set: input_activations (W8A8), sparsity_config, transform_config, kv_cache_scheme.
+set: sparsity_config, transform_config, kv_cache_scheme.
+
+The `int-quantized` format (llm-compressor's W8A8 int8: `weight` int8 [N, K] as it is, `weight_scale`
+[N, 1] per channel, symmetric, with dynamic per-token int8 activations) loads as kiln's INT8
+per-channel layer on the native int8 kernel: the nearest kiln method. Its activations are then
+quantized as kiln's kernel does it (int16 per 32-block, closer to the unquantized model than the
+checkpoint's int8 per token), so outputs differ from an int8-activation runtime by that rounding.
+Activation quantization with 4-bit weights, static activation scales and float (fp8) schemes are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +29,16 @@ from kiln.quantization.foreign.layout import IntLayout, UnsupportedField, check_
 from kiln.quantization.foreign.packing import unpack_int32
 
 
+def _dynamic_int8_tokens(acts: dict) -> bool:
+    return (acts.get("num_bits") == 8 and acts.get("type", "int") == "int" and acts.get("dynamic") is True
+            and acts.get("strategy") == "token" and acts.get("symmetric", True))
+
+
+def _format(qc: dict) -> str:
+    groups = qc.get("config_groups") or {}
+    return next((g.get("format") or qc.get("format") for g in groups.values()), qc.get("format")) or ""
+
+
 def _weights_args(qc: dict) -> dict:
     groups = qc.get("config_groups") or {}
     if not groups:
@@ -29,11 +46,14 @@ def _weights_args(qc: dict) -> dict:
     seen: dict | None = None
     for name, group in groups.items():
         fmt = group.get("format") or qc.get("format")
-        if fmt != "pack-quantized":
-            raise UnsupportedField(f"config_groups.{name}.format", fmt, "kiln reads the pack-quantized format")
-        if group.get("input_activations") is not None:
-            raise UnsupportedField(f"config_groups.{name}.input_activations", group["input_activations"],
-                                   "activation quantization (W8A8) is not loaded yet; weight-only schemes are")
+        if fmt not in ("pack-quantized", "int-quantized"):
+            raise UnsupportedField(f"config_groups.{name}.format", fmt,
+                                   "kiln reads the pack-quantized (W4A16/W8A16) and int-quantized (W8A8 int8) formats")
+        acts = group.get("input_activations")
+        if acts is not None and not (fmt == "int-quantized" and _dynamic_int8_tokens(acts)):
+            raise UnsupportedField(f"config_groups.{name}.input_activations", acts,
+                                   "kiln loads activation quantization only as W8A8 int8 with dynamic per-token "
+                                   "activations (int-quantized)")
         w = group.get("weights")
         if w is None:
             raise UnsupportedField(f"config_groups.{name}.weights", None, "a weight scheme is needed")
@@ -67,10 +87,25 @@ class CompressedTensorsReader:
         if strategy == "group" and group <= 0:
             raise UnsupportedField("weights.group_size", w.get("group_size"), "expected a positive group size")
         self.layout = IntLayout(bits, group, bool(w.get("symmetric", True)))
+        self.int_quantized = _format(qc) == "int-quantized"
+        if self.int_quantized:  # int8 weights stored as they are: `weight_scale` marks a quantized module
+            if bits != 8 or strategy != "channel" or not self.layout.sym:
+                raise UnsupportedField("weights", w, "int-quantized loads as W8A8 int8: 8-bit symmetric per-channel weights")
+            self.marker = "weight_scale"
+            self.parts = ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
 
     def convert(self, module: str, parts: dict[str, torch.Tensor], n: int, k: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, g = self.layout.bits, self.layout.groups(k)
+        if self.int_quantized:
+            weight = parts.get("weight")
+            if weight is None or weight.dtype != torch.int8 or tuple(weight.shape) != (n, k):
+                raise ValueError(f"{module}: expected an int8 weight of shape [{n}, {k}]")
+            scale = parts["weight_scale"].float().reshape(n, -1)
+            if scale.shape != (n, 1):
+                raise ValueError(f"{module}: weight_scale of shape {tuple(parts['weight_scale'].shape)} is not per channel")
+            codes = (weight.to(torch.int16) + 128).to(torch.uint8)  # kiln's unsigned codes, zero point 128
+            return codes.contiguous(), scale.contiguous(), torch.full((n, 1), 128, dtype=torch.uint8)
         if "weight_shape" in parts and tuple(int(x) for x in parts["weight_shape"].tolist()) != (n, k):
             raise ValueError(f"{module}: weight_shape {parts['weight_shape'].tolist()} is not [{n}, {k}]")
         check_g_idx(parts.get("weight_g_idx"), self.layout, k, module, "weights.actorder")
