@@ -116,4 +116,35 @@ def kernel_tune_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["kernel_tune_table", "single_stream_peers_table"]
+CONCURRENT_RESULT = RESULT.parent / "concurrent_peers.json"
+
+
+def concurrent_peers_table() -> str:
+    """`kiln serve` against the best `llama-server -np` at 32 and 64 streaming clients (issue 21)."""
+    if not CONCURRENT_RESULT.exists():
+        return "_not measured yet_"
+    d: dict[str, Any] = json.loads(CONCURRENT_RESULT.read_text())
+    m = d["machine"]
+    rows = ["| clients | system | output tok/s | TTFT p50 | TTFT p95 | errors |", "|---:|---|---:|---:|---:|---:|"]
+    verdicts = []
+    for c, level in d["levels"].items():
+        for name, r in sorted(level["runs"].items(), key=lambda kv: -kv[1]["output_tok_s"]):
+            mark = " (best peer)" if name == level["best_peer"] else ""
+            rows.append(f"| {c} | {name}{mark} | {r['output_tok_s']:.0f} | {r['ttft_p50_s']:.2f} s | "
+                        f"{r['ttft_p95_s']:.2f} s | {r['errors']} |")
+        per = ", ".join(f"{x:.2f}" for x in level["ratio_per_kiln_run"])
+        ttft = level["runs"]["kiln serve"]["ttft_p95_s"]
+        line = (f"- {c} clients: kiln serve / best llama-server = {level['ratio_vs_best_peer']:.2f} (kiln's two runs: {per}); "
+                f"target 3x: {level['verdict']}")
+        if level.get("ttft_p95_target_s"):
+            line += f"; kiln's TTFT p95 {ttft:.2f} s against ≤ {level['ttft_p95_target_s']:.0f} s: " \
+                    f"{'met' if ttft <= level['ttft_p95_target_s'] else 'not met'}"
+        verdicts.append(line)
+    return ("\n".join(rows) + "\n\n" + "\n".join(verdicts)
+            + f"\n\n_From `benchmarks/concurrent_peers.py` → `benchmarks/results/concurrent_peers.json`, one run, {d['date']}; "
+            f"{m['cpu']}, {m['threads']} threads per server; GSM8K chat questions, {d['decode_tokens']} new tokens, "
+            f"2 x clients requests closed loop; kiln serve before and after the peers (mean of the two); "
+            f"scheduling: {m.get('scheduling', 'normal')}._")
+
+
+__all__ = ["concurrent_peers_table", "kernel_tune_table", "single_stream_peers_table"]
