@@ -24,6 +24,8 @@ DEFAULT_TIMEOUT_S = 300.0
 class TensorParallelError(KilnError):
     """A rank of a tensor-parallel engine died or stopped answering; the engine cannot continue."""
 
+    fatal = True  # the server's engine loop stops on it (/health then reports the engine dead)
+
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"

@@ -342,6 +342,8 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as exc:
             self._on_step_error(exc)
+            if getattr(exc, "fatal", False):  # e.g. a tensor-parallel rank died: no later step can run
+                raise
             return True
         now = time.monotonic()
         for out in outputs:
