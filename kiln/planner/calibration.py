@@ -35,7 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PANEL_FIRST = 6  # kiln.layers.gguf_quant.PANEL_ROWS: the panel kernel's first row count (AVX-512, fp32)
 PREFILL_CHUNK = 256  # the calibration engine's step budget: prompts above it prefill in chunks of this size
 PREFILL_LENGTHS = (128, PREFILL_CHUNK)  # first chunks: the cost per token
 VERSION = 7
@@ -199,10 +198,14 @@ def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bp
         model=model, threads=threads, kv_cache_memory="256MiB", max_num_batched_tokens=PREFILL_CHUNK, **PATHS[path]))
     act = "float32" if engine.loaded.model.dtype == __import__("torch").float32 else "bfloat16"
     kv_token = kv_cache(arch, PlanRequest(context=1, block_size=1, activation_dtype=act), 1)[1]
-    # kiln switches kernels by rows: fp32 activations run the block kernel up to PANEL_FIRST - 1 rows and the
-    # panel kernel above, so each regime gets its own batches (a line across the switch misfits both)
-    panel = path == "native_block" and act == "float32"
-    batches = (1, 2, 4, 8, 12) if panel else (1, 2, 8)
+    # kiln switches kernels by rows: fp32 activations run the block kernel, then the panel kernel (built-in:
+    # from 6 rows; `kiln tune` may move or drop it), so each regime gets its own batches (a line across the
+    # switch misfits both)
+    from kiln.planner.predict import first_panel_row
+
+    first_panel = first_panel_row() if path == "native_block" and act == "float32" else None
+    panel = first_panel is not None and first_panel <= 8
+    batches = (1, 2, 4, 8, 12) if path == "native_block" and act == "float32" else (1, 2, 8)
     samples: dict[int, tuple[list[float], list[float]]] = {b: ([], []) for b in batches}
     for _ in range(3):  # rounds that alternate the batches: a busy minute on the machine hits all alike
         for b, (steps_s, fwd_s) in samples.items():
@@ -220,10 +223,14 @@ def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bp
            "s_per_byte": _fit((lo, hi), (per_byte[lo], per_byte[hi])), "fixed_s": _fit((lo, hi), (fixed[lo], fixed[hi])),
            "measured_batches": {str(b): {"s_per_byte": per_byte[b], "outside_forward_s": fixed[b]} for b in batches}}
     if panel:
-        out["panel_from_rows"] = PANEL_FIRST
+        out["panel_from_rows"] = first_panel
         out["panel_s_per_byte"] = _fit((8, 12), (per_byte[8], per_byte[12]))
         out["panel_fixed_s"] = _fit((8, 12), (fixed[8], fixed[12]))
-    if path != "float32":  # fp32 prefill is the native path's (its blocks prefill through the dense fp32 copy)
+    # fp32 prefill is the native path's (its blocks prefill through the dense fp32 copy) unless `kiln tune`
+    # keeps that copy in bf16 here: then the dense fp32 model's own prefill is measured too
+    from kiln.planner.predict import dense_copy_path
+
+    if path != "float32" or dense_copy_path("float32") != "float32":
         log(f"prefill, {path} path ...")
         out["prefill"] = _prefill_fit(engine, prompt, arch)
     return out
@@ -283,7 +290,7 @@ def calibrate(threads: int = 2, model: str = "smollm2-135m", log: Callable[[str]
     for path in PATHS:
         entry = _decode_path(model, path, threads, prompt, read, arch, step_bytes(on_disk, params, arch.vocab_size * h, path), log)
         paths[path] = entry
-    paths["float32"]["prefill"] = paths["native_block"]["prefill"]
+    paths["float32"].setdefault("prefill", paths["native_block"]["prefill"])
     cal = {"machine": key, "date": time.strftime("%Y-%m-%d %H:%M"), "calibration_model": model,
            "read_bytes_per_s": read, "paths": paths}
     path_file = cache_file(key)

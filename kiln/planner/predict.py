@@ -59,13 +59,41 @@ def kernel_path(plan: MemoryPlan, native: bool) -> str:
     return "float32" if req.act_bytes() == 4 else "bfloat16"
 
 
+def _engine_method() -> Any:
+    """The linear method the engine gives a GGUF Q4 layer here (with `kiln tune`'s choices, if any)."""
+    from kiln.layers.gguf_quant import GGUFQuantLinearMethod
+
+    return GGUFQuantLinearMethod("Q4", keep_dense=True)
+
+
 def native_row_limit(act: str) -> int:
     """Most rows kiln runs through its block/panel kernels before the dense GEMM (kiln.layers.gguf_quant)."""
-    from kiln.layers.gguf_quant import default_dense_threshold, default_panel_rows
+    import torch
 
-    if act == "float32":
-        return max(default_panel_rows()[1], default_dense_threshold(True))
-    return default_dense_threshold(True)
+    method = _engine_method()
+    dtype = torch.float32 if act == "float32" else torch.bfloat16
+    return max(method.block_max_rows(dtype), method.panel_max_rows(dtype))
+
+
+def first_panel_row() -> int | None:
+    """The first row count the engine runs through the panel kernel (fp32), or None if it never does."""
+    import torch
+
+    method = _engine_method()
+    block, panel = method.block_max_rows(torch.float32), method.panel_max_rows(torch.float32)
+    return block + 1 if panel > block else None
+
+
+def dense_copy_path(act: str) -> str:
+    """The calibrated path a block layer's dense fallback runs like: fp32 models whose copy `kiln tune` keeps
+    in bf16 run their dense GEMMs as the bf16 path does."""
+    import torch
+
+    from kiln.kernels.tune import copy_dtype
+
+    if act == "float32" and copy_dtype(_engine_method().tuning, torch.float32) == torch.bfloat16:
+        return "bfloat16"
+    return act
 
 
 def _linear_params(plan: MemoryPlan) -> int:
@@ -93,6 +121,9 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
     dense_bytes = (_linear_params(plan) + a.vocab_size * a.hidden_size) * req.act_bytes()
     block_bytes = w["attention"] + w["mlp"] + w["embeddings"] + w["lm_head"]
     limit = native_row_limit(act) if path == "native_block" else 0
+    if path == "native_block" and dense_copy_path(act) != act:  # the tuned bf16 copy above the limit
+        dense = cal["paths"][dense_copy_path(act)]
+        dense_bytes = (_linear_params(plan) + a.vocab_size * a.hidden_size) * 2
     kv_token = plan.whole.kv_per_token_bytes
     head_share = a.vocab_size * a.hidden_size / (_linear_params(plan) + a.vocab_size * a.hidden_size)
 
@@ -114,7 +145,9 @@ def predict(plan: MemoryPlan, cal: dict[str, Any], prompt_tokens: int = 1024, de
     one = step(1, 1)
     conc = concurrency or req.concurrency
     many = step(conc, rows or conc)
-    pf = dense["prefill"]  # a prefill chunk has more rows than any block-kernel limit: the activation dtype's GEMM
+    # a prefill chunk has more rows than any block-kernel limit: the dense GEMM, as the calibration's engine of
+    # this path ran it (the native path's own prefill: its dense copy, in bf16 where `kiln tune` chose that)
+    pf = cal["paths"]["native_block"]["prefill"] if path == "native_block" else dense["prefill"]
     chunk = max(1, req.max_num_batched_tokens)
     prefill_s = step(1, 1)["weights"] * head_share  # the LM head, for the last token only
     for start in range(0, prompt_tokens, chunk):
