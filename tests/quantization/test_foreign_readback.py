@@ -235,3 +235,50 @@ def test_w8a8_int8_folder_made_by_compressed_tensors_loads_as_int8_weights(tiny:
     monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))
     plain = window_logits(load_model(folder, dtype="float32").model, IDS)
     torch.testing.assert_close(plain, weights_only, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_folder_made_by_compressed_tensors_loads_as_fp8_weights(tiny: TinyModels, tmp_path: Path) -> None:
+    """llm-compressor's FP8 scheme (float-quantized: float8_e4m3fn per-channel weights, dynamic per-token fp8
+    activations), made by the library, loads as kiln's FP8 layer (dequantize + GEMM, activations unquantized):
+    equal to the library's stored weights run densely, and as far from the library's fp8-activation forward
+    as that weight-only forward is."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from safetensors.torch import load_file
+
+    src, folder = tiny.hf["untied"], tmp_path / "fp8"
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel"),
+        input_activations=QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                                                        quantization_status=QuantizationStatus.INITIALIZED))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            w = module.weight.data
+            scale, _ = calculate_qparams(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True),
+                                         module.quantization_scheme.weights)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
+    with_fp8_activations = _hf_logits(model)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(folder)
+    (folder / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
+    stored = load_file(str(folder / "model.safetensors"))
+    dense = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    state = dense.state_dict()
+    for name, t in stored.items():
+        if name.endswith(".weight") and t.dtype == torch.float8_e4m3fn:
+            state[name] = t.float() * stored[name.replace(".weight", ".weight_scale")].float()
+    dense.load_state_dict(state)
+    weights_only = _hf_logits(dense)
+
+    loaded = load_model(folder, dtype="float32")
+    assert loaded.model.layers[0].self_attn.qkv_proj.method.name.startswith("fp8")
+    mine = window_logits(loaded.model, IDS)
+    torch.testing.assert_close(mine, weights_only, rtol=1e-4, atol=1e-4)
+    assert _kl_max(with_fp8_activations, mine) <= 1.05 * _kl_max(with_fp8_activations, weights_only) + 1e-5

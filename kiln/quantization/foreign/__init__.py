@@ -66,8 +66,10 @@ class ForeignPlan:
                 continue
             del pending[module]
             try:
-                codes, scale, zero = self.reader.convert(module, parts, n, k)
-                tensors = kiln_tensors(codes, scale, zero, self.reader.layout)
+                tensors = getattr(self.reader, "kiln_buffers", lambda *a: None)(module, parts, n, k)
+                if tensors is None:
+                    codes, scale, zero = self.reader.convert(module, parts, n, k)
+                    tensors = kiln_tensors(codes, scale, zero, self.reader.layout)
             except ValueError as exc:
                 raise ModelLoadError(self.source, f"{self.reader.name} tensors of {module}: {exc}") from None
             for leaf_name, t in tensors.items():
@@ -113,6 +115,6 @@ def plan_foreign_layers(model: nn.Module, qc: dict, source: Path, tensor_names: 
         if shards != set(linear.shard_names):
             raise ModelLoadError(source, f"{path}: kiln fuses {', '.join(map(str, linear.shard_names))} into one layer, "
                                          f"but the checkpoint quantizes only {', '.join(map(str, sorted(shards)))}")
-        linear.set_method(method_for(reader.layout.entry()))
+        linear.set_method(method_for(reader.entry() if hasattr(reader, "entry") else reader.layout.entry()))
         linear.method.buffers_by_shard = True
     return plan

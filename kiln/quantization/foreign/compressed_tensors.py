@@ -18,7 +18,9 @@ The `int-quantized` format (llm-compressor's W8A8 int8: `weight` int8 [N, K] as 
 per-channel layer on the native int8 kernel: the nearest kiln method. Its activations are then
 quantized as kiln's kernel does it (int16 per 32-block, closer to the unquantized model than the
 checkpoint's int8 per token), so outputs differ from an int8-activation runtime by that rounding.
-Activation quantization with 4-bit weights, static activation scales and float (fp8) schemes are refused.
+The `float-quantized` format (FP8: float8_e4m3fn weights with one scale per channel or per tensor,
+dynamic per-token fp8 activations or none) loads as kiln's FP8 layer (dequantize + GEMM; activations
+unquantized). Activation quantization with 4-bit weights and static activation scales are refused.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from kiln.quantization.foreign.layout import IntLayout, UnsupportedField, check_
 from kiln.quantization.foreign.packing import unpack_int32
 
 
-def _dynamic_int8_tokens(acts: dict) -> bool:
-    return (acts.get("num_bits") == 8 and acts.get("type", "int") == "int" and acts.get("dynamic") is True
-            and acts.get("strategy") == "token" and acts.get("symmetric", True))
+def _dynamic_tokens(acts: dict, fmt: str) -> bool:
+    """Dynamic per-token 8-bit activations of the folder's kind (int8 for int-quantized, fp8 for float-quantized)."""
+    kind = {"int-quantized": "int", "float-quantized": "float"}.get(fmt)
+    return (kind is not None and acts.get("num_bits") == 8 and acts.get("type", "int") == kind
+            and acts.get("dynamic") is True and acts.get("strategy") == "token" and acts.get("symmetric", True))
 
 
 def _format(qc: dict) -> str:
@@ -46,14 +50,14 @@ def _weights_args(qc: dict) -> dict:
     seen: dict | None = None
     for name, group in groups.items():
         fmt = group.get("format") or qc.get("format")
-        if fmt not in ("pack-quantized", "int-quantized"):
-            raise UnsupportedField(f"config_groups.{name}.format", fmt,
-                                   "kiln reads the pack-quantized (W4A16/W8A16) and int-quantized (W8A8 int8) formats")
+        if fmt not in ("pack-quantized", "int-quantized", "float-quantized"):
+            raise UnsupportedField(f"config_groups.{name}.format", fmt, "kiln reads the pack-quantized (W4A16/W8A16), "
+                                   "int-quantized (W8A8 int8) and float-quantized (FP8) formats")
         acts = group.get("input_activations")
-        if acts is not None and not (fmt == "int-quantized" and _dynamic_int8_tokens(acts)):
+        if acts is not None and not _dynamic_tokens(acts, fmt):
             raise UnsupportedField(f"config_groups.{name}.input_activations", acts,
-                                   "kiln loads activation quantization only as W8A8 int8 with dynamic per-token "
-                                   "activations (int-quantized)")
+                                   "kiln loads activation quantization only as W8A8 with dynamic per-token activations "
+                                   "(int8 in int-quantized, fp8 in float-quantized folders)")
         w = group.get("weights")
         if w is None:
             raise UnsupportedField(f"config_groups.{name}.weights", None, "a weight scheme is needed")
@@ -75,6 +79,16 @@ class CompressedTensorsReader:
                 raise UnsupportedField(field, qc[field], "kiln loads quantized weights only")
         w = _weights_args(qc)
         bits, kind, strategy = w.get("num_bits"), w.get("type", "int"), w.get("strategy")
+        self.fp8 = _format(qc) == "float-quantized"
+        if self.fp8:  # fp8 weights as they are, one scale per channel (or per tensor): kiln's FP8 layer
+            if kind != "float" or bits != 8 or strategy not in ("channel", "tensor") or not w.get("symmetric", True):
+                raise UnsupportedField("weights", w, "float-quantized loads as FP8: 8-bit float weights, "
+                                                     "symmetric, per channel or per tensor")
+            self.layout = IntLayout(8, -1, True)  # unused for fp8; keeps the reader's shape
+            self.int_quantized = False
+            self.marker = "weight_scale"
+            self.parts = ("weight", "weight_scale", "input_scale")
+            return
         if kind != "int":
             raise UnsupportedField("weights.type", kind, "kiln reads integer weights (W4A16 / W8A16)")
         if bits not in (4, 8):
@@ -93,6 +107,25 @@ class CompressedTensorsReader:
                 raise UnsupportedField("weights", w, "int-quantized loads as W8A8 int8: 8-bit symmetric per-channel weights")
             self.marker = "weight_scale"
             self.parts = ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+
+    def entry(self) -> dict:
+        """The kiln layer entry (kiln.layers.quant_linear.method_for) this folder's layers load as."""
+        return {"format": "fp8"} if self.fp8 else self.layout.entry()
+
+    def kiln_buffers(self, module: str, parts: dict[str, torch.Tensor], n: int, k: int) -> dict[str, torch.Tensor] | None:
+        """kiln's buffers for formats that are not an INT layout (fp8), else None (then `convert`)."""
+        if not self.fp8:
+            return None
+        weight = parts.get("weight")
+        if weight is None or weight.dtype != torch.float8_e4m3fn or tuple(weight.shape) != (n, k):
+            raise ValueError(f"{module}: expected a float8_e4m3fn weight of shape [{n}, {k}]")
+        scale = parts["weight_scale"].float().reshape(-1)
+        if scale.numel() == 1:
+            scale = scale.expand(n)
+        if scale.shape != (n,):
+            raise ValueError(f"{module}: weight_scale of shape {tuple(parts['weight_scale'].shape)} is neither per "
+                             "channel nor per tensor")
+        return {"qweight": weight.contiguous(), "scales": scale.contiguous()}
 
     def convert(self, module: str, parts: dict[str, torch.Tensor], n: int, k: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
