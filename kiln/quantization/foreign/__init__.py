@@ -2,7 +2,8 @@
 
 A Hugging Face folder whose config.json has a `quantization_config` of quant_method "gptq"
 (AutoGPTQ / GPTQModel), "awq" (AutoAWQ GEMM) or "compressed-tensors" (llm-compressor's
-pack-quantized W4A16 / W8A16) is loaded in two steps, mirroring kiln's own quantized folders:
+pack-quantized W4A16 / W8A16, int-quantized W8A8 int8 and float-quantized FP8) is loaded in two steps,
+mirroring kiln's own quantized folders:
 
 1. `plan_foreign_layers`, before any tensor is read: the config is validated (an unsupported value
    raises one error naming the field and the value), the quantized modules are found from the tensor
