@@ -28,6 +28,9 @@ def plan_hybrid_kv(loaded, budget: KVBudget, scheduler: SchedulerConfig
         return None, budget, budget.num_tokens
     # Same bytes, smaller blocks: one block now holds layers_per_block layers' K/V, not all of them.
     num_blocks = budget.num_blocks * cfg.num_hidden_layers // layers_per_block(groups)
-    budget = replace(budget, num_blocks=num_blocks)
+    local = sum(g.window is not None for g in groups)
+    label = (f"hybrid: {len(groups) - local} global + {local} sliding-window groups of "
+             f"{layers_per_block(groups)} layers per block")
+    budget = replace(budget, num_blocks=num_blocks, storage=f"{budget.storage}; {label}" if budget.storage else label)
     longest = max_tokens_per_sequence(groups, num_blocks, budget.block_size, scheduler.max_num_batched_tokens)
     return groups, budget, longest
