@@ -7,8 +7,13 @@ and its allowed range, so the server can turn it into a 400 without touching the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
+# OpenAI's range for logit_bias values; -100 bans the token outright (its logit becomes -inf).
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
 
 @dataclass
@@ -34,6 +39,11 @@ class SamplingParams:
     # Speculative decoding for this request: None = the engine's k, 0 = off, else at most this
     # many drafts per step (capped at the engine's --num-speculative-tokens).
     num_speculative_tokens: int | None = None
+    # Constrain the output to a JSON schema / JSON object / regex / choice / grammar (a dict of
+    # StructuredOutputsParams' fields is accepted too). Enforced by kiln.structured_output.
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
+    # token id → value added to its logit before sampling, in [-100, 100]; -100 bans the token.
+    logit_bias: dict[int, float] | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +76,27 @@ class SamplingParams:
             raise ValueError("stop_token_ids must be a list of non-negative integers")
         if self.top_k == -1:
             self.top_k = 0
+        self._check_logit_bias()
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its fields")
+            if self.ignore_eos:
+                # the grammar ends a finished output with end-of-sequence; ignoring it would run on forever
+                raise ValueError("ignore_eos cannot be combined with structured outputs; remove one of them")
+
+    def _check_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must map token ids to numbers; got {type(self.logit_bias).__name__}")
+        low, high = LOGIT_BIAS_RANGE
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids; got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not low <= bias <= high:
+                raise ValueError(f"logit_bias values must be numbers in [{low:g}, {high:g}]; got {bias!r} for token {token}")
 
     @staticmethod
     def _check(name: str, value: object, ok, allowed: str) -> None:

@@ -206,6 +206,7 @@ class AsyncEngine:
         # Tokenized and validated here, once (a TokenizedPrompt passes through): errors reach the
         # caller, and the engine thread's add_request takes the result as it is.
         prompt = self.engine.process_prompt(prompt)
+        self.engine.validate_params(params)  # a bad grammar or logit_bias is the caller's 400, before queueing
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         queue = queue if queue is not None else asyncio.Queue()
         tracked = _Tracked(request_id, loop, queue, params.n, time.monotonic())

@@ -32,6 +32,8 @@ from kiln.outputs import RequestOutput
 from kiln.request import Request, RequestStatus
 from kiln.sampling_params import SamplingParams
 from kiln.spec_decode.spec_decoder import SpecDecoder, SpecDecodeStats, build_spec_decoder
+from kiln.structured_output.backend import GrammarBackend
+from kiln.structured_output.manager import StructuredOutputManager
 from kiln.worker.model_runner import ModelRunner, RunnerOutput
 
 if TYPE_CHECKING:
@@ -106,11 +108,14 @@ class LLMEngine:
             self.kv_manager = HybridKVCacheManager(self.kv_budget.num_blocks, self.cache_config.block_size,
                                                    self.kv_groups, self.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, self.max_model_len)
+        self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
         self.runner = runner_factory(loaded.model, self.kv_budget.num_blocks, self.cache_config.block_size,
                                      self.cache_config.kv_cache_dtype, self.kv_groups)
+        # Grammars for structured outputs (the engine's tokenizer is built at the first one).
+        self.grammar = GrammarBackend(loaded.tokenizer, loaded.config.vocab_size, self.eos_token_ids)
+        self.runner.structured = StructuredOutputManager(self.grammar)
         self.spec: SpecDecoder | None = build_spec_decoder(
             speculative_config, loaded, self.kv_budget.num_blocks, self.cache_config.block_size, self.max_model_len)
-        self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids)
         self.output_processor = OutputProcessor(loaded.tokenizer)
         self._ids = itertools.count()
         self.step_count = 0
@@ -188,6 +193,16 @@ class LLMEngine:
                 f"(prompt + output must fit); shorten the prompt"
             )
 
+    def validate_params(self, params: SamplingParams) -> None:
+        """Checks that need the model: logit_bias ids inside the vocabulary, and the structured
+        output's grammar compiled (cached by its hash). ValueError says what is wrong."""
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            bad = sorted(t for t in params.logit_bias if t >= vocab)[:5]
+            raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {vocab}): {bad}")
+        if params.structured_outputs is not None:
+            self.grammar.check(params.structured_outputs)  # type: ignore[arg-type]
+
     def add_request(
         self,
         prompt: PromptInput,
@@ -203,6 +218,7 @@ class LLMEngine:
         if request_id in self.output_processor:
             raise ValueError(f"duplicate request id {request_id!r}")
         prompt = self.process_prompt(prompt)
+        self.validate_params(params)
         token_ids = prompt.token_ids
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         sequences: list[Request] = []

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import torch
 
-from kiln.sample.sampler import SampleRow, apply_min_tokens, apply_penalties, draw, greedy_tokens, truncate_probs
+from kiln.sample.sampler import SampleRow, draw, greedy_tokens, process_logits, truncate_probs
 
 
-def verify_drafts(logits: torch.Tensor, rows: list[SampleRow], drafts: list[int]
+def verify_drafts(logits: torch.Tensor, rows: list[SampleRow], drafts: list[int], grammar: torch.Tensor | None = None
                   ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
     """logits [k+1, V] fp32 (modified in place), one SampleRow per position → accepted tokens
-    (1 .. k+1 of them) and their logprobs (raw model distribution, like ordinary sampling)."""
+    (1 .. k+1 of them) and their logprobs (raw model distribution, like ordinary sampling).
+    `grammar` (float [k+1, V] or None): 0 / -inf, the grammar's mask at each position; a draft it forbids
+    has probability 0 there, so it is rejected and replaced by a token the grammar allows."""
     k = len(drafts)
     assert logits.shape[0] == k + 1 == len(rows), "one row of logits per draft plus one"
     params = rows[0].params
     n_logprobs = params.logprobs
     raw = torch.log_softmax(logits, dim=-1) if n_logprobs is not None else None
-    logits = apply_penalties(apply_min_tokens(logits, rows), rows)
+    logits = process_logits(logits, rows, grammar)
     accepted: list[int] = []
     if params.greedy:
         target = greedy_tokens(logits)

@@ -1,7 +1,10 @@
 """Token sampling for a batch of rows, each with its own SamplingParams.
 
 Order of operations (as in vLLM / HF): min_tokens masking → repetition, frequency and
-presence penalties → greedy argmax, or temperature → top-k → top-p → min-p → draw.
+presence penalties → logit_bias → the grammar's allowed-token mask (structured output) → greedy
+argmax, or temperature → top-k → top-p → min-p → draw. Where min_tokens or logit_bias leave a
+grammar row no allowed token at all, the grammar wins: that row samples from the model's logits
+under the grammar mask alone (a grammar that must end now ends, min_tokens notwithstanding).
 Seeded rows draw with their own torch.Generator, so a request's tokens depend only on
 its seed and its tokens, never on what else is in the batch. Logprobs are reported from
 the raw model distribution (before penalties and truncation), like vLLM's default.
@@ -56,6 +59,43 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Add each row's logit_bias; -100 (the bottom of OpenAI's range) bans the token outright."""
+    for i, row in enumerate(rows):
+        bias = row.params.logit_bias
+        if not bias:
+            continue
+        ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+        values = torch.tensor([float("-inf") if v <= -100 else float(v) for v in bias.values()],
+                              dtype=logits.dtype, device=logits.device)
+        logits[i].index_add_(0, ids, values)
+    return logits
+
+
+def apply_grammar(logits: torch.Tensor, grammar: torch.Tensor | None, original: torch.Tensor | None) -> torch.Tensor:
+    """Add the grammar's mask (`grammar` float [N, V]: 0 allowed, -inf forbidden). With `original`
+    (the logits before min_tokens and logit_bias, which can ban tokens too), a row left with no
+    finite logit falls back to it under the grammar mask alone."""
+    if grammar is None:
+        return logits
+    logits.add_(grammar)
+    if original is not None:
+        dead = torch.isneginf(logits).all(dim=-1)
+        if bool(dead.any()):
+            idx = dead.nonzero().flatten()
+            logits[idx] = original[idx] + grammar[idx]
+    return logits
+
+
+def process_logits(logits: torch.Tensor, rows: list[SampleRow], grammar: torch.Tensor | None) -> torch.Tensor:
+    """min_tokens → penalties → logit_bias → grammar mask, in place where possible."""
+    # only min_tokens and logit_bias put -inf on tokens; keep the logits to fall back to when they do
+    may_ban = grammar is not None and any(r.params.logit_bias or len(r.output_token_ids) < r.params.min_tokens for r in rows)
+    original = logits.clone() if may_ban else None
+    logits = apply_logit_bias(apply_penalties(apply_min_tokens(logits, rows), rows), rows)
+    return apply_grammar(logits, grammar, original)
+
+
 def apply_min_tokens(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     for i, row in enumerate(rows):
         p = row.params
@@ -94,12 +134,12 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
-        """logits [N, V] fp32 (modified in place) → one token per row."""
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow], grammar: torch.Tensor | None = None) -> SampleResult:
+        """logits [N, V] fp32 (modified in place) → one token per row. `grammar`: float [N, V], 0 for
+        the tokens each row's grammar allows and -inf for the rest (structured output), or None."""
         want_logprobs = any(r.params.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = apply_min_tokens(logits, rows)
-        logits = apply_penalties(logits, rows)
+        logits = process_logits(logits, rows, grammar)
         tokens = [0] * len(rows)
         greedy_idx = [i for i, r in enumerate(rows) if r.params.greedy]
         if greedy_idx:

@@ -19,9 +19,11 @@ from kiln.kernels.attention_metadata import AttentionMetadata, build_attention_m
 from kiln.models.architecture import CausalLM
 from kiln.sample.rejection_sampler import verify_drafts
 from kiln.sample.sampler import SampleRow, Sampler
+from kiln.structured_output.manager import GrammarRow, PendingMasks, StructuredOutputManager
 from kiln.worker.forward import allocate_model_kv_caches
 
 TopLogprobs = list[tuple[int, float]]
+_NOT_STARTED = object()  # `_sample` was given no grammar masks: it starts them itself
 
 
 @dataclass(slots=True)
@@ -39,7 +41,8 @@ class ModelRunner:
         kv_groups: list[KVCacheGroup] | None = None,
     ) -> None:
         """`kv_cache_dtype`: one of config.KV_CACHE_DTYPES ('auto': kv_quant.full_precision_kv_dtype).
-        `kv_groups`: a hybrid cache's layer groups (then each request's block ids are one list per group)."""
+        `kv_groups`: a hybrid cache's layer groups (then each request's block ids are one list per group).
+        `structured` (set by the engine): the grammar matchers of requests with structured outputs."""
         self.model = model
         self.device = model.device
         self.block_size = block_size
@@ -50,6 +53,7 @@ class ModelRunner:
             self.layer_group = tuple(owner[i] for i in range(len(owner)))
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
+        self.structured: StructuredOutputManager | None = None
 
     def close(self) -> None:
         """Release what the runner holds outside this process (a tensor-parallel runner's ranks); idempotent."""
@@ -57,6 +61,8 @@ class ModelRunner:
     def remove_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.generators.pop(rid, None)
+        if self.structured is not None:
+            self.structured.remove(request_ids)
 
     def _generator(self, item: ScheduledRequest) -> torch.Generator | None:
         seed = item.request.sampling_params.seed
@@ -74,10 +80,28 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         with record_function("kiln::prepare_inputs"):
             items, ids, pos, meta = self._prepare(sched)
+            # grammar masks are filled on a helper thread while the forward runs
+            masks = self._begin_masks(items)
         with record_function("kiln::forward"):
             hidden = self.model(ids, pos, meta, self.kv_caches)
         with record_function("kiln::logits_and_sample"):
-            return self._sample(items, meta, hidden)
+            return self._sample(items, meta, hidden, masks)
+
+    def _begin_masks(self, items: list[ScheduledRequest]) -> PendingMasks | None:
+        """Start the token bitmask of this step's sampling rows (laid out as `_sample` lays out its
+        logits: per sampling item, its last token then one row per draft)."""
+        if self.structured is None:
+            return None
+        rows, at = [], 0
+        for item in items:
+            if not item.samples:
+                continue
+            req = item.request
+            spec = req.sampling_params.structured_outputs
+            if spec is not None:
+                rows.append(GrammarRow(req.request_id, spec, req.output_token_ids, list(item.spec_token_ids), at))  # type: ignore[arg-type]
+            at += 1 + len(item.spec_token_ids)
+        return self.structured.begin(rows, at)
 
     def _prepare(
         self, sched: SchedulerOutput
@@ -102,7 +126,8 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return items, ids, pos, meta
 
-    def _sample(self, items: list[ScheduledRequest], meta: AttentionMetadata, hidden: torch.Tensor) -> RunnerOutput:
+    def _sample(self, items: list[ScheduledRequest], meta: AttentionMetadata, hidden: torch.Tensor,
+                masks: PendingMasks | None | object = _NOT_STARTED) -> RunnerOutput:
         out = RunnerOutput()
         sample_rows: list[int] = []
         sample_items: list[ScheduledRequest] = []
@@ -117,15 +142,21 @@ class ModelRunner:
         if not sample_rows:
             return out
         logits = self._compute_logits(hidden, sample_rows)
+        if masks is _NOT_STARTED:  # a runner whose execute did not start them (tensor parallel): now
+            masks = self._begin_masks(items)
+        grammar = masks.wait() if isinstance(masks, PendingMasks) else None
         plain = [(j, item) for j, item in enumerate(sample_items) if not item.spec_token_ids]
         offsets, at = [], 0
         for item in sample_items:
             offsets.append(at)
             at += 1 + len(item.spec_token_ids)
         if plain:
-            plain_logits = logits if len(plain) == len(sample_items) else logits[[offsets[j] for j, _ in plain]]
+            every = len(plain) == len(sample_items) and len(sample_items) == logits.shape[0]
+            plain_idx = [offsets[j] for j, _ in plain]
+            plain_logits = logits if every else logits[plain_idx]
+            plain_grammar = None if grammar is None else grammar if every else grammar[plain_idx]
             rows = [self._sample_row(item, item.request.output_token_ids) for _, item in plain]
-            result = self.sampler(plain_logits, rows)
+            result = self.sampler(plain_logits, rows, plain_grammar)
             for (_, item), token, lp in zip(plain, result.token_ids, result.logprobs):
                 rid = item.request.request_id
                 out.sampled[rid] = [token]
@@ -139,7 +170,8 @@ class ModelRunner:
             generator = self._generator(item)
             rows = [self._sample_row(item, req.output_token_ids + drafts[:d], generator) for d in range(len(drafts) + 1)]
             # each request's rows are its own slice; verify_drafts may modify it in place
-            tokens, lps = verify_drafts(logits[offsets[j]:offsets[j] + len(drafts) + 1], rows, drafts)
+            span = slice(offsets[j], offsets[j] + len(drafts) + 1)
+            tokens, lps = verify_drafts(logits[span], rows, drafts, None if grammar is None else grammar[span])
             out.sampled[req.request_id] = tokens
             if lps[0] is not None:
                 out.logprobs[req.request_id] = lps  # type: ignore[assignment]

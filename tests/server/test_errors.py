@@ -98,7 +98,7 @@ def test_unknown_model_and_route(client, server) -> None:
 
 
 def test_unsupported_features_are_refused_not_ignored(server) -> None:
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    tools = [{"type": "code_interpreter"}]  # kiln serves function tools only
     assert _error(_post(server, "/chat/completions", json={"model": MODEL, "messages": CHAT, "tools": tools}), 400)["param"] == "tools"
     assert _error(_post(server, "/completions", json={"model": MODEL, "prompt": "a", "suffix": "b"}), 400)["param"] == "suffix"
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]

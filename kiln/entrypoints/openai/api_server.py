@@ -31,6 +31,7 @@ from kiln.entrypoints.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
 )
 from kiln.entrypoints.openai.serving_chat import create_chat_completion, render_chat
+from kiln.entrypoints.openai.tool_calls import parse_tools
 from kiln.entrypoints.openai.serving_common import ServingContext
 from kiln.entrypoints.openai.serving_completion import create_completion
 from kiln.entrypoints.openai.ui import is_ui_path, mount_ui
@@ -119,7 +120,7 @@ def build_app(
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of `prompt` (text) or `messages` (a chat)", param="prompt")
         if body.messages is not None:
-            text = render_chat(ctx, body.messages, body.add_generation_prompt)
+            text = render_chat(ctx, body.messages, body.add_generation_prompt, tools=parse_tools(body.tools or []))
             ids = ctx.tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = ctx.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)

@@ -3,8 +3,8 @@
 Types are checked here (a string where a number belongs is a 400 naming the field); value ranges
 are checked once, by SamplingParams, whose ValueError names the field too. Unknown fields are
 ignored, as OpenAI-compatible servers do, so clients that send newer fields keep working; fields
-kiln knows but cannot honour (tools, logit_bias, suffix, ...) are rejected by the serving code
-with a message that says so, never silently dropped.
+kiln knows but cannot honour (suffix, ...) are rejected by the serving code with a message that
+says so, never silently dropped.
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ class SamplingFields(OpenAIModel):
     num_speculative_tokens: int | None = Field(
         default=None, description="kiln extra: drafts per step for this request when the server speculates "
                                   "(0: off; capped at the server's --num-speculative-tokens).")
+    # structured output: OpenAI's response_format, or one of kiln's (vLLM's) guided_* extras
+    response_format: dict[str, Any] | None = Field(
+        default=None, description='{"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": '
+                                  '{"name": ..., "schema": {...}, "strict": true}}.')
+    guided_json: dict[str, Any] | str | None = Field(default=None, description="kiln extra: a JSON schema the output follows.")
+    guided_regex: str | None = Field(default=None, description="kiln extra: a regex the whole output matches.")
+    guided_choice: list[str] | None = Field(default=None, description="kiln extra: the output is one of these strings.")
+    guided_grammar: str | None = Field(
+        default=None, description="kiln extra: a grammar the output follows, GBNF (`root ::= ...`) or Lark (`start: ...`).")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -68,7 +77,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -84,6 +93,7 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

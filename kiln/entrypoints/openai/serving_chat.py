@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from contextlib import aclosing
 from typing import Any
 
@@ -14,8 +15,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kiln.entrypoints.openai.errors import APIError
 from kiln.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from kiln.entrypoints.openai.structured import structured_field
+from kiln.entrypoints.openai.tool_calls import Tool, ToolStreamFilter, call_grammar, parse_tool_calls, parse_tools, resolve_tool_choice
+from kiln.entrypoints.openai.tool_prompt import for_tool_template, inline_tools, template_knows_tools
 from kiln.entrypoints.openai.serving_common import (
-    SSE_DONE, ServingContext, add_requests, clamp, holding, new_logprobs, open_stream_slot, outputs,
+    SSE_DONE, ServingContext, add_requests, check_params, clamp, holding, new_logprobs, open_stream_slot, outputs,
     reject_unsupported, resolve_max_tokens, sampling_params, sse, stream_error_event, top_entries, until_disconnect,
     usage,
 )
@@ -56,21 +60,31 @@ def chat_logprobs(ctx: ServingContext, token_ids: list[int], entries: list[TopLo
     return content
 
 
-def _check_supported(req: ChatCompletionRequest, ctx: ServingContext) -> None:
+def _check_supported(req: ChatCompletionRequest, ctx: ServingContext) -> tuple[list[Tool], str]:
+    """The request's tools and its tool mode ('none', 'auto', 'required' or a function name)."""
     reject_unsupported(req, ctx.limits)
-    if req.tools:
-        raise APIError(400, "tools (function calling) are not supported by kiln yet; remove `tools`", param="tools")
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise APIError(400, f"response_format {fmt!r} is not supported; only 'text'", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    tools = parse_tools(req.tools or [])
+    mode = resolve_tool_choice(tools, req.tool_choice)
+    if mode not in ("none", "auto") and structured_field(req) is not None:
+        raise APIError(400, f"tool_choice {req.tool_choice!r} constrains the output already; remove "
+                            f"{structured_field(req)}", param="tool_choice")
+    return tools, mode
 
 
-def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                tools: list[Tool] | None = None) -> str:
     plain = plain_messages(messages)
+    extra = {}
     try:
-        return ctx.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+        if template_knows_tools(ctx.tokenizer.chat_template):
+            plain = for_tool_template(plain)
+            if tools:
+                extra["tools"] = [t.definition for t in tools]
+        elif tools or any(m.get("tool_calls") or m["role"] == "tool" for m in plain):
+            plain = inline_tools(plain, tools or [])  # the template would drop tools: kiln writes them in
+        return ctx.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, **extra)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
     except Exception as exc:  # jinja2.TemplateError, or a template tripping over odd input
@@ -79,14 +93,19 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
-    _check_supported(req, ctx)
-    text = render_chat(ctx, req.messages)
+    tools, mode = _check_supported(req, ctx)
+    text = render_chat(ctx, req.messages, tools=tools)
     # The template already holds any BOS the model wants.
     prompt = ctx.process_prompt(text, ctx.tokenizer.encode(text, add_special_tokens=False), param="messages")
     prompt_len = len(prompt.token_ids)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(ctx, getattr(req, field), field, prompt_len, req.n)
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    forced = call_grammar(tools, mode, req.parallel_tool_calls is not False)
+    if forced is not None:
+        params = replace(params, structured_outputs=forced)
+    check_params(ctx, req, params)
+    parse = tools if mode != "none" else []
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     slot = open_stream_slot(ctx, raw) if req.stream else None
     try:
@@ -102,11 +121,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             slot.release()
 
         return StreamingResponse(
-            holding(slot, _stream(ctx, req, rid, results, prompt_len)), media_type="text/event-stream",
+            holding(slot, _stream(ctx, req, rid, results, prompt_len, parse)), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"}, background=BackgroundTask(finish),
         )
     final = await until_disconnect(raw, _last(results))
-    return JSONResponse(_response(ctx, req, rid, final, prompt_len))
+    return JSONResponse(_response(ctx, req, rid, final, prompt_len, parse))
 
 
 async def _last(results: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -118,19 +137,31 @@ async def _last(results: AsyncIterator[RequestOutput]) -> RequestOutput:
     return last
 
 
-def _response(ctx: ServingContext, req: ChatCompletionRequest, rid: str, final: RequestOutput, prompt_len: int) -> dict:
+def _message(text: str, finish_reason: str | None, tools: list[Tool]) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of one choice, tool calls parsed out of the text when tools are on."""
+    if not tools:
+        return {"role": "assistant", "content": text}, finish_reason
+    parsed = parse_tool_calls(text, tools)
+    if not parsed.tool_calls:
+        return {"role": "assistant", "content": text}, finish_reason
+    reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}, reason
+
+
+def _response(ctx: ServingContext, req: ChatCompletionRequest, rid: str, final: RequestOutput, prompt_len: int,
+              tools: list[Tool]) -> dict:
     if final.error is not None:
         raise APIError(500, final.error, "server_error")
     k = req.top_logprobs or 0
-    choices = [
-        {
+    choices = []
+    for o in final.outputs:
+        message, reason = _message(o.text, o.finish_reason, tools)
+        choices.append({
             "index": o.index,
-            "message": {"role": "assistant", "content": o.text},
+            "message": message,
             "logprobs": {"content": chat_logprobs(ctx, o.token_ids, o.logprobs or [], k)} if req.logprobs else None,
-            "finish_reason": o.finish_reason,
-        }
-        for o in final.outputs
-    ]
+            "finish_reason": reason,
+        })
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
         "choices": choices, "usage": usage(prompt_len, sum(len(o.token_ids) for o in final.outputs)),
@@ -138,7 +169,8 @@ def _response(ctx: ServingContext, req: ChatCompletionRequest, rid: str, final: 
 
 
 async def _stream(
-    ctx: ServingContext, req: ChatCompletionRequest, rid: str, results: AsyncIterator[RequestOutput], prompt_len: int
+    ctx: ServingContext, req: ChatCompletionRequest, rid: str, results: AsyncIterator[RequestOutput], prompt_len: int,
+    tools: list[Tool],
 ) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": ctx.model_name}
@@ -150,6 +182,7 @@ async def _stream(
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                  for i in range(req.n)])
     completion_tokens, done = 0, set()
+    filters = {i: ToolStreamFilter(tools) for i in range(req.n)} if tools else {}
     async with aclosing(results):
         async for out in results:
             if out.error is not None:
@@ -165,14 +198,33 @@ async def _stream(
                     continue
                 if o.finish_reason:
                     done.add(o.index)
+                delta: dict[str, Any] = {"content": o.delta_text} if o.delta_text else {}
+                reason = o.finish_reason
+                if filters:
+                    delta, reason = _tool_delta(filters[o.index], o.delta_text, o.finish_reason)
                 choices.append({
                     "index": o.index,
-                    "delta": {"content": o.delta_text} if o.delta_text else {},
+                    "delta": delta,
                     "logprobs": {"content": chat_logprobs(ctx, o.delta_token_ids, lps, k)} if req.logprobs else None,
-                    "finish_reason": o.finish_reason,
+                    "finish_reason": reason,
                 })
             if choices:
                 yield chunk(choices)
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(prompt_len, completion_tokens)})
     yield SSE_DONE
+
+
+def _tool_delta(flt: ToolStreamFilter, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+    """One streamed delta with tools on: content until a <tool_call> starts, then nothing until the
+    end, where the calls come whole (OpenAI's delta format: index, id, type, name, arguments)."""
+    content = flt.feed(text)
+    if not finish_reason:
+        return ({"content": content} if content else {}), None
+    tail, calls = flt.finish()
+    content += tail
+    delta: dict[str, Any] = {"content": content} if content else {}
+    if not calls:
+        return delta, finish_reason
+    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+    return delta, "tool_calls" if finish_reason == "stop" else finish_reason

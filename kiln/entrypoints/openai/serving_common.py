@@ -21,6 +21,7 @@ from kiln.entrypoints.openai.limits import (
     ServerLimits, StreamSlot, StreamSlots, api_key_of, check_n_and_stops, check_request_tokens, request_token_room,
 )
 from kiln.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from kiln.entrypoints.openai.structured import logit_bias, structured_field, structured_spec
 from kiln.outputs import RequestOutput, TopLogprobs, coalesce_outputs
 from kiln.sampling_params import SamplingParams
 
@@ -74,8 +75,6 @@ class ServingContext:
 def reject_unsupported(req: SamplingFields, limits: ServerLimits | None = None) -> None:
     if limits is not None:
         check_n_and_stops(limits, req.n, req.stop)
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by kiln; remove it", param="logit_bias")
     # torch generators take 64-bit seeds; a bigger one would only fail later, inside a step.
     if req.seed is not None and not -(1 << 63) <= req.seed < (1 << 64):
         raise APIError(400, f"seed must fit in 64 bits; got {req.seed}", param="seed")
@@ -144,9 +143,21 @@ def sampling_params(
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             num_speculative_tokens=req.num_speculative_tokens,
+            structured_outputs=structured_spec(req),
+            logit_bias=logit_bias(req),
         )
     except ValueError as exc:
         raise bad_value(exc, KNOWN_PARAMS) from None
+
+
+def check_params(ctx: ServingContext, req: SamplingFields, params: SamplingParams) -> None:
+    """The checks that need the model (logit_bias ids, the grammar compiled): a 400 on the field,
+    before anything is queued."""
+    try:
+        ctx.engine.engine.validate_params(params)
+    except ValueError as exc:
+        field = "logit_bias" if str(exc).startswith("logit_bias") else structured_field(req)
+        raise APIError(400, str(exc), param=field) from None
 
 
 def clamp(lp: float) -> float:

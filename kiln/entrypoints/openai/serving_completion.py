@@ -21,7 +21,7 @@ from kiln.engine.llm_engine import TokenizedPrompt
 from kiln.entrypoints.openai.errors import APIError
 from kiln.entrypoints.openai.protocol import CompletionRequest
 from kiln.entrypoints.openai.serving_common import (
-    SSE_DONE, ServingContext, add_requests, clamp, holding, new_logprobs, open_stream_slot, outputs,
+    SSE_DONE, ServingContext, add_requests, check_params, clamp, holding, new_logprobs, open_stream_slot, outputs,
     reject_unsupported, resolve_max_tokens, sampling_params, sse, stream_error_event, top_entries, until_disconnect,
     usage,
 )
@@ -87,6 +87,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                         prompt_lp)
         for p in prompts
     ]
+    check_params(ctx, req, params[0])  # every prompt has the same grammar and logit_bias
     cid = f"cmpl-{uuid.uuid4().hex}"
     ids = [f"{cid}-{i}" for i in range(len(prompts))]
     slot = open_stream_slot(ctx, raw) if req.stream else None
