@@ -12,8 +12,19 @@ import json
 
 import httpx
 import jsonschema
+import pytest
 
-from .conftest import MODEL
+from .conftest import MODEL, Server
+
+
+@pytest.fixture()
+def client(server: Server):
+    """The suite's client with a longer timeout: these requests generate tens of tokens each, which
+    on a shared, loaded 2-core machine can take longer than the suite's 60 s."""
+    from openai import OpenAI
+
+    with OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=600) as c:
+        yield c
 
 WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
