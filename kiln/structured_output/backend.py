@@ -19,13 +19,19 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 import llguidance
 from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
-from kiln.loader.tokenizer import Tokenizer
 from kiln.structured_output.params import StructuredOutputsParams
+
+
+class _HasBackend(Protocol):
+    """kiln.loader.tokenizer.Tokenizer, named structurally: importing kiln.loader from here would close
+    an import cycle (kiln.sampling_params imports this package's params)."""
+
+    backend: Any  # a tokenizers.Tokenizer
 
 # JSON is generated compactly with json.dumps's separators: no free whitespace, because a small
 # model allowed whitespace between tokens can emit newlines forever and never close the object.
@@ -59,7 +65,7 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
 class GrammarBackend:
     """Compiles StructuredOutputsParams for one tokenizer and hands out fresh matchers."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, tokenizer: _HasBackend, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
         """`vocab_size`: the model's (the width of its logits, which may exceed the tokenizer's)."""
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)

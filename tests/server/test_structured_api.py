@@ -47,13 +47,17 @@ def test_json_schema_response_format_stream_and_not(client) -> None:
     assert text == choice.message.content  # same greedy output streamed
 
 
-def test_json_object_sampled_with_n(client) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, response_format={"type": "json_object"},
+def test_json_object_greedy_and_sampled_with_n(client) -> None:
+    weather = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    r = client.chat.completions.create(model=MODEL, messages=weather, response_format={"type": "json_object"},
+                                       max_tokens=60, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.chat.completions.create(model=MODEL, messages=weather, response_format={"type": "json_object"},
                                        max_tokens=60, temperature=0.8, n=2, seed=5)
+    assert len(r.choices) == 2
     for c in r.choices:
         if c.finish_reason == "stop":  # a free-form object may outrun max_tokens; a finished one must parse
             assert isinstance(json.loads(c.message.content), dict)
-    assert any(c.finish_reason == "stop" for c in r.choices)
 
 
 def test_guided_extras_on_chat_and_completions(client) -> None:
