@@ -147,4 +147,25 @@ def concurrent_peers_table() -> str:
             f"scheduling: {m.get('scheduling', 'normal')}._")
 
 
-__all__ = ["concurrent_peers_table", "kernel_tune_table", "single_stream_peers_table"]
+GEMMA_RESULT = RESULT.parent / "gemma3_decode.json"
+
+
+def gemma3_decode_table() -> str:
+    """Gemma 3 270M Q4_K_M single-stream decode: kiln on its block kernels (Q4_K/Q5_0 repacked) vs kiln
+    dequantized vs `llama-bench` tg128 (benchmarks/gemma3_decode.py, issue 19)."""
+    if not GEMMA_RESULT.exists():
+        return "_not measured yet_"
+    d: dict[str, Any] = json.loads(GEMMA_RESULT.read_text())
+    t, r, m = d["median_tok_s"], d["ratios"], d["machine"]
+    labels = {"kiln_native": "kiln, block kernels (Q8_0; Q5_0→Q8_0, Q4_K→Q4_1 repacked; Q6_K dequantized)",
+              "kiln_dequantized_bf16": "kiln, every tensor dequantized, bf16", "kiln_dequantized_fp32":
+              "kiln, every tensor dequantized, fp32", "llama_bench_tg128": "`llama-bench` tg128 (C++)"}
+    rows = ["| system | decode tok/s (median) |", "|---|---:|"] + [f"| {labels.get(k, k)} | {v:.1f} |" for k, v in t.items()]
+    return ("\n".join(rows) + f"\n\nkiln blocks / dequantized bf16 = {r['native_vs_dequantized_bf16']:.2f} (target 2: "
+            f"{'met' if r['native_vs_dequantized_bf16'] >= 2 else 'not met'}); kiln / `llama-bench` = "
+            f"{r['native_vs_llama_bench']:.2f} (target 1.0: {'met' if r['native_vs_llama_bench'] >= 1 else 'not met'})."
+            f"\n\n_From `benchmarks/gemma3_decode.py` → `benchmarks/results/gemma3_decode.json`, one run, {d['date']}; "
+            f"{m['cpu']}, {m['threads']} threads, each kiln configuration a fresh process, alternating rounds._")
+
+
+__all__ = ["concurrent_peers_table", "gemma3_decode_table", "kernel_tune_table", "single_stream_peers_table"]
