@@ -37,10 +37,10 @@ COMMON_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD
 
 
 def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    """The ISA flags that decide the build (AMX among them), as kiln's tuning fingerprint reads them."""
+    from kiln.kernels.tune import cpu_identity
+
+    return set(cpu_identity()[1])
 
 
 def build_flags(flags: set[str]) -> tuple[list[str], str]:

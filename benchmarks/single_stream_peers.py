@@ -42,16 +42,14 @@ from serve_single_stream import PROMPT, kiln_serve_cmd, llama_server, server_dec
 OUT = Path(__file__).parent / "results" / "single_stream_peers.json"
 THREADS, ROUNDS, DECODE_TOKENS, PREFILL_TOKENS = 2, 5, 128, 1024
 TARGETS = {"serve_vs_llama_server": 1.5, "decode_vs_llama_bench_tg128": 1.5, "prefill_vs_llama_bench_pp1024": 3.0}
-FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
-                     "amx_int8", "amx_bf16")
 
 
 def machine(bandwidth_gb_s: float) -> dict[str, Any]:
+    from kiln.kernels.tune import cpu_identity
     from kiln.planner.calibration import cpu_name
 
-    flags = cpu_flags()
     return {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(), "threads": THREADS,
-            "flags": [f for f in FLAGS_THAT_MATTER if f in flags], "read_bandwidth_gb_s_start": bandwidth_gb_s,
+            "flags": list(cpu_identity()[1]), "read_bandwidth_gb_s_start": bandwidth_gb_s,
             "scheduling": scheduling(),
             "load_average_start": os.getloadavg()[0]}
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from kiln.kernels.tune import ROWS, crossovers, dense_copy_dtype, fingerprint, save
+from kiln.planner.calibration import low  # the statistic the planner's calibration uses too
 
 
 def _linears(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -24,11 +25,6 @@ def _linears(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, t
             if isinstance(method, GGUFQuantLinearMethod) and method.is_q4:
                 out.append((module.qs, module.d, module.m))
     return out
-
-
-def _low(xs: list[float]) -> float:
-    """The 10th percentile: a path's own cost on a CPU that other work may share (kiln.planner uses the same)."""
-    return sorted(xs)[int(0.1 * (len(xs) - 1))]
 
 
 def _step_time(fn: Callable[[], None]) -> float:
@@ -80,7 +76,7 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
                     for path, fn in paths.items():
                         fn()  # warm-up: first touch, oneDNN's primitive cache
                         samples[name][str(m)].setdefault(path, []).append(_step_time(fn))
-    times = {n: {m: {p: _low(v) for p, v in paths.items()} for m, paths in by_m.items()} for n, by_m in samples.items()}
+    times = {n: {m: {p: low(v) for p, v in paths.items()} for m, paths in by_m.items()} for n, by_m in samples.items()}
     fp = fingerprint(threads)
     result = {"fingerprint": fp, "date": time.strftime("%Y-%m-%d %H:%M"), "model": model, "linears": len(linears),
               "rows": list(rows), "seconds_per_step": times,

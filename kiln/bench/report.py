@@ -10,25 +10,16 @@ Each `*_table()` returns markdown (or "_not measured yet_" when its result file 
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
-# The result files live in the source checkout (benchmarks/results/), not in the installed package:
-# an install without them renders "_not measured yet_" for every table, and `results_present()` says so.
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
+from kiln.bench.result_files import RESULTS, ROOT  # noqa: F401 (ROOT: for benchmarks/report.py)
+from kiln.bench.result_files import load_result as _load
 
 
 def results_present() -> bool:
     """Whether any result file is there to render (False in a plain install of the package)."""
     return RESULTS.is_dir() and any(RESULTS.glob("*.json"))
-
-
-def _load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _footer(d: dict[str, Any], script: str) -> str:

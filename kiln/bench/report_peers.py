@@ -6,11 +6,10 @@ Registered in kiln.bench.report.TABLES as "single_stream_peers".
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-RESULT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "single_stream_peers.json"
+from kiln.bench.result_files import load_result as _load
+
 LABELS = {"serve_vs_llama_server": "`kiln serve` / `llama-server -np 1`, streamed decode",
           "decode_vs_llama_bench_tg128": "kiln decode / `llama-bench` tg128",
           "prefill_vs_llama_bench_pp1024": "kiln prefill / `llama-bench` pp1024"}
@@ -21,9 +20,9 @@ def _spread(values: list[float]) -> str:
 
 
 def single_stream_peers_table() -> str:
-    if not RESULT.exists():
+    d = _load("single_stream_peers")
+    if d is None:
         return "_not measured yet_"
-    d: dict[str, Any] = json.loads(RESULT.read_text())
     m, rounds = d["machine"], d["rounds"]
     rows = ["| system | median tok/s | range over rounds |", "|---|---:|---|"]
     kiln_system = d["kiln_system"].removeprefix("kiln (").removesuffix(")")
@@ -60,15 +59,14 @@ def single_stream_peers_table() -> str:
 
 
 
-TUNE_RESULT = RESULT.parent / "kernel_tune.json"
 
 
 def kernel_tune_table() -> str:
     """`kiln tune` on the machine of the run: each path's time at each M, the fitted crossovers, and the
     engine's decode with them against the built-in ones."""
-    if not TUNE_RESULT.exists():
+    d = _load("kernel_tune")
+    if d is None:
         return "_not measured yet_"
-    d: dict[str, Any] = json.loads(TUNE_RESULT.read_text())
     fp, rows = d["fingerprint"], d["rows"]
     lines = []
     for dtype, by_m in d["seconds_per_step"].items():
@@ -116,14 +114,13 @@ def kernel_tune_table() -> str:
     return "\n".join(lines)
 
 
-CONCURRENT_RESULT = RESULT.parent / "concurrent_peers.json"
 
 
 def concurrent_peers_table() -> str:
     """`kiln serve` against the best `llama-server -np` at 32 and 64 streaming clients (issue 21)."""
-    if not CONCURRENT_RESULT.exists():
+    d = _load("concurrent_peers")
+    if d is None:
         return "_not measured yet_"
-    d: dict[str, Any] = json.loads(CONCURRENT_RESULT.read_text())
     m = d["machine"]
     rows = ["| clients | system | output tok/s | TTFT p50 | TTFT p95 | errors |", "|---:|---|---:|---:|---:|---:|"]
     verdicts = []
@@ -147,15 +144,14 @@ def concurrent_peers_table() -> str:
             f"scheduling: {m.get('scheduling', 'normal')}._")
 
 
-GEMMA_RESULT = RESULT.parent / "gemma3_decode.json"
 
 
 def gemma3_decode_table() -> str:
     """Gemma 3 270M Q4_K_M single-stream decode: kiln on its block kernels (Q4_K/Q5_0 repacked) vs kiln
     dequantized vs `llama-bench` tg128 (benchmarks/gemma3_decode.py, issue 19)."""
-    if not GEMMA_RESULT.exists():
+    d = _load("gemma3_decode")
+    if d is None:
         return "_not measured yet_"
-    d: dict[str, Any] = json.loads(GEMMA_RESULT.read_text())
     t, r, m = d["median_tok_s"], d["ratios"], d["machine"]
     labels = {"kiln_native": "kiln, block kernels (Q8_0; Q5_0→Q8_0, Q4_K→Q4_1 repacked; Q6_K dequantized)",
               "kiln_dequantized_bf16": "kiln, every tensor dequantized, bf16", "kiln_dequantized_fp32":

@@ -8,16 +8,9 @@ Registered in kiln.bench.report.TABLES; a separate module so that file stays one
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-
-
-def _load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+from kiln.bench.result_files import load_result as _load
 
 
 def quality_rows(results: list[dict[str, Any]]) -> list[str]:

@@ -40,7 +40,9 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx51
 VERSION = 1  # the file's layout
 
 
-def _cpu() -> tuple[str, list[str]]:
+@functools.lru_cache(maxsize=1)
+def cpu_identity() -> tuple[str, tuple[str, ...]]:
+    """(model name, the ISA flags of ISA_FLAGS it has) from /proc/cpuinfo; ("unknown", ()) elsewhere."""
     name, flags = "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -50,7 +52,7 @@ def _cpu() -> tuple[str, list[str]]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return name, [f for f in ISA_FLAGS if f in flags]
+    return name, tuple(f for f in ISA_FLAGS if f in flags)
 
 
 @functools.lru_cache(maxsize=8)
@@ -64,9 +66,9 @@ def fingerprint(threads: int) -> dict[str, Any]:
         kiln_version = version("kiln-llm")
     except PackageNotFoundError:
         kiln_version = "source"
-    cpu, flags = _cpu()
+    cpu, flags = cpu_identity()
     build = current_build_folder()
-    return {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+    return {"cpu": cpu, "flags": list(flags), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "kiln": kiln_version, "native_build": build.name if build else None, "simd": simd_path(),
             "layout": VERSION}
 
@@ -182,4 +184,4 @@ def describe(tuning: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-__all__ = ["ROWS", "crossovers", "describe", "copy_dtype", "dense_copy_dtype", "fingerprint", "limits", "load_tuning", "save", "tune_file"]
+__all__ = ["ROWS", "crossovers", "describe", "copy_dtype", "cpu_identity", "dense_copy_dtype", "fingerprint", "limits", "load_tuning", "save", "tune_file"]

@@ -119,10 +119,14 @@ class GGUFQuantLinearMethod(LinearMethod):
         self.panel_rows = panel_rows if panel_rows is not None else default_panel_rows()
         # `kiln tune`'s crossovers for this machine replace the built-in ones, unless the caller set its own
         self.tuning = load_tuning() if dense_threshold is None and panel_rows is None else None
+        self._tuned_limits: dict[torch.dtype, tuple[int, int] | None] = {}
         self.source_types: set[str] = set()
 
     def _tuned(self, dtype: torch.dtype) -> tuple[int, int] | None:
-        return limits(self.tuning, dtype, self.keep_dense) if self.tuning is not None else None
+        # looked up once per dtype: apply() asks on every call
+        if dtype not in self._tuned_limits:
+            self._tuned_limits[dtype] = limits(self.tuning, dtype, self.keep_dense) if self.tuning is not None else None
+        return self._tuned_limits[dtype]
 
     def block_max_rows(self, dtype: torch.dtype) -> int:
         """Largest M the block kernel takes for activations of `dtype`."""

@@ -42,13 +42,10 @@ _FRESH = itertools.count(1)  # first-token offsets that keep calibration prompts
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from kiln.kernels.tune import cpu_identity
+
+    name = cpu_identity()[0]
+    return name if name != "unknown" else platform.processor() or platform.machine()
 
 
 def machine_key(threads: int, device: str = "cpu") -> dict[str, Any]:

@@ -183,23 +183,21 @@ def test_default_model_quantized_by_compressed_tensors_loads_in_kiln(default_ggu
     assert torch.equal(plain.argmax(-1), reference.argmax(-1))
 
 
-def test_w8a8_int8_folder_made_by_compressed_tensors_loads_as_int8_weights(tiny: TinyModels, tmp_path: Path,
-                                                                           monkeypatch) -> None:
-    """llm-compressor's W8A8 int8 scheme (int-quantized: int8 per-channel weights, dynamic per-token int8
-    activations), made by the library, loads as kiln's INT8 per-channel layer (its nearest method: the
-    activations are not rounded to int8 per token). Against the library's own stored weights it must agree to
-    float rounding; against the library's int8-activation forward, within that rounding's KL."""
+def _library_w8a8_folder(src: Path, folder: Path, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """llm-compressor's W8A8 scheme of `kind` ("int": int-quantized int8, "float": float-quantized FP8) made by
+    the compressed-tensors library on `src` (8-bit per-channel weights, dynamic per-token 8-bit activations)
+    and saved to `folder`. Returns the library's forward with its activations quantized, and the weights it
+    stored, dequantized, run in a plain transformers model (the weight-only reference) — both on IDS."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  QuantizationStatus, apply_quantization_config)
     from compressed_tensors.quantization.utils import calculate_qparams
     from safetensors.torch import load_file
 
-    src, folder = tiny.hf["untied"], tmp_path / "w8a8"
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     scheme = QuantizationScheme(
-        targets=["Linear"], weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
-        input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True))
+        targets=["Linear"], weights=QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="channel"),
+        input_activations=QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True))
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
                                                         quantization_status=QuantizationStatus.INITIALIZED))
     for module in model.modules():
@@ -207,24 +205,36 @@ def test_w8a8_int8_folder_made_by_compressed_tensors_loads_as_int8_weights(tiny:
             w = module.weight.data
             scale, _ = calculate_qparams(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True),
                                          module.quantization_scheme.weights)
-            module.weight_scale.data.copy_(scale.half().float().reshape(module.weight_scale.shape))
-    with_int8_activations = _hf_logits(model)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
+            if kind == "int":  # kiln's INT layout keeps fp16 scales (see _library_folder)
+                scale = scale.half().float()
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
+    with_quantized_activations = _hf_logits(model)
+    fmt = f"{kind}-quantized"
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(folder)
     compressor.update_config(folder)
     (folder / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
-    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
-    # the weights the library stored, dequantized, in a plain model: the weight-only reference
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == fmt
     stored = load_file(str(folder / "model.safetensors"))
     dense = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     state = dense.state_dict()
+    weight_dtype = torch.int8 if kind == "int" else torch.float8_e4m3fn
     for name, t in stored.items():
-        if name.endswith(".weight") and t.dtype == torch.int8:
+        if name.endswith(".weight") and t.dtype == weight_dtype:
             state[name] = t.float() * stored[name.replace(".weight", ".weight_scale")].float()
     dense.load_state_dict(state)
-    weights_only = _hf_logits(dense)
+    return with_quantized_activations, _hf_logits(dense)
 
+
+def test_w8a8_int8_folder_made_by_compressed_tensors_loads_as_int8_weights(tiny: TinyModels, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """llm-compressor's W8A8 int8 scheme (int-quantized: int8 per-channel weights, dynamic per-token int8
+    activations), made by the library, loads as kiln's INT8 per-channel layer (its nearest method: the
+    activations are not rounded to int8 per token). Against the library's own stored weights it must agree to
+    float rounding; from the library's int8-activation forward it differs by that rounding alone."""
+    folder = tmp_path / "w8a8"
+    with_int8_activations, weights_only = _library_w8a8_folder(tiny.hf["untied"], folder, "int")
     native = load_model(folder, dtype="float32")
     assert native.model.layers[0].self_attn.qkv_proj.method.name.startswith("int8")
     assert _kl_max(weights_only, window_logits(native.model, IDS)) < 1e-4
@@ -242,41 +252,8 @@ def test_fp8_folder_made_by_compressed_tensors_loads_as_fp8_weights(tiny: TinyMo
     activations), made by the library, loads as kiln's FP8 layer (dequantize + GEMM, activations unquantized):
     equal to the library's stored weights run densely, and as far from the library's fp8-activation forward
     as that weight-only forward is."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 QuantizationStatus, apply_quantization_config)
-    from compressed_tensors.quantization.utils import calculate_qparams
-    from safetensors.torch import load_file
-
-    src, folder = tiny.hf["untied"], tmp_path / "fp8"
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    scheme = QuantizationScheme(
-        targets=["Linear"], weights=QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel"),
-        input_activations=QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True))
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
-                                                        quantization_status=QuantizationStatus.INITIALIZED))
-    for module in model.modules():
-        if hasattr(module, "weight_scale"):
-            w = module.weight.data
-            scale, _ = calculate_qparams(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True),
-                                         module.quantization_scheme.weights)
-            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
-    with_fp8_activations = _hf_logits(model)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(folder)
-    compressor.update_config(folder)
-    (folder / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
-    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
-    stored = load_file(str(folder / "model.safetensors"))
-    dense = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    state = dense.state_dict()
-    for name, t in stored.items():
-        if name.endswith(".weight") and t.dtype == torch.float8_e4m3fn:
-            state[name] = t.float() * stored[name.replace(".weight", ".weight_scale")].float()
-    dense.load_state_dict(state)
-    weights_only = _hf_logits(dense)
-
+    folder = tmp_path / "fp8"
+    with_fp8_activations, weights_only = _library_w8a8_folder(tiny.hf["untied"], folder, "float")
     loaded = load_model(folder, dtype="float32")
     assert loaded.model.layers[0].self_attn.qkv_proj.method.name.startswith("fp8")
     mine = window_logits(loaded.model, IDS)
