@@ -20,7 +20,6 @@ The fused native decode step is Llama-shaped and stays off for this model.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,9 +33,7 @@ from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
 from kiln.models.llama import PACKED_MODULES
-
-if TYPE_CHECKING:
-    from kiln.layers.gguf_quant import GGUFQuantizedTensor
+from kiln.models.tied_head import TiedHeadMixin
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -113,7 +110,7 @@ class Gemma3DecoderLayer(nn.Module):
         return hidden + self.post_feedforward_layernorm(mlp)
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(TiedHeadMixin, nn.Module):
     packed_modules = PACKED_MODULES
     # Reads each layer's metadata with `meta.for_layer`, so local and global layers may keep separate
     # block tables (the hybrid KV cache, kiln.core.hybrid_kv_cache_manager).
@@ -158,29 +155,3 @@ class Gemma3ForCausalLM(nn.Module):
         """No fused decode step for Gemma 3 (see `decode_plan_status`)."""
         return None
 
-    def attach_quantized_tied_head(self, blocks: "GGUFQuantizedTensor") -> None:
-        """Keep the tied embedding's GGUF blocks as a quantized LM head (embedding lookups stay dense)."""
-        from kiln.layers.gguf_quant import GGUFQuantLinearMethod, family_of
-
-        family = family_of({blocks.qtype})
-        if not self.keep_gguf_blocks or family is None:
-            return
-        head = Linear(self.config.hidden_size, [self.config.vocab_size], dtype=self.dtype, device=self.device)
-        head.set_method(GGUFQuantLinearMethod(family, keep_dense=self.keep_dense_copies))
-        head.weight_loader("weight", blocks)
-        self.quantized_tied_head = head
-
-    def finalize_quantized_layers(self) -> None:
-        """After loading: quantized layers repack or build their dense copies (the tied head adopts the embedding)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                dense = self.embed_tokens.weight if module is self.quantized_tied_head else None
-                module.method.process_weights_after_loading(module, dense)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [N, hidden] → fp32 logits [N, vocab]."""
-        if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        if self.quantized_tied_head is not None:
-            return self.quantized_tied_head(hidden).float()
-        return F.linear(hidden, self.embed_tokens.weight).float()

@@ -10,7 +10,6 @@ and gate/up are fused at load time via `packed_modules`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,9 +24,7 @@ from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
 from kiln.models.decode_plan import build_decode_plan
-
-if TYPE_CHECKING:
-    from kiln.layers.gguf_quant import GGUFQuantizedTensor
+from kiln.models.tied_head import TiedHeadMixin
 
 # checkpoint sub-module name → (fused module name, shard name)
 PACKED_MODULES: dict[str, tuple[str, str]] = {
@@ -111,7 +108,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(TiedHeadMixin, nn.Module):
     packed_modules = PACKED_MODULES
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
@@ -178,29 +175,3 @@ class LlamaForCausalLM(nn.Module):
             return self._decode_plan_status
         return "not built yet" if self.fused_decode_step else "plain path: fused decode step off for this model"
 
-    def attach_quantized_tied_head(self, blocks: "GGUFQuantizedTensor") -> None:
-        """Keep the tied embedding's GGUF blocks as a quantized LM head (embedding lookups stay dense)."""
-        from kiln.layers.gguf_quant import GGUFQuantLinearMethod, family_of
-
-        family = family_of({blocks.qtype})
-        if not self.keep_gguf_blocks or family is None:
-            return
-        head = Linear(self.config.hidden_size, [self.config.vocab_size], dtype=self.dtype, device=self.device)
-        head.set_method(GGUFQuantLinearMethod(family, keep_dense=self.keep_dense_copies))
-        head.weight_loader("weight", blocks)
-        self.quantized_tied_head = head
-
-    def finalize_quantized_layers(self) -> None:
-        """After loading: quantized layers repack or build their dense copies (the tied head adopts the embedding)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                dense = self.embed_tokens.weight if module is self.quantized_tied_head else None
-                module.method.process_weights_after_loading(module, dense)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [N, hidden] → fp32 logits [N, vocab]."""
-        if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        if self.quantized_tied_head is not None:
-            return self.quantized_tied_head(hidden).float()
-        return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
