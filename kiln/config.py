@@ -116,6 +116,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     enable_chunked_prefill: bool = True  # off: a prompt waits for a step with room for all of it (one longer than the budget is chunked anyway)
     max_model_len: int | None = None  # None: the model's context length
+    # multi-step decode: up to this many decode steps per engine step for an all-decode batch with
+    # nothing waiting (kiln.engine.multi_step); 1 turns it off
+    num_scheduler_steps: int = 4
 
 
 @dataclass

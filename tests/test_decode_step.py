@@ -128,3 +128,52 @@ def test_engine_generations_identical_with_and_without(tiny, dtype, monkeypatch)
             assert used.startswith("fused") if setting == "1" else used.startswith("plain")
             assert llm.engine.kv_manager.get_num_free_blocks() == llm.engine.kv_budget.num_blocks
     assert outputs["1"] == outputs["0"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verification_rows_equal_decode_steps_at_their_positions(tiny, dtype) -> None:
+    """A speculative verification through the plan (each sequence's token + 3 drafts) gives each row the
+    hidden state a decode step at that position gives, and the plain path's (prefill kernels) result."""
+    llm = _load(tiny.gguf["untied"], dtype)
+    model = llm.engine.loaded.model
+    cfg = model.config
+    block_size, prompt_lens, rows = 4, [6, 9], 2
+    per_seq = 6
+    gen = torch.Generator().manual_seed(3)
+    tokens = [torch.randint(0, cfg.vocab_size, (n + rows,), generator=gen) for n in prompt_lens]
+    blocks = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompt_lens))]
+
+    def fresh_caches():
+        caches = allocate_kv_caches(cfg.num_hidden_layers, (per_seq * 2, block_size, cfg.num_key_value_heads,
+                                                            cfg.head_dim), "auto", model.dtype, model.device)
+        for i, n in enumerate(prompt_lens):
+            model.fused_decode_step = False
+            model(tokens[i][:n], torch.arange(n), build_attention_metadata([n], [n], [blocks[i]], block_size), caches)
+        return caches
+
+    def verify(fused: bool) -> torch.Tensor:
+        caches = fresh_caches()
+        model.fused_decode_step = fused
+        meta = build_attention_metadata([rows] * 2, [n + rows for n in prompt_lens], blocks, block_size)
+        meta.verification = True
+        ids = torch.cat([t[n:n + rows] for t, n in zip(tokens, prompt_lens)])
+        pos = torch.cat([torch.arange(n, n + rows) for n in prompt_lens])
+        return model(ids, pos, meta, caches).clone()
+
+    with torch.inference_mode():
+        fused, plain = verify(True), verify(False)
+        caches = fresh_caches()
+        model.fused_decode_step = True
+        stepwise = []
+        for j in range(rows):  # the same tokens as single decode steps, both sequences per step
+            meta = build_attention_metadata([1, 1], [n + j + 1 for n in prompt_lens], blocks, block_size)
+            out = model(torch.stack([t[n + j] for t, n in zip(tokens, prompt_lens)]),
+                        torch.tensor([n + j for n in prompt_lens]), meta, caches)
+            stepwise.append(out.clone())
+    model.fused_decode_step = True
+    expected = torch.cat([torch.stack([s[i] for s in stepwise]) for i in range(2)])
+    # Not bit for bit: 8 rows take the panel kernel (fp32 activations) where 2 rows take the block kernel
+    # (int16-quantized activations), as in the plain path; both stay within rounding of each other.
+    tol = 2e-4 if dtype == "float32" else 3e-2
+    assert torch.allclose(fused.float(), expected.float(), atol=tol, rtol=tol)
+    assert torch.allclose(fused.float(), plain.float(), atol=tol, rtol=tol)

@@ -40,6 +40,9 @@ class ScheduledRequest:
     num_tokens: int  # new tokens computed this step (prompt chunk, 1 decode token, or 1 + drafts)
     block_ids: list[int] | list[list[int]]  # one list per layer group under a hybrid cache (kv_cache_groups)
     spec_token_ids: list[int] = field(default_factory=list)
+    # > 0: a multi-step decode trip (kiln.engine.multi_step) of up to 1 + lookahead steps, whose
+    # block ids cover that many tokens; every token it samples but the last has its KV computed
+    lookahead: int = 0
 
     @property
     def samples(self) -> bool:
@@ -210,8 +213,9 @@ class Scheduler:
             tokens = sampled.get(request.request_id)
             if not tokens:
                 continue
-            if drafts:
-                # Accepted drafts' KV is valid; the rejected ones' slots will be overwritten.
+            if drafts or item.lookahead:
+                # Accepted drafts' KV is valid (the rejected ones' slots will be overwritten); a
+                # multi-step trip computed the KV of every token it fed back in.
                 request.num_computed_tokens += len(tokens) - 1
             new_tokens[request.request_id] = tokens
         return new_tokens

@@ -64,6 +64,10 @@ class TPModelRunner(ModelRunner):
         self._stop = weakref.finalize(self, _stop_ranks, group, processes, self._healthy)
 
     @torch.inference_mode()
+    def supports_multi_step(self) -> bool:
+        """Multi-step trips run on one process only; the ranks take one broadcast step at a time."""
+        return False
+
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         items, ids, pos, meta = self._prepare(sched)
         rows = self.logit_rows(items, meta)

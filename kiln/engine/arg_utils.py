@@ -57,6 +57,9 @@ class EngineArgs:
     enable_chunked_prefill: bool = _opt(True, "prefill a prompt in one step instead of in budget-sized chunks "
                                               "(a prompt longer than --max-num-batched-tokens is still chunked)",
                                         flag="--no-chunked-prefill", negate=True)
+    num_scheduler_steps: int = _opt(4, "multi-step decode: run up to this many decode steps per engine step when "
+                                       "every sequence decodes and nothing waits (tokens then reach streams this "
+                                       "many at a time; 1 turns it off)", type=int)
     # ---- speculative decoding ----
     speculative_model: str | None = _opt(None, "speculative decoding: ngram (prompt lookup), self:int4 / self:int8 "
                                                "(a quantized copy of the model drafts), or a draft model name/path "
@@ -174,13 +177,16 @@ class EngineArgs:
                 self.speculative_disable_by_batch_size, self.speculative_adaptive)
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be >= 1 (1 turns multi-step decode off); got {self.num_scheduler_steps}")
         return EngineConfig(
             model=ModelLoadConfig(self.model, self.dtype, self.device, self.quantized_weights),
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=parse_memory(self.kv_cache_memory),
                               enable_prefix_caching=self.enable_prefix_caching, kv_cache_dtype=self.kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
                                       enable_chunked_prefill=self.enable_chunked_prefill,
-                                      max_model_len=self.max_model_len),
+                                      max_model_len=self.max_model_len,
+                                      num_scheduler_steps=self.num_scheduler_steps),
             speculative=speculative,
             parallel=ParallelConfig(threads=self.threads, tensor_parallel_size=self.tensor_parallel_size,
                                     distributed_init=self.distributed_init),

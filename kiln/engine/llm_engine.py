@@ -25,6 +25,7 @@ from kiln.core.kv_cache_manager import KVCacheManager
 from kiln.engine.hybrid_kv import plan_hybrid_kv
 from kiln.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from kiln.engine.kv_budget import KVBudget, plan_kv_cache
+from kiln.engine.multi_step import cache_trip_blocks, plan_trip
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.startup_checks import check_startup
 from kiln.loader.model_loader import LoadedModel, load_model
@@ -261,7 +262,9 @@ class LLMEngine:
         if sched.is_empty:
             return []
         self.step_count += 1
-        result = self.runner.execute(sched)
+        trip = plan_trip(sched, self.scheduler, self.scheduler_config.num_scheduler_steps, self.max_model_len,
+                         self.spec is None and self.runner.supports_multi_step())
+        result = self.runner.execute(sched) if trip == 1 else self.runner.execute_trip(sched, trip)
         with record_function("kiln::process_outputs"):
             outputs, kept = self._process_outputs(sched, result)
         if self.spec is not None:
@@ -274,6 +277,8 @@ class LLMEngine:
         RequestOutputs. Also returns the tokens kept per sequence."""
         new_tokens = self.scheduler.update_from_output(sched, result.sampled)
         step = self.output_processor.process([item.request.request_id for item in sched.scheduled], new_tokens, result)
+        if sched.scheduled and sched.scheduled[0].lookahead:
+            cache_trip_blocks(sched, self.kv_manager)
         for seq_id, status in step.finished.items():
             self.scheduler.finish_request(seq_id, status)
         outputs, released = self.output_processor.make_outputs(step)

@@ -107,6 +107,19 @@ class SequenceState:
         self.finish = stop
         return stop
 
+    def add_tokens_to_stop_string(self, token_ids: list[int], stop: Finish | None) -> tuple[Finish | None, int]:
+        """`add_tokens` for a step that may bring several tokens (accepted drafts, a multi-step trip):
+        with stop strings they are added one at a time, as single steps would add them, so the
+        sequence ends at the token that completes a stop string. Returns how the sequence finished
+        and how many of `token_ids` it used (the rest must be dropped)."""
+        if len(token_ids) == 1 or not self.request.sampling_params.stop_strings:
+            return self.add_tokens(token_ids, stop), len(token_ids)
+        for used, token in enumerate(token_ids, start=1):
+            finish = self.add_tokens([token], stop if used == len(token_ids) else None)
+            if finish is not None:
+                return finish, used
+        return None, len(token_ids)
+
     def add_logprobs(self, tokens: list[int], entries: list[tuple[float, TopLogprobs]] | None) -> None:
         if entries is None:
             return
@@ -265,16 +278,19 @@ class OutputProcessor:
             if not tokens:
                 continue
             kept, stop = append_until_stop(seq.request, tokens, now)
-            step.kept[seq_id] = kept
-            lps = result.logprobs.get(seq_id)
-            seq.add_logprobs(kept, lps[: len(kept)] if lps else lps)
             try:
-                finish = seq.add_tokens(kept, stop)
+                finish, used = seq.add_tokens_to_stop_string(kept, stop)
+                if used < len(kept):  # a stop string ended inside a multi-token step: drop what follows it
+                    del seq.request.all_token_ids[used - len(kept):]
+                    kept = kept[:used]
             except Exception as exc:  # one request's failure must not take down the batch
                 logger.exception("request %s failed in output processing", seq_id)
                 state.error = f"{type(exc).__name__}: {exc}"
                 # a token stop decided before the failure stands; otherwise the sequence ends in error
                 finish = seq.finish = stop or Finish(RequestStatus.FINISHED_ERROR)
+            step.kept[seq_id] = kept
+            lps = result.logprobs.get(seq_id)
+            seq.add_logprobs(kept, lps[: len(kept)] if lps else lps)
             if finish is not None:
                 step.finished[seq_id] = finish.status
             step.touched[state.request_id] = state

@@ -27,6 +27,10 @@ class AttentionMetadata:
     # and slots) and each layer's group; None for the plain cache, where this metadata serves all layers.
     groups: list[AttentionMetadata] | None = None
     layer_group: tuple[int, ...] | None = None
+    # Speculative verification: every sequence's new tokens are its next token plus draft tokens (no
+    # prompt chunk), so each row may attend as a decode row at its own position (the fused decode step
+    # runs such a batch row by row; kiln.kernels.decode_step).
+    verification: bool = False
 
     def for_layer(self, layer: int) -> AttentionMetadata:
         """The metadata layer `layer` reads and writes its KV through."""

@@ -3,18 +3,23 @@
 `new_decode_plan` gathers every layer's weights (the tensors themselves, nothing is copied) into a
 `torch.classes.kiln.DecodePlan` (kiln/kernels/csrc/decode_step.cpp); the model's forward then hands a
 decode step's embedded tokens, positions, slots, block tables and KV caches to `run_decode_plan`
-instead of walking ~15 ops per layer from Python. This file only deals in tensors: walking a model to
+instead of walking ~15 ops per layer from Python. A speculative verification (each sequence's token
+plus its drafts) runs through the plan too, each row as a decode row at its own position, so that
+verifying k drafts costs little more than one decode step. This file only deals in tensors: walking a model to
 collect them is kiln.models.decode_plan's job, and each layer's `LinearMethod.decode_plan_entry` says
 how its weights enter the plan (a `LinearEntry`).
 
 When it applies: CPU, the native library loaded, fp32/bf16 activations, every linear dense or in
 the packed block layout without an activation `smooth` (GGUF Q4_0/Q4_1/Q8_0, kiln INT4/INT8
 repacked to blocks), a KV cache in the model dtype or int8/fp8, and a batch whose sequences each
-decode exactly one token. Everything else (prefill chunks, speculative verification, AWQ /
+decode exactly one token (or, verifying drafts, its token and drafts). Everything else (prefill chunks, AWQ /
 SmoothQuant / FP8 layers, CUDA) runs the plain path, which is always available and always tested.
 `KILN_FUSED_STEP=0` (or `fused_decode_step=False` on the engine) turns the fused step off.
 
-Invariant (tested bit for bit): the plan computes exactly what the plain path computes.
+Invariants: for a pure decode batch the plan computes exactly what the plain path computes (tested bit
+for bit); for a verification each row computes what a decode step at that row's position computes, up
+to the rounding of the matmul kernel its row count selects, as the plain path's prefill kernels do
+(tested to 2e-4 in fp32).
 """
 
 from __future__ import annotations
@@ -110,9 +115,18 @@ def new_decode_plan(layers: Sequence[DecoderLayerWeights], final_norm: torch.Ten
                                          num_heads, num_kv_heads, head_dim, rms_norm_eps, scale)
 
 
+# Rows of a speculative verification the plan takes (each sequence's token + drafts, all sequences):
+# beyond this the batch is better served by the prefill kernels of the plain path.
+MAX_VERIFY_ROWS = 32
+
+
 def can_run(meta: AttentionMetadata, hidden: torch.Tensor, kv_caches: list[KVCache]) -> bool:
-    """Whether this step is one the plan runs: every sequence decodes one token, caches it can read."""
-    if meta.num_decodes != meta.num_seqs or hidden.shape[0] != meta.num_seqs or not kv_caches:
+    """Whether this step is one the plan runs: every sequence decodes one token, or (a speculative
+    verification) its token and drafts, in caches it can read."""
+    if not kv_caches or meta.groups is not None:
+        return False
+    pure_decode = meta.num_decodes == meta.num_seqs and hidden.shape[0] == meta.num_seqs
+    if not pure_decode and not (meta.verification and hidden.shape[0] <= MAX_VERIFY_ROWS):
         return False
     return native_reads(hidden.dtype, kv_caches[0][0])
 
@@ -129,5 +143,12 @@ def run_decode_plan(plan: Any, hidden: torch.Tensor, positions: torch.Tensor, me
         ks = [c[0] for c in kv_caches]
         vs = [c[1] for c in kv_caches]
         k_scales = v_scales = [_EMPTY] * len(kv_caches)
-    return plan.run(hidden, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens_tensor,
-                    ks, vs, k_scales, v_scales)
+    block_tables, seq_lens = meta.block_tables, meta.seq_lens_tensor
+    if hidden.shape[0] != meta.num_seqs:
+        # A verification: row j of a sequence is a decode row at its own position, seeing its own
+        # sequence's blocks up to itself (each layer stores every row's K/V before attending), so
+        # causality within the drafts comes from per-row context lengths.
+        counts = torch.tensor([b - a for a, b in zip(meta.query_start_loc, meta.query_start_loc[1:])])
+        block_tables = block_tables.repeat_interleave(counts, dim=0)
+        seq_lens = (positions + 1).to(torch.int32)
+    return plan.run(hidden, positions, meta.slot_mapping, block_tables, seq_lens, ks, vs, k_scales, v_scales)

@@ -16,11 +16,13 @@ from torch.profiler import record_function
 from kiln.core.kv_cache_groups import KVCacheGroup
 from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
 from kiln.kernels.attention_metadata import AttentionMetadata, build_attention_metadata, build_group_metadata
+from kiln.kernels.paged_attention import native_reads
 from kiln.models.architecture import CausalLM
 from kiln.sample.rejection_sampler import verify_drafts
 from kiln.sample.sampler import SampleRow, Sampler
 from kiln.structured_output.manager import GrammarRow, PendingMasks, StructuredOutputManager
 from kiln.worker.forward import allocate_model_kv_caches
+from kiln.worker.multi_step import run_trip
 
 TopLogprobs = list[tuple[int, float]]
 _NOT_STARTED = object()  # `_sample` was given no grammar masks: it starts them itself
@@ -87,6 +89,24 @@ class ModelRunner:
         with record_function("kiln::logits_and_sample"):
             return self._sample(items, meta, hidden, masks)
 
+    def supports_multi_step(self) -> bool:
+        """Whether pure decode batches may run as multi-step trips (kiln.worker.multi_step): a single
+        process whose model runs decode steps through the fused native plan on a plain paged cache."""
+        if self.layer_group is not None or not self.kv_caches:
+            return False
+        decode_plan = getattr(self.model, "decode_plan", None)
+        if decode_plan is None or not getattr(self.model, "fused_decode_step", False) or decode_plan() is None:
+            return False
+        return native_reads(self.model.dtype, self.kv_caches[0][0])
+
+    @torch.inference_mode()
+    def execute_trip(self, sched: SchedulerOutput, num_steps: int) -> RunnerOutput:
+        """Up to `num_steps` decode steps of an all-decode batch whose block tables cover them
+        (kiln.engine.multi_step decides when); the same tokens `num_steps` calls of `execute` give."""
+        with record_function("kiln::multi_step_trip"):
+            items = sorted(sched.scheduled, key=lambda s: s.num_tokens != 1)
+            return run_trip(self, items, num_steps)
+
     def _begin_masks(self, items: list[ScheduledRequest]) -> PendingMasks | None:
         """Start the token bitmask of this step's sampling rows (laid out as `_sample` lays out its
         logits: per sampling item, its last token then one row per draft)."""
@@ -124,6 +144,8 @@ class ModelRunner:
                                             self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        meta.verification = any(i.spec_token_ids for i in items) and all(
+            i.num_tokens == 1 + len(i.spec_token_ids) for i in items)
         return items, ids, pos, meta
 
     def _sample(self, items: list[ScheduledRequest], meta: AttentionMetadata, hidden: torch.Tensor,

@@ -54,11 +54,55 @@ struct QuantizedRows {
   std::vector<float> sx;   // [M, K/32]: dx * sum(q) of the block
 };
 
-// x [M, K] → int16 per-32-block quantization (round to nearest, ties away from zero).
+#ifdef KILN_AVX512
+// Two vectors of 16 activations of one 32-block, as fp32.
+inline void load_block(const float* x, __m512& a, __m512& b) {
+  a = _mm512_loadu_ps(x);
+  b = _mm512_loadu_ps(x + 16);
+}
+inline void load_block(const c10::BFloat16* x, __m512& a, __m512& b) {
+  // bf16 → fp32 is the upper half of the fp32 bit pattern
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+  b = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))), 16));
+}
+// std::round (ties away from zero), exactly: trunc(v) is exact, so is v - trunc(v); add the sign
+// where that fraction is at least one half.
+inline __m512i round_away(__m512 v) {
+  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m512 frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
+  const __mmask16 up = _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m512 sign_one = _mm512_or_ps(_mm512_set1_ps(1.f), _mm512_and_ps(v, _mm512_set1_ps(-0.f)));
+  return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, sign_one));
+}
+#endif
+
+// x [M, K] → int16 per-32-block quantization (round to nearest, ties away from zero). The AVX-512
+// path computes the same values as the scalar loop (same max, same scale, same products, same
+// rounding): it runs once per linear of every decode step, before the threads split the work.
 template <typename T>
 QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK;
   QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+#ifdef KILN_AVX512
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512 lo, hi;
+      load_block(x + i * K + b * QK, lo, hi);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const float d = amax / QMAX;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      const __m512i qlo = round_away(_mm512_mul_ps(lo, vinv)), qhi = round_away(_mm512_mul_ps(hi, vinv));
+      int16_t* qb = r.q.data() + i * K + b * QK;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), _mm512_cvtepi32_epi16(qlo));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 16), _mm512_cvtepi32_epi16(qhi));
+      r.dx[i * nb + b] = d;
+      r.sx[i * nb + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+    }
+  }
+  return r;
+#endif
   float xb[QK];
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t b = 0; b < nb; ++b) {
