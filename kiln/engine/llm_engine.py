@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import record_function
@@ -27,6 +27,7 @@ from kiln.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from kiln.engine.kv_budget import KVBudget, plan_kv_cache
 from kiln.engine.multi_step import cache_trip_blocks, plan_trip
 from kiln.engine.output_processor import OutputProcessor
+from kiln.engine.request_validation import PromptInput, RequestValidation, TokenizedPrompt  # noqa: F401 (re-exported)
 from kiln.engine.startup_checks import check_startup
 from kiln.loader.model_loader import LoadedModel, load_model
 from kiln.outputs import RequestOutput
@@ -41,22 +42,7 @@ if TYPE_CHECKING:
     from kiln.engine.arg_utils import EngineArgs
 
 
-@dataclass(frozen=True, slots=True)
-class TokenizedPrompt:
-    """A prompt tokenized and validated once, by `LLMEngine.process_prompt`.
-
-    Invariant: `token_ids` passed that engine's checks (non-empty, inside the vocabulary, shorter
-    than the context, fits the KV cache), so `add_request` takes it as it is. Build one only
-    through `process_prompt` (`dataclasses.replace` of `text` keeps it valid).
-    """
-
-    text: str | None
-    token_ids: list[int]
-
-
 logger = logging.getLogger("kiln")
-
-PromptInput = str | list[int] | dict[str, Any] | TokenizedPrompt
 
 
 @dataclass
@@ -69,7 +55,7 @@ class EngineStats:
     spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)  # all zero when speculation is off
 
 
-class LLMEngine:
+class LLMEngine(RequestValidation):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -153,57 +139,6 @@ class LLMEngine:
         return cls.from_config(args.create_engine_config())
 
     # ---- requests ---------------------------------------------------------------------
-    def process_prompt(self, prompt: PromptInput) -> TokenizedPrompt:
-        """Tokenize (unless ids are given) and validate a prompt; ValueError says what is wrong.
-
-        A TokenizedPrompt comes back as it is: it was processed already. A string is encoded with
-        the tokenizer's special tokens (BOS); ids, or a dict with `prompt_token_ids`, are taken as
-        they are (a chat template has put the BOS in already).
-        """
-        if isinstance(prompt, TokenizedPrompt):
-            return prompt
-        text, token_ids = self._tokenize(prompt)
-        self.validate_prompt(token_ids)
-        return TokenizedPrompt(text, token_ids)
-
-    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            return self._tokenize(prompt["prompt"])
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise ValueError("prompt must be a string, a list of token ids, or {'prompt_token_ids': [...]}")
-
-    def validate_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("prompt is empty; give at least one token")
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in token_ids):
-            raise ValueError(f"prompt contains token ids outside the vocabulary [0, {vocab})")
-        if len(token_ids) + 1 > self.kv_budget.num_tokens:
-            raise ValueError(
-                f"prompt is {len(token_ids)} tokens but the KV cache holds only {self.kv_budget.num_tokens}; "
-                f"raise --kv-cache-memory"
-            )
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt is {len(token_ids)} tokens, but the context length is {self.max_model_len} tokens "
-                f"(prompt + output must fit); shorten the prompt"
-            )
-
-    def validate_params(self, params: SamplingParams) -> None:
-        """Checks that need the model: logit_bias ids inside the vocabulary, and the structured
-        output's grammar compiled (cached by its hash). ValueError says what is wrong."""
-        vocab = self.model_config.vocab_size
-        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
-            bad = sorted(t for t in params.logit_bias if t >= vocab)[:5]
-            raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {vocab}): {bad}")
-        if params.structured_outputs is not None:
-            self.grammar.check(params.structured_outputs)  # type: ignore[arg-type]
-
     def add_request(
         self,
         prompt: PromptInput,

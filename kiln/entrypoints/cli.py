@@ -112,13 +112,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # The engine thread loads the model and runs every step; this (main) thread only serves HTTP and
     # never enters a torch parallel region (AsyncEngine's threading contract, kiln issue 25).
     engine_args = EngineArgs.from_config_file(args.config, args) if args.config else EngineArgs.from_cli_args(args)
+    api_key = args.api_key or os.environ.get("KILN_API_KEY") or None
+    from kiln.serving_ray.options import wants_replicas
+
+    if wants_replicas(args):  # N engines on Ray Serve behind this same app (kiln/serving_ray)
+        from kiln.serving_ray.launch import serve_replicas
+
+        serve_replicas(args, engine_args, limits, api_key)
+        return
     engine = AsyncEngine.from_engine_args(engine_args, max_queue=args.max_queue or None)
     print_startup(engine.engine)
     if not args.no_ui:
         print(f"web UI: http://{args.host}:{args.port}/ (chat), /dashboard, /report (--no-ui turns them off)", file=sys.stderr)
     run_server(
         engine, args.served_model_name or engine_args.model, args.host, args.port,
-        api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
+        api_key=api_key,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, limits=limits, ui=not args.no_ui,
     )
 
@@ -178,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="streaming responses one API key may hold open at once (429 above; 0: no limit)")
     p.add_argument("--no-ui", action="store_true",
                    help="no browser pages (chat at /, /dashboard, /report); the API is unchanged")
+    from kiln.serving_ray.options import add_replica_args
+
+    add_replica_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
