@@ -2,7 +2,7 @@
 prompt, and the sampling checks that need the model (vocabulary, grammar).
 
 `RequestValidation` is a mixin: `LLMEngine` uses it on its own loaded model, and the ingress of
-`kiln serve --replicas` (kiln.serving_ray.remote_engine.FrontEngine) uses the same code on facts a
+`kiln serve --replicas` (kiln.entrypoints.replicas.remote_engine.FrontEngine) uses the same code on facts a
 replica reports, so a bad request is refused the same way, with the same message, before it is routed.
 The class using it provides `tokenizer`, `model_config.vocab_size`, `kv_budget.num_tokens`,
 `max_model_len` and `grammar` (a GrammarBackend).

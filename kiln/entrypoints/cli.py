@@ -113,10 +113,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # never enters a torch parallel region (AsyncEngine's threading contract, kiln issue 25).
     engine_args = EngineArgs.from_config_file(args.config, args) if args.config else EngineArgs.from_cli_args(args)
     api_key = args.api_key or os.environ.get("KILN_API_KEY") or None
-    from kiln.serving_ray.options import wants_replicas
+    from kiln.entrypoints.replicas.options import wants_replicas
 
-    if wants_replicas(args):  # N engines on Ray Serve behind this same app (kiln/serving_ray)
-        from kiln.serving_ray.launch import serve_replicas
+    if wants_replicas(args):  # N engines on Ray Serve behind this same app (kiln/entrypoints/replicas)
+        from kiln.entrypoints.replicas.launch import serve_replicas
 
         serve_replicas(args, engine_args, limits, api_key)
         return
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="streaming responses one API key may hold open at once (429 above; 0: no limit)")
     p.add_argument("--no-ui", action="store_true",
                    help="no browser pages (chat at /, /dashboard, /report); the API is unchanged")
-    from kiln.serving_ray.options import add_replica_args
+    from kiln.entrypoints.replicas.options import add_replica_args
 
     add_replica_args(p)
     add_engine_args(p)

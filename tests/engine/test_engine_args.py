@@ -16,7 +16,7 @@ from kiln.entrypoints.llm import LLM
 SERVE_ONLY = {"host", "port", "api_key", "max_queue", "served_model_name", "shutdown_timeout", "log_level",
               "max_n", "max_stop_strings", "max_request_tokens", "max_body_bytes", "max_streams_per_key",
               "config", "no_ui",  # --no-ui: no browser pages; --config: a file of engine options, read through EngineArgs.from_config_file
-              # replicas on Ray Serve (kiln/serving_ray/options.py): how many engines and where, not how each runs
+              # replicas on Ray Serve (kiln/entrypoints/replicas/options.py): how many engines and where, not how each runs
               "replicas", "min_replicas", "max_replicas", "ray_address", "replica_routing"}
 
 

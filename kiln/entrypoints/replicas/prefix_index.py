@@ -9,7 +9,7 @@ index credits to a replica was sent there recently enough that it is likely stil
 
 Invariants: a replica's record never holds more than its capacity in block hashes; `match` counts
 leading blocks only (block i is useful only if blocks 0..i-1 are, exactly as the cache matches).
-Pure Python, no Ray: tests/serving_ray/test_prefix_index.py checks it against kiln's own block
+Pure Python, no Ray: tests/replicas/test_prefix_index.py checks it against kiln's own block
 hashing of a real KVCacheManager.
 """
 

@@ -1,4 +1,4 @@
-"""The prefix router's memory (kiln/serving_ray/prefix_index.py) against kiln's real prefix cache, and the
+"""The prefix router's memory (kiln/entrypoints/replicas/prefix_index.py) against kiln's real prefix cache, and the
 router's choice between a prefix holder and the least-loaded replica.
 
 Reference: one real KVCacheManager per "replica" (the cache each engine keeps). Multi-turn chats are
@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 
 from kiln.core.kv_cache_manager import KVCacheManager
-from kiln.serving_ray.prefix_index import PrefixIndex, block_hashes
+from kiln.entrypoints.replicas.prefix_index import PrefixIndex, block_hashes
 
 BS = 4
 
@@ -103,7 +103,7 @@ class FakePending:
 def make_router(imbalance: int = 2):
     from ray.serve._private.request_router.common import ReplicaQueueLengthCache
 
-    from kiln.serving_ray.prefix_router import PrefixAffinityRouter
+    from kiln.entrypoints.replicas.prefix_router import PrefixAffinityRouter
 
     router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # no cluster: only the routing state
     router._replica_queue_len_cache = ReplicaQueueLengthCache()

@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kiln.engine.metrics import EngineMetrics
 from kiln.entrypoints.cli import main
-from kiln.serving_ray.metrics_hub import MetricsHub, ReplicaSnapshot, merge_metrics
-from kiln.serving_ray.options import ReplicaOptions
+from kiln.entrypoints.replicas.metrics_hub import MetricsHub, ReplicaSnapshot, merge_metrics
+from kiln.entrypoints.replicas.options import ReplicaOptions
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -41,7 +41,7 @@ def test_merged_metrics_keep_every_replica_sample_under_a_replica_label() -> Non
 
 
 def test_hub_drops_replicas_that_stopped_pushing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kiln.serving_ray.metrics_hub as hub_module
+    import kiln.entrypoints.replicas.metrics_hub as hub_module
 
     now = [1000.0]
     monkeypatch.setattr(hub_module.time, "time", lambda: now[0])

@@ -27,10 +27,10 @@ from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.llm_engine import LLMEngine
 from kiln.outputs import RequestOutput, coalesce_outputs
-from kiln.serving_ray.metrics_hub import PUSH_PERIOD_S
-from kiln.serving_ray.remote_engine import ReplicaFacts
+from kiln.entrypoints.replicas.metrics_hub import PUSH_PERIOD_S
+from kiln.entrypoints.replicas.remote_engine import ReplicaFacts
 
-logger = logging.getLogger("kiln.serving_ray")
+logger = logging.getLogger("kiln.entrypoints.replicas")
 
 
 class KilnReplica:

@@ -8,7 +8,7 @@ and `kiln:replicas_reporting`. A replica that stopped pushing for `STALE_S` (it 
 so the restarted one shows as a new `replica` label with its own pid.
 
 `merge_metrics` and `MetricsHub` are plain Python (the hub becomes an actor in launch.py through
-`ray.remote`), so tests/serving_ray/test_metrics_merge.py runs them without Ray.
+`ray.remote`), so tests/replicas/test_metrics_merge.py runs them without Ray.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from kiln.entrypoints.openai.limits import ServerLimits
-from kiln.serving_ray.remote_engine import RemoteEngine
+from kiln.entrypoints.replicas.remote_engine import RemoteEngine
 
 
 class KilnIngress:

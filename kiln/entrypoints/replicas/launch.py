@@ -22,9 +22,9 @@ from typing import Any
 from kiln.engine.arg_utils import EngineArgs
 from kiln.entrypoints.openai.limits import ServerLimits
 from kiln.errors import KilnError
-from kiln.serving_ray.options import ReplicaOptions
+from kiln.entrypoints.replicas.options import ReplicaOptions
 
-logger = logging.getLogger("kiln.serving_ray")
+logger = logging.getLogger("kiln.entrypoints.replicas")
 
 NAMESPACE = "kiln"
 APP_NAME = "kiln"
@@ -47,7 +47,7 @@ def deployment_options(engine_args: EngineArgs, opts: ReplicaOptions, shutdown_t
     """`serve.deployment` options of the engine replicas (Ray Serve's names)."""
     from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
-    from kiln.serving_ray.prefix_router import PrefixAffinityRouter
+    from kiln.entrypoints.replicas.prefix_router import PrefixAffinityRouter
 
     router = RequestRouterConfig(request_routing_stats_period_s=2.0)
     if opts.routing == "prefix":
@@ -101,9 +101,9 @@ def serve_replicas(args: argparse.Namespace, engine_args: EngineArgs, limits: Se
         from ray import serve
     except ImportError:
         raise KilnError("--replicas needs Ray Serve: pip install -e '.[ray]'") from None
-    from kiln.serving_ray.ingress import KilnIngress
-    from kiln.serving_ray.metrics_hub import MetricsHub
-    from kiln.serving_ray.replica import KilnReplica
+    from kiln.entrypoints.replicas.ingress import KilnIngress
+    from kiln.entrypoints.replicas.metrics_hub import MetricsHub
+    from kiln.entrypoints.replicas.replica import KilnReplica
 
     max_queue = args.max_queue or None
     hub_name = f"kiln-metrics-{os.getpid()}"

@@ -24,9 +24,9 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from kiln.serving_ray.prefix_index import PrefixIndex, block_hashes
+from kiln.entrypoints.replicas.prefix_index import PrefixIndex, block_hashes
 
-logger = logging.getLogger("kiln.serving_ray")
+logger = logging.getLogger("kiln.entrypoints.replicas")
 
 
 class PrefixAffinityRouter(RequestRouter):

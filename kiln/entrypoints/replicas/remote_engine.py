@@ -33,9 +33,9 @@ from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.request_validation import PromptInput, RequestValidation
 from kiln.outputs import RequestOutput
 from kiln.sampling_params import SamplingParams
-from kiln.serving_ray.metrics_hub import PUSH_PERIOD_S, merge_metrics
+from kiln.entrypoints.replicas.metrics_hub import PUSH_PERIOD_S, merge_metrics
 
-logger = logging.getLogger("kiln.serving_ray")
+logger = logging.getLogger("kiln.entrypoints.replicas")
 
 
 @dataclass(frozen=True)
