@@ -254,6 +254,24 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters to serve (kiln.lora): `max_loras` slots of rank up to `max_lora_rank` on every adapted
+    layer, and the (name, PEFT folder) pairs loaded at start. More adapters may be loaded than there are
+    slots; they take turns (LRU)."""
+
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    loras: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras ({self.max_loras}) and max_lora_rank ({self.max_lora_rank}) must be >= 1")
+        names = [name for name, _ in self.loras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--lora names must be unique, got {names}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine is built from, in one frozen value (made by kiln.engine.arg_utils.EngineArgs).
 
@@ -266,3 +284,4 @@ class EngineConfig:
     speculative: SpeculativeConfig | None
     parallel: ParallelConfig
     kernel: KernelConfig
+    lora: LoRAConfig | None = None  # None: no adapters (no slots allocated)

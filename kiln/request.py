@@ -62,6 +62,7 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     cache_salt: object | None = None
+    lora_id: int = 0  # the LoRA adapter it runs with (kiln.lora.manager ids; 0: the base model)
     spec_token_ids: list[int] = field(default_factory=list)
     metrics: RequestMetrics = field(init=False)
 

@@ -20,10 +20,21 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kiln.config import SchedulerConfig
 from kiln.core.kv_cache_manager import KVCacheManager
 from kiln.request import Request, RequestStatus
+
+
+class Admission(Protocol):
+    """A gate on starting a waiting request beside the KV cache (the LoRA manager: its adapter needs a
+    slot). `try_admit` holds what the request needs or says no (the request waits, FCFS); `release`
+    drops the hold when the request is preempted or finished, and is idempotent."""
+
+    def try_admit(self, request: Request) -> bool: ...
+
+    def release(self, request: Request) -> None: ...
 
 
 def _urgency(request: Request) -> tuple[int, float]:
@@ -80,6 +91,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.admission: Admission | None = None  # set by the engine when it serves LoRA adapters
 
     # ---- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -106,6 +118,8 @@ class Scheduler:
         request.status = status
         request.metrics.finished_time = time.monotonic()
         self.kv.free(request)
+        if self.admission is not None:
+            self.admission.release(request)
         return request
 
     def has_unfinished_requests(self) -> bool:
@@ -118,6 +132,8 @@ class Scheduler:
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
         self.kv.free(victim)
+        if self.admission is not None:
+            self.admission.release(victim)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
         victim.spec_token_ids = []
@@ -175,7 +191,11 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and budget < num_new <= self.config.max_num_batched_tokens:
                 break  # wait for a step with room for the whole prompt; one longer than any step is chunked anyway
             num_new = min(num_new, budget)
+            if self.admission is not None and not self.admission.try_admit(request):
+                break  # its adapter has no slot until a running request finishes
             if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
+                if self.admission is not None:
+                    self.admission.release(request)
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_hits

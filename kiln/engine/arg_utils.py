@@ -18,14 +18,15 @@ from typing import Any
 
 from kiln.config import (
     KV_CACHE_DTYPES, PREFILL_ATTENTION_CHOICES, QUANTIZED_WEIGHTS_MODES, CacheConfig, EngineConfig, KernelConfig,
-    ModelLoadConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig,
+    LoRAConfig, ModelLoadConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig,
 )
 
 
 def _opt(default: Any, help: str, *, flag: str | None = None, type: Any = None, choices: tuple[str, ...] | None = None,
-         negate: bool = False) -> Any:
-    """A field with its CLI form. `negate`: a True-by-default switch whose flag (`flag`) turns it off."""
-    cli = {"help": help, "flag": flag, "type": type, "choices": choices, "negate": negate}
+         negate: bool = False, repeat: bool = False) -> Any:
+    """A field with its CLI form. `negate`: a True-by-default switch whose flag (`flag`) turns it off;
+    `repeat`: a flag given once per value, collected in a list."""
+    cli = {"help": help, "flag": flag, "type": type, "choices": choices, "negate": negate, "repeat": repeat}
     return field(default=default, metadata={"cli": cli})
 
 
@@ -80,6 +81,13 @@ class EngineArgs:
     distributed_init: str | None = _opt(None, "tensor parallel rendezvous: env:// takes the ranks from a launcher "
                                               "(torchrun --nnodes ...); default: the engine spawns its ranks here",
                                         choices=("env://",))
+    # ---- LoRA adapters (kiln.lora) ----
+    loras: list[str] | None = _opt(None, "serve a PEFT LoRA adapter as model NAME: NAME=PATH (repeatable); requests "
+                                         "pick it with \"model\": NAME", flag="--lora", repeat=True)
+    max_loras: int | None = _opt(None, "adapters resident at once (their slots are allocated at start; more are "
+                                       "loaded in turn, LRU); default 4 when --lora is given, else LoRA is off "
+                                       "unless this is set (for adapters loaded at run time)", type=int)
+    max_lora_rank: int = _opt(16, "largest adapter rank the slots hold (up to 64 is typical)", type=int)
     # ---- kernel switches (None: the environment variable's value, see kiln.config.KernelConfig) ----
     native_kernels: bool | None = _opt(None, "do not build or use kiln's C++ kernels: plain torch everywhere "
                                              "(env KILN_NO_NATIVE=1)", flag="--no-native-kernels", negate=True)
@@ -113,6 +121,8 @@ class EngineArgs:
                 kwargs["type"] = cli["type"]
             if cli["choices"] is not None:
                 kwargs["choices"] = cli["choices"]
+            if cli.get("repeat"):
+                kwargs["action"] = "append"
             group.add_argument(flag, **kwargs)
         return parser
 
@@ -179,6 +189,9 @@ class EngineArgs:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be >= 1 (1 turns multi-step decode off); got {self.num_scheduler_steps}")
+        lora = self.lora_config()
+        if lora is not None and self.tensor_parallel_size > 1:
+            raise ValueError("LoRA adapters do not run under tensor parallel yet; use --tensor-parallel-size 1")
         return EngineConfig(
             model=ModelLoadConfig(self.model, self.dtype, self.device, self.quantized_weights),
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=parse_memory(self.kv_cache_memory),
@@ -191,4 +204,17 @@ class EngineArgs:
             parallel=ParallelConfig(threads=self.threads, tensor_parallel_size=self.tensor_parallel_size,
                                     distributed_init=self.distributed_init),
             kernel=self.kernel_config(),
+            lora=lora,
         )
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The adapters to serve, or None when LoRA is off (no --lora and no --max-loras)."""
+        from kiln.lora.request import parse_lora_spec
+
+        specs = self.loras or []
+        if isinstance(specs, (str, dict)):
+            specs = list(specs.items()) if isinstance(specs, dict) else [specs]
+        pairs = tuple(spec if isinstance(spec, tuple) else parse_lora_spec(spec) for spec in specs)
+        if not pairs and self.max_loras is None:
+            return None
+        return LoRAConfig(self.max_loras if self.max_loras is not None else 4, self.max_lora_rank, pairs)

@@ -26,6 +26,7 @@ Threading contract:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from typing import Any
 from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.llm_engine import LLMEngine, PromptInput
 from kiln.engine.metrics import EngineMetrics
+from kiln.lora.request import LoRARequest
 from kiln.outputs import CompletionOutput, RequestOutput
 from kiln.sampling_params import SamplingParams
 
@@ -196,6 +198,7 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         queue: asyncio.Queue | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Validate and queue a request. Raises ValueError (bad input), QueueFullError, EngineUnavailableError.
 
@@ -207,6 +210,7 @@ class AsyncEngine:
         # caller, and the engine thread's add_request takes the result as it is.
         prompt = self.engine.process_prompt(prompt)
         self.engine.validate_params(params)  # a bad grammar or logit_bias is the caller's 400, before queueing
+        self.engine.check_lora(lora_request)  # an unknown adapter is the caller's error, before queueing
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         queue = queue if queue is not None else asyncio.Queue()
         tracked = _Tracked(request_id, loop, queue, params.n, time.monotonic())
@@ -223,7 +227,7 @@ class AsyncEngine:
                 )
             self._active_ids.add(request_id)
             self._pending_adds += params.n
-            payload = (tracked, prompt, params, priority)
+            payload = (tracked, prompt, params, priority, lora_request)
             self._commands.append(("add", payload))
             self._cv.notify()
         return RequestStream(self, request_id, queue)
@@ -235,6 +239,17 @@ class AsyncEngine:
                 return
             self._commands.append(("abort", request_id))
             self._cv.notify()
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run `fn(engine)` on the engine thread between steps (loading or unloading a LoRA adapter touches
+        torch state only that thread may) and return its result; its exception is raised here."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._dead is not None or not self._accepting:
+                raise EngineUnavailableError("the engine is not running")
+            self._commands.append(("call", (fn, future)))
+            self._cv.notify()
+        return await asyncio.wrap_future(future)
 
     async def generate(
         self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None, priority: int = 0
@@ -320,16 +335,23 @@ class AsyncEngine:
         added = 0
         for kind, payload in commands:
             if kind == "add":
-                tracked, prompt, params, priority = payload
+                tracked, prompt, params, priority, lora_request = payload
                 added += params.n
                 try:
-                    self.engine.add_request(prompt, params, tracked.request_id, priority, tracked.arrival)
+                    self.engine.add_request(prompt, params, tracked.request_id, priority, tracked.arrival,
+                                            lora_request=lora_request)
                 except Exception as exc:  # a processed prompt: anything raised here is unexpected
                     logger.exception("engine rejected request %s", tracked.request_id)
                     self._tracked[tracked.request_id] = tracked
                     self._finish(tracked, "error", f"{type(exc).__name__}: {exc}")
                     continue
                 self._tracked[tracked.request_id] = tracked
+            elif kind == "call":
+                fn, future = payload
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as exc:  # the caller's error (a bad adapter): handed back to it
+                    future.set_exception(exc)
             elif kind == "abort":
                 tracked = self._tracked.get(payload)
                 if tracked is not None:

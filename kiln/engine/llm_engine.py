@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.profiler import record_function
 
-from kiln.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from kiln.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, SpeculativeConfig
 from kiln.core.hybrid_kv_cache_manager import HybridKVCacheManager
 from kiln.core.kv_cache_manager import KVCacheManager
 from kiln.engine.hybrid_kv import plan_hybrid_kv
@@ -30,6 +30,9 @@ from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.request_validation import PromptInput, RequestValidation, TokenizedPrompt  # noqa: F401 (re-exported)
 from kiln.engine.startup_checks import check_startup
 from kiln.loader.model_loader import LoadedModel, load_model
+from kiln.lora.adapter import LoRAError
+from kiln.lora.manager import LoRAManager
+from kiln.lora.request import LoRARequest
 from kiln.outputs import RequestOutput
 from kiln.request import Request, RequestStatus
 from kiln.sampling_params import SamplingParams
@@ -63,6 +66,7 @@ class LLMEngine(RequestValidation):
         scheduler_config: SchedulerConfig | None = None,
         speculative_config: SpeculativeConfig | None = None,
         runner_factory: Callable[..., ModelRunner] = ModelRunner,
+        lora_config: LoRAConfig | None = None,
     ) -> None:
         """`runner_factory(model, num_blocks, block_size, kv_cache_dtype, kv_groups)` builds the model runner (a
         tensor-parallel engine passes one that drives its other ranks, kiln.distributed)."""
@@ -101,6 +105,13 @@ class LLMEngine(RequestValidation):
         # Grammars for structured outputs (the engine's tokenizer is built at the first one).
         self.grammar = GrammarBackend(loaded.tokenizer, loaded.config.vocab_size, self.eos_token_ids)
         self.runner.structured = StructuredOutputManager(self.grammar)
+        self.lora: LoRAManager | None = None  # the adapters served (kiln.lora), when LoRA is on
+        if lora_config is not None:
+            self.lora = LoRAManager(loaded.model, lora_config.max_loras, lora_config.max_lora_rank)
+            for name, path in lora_config.loras:
+                self.lora.add(name, path)
+            self.scheduler.admission = self.lora
+            self.runner.lora = self.lora
         self.spec: SpecDecoder | None = build_spec_decoder(
             speculative_config, loaded, self.kv_budget.num_blocks, self.cache_config.block_size, self.max_model_len)
         self.output_processor = OutputProcessor(loaded.tokenizer)
@@ -132,7 +143,7 @@ class LLMEngine(RequestValidation):
             torch.set_num_threads(config.parallel.threads)
         m = config.model
         loaded = load_model(resolve_model(m.model), m.dtype, m.device, quantized_weights=m.quantized_weights)
-        return cls(loaded, config.cache, config.scheduler, config.speculative)
+        return cls(loaded, config.cache, config.scheduler, config.speculative, lora_config=config.lora)
 
     @classmethod
     def from_engine_args(cls, args: "EngineArgs") -> "LLMEngine":
@@ -146,15 +157,18 @@ class LLMEngine(RequestValidation):
         request_id: str | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Queue a request (n sequences); a prompt not yet processed is tokenized and validated
-        here (`process_prompt`). Raises ValueError on bad input."""
+        here (`process_prompt`). `lora_request`: run it with that adapter (loaded now if it names a path the
+        engine does not hold yet). Raises ValueError on bad input."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.output_processor:
             raise ValueError(f"duplicate request id {request_id!r}")
         prompt = self.process_prompt(prompt)
         self.validate_params(params)
+        lora_id = self._lora_id(lora_request)
         token_ids = prompt.token_ids
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         sequences: list[Request] = []
@@ -163,13 +177,56 @@ class LLMEngine(RequestValidation):
             if params.n > 1:
                 seq_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            sequences.append(Request(seq_id, token_ids, seq_params, self.eos_token_ids, priority, arrival,
-                                     self.max_model_len))
+            seq = Request(seq_id, token_ids, seq_params, self.eos_token_ids, priority, arrival, self.max_model_len)
+            if lora_id:  # its KV blocks are the adapter's own: prefix-cache keys carry the adapter
+                seq.lora_id, seq.cache_salt = lora_id, ("lora", lora_id)
+            sequences.append(seq)
         self.output_processor.add_request(request_id, prompt.text, token_ids, sequences)
         for req in sequences:
             self.scheduler.add_request(req)
         self.prompt_tokens_total += len(token_ids) * params.n
         return request_id
+
+    # ---- LoRA adapters ----------------------------------------------------------------
+    def check_lora(self, lora_request: LoRARequest | None) -> None:
+        """LoRAError (a ValueError) when `lora_request` cannot run here: LoRA is off, or it names an adapter
+        that is not loaded and gives no path to load it from."""
+        if lora_request is None:
+            return
+        if self.lora is None:
+            raise LoRAError("this engine serves no LoRA adapters; start it with --lora NAME=PATH (or --max-loras N "
+                            "to load adapters at run time)")
+        if not lora_request.lora_path:
+            self.lora.id_of(lora_request.lora_name)
+
+    def _lora_id(self, lora_request: LoRARequest | None) -> int:
+        self.check_lora(lora_request)
+        if lora_request is None:
+            return 0
+        assert self.lora is not None
+        if lora_request.lora_name not in self.lora.adapters:
+            return self.lora.add(lora_request.lora_name, lora_request.lora_path)
+        return self.lora.id_of(lora_request.lora_name)
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Load the PEFT adapter at `path` as `name` (LoRAError says why it cannot serve here)."""
+        self.check_lora(LoRARequest(name, 0, path))
+        assert self.lora is not None
+        self.lora.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter `name`; LoRAError while a queued or running request still uses it."""
+        self.check_lora(LoRARequest(name))
+        assert self.lora is not None
+        lora_id = self.lora.id_of(name)
+        users = sum(1 for r in self.scheduler.requests.values() if r.lora_id == lora_id)
+        if users:
+            raise LoRAError(f"adapter {name!r} is in use by {users} request(s); unload it when they finish")
+        self.lora.remove(name)
+
+    def list_loras(self) -> list[str]:
+        """Names of the adapters loaded (empty when LoRA is off)."""
+        return self.lora.names() if self.lora is not None else []
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Abort requests in any state; their KV blocks are freed at once. Unknown ids are ignored."""

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.llm_engine import LLMEngine, PromptInput
+from kiln.lora.request import LoRARequest
 from kiln.outputs import RequestOutput
 from kiln.sampling_params import SamplingParams
 
@@ -40,8 +41,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of `prompts`."""
+        """Run every prompt to completion; outputs come back in the order of `prompts`.
+
+        `lora_request`: one LoRARequest for every prompt, or one (or None: the base model) per prompt; an
+        adapter named with a path the engine does not hold yet is loaded first (needs `loras=` or
+        `max_loras=` when the LLM was built)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -51,10 +57,14 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError("lora_request must be one LoRARequest or one per prompt")
         ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-                ids.append(self.engine.add_request(prompt, params, priority=priority[i] if priority else 0))
+                ids.append(self.engine.add_request(prompt, params, priority=priority[i] if priority else 0,
+                                                   lora_request=loras[i]))
         except Exception:
             self.engine.abort_request(ids)
             raise
@@ -67,9 +77,20 @@ class LLM:
                         bar.update(1)
         return [results[i] for i in ids]
 
-    def generate_stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def load_lora(self, name: str, path: str) -> None:
+        """Load the PEFT adapter folder `path` as `name` (then `LoRARequest(name)` picks it)."""
+        self.engine.add_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
+
+    def list_loras(self) -> list[str]:
+        return self.engine.list_loras()
+
+    def generate_stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
+                        lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Yield a RequestOutput each time this request progresses (see `.outputs[i].delta_text`)."""
-        rid = self.engine.add_request(prompt, sampling_params)
+        rid = self.engine.add_request(prompt, sampling_params, lora_request=lora_request)
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():

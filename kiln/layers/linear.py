@@ -69,6 +69,9 @@ class Linear(nn.Module):
         # Tensor parallel (set from outside by kiln.distributed, before loading): cuts each checkpoint
         # tensor down to this rank's part; the layer's sizes are already this rank's.
         self.tp_slice: Callable[[Linear, str, Any, str | None], Any] | None = None
+        # LoRA (set by kiln.lora when the engine serves adapters): adds this batch's low-rank deltas to
+        # the output of the method's apply, so adapters run on top of any weight format.
+        self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def shard_slice(self, shard: str | None) -> slice:
         idx = self.shard_names.index(shard)
@@ -93,6 +96,8 @@ class Linear(nn.Module):
         self.loaded_shards.add((param_name, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None:
+            return self.lora(self.method.apply(self, x), x)
         return self.method.apply(self, x)
 
     def extra_repr(self) -> str:

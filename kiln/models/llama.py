@@ -140,6 +140,9 @@ class LlamaForCausalLM(TiedHeadMixin, nn.Module):
         self.fused_decode_step = switches.active().fused_decode_step
         self._decode_plan: object | None = None
         self._decode_plan_status: str | None = None  # None: not built yet
+        # Set by kiln.lora for each forward: a batch with LoRA rows takes the plain path, which adds the
+        # adapters' deltas in each Linear (the fused step runs base weights only).
+        self.lora_in_batch = False
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -150,7 +153,7 @@ class LlamaForCausalLM(TiedHeadMixin, nn.Module):
     ) -> torch.Tensor:
         """Flat tokens [T] at positions [T] → final hidden states [T, hidden]."""
         hidden = self.embed_tokens(input_ids)
-        if self.fused_decode_step and decode_step.can_run(meta, hidden, kv_caches):
+        if self.fused_decode_step and not self.lora_in_batch and decode_step.can_run(meta, hidden, kv_caches):
             plan = self.decode_plan()
             if plan is not None:
                 return decode_step.run_decode_plan(plan, hidden, positions, meta, kv_caches)

@@ -17,6 +17,7 @@ from kiln.core.kv_cache_groups import KVCacheGroup
 from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
 from kiln.kernels.attention_metadata import AttentionMetadata, build_attention_metadata, build_group_metadata
 from kiln.kernels.paged_attention import native_reads
+from kiln.lora.manager import LoRAManager
 from kiln.models.architecture import CausalLM
 from kiln.sample.rejection_sampler import verify_drafts
 from kiln.sample.sampler import SampleRow, Sampler
@@ -56,6 +57,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.structured: StructuredOutputManager | None = None
+        self.lora: LoRAManager | None = None  # set by the engine when it serves LoRA adapters
 
     def close(self) -> None:
         """Release what the runner holds outside this process (a tensor-parallel runner's ranks); idempotent."""
@@ -85,7 +87,14 @@ class ModelRunner:
             # grammar masks are filled on a helper thread while the forward runs
             masks = self._begin_masks(items)
         with record_function("kiln::forward"):
-            hidden = self.model(ids, pos, meta, self.kv_caches)
+            if self.lora is None:
+                hidden = self.model(ids, pos, meta, self.kv_caches)
+            else:
+                self.lora.begin_step([item.request.lora_id for item in items], meta.query_start_loc)
+                try:
+                    hidden = self.model(ids, pos, meta, self.kv_caches)
+                finally:
+                    self.lora.end_step()
         with record_function("kiln::logits_and_sample"):
             return self._sample(items, meta, hidden, masks)
 
@@ -126,7 +135,8 @@ class ModelRunner:
     def _prepare(
         self, sched: SchedulerOutput
     ) -> tuple[list[ScheduledRequest], torch.Tensor, torch.Tensor, AttentionMetadata]:
-        items = sorted(sched.scheduled, key=lambda s: s.num_tokens != 1)  # decodes first, stable
+        # decodes first (attention takes them as one range), each group by adapter (LoRA segments), stable
+        items = sorted(sched.scheduled, key=lambda s: (s.num_tokens != 1, s.request.lora_id))
         token_ids: list[int] = []
         positions: list[int] = []
         for item in items:
