@@ -21,36 +21,11 @@ pytest.importorskip("peft", reason="LoRA reference tests need the test extras (p
 from kiln import LLM, LoRARequest, SamplingParams  # noqa: E402
 from kiln.eval.forward import window_logits  # noqa: E402
 from kiln.lora.adapter import LoRAError  # noqa: E402
-from loader.tiny_model import TinySpec, build_tiny_models, make_checkpoint, write_hf_folder  # noqa: E402
-from lora.peft_adapters import (ALL_TARGETS, TEXT, load_hf, peft_model, reference_greedy,  # noqa: E402
-                                reference_logits, train_adapter)
+from loader.tiny_model import TinySpec, make_checkpoint, write_hf_folder  # noqa: E402
+from lora.conftest import Adapters  # noqa: E402
+from lora.peft_adapters import reference_logits, train_adapter  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
-
-
-class Adapters:
-    def __init__(self, root: Path) -> None:
-        models = build_tiny_models(root / "models")
-        self.base = models.hf["tied"]
-        self.gguf = models.gguf["tied"]
-        tok = LLM(str(self.base), dtype="float32", kv_cache_memory="4MiB").tokenizer
-        self.ids = tok.encode(TEXT, add_special_tokens=False)[:60]
-        base_model = load_hf(self.base)
-        # A: every target, rank 8; B: q/v/down only, rank 4, rsLoRA scaling (a different scale rule)
-        self.a = train_adapter(self.base, root / "a", seed=0, targets=ALL_TARGETS, rank=8, alpha=16,
-                               token_ids=self.ids, base_model=base_model)
-        self.b = train_adapter(self.base, root / "b", seed=1, targets=["q_proj", "v_proj", "down_proj"], rank=4,
-                               alpha=8, rslora=True, token_ids=self.ids[10:50], lr=5e-2, base_model=base_model)
-        self.prompts = [self.ids[:9], self.ids[20:31], self.ids[5:12]]
-        self.refs = {"base": base_model, "a": peft_model(self.base, self.a), "b": peft_model(self.base, self.b)}
-
-    def expected(self, which: str, prompt: list[int], n: int = 12) -> list[int]:
-        return reference_greedy(self.refs[which], prompt, n)
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory: pytest.TempPathFactory) -> Adapters:
-    return Adapters(tmp_path_factory.mktemp("lora"))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server: `build_app` (FastAPI) and `run_server` (uvicorn + graceful stop).
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}] (the base model and its
+LoRA adapters), POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, GET /health,
 POST /tokenize, POST /detokenize, GET /metrics, GET /version; and unless `ui=False` (`--no-ui`) the
 browser pages GET /, /dashboard, /report (kiln.entrypoints.openai.ui).
 
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln.engine.async_engine import AsyncEngine
 from kiln.entrypoints.openai.errors import APIError, install_error_handlers
+from kiln.entrypoints.openai.lora_routes import adapter_cards, mount_lora_routes
 from kiln.entrypoints.openai.limits import BodySizeLimitMiddleware, ServerLimits
 from kiln.entrypoints.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -101,12 +103,15 @@ def build_app(
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(), *adapter_cards(ctx)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
-        ctx.check_model(model_id)
+        if ctx.check_model(model_id) is not None:
+            return next(card for card in adapter_cards(ctx) if card["id"] == model_id)
         return model_card()
+
+    mount_lora_routes(app, ctx)
 
     @app.get("/health")
     async def health() -> Response:

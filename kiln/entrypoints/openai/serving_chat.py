@@ -92,7 +92,7 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request) -> Response:
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     tools, mode = _check_supported(req, ctx)
     text = render_chat(ctx, req.messages, tools=tools)
     # The template already holds any BOS the model wants.
@@ -109,7 +109,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     slot = open_stream_slot(ctx, raw) if req.stream else None
     try:
-        queue = add_requests(ctx, [prompt], [params], [rid])
+        queue = add_requests(ctx, [prompt], [params], [rid], lora)
     except BaseException:
         if slot is not None:
             slot.release()
@@ -163,7 +163,7 @@ def _response(ctx: ServingContext, req: ChatCompletionRequest, rid: str, final: 
             "finish_reason": reason,
         })
     return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model or ctx.model_name,
         "choices": choices, "usage": usage(prompt_len, sum(len(o.token_ids) for o in final.outputs)),
     }
 
@@ -173,7 +173,7 @@ async def _stream(
     tools: list[Tool],
 ) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": ctx.model_name}
+    base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": req.model or ctx.model_name}
 
     def chunk(choices: list[dict[str, Any]]) -> str:
         return sse({**base, "choices": choices, **({"usage": None} if include_usage else {})})

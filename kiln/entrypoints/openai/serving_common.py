@@ -22,6 +22,7 @@ from kiln.entrypoints.openai.limits import (
 )
 from kiln.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kiln.entrypoints.openai.structured import logit_bias, structured_field, structured_spec
+from kiln.lora.request import LoRARequest
 from kiln.outputs import RequestOutput, TopLogprobs, coalesce_outputs
 from kiln.sampling_params import SamplingParams
 
@@ -47,12 +48,18 @@ class ServingContext:
         self.created = int(time.time())
         self._pieces: dict[int, tuple[str, list[int]]] = {}
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(
-                404, f"The model `{name}` does not exist. This server serves `{self.model_name}` (see GET /v1/models).",
-                param="model", code="model_not_found",
-            )
+    def check_model(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's `model` names (None: the base model); 404 for a name this server lacks."""
+        if name is None or name == self.model_name:
+            return None
+        adapters = self.engine.engine.list_loras()
+        if name in adapters:
+            return LoRARequest(name)
+        served = ", ".join(f"`{n}`" for n in [self.model_name, *adapters])
+        raise APIError(
+            404, f"The model `{name}` does not exist. This server serves {served} (see GET /v1/models).",
+            param="model", code="model_not_found",
+        )
 
     def piece(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text (U+FFFD for part of a character) and its exact bytes, for logprobs."""
@@ -214,13 +221,13 @@ async def outputs(ctx: ServingContext, queue: asyncio.Queue, request_ids: list[s
 
 
 def add_requests(ctx: ServingContext, prompts: list[TokenizedPrompt], params: list[SamplingParams],
-                 ids: list[str]) -> asyncio.Queue:
-    """Queue every prompt or none: if one is refused, the ones already queued are aborted."""
+                 ids: list[str], lora: LoRARequest | None = None) -> asyncio.Queue:
+    """Queue every prompt or none (with adapter `lora`): if one is refused, the ones already queued are aborted."""
     queue: asyncio.Queue = asyncio.Queue()
     added: list[str] = []
     try:
         for prompt, p, rid in zip(prompts, params, ids):
-            ctx.engine.add_request(prompt, p, rid, queue=queue)
+            ctx.engine.add_request(prompt, p, rid, queue=queue, lora_request=lora)
             added.append(rid)
     except ValueError as exc:
         for rid in added:

@@ -74,7 +74,7 @@ def _merge(a: dict[str, list] | None, b: dict[str, list]) -> dict[str, list]:
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request) -> Response:
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     reject_unsupported(req, ctx.limits)
     if req.suffix:
         raise APIError(400, "suffix is not supported by kiln; remove it", param="suffix")
@@ -92,7 +92,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     ids = [f"{cid}-{i}" for i in range(len(prompts))]
     slot = open_stream_slot(ctx, raw) if req.stream else None
     try:
-        queue = add_requests(ctx, prompts, params, ids)
+        queue = add_requests(ctx, prompts, params, ids, lora)
     except BaseException:
         if slot is not None:
             slot.release()
@@ -119,7 +119,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             choices.append(state.choice(rid, o.index, o.text, o.token_ids, o.logprobs, final.prompt_logprobs, o.finish_reason))
     choices.sort(key=lambda c: c["index"])
     return JSONResponse({
-        "id": cid, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
+        "id": cid, "object": "text_completion", "created": int(time.time()), "model": req.model or ctx.model_name,
         "choices": choices, "usage": usage(state.prompt_tokens, sum(len(o.token_ids) for f in finals.values() for o in f.outputs)),
     })
 
@@ -173,7 +173,7 @@ async def _stream(
     ctx: ServingContext, req: CompletionRequest, cid: str, state: _Choices, results: AsyncIterator[RequestOutput]
 ) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    base = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name}
+    base = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": req.model or ctx.model_name}
     completion_tokens = 0
     async with aclosing(results):
         async for out in results:
