@@ -7,7 +7,8 @@ steps except each sequence's next token:
   first token never waits for a trip), with no speculative drafts, and nothing is
   waiting to be admitted or was preempted (a new request would otherwise wait up to K steps);
 - each request's sampling needs nothing the trip does not do: no logprobs, prompt logprobs,
-  penalties, logit_bias, structured output or pending min_tokens;
+  penalties, logit_bias, structured output or pending min_tokens; and it runs the base model (the
+  fused step has no LoRA deltas, kiln.lora);
 - the model runs pure decode steps through the fused native step on a single-process runner (no
   tensor parallel, no hybrid sliding-window cache, no speculative decoder);
 - every request has room for K more tokens (max_tokens, the context length) and the KV pool has
@@ -28,7 +29,7 @@ from kiln.request import Request, RequestStatus
 def _request_allows(request: Request) -> bool:
     p = request.sampling_params
     return (p.logprobs is None and p.prompt_logprobs is None and not p.has_penalties and not p.logit_bias
-            and p.structured_outputs is None and request.num_output_tokens >= p.min_tokens)
+            and p.structured_outputs is None and request.num_output_tokens >= p.min_tokens and not request.lora_id)
 
 
 def _room(request: Request, max_model_len: int) -> int:
