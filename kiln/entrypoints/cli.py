@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_convert.register(sub)
     cli_cache.register(sub)
     cli_tune.register(sub)
+    from kiln.entrypoints import cli_lora
+
+    cli_lora.register(sub)
     return parser
 
 

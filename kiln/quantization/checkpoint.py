@@ -82,8 +82,12 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                     out[f"{parent}.{unpacked[(leaf, shard)]}.bias"] = module.bias.data[module.shard_slice(shard)].to(SAVE_DTYPE)
                 continue
             tensor = getattr(module, name).data if name in ("weight", "bias") else getattr(module, name)
-            if name in ("weight", "bias") and not quantized and len(module.shard_names) > 1:
-                raise ValueError(f"{path} is not quantized; kiln's quantized folders quantize every fused layer")
+            if name == "weight" and not quantized and len(module.shard_names) > 1:
+                # a float fused layer (a merged LoRA model, kiln.lora.merge): per shard, as Hugging Face names it
+                parent, _, leaf = prefix.rpartition(".")
+                for shard in module.shard_names:
+                    out[f"{parent}.{unpacked[(leaf, shard)]}.weight"] = tensor[module.shard_slice(shard)].to(SAVE_DTYPE)
+                continue
             keep = quantized and name not in ("weight", "bias")
             out[f"{prefix}.{name}"] = tensor.contiguous() if keep else tensor.to(SAVE_DTYPE).contiguous()
     for name, param in model.named_parameters():
@@ -95,7 +99,7 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(out_dir: Path | str, model: nn.Module, cfg: ModelConfig, tokenizer: "object",
-                   quantization_config: dict) -> Path:
+                   quantization_config: dict | None) -> Path:
     """Write the folder; refuses a non-empty existing folder (nothing is overwritten)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -104,7 +108,8 @@ def save_quantized(out_dir: Path | str, model: nn.Module, cfg: ModelConfig, toke
     if cfg.extra.get("rope_freq_factors") is not None and cfg.rope_scaling is None:
         raise ValueError("this model's RoPE frequency factors have no Hugging Face config form; cannot save it")
     config = hf_config(cfg)
-    config["quantization_config"] = quantization_config
+    if quantization_config is not None:  # None: a float folder (kiln lora merge without --quantize)
+        config["quantization_config"] = quantization_config
     save_file(checkpoint_tensors(model), str(out / "model.safetensors"), metadata={"format": "pt", "producer": "kiln"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.backend.save(str(out / "tokenizer.json"))
