@@ -106,7 +106,7 @@ class LoRAManager:
         return sum(s.num_bytes() for s in self.slots.values())
 
     # ---- slots (the scheduler's admission control) -------------------------------------------
-    def try_admit(self, request: "Request") -> bool:
+    def try_admit(self, request: Request) -> bool:
         """Hold a slot with `request`'s adapter in it (loading it, evicting the LRU idle one if needed);
         False when every slot is held by admitted requests (the request waits). Base requests: True."""
         lora_id = request.lora_id
@@ -124,7 +124,7 @@ class LoRAManager:
         self.holders[request.request_id] = lora_id
         return True
 
-    def release(self, request: "Request") -> None:
+    def release(self, request: Request) -> None:
         """`request` no longer runs (preempted or finished): drop its hold. Idempotent."""
         lora_id = self.holders.pop(request.request_id, None)
         if lora_id is not None:

@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from loader.tiny_model import build_tiny_models
 
 from kiln import LLM
-from loader.tiny_model import build_tiny_models
-from lora.peft_adapters import ALL_TARGETS, TEXT, load_hf, peft_model, reference_greedy, train_adapter
+from lora.peft_adapters import (
+    ALL_TARGETS,
+    TEXT,
+    load_hf,
+    peft_model,
+    reference_greedy,
+    train_adapter,
+)
 
 
 class Adapters:

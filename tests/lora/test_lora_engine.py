@@ -18,12 +18,13 @@ import torch
 
 pytest.importorskip("peft", reason="LoRA reference tests need the test extras (peft)")
 
-from kiln import LLM, LoRARequest, SamplingParams  # noqa: E402
-from kiln.eval.forward import window_logits  # noqa: E402
-from kiln.lora.adapter import LoRAError  # noqa: E402
-from loader.tiny_model import TinySpec, make_checkpoint, write_hf_folder  # noqa: E402
-from lora.conftest import Adapters  # noqa: E402
-from lora.peft_adapters import reference_logits, train_adapter  # noqa: E402
+from loader.tiny_model import TinySpec, make_checkpoint, write_hf_folder
+
+from kiln import LLM, LoRARequest, SamplingParams
+from kiln.eval.forward import window_logits
+from kiln.lora.adapter import LoRAError
+from lora.conftest import Adapters
+from lora.peft_adapters import reference_logits, train_adapter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 

@@ -11,13 +11,13 @@ import torch
 
 pytest.importorskip("peft", reason="LoRA reference tests need the test extras (peft)")
 
-from kiln.entrypoints.cli import main as kiln_main  # noqa: E402
-from kiln.eval.forward import window_logits  # noqa: E402
-from kiln.loader.model_loader import load_model  # noqa: E402
-from kiln.lora.merge import merge_adapter  # noqa: E402
-from kiln.quantization.quantize import QuantizeOptions  # noqa: E402
-from lora.conftest import Adapters  # noqa: E402
-from lora.peft_adapters import TEXT, load_hf, peft_model, reference_logits  # noqa: E402
+from kiln.entrypoints.cli import main as kiln_main
+from kiln.entrypoints.cli_lora import merge_adapter
+from kiln.eval.forward import window_logits
+from kiln.loader.model_loader import load_model
+from kiln.quantization.quantize import QuantizeOptions
+from lora.conftest import Adapters
+from lora.peft_adapters import TEXT, load_hf, peft_model, reference_logits
 
 
 def test_merged_folder_equals_peft_merge(adapters: Adapters, tmp_path: Path) -> None:

@@ -12,10 +12,11 @@ import pytest
 pytest.importorskip("peft", reason="LoRA reference tests need the test extras (peft)")
 openai = pytest.importorskip("openai")
 
-from kiln.engine.arg_utils import EngineArgs  # noqa: E402
-from kiln.engine.async_engine import AsyncEngine  # noqa: E402
-from lora.conftest import Adapters  # noqa: E402
-from server.conftest import serve_in_thread  # noqa: E402
+from server.conftest import serve_in_thread
+
+from kiln.engine.arg_utils import EngineArgs
+from kiln.engine.async_engine import AsyncEngine
+from lora.conftest import Adapters
 
 MODEL = "tiny-base"
 
