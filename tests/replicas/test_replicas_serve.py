@@ -143,6 +143,12 @@ def test_64_concurrent_streaming_clients_complete_and_match_the_one_engine_outpu
     r = httpx.post(server + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1}, timeout=30)
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
     assert httpx.get(server + "/health", timeout=10).json() == {"status": "ok"}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert [m["id"] for m in httpx.get(server + "/v1/models", headers=headers, timeout=30).json()["data"]] == ["m"]
+    # adapters are per engine: the replicas refuse to load one, with the reason
+    r = httpx.post(server + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"}, headers=headers,
+                   timeout=30)
+    assert r.status_code == 400 and "--replicas" in r.json()["error"]["message"], r.text
 
 
 def busiest_replica(url: str, timeout: float) -> tuple[str, int]:

@@ -73,6 +73,10 @@ class FrontEngine(RequestValidation):
         self.kv_budget = _KV(facts.kv_tokens)
         self.max_model_len = facts.max_model_len
         self.grammar = GrammarBackend(facts.tokenizer, facts.vocab_size, facts.eos_token_ids)
+        self.lora = None  # LoRA adapters are per engine; replicas serve the base model only (see RemoteEngine.call)
+
+    def list_loras(self) -> list[str]:
+        return []
 
 
 class RemoteMetrics:
@@ -163,11 +167,21 @@ class RemoteEngine:
             await asyncio.sleep(PUSH_PERIOD_S)
 
     # ---- requests ------------------------------------------------------------------------
+    async def call(self, fn: Any) -> Any:
+        """AsyncEngine.call runs `fn` on one engine's thread (loading a LoRA adapter); with replicas there is
+        no one engine to run it on, so the adapter routes refuse with a 400."""
+        from kiln.lora.adapter import LoRAError
+
+        raise LoRAError("LoRA adapters cannot be loaded into a server with --replicas yet (each replica would need "
+                        "it); serve the adapter with a plain `kiln serve`, or merge it (`kiln lora merge`)")
+
     def add_request(self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None,
-                    priority: int = 0, queue: asyncio.Queue | None = None) -> RequestStream:
+                    priority: int = 0, queue: asyncio.Queue | None = None, lora_request: Any = None) -> RequestStream:
         """As AsyncEngine.add_request: validate here, then stream it from a replica onto `queue`."""
         import uuid
 
+        if lora_request is not None:  # check_model names no adapter here (list_loras is empty)
+            raise ValueError("LoRA adapters are not served with --replicas")
         params = params or SamplingParams()
         prompt = self.engine.process_prompt(prompt)
         self.engine.validate_params(params)
