@@ -85,6 +85,9 @@ class SequenceState:
     logprobs: list[TopLogprobs] | None = None
     cumulative_logprob: float | None = None
     finish: Finish | None = None
+    # text length after each token of the current step (several when a step brings accepted drafts or
+    # a multi-step trip): the step's output is streamed one token at a time from these
+    step_ends: list[int] = field(default_factory=list)
 
     def add_tokens(self, token_ids: list[int], stop: Finish | None) -> Finish | None:
         """Detokenize the kept tokens of a step, then match stop strings. `stop` is the step's token
@@ -107,15 +110,15 @@ class SequenceState:
         self.finish = stop
         return stop
 
-    def add_tokens_to_stop_string(self, token_ids: list[int], stop: Finish | None) -> tuple[Finish | None, int]:
-        """`add_tokens` for a step that may bring several tokens (accepted drafts, a multi-step trip):
-        with stop strings they are added one at a time, as single steps would add them, so the
-        sequence ends at the token that completes a stop string. Returns how the sequence finished
-        and how many of `token_ids` it used (the rest must be dropped)."""
-        if len(token_ids) == 1 or not self.request.sampling_params.stop_strings:
-            return self.add_tokens(token_ids, stop), len(token_ids)
+    def add_step_tokens(self, token_ids: list[int], stop: Finish | None) -> tuple[Finish | None, int]:
+        """`add_tokens` for one step's kept tokens, one at a time as single steps would add them (a
+        step may bring several: accepted drafts, a multi-step trip), recording the text length after
+        each for streaming token by token, and ending the sequence at the token that completes a stop
+        string. Returns how the sequence finished and how many of `token_ids` it used (drop the rest)."""
+        self.step_ends = []
         for used, token in enumerate(token_ids, start=1):
             finish = self.add_tokens([token], stop if used == len(token_ids) else None)
+            self.step_ends.append(len(self.text))
             if finish is not None:
                 return finish, used
         return None, len(token_ids)
@@ -135,7 +138,25 @@ class SequenceState:
         stops = self.request.sampling_params.stop_strings
         return max((len(s) for s in stops), default=1) - 1
 
-    def completion(self) -> CompletionOutput:
+    def completion(self, part: int | None = None) -> CompletionOutput:
+        """What is new since the last completion. `part` j (of a step that added several tokens): only
+        up to the step's (j+1)-th token, not finished yet; None: everything, with the finish."""
+        ends = self.step_ends
+        if part is not None and part < len(ends) - 1:
+            stops = self.request.sampling_params.stop_strings
+            hold = max((len(s) for s in stops), default=1) - 1
+            # the text may have been cut at a stop string since (a prefix of what it was then)
+            visible = max(min(ends[part] - hold, len(self.text)), self.emitted_chars)
+            token_ids = self.request.output_token_ids[:self.request.num_output_tokens - (len(ends) - 1 - part)]
+            text = self.text[:visible]
+            delta = text[self.emitted_chars:]
+            self.emitted_chars = visible
+            delta_ids = token_ids[self.emitted_tokens:]
+            self.emitted_tokens = len(token_ids)
+            logprobs = self.logprobs[:len(token_ids)] if self.logprobs is not None else None
+            return CompletionOutput(index=self.index, text=text, token_ids=token_ids,
+                                    cumulative_logprob=self.cumulative_logprob, logprobs=logprobs,
+                                    delta_text=delta, delta_token_ids=delta_ids)
         visible = max(len(self.text) - self.holdback(), self.emitted_chars)
         text = self.text[:visible]
         delta = text[self.emitted_chars:]
@@ -171,7 +192,8 @@ class RequestState:
     def finished(self) -> bool:
         return all(s.finish is not None for s in self.sequences)
 
-    def to_output(self) -> RequestOutput:
+    def to_output(self, part: int | None = None) -> RequestOutput:
+        """The request's output; `part` j: only up to the j-th token of a multi-token step (SequenceState.completion)."""
         first = self.sequences[0].request.metrics
         metrics = RequestMetricsSnapshot(
             arrival_time=first.arrival_time,
@@ -185,8 +207,8 @@ class RequestState:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[s.completion() for s in self.sequences],
-            finished=self.finished,
+            outputs=[s.completion(part) for s in self.sequences],
+            finished=self.finished and part is None,
             prompt_logprobs=self.prompt_logprobs,
             metrics=metrics,
             error=self.error,
@@ -279,7 +301,7 @@ class OutputProcessor:
                 continue
             kept, stop = append_until_stop(seq.request, tokens, now)
             try:
-                finish, used = seq.add_tokens_to_stop_string(kept, stop)
+                finish, used = seq.add_step_tokens(kept, stop)
                 if used < len(kept):  # a stop string ended inside a multi-token step: drop what follows it
                     del seq.request.all_token_ids[used - len(kept):]
                     kept = kept[:used]
@@ -302,8 +324,14 @@ class OutputProcessor:
         outputs: list[RequestOutput] = []
         released: list[str] = []
         for rid, state in step.touched.items():
+            # one output per token, so streams keep one-token granularity when a step brought several
+            parts = max(len(seq.step_ends) for seq in state.sequences)
+            for part in range(parts - 1):
+                outputs.append(state.to_output(part))
             out = state.to_output()
             outputs.append(out)
+            for seq in state.sequences:
+                seq.step_ends = []
             if out.finished:
                 released.extend(self.abort_request(rid))
         return outputs, released

@@ -38,7 +38,8 @@ def step(proc: OutputProcessor, tokens: dict[str, list[int]], logprobs=None):
     result = RunnerOutput(sampled=tokens, logprobs=logprobs or {})
     processed = proc.process(list(tokens), tokens, result)
     outputs, released = proc.make_outputs(processed)
-    return processed, outputs, released
+    last = {o.request_id: o for o in outputs}  # a multi-token step streams one output per token: keep the last
+    return processed, list(last.values()), released
 
 
 @pytest.mark.parametrize("params, tokens, kept, status, reason", [
@@ -132,3 +133,29 @@ def test_unknown_and_aborted_sequences_are_skipped() -> None:
     assert proc.abort_request("r") == ["r"] and proc.abort_request("r") == []
     processed, outs, _ = step(proc, {"r": [A], "other": [B]})
     assert processed.kept == {} and outs == []
+
+
+def test_a_multi_token_step_streams_one_token_per_output() -> None:
+    """A trip or accepted drafts bring several tokens in one step; streams still get them one at a time,
+    exactly as single steps would have streamed them (the reference: the same tokens, one step each),
+    with the stop-string holdback applied to each and the finish only on the last."""
+    params = SamplingParams(max_tokens=10, stop=["TO"], logprobs=0)
+    tokens, lps = [A, SPACE, ST, OP, B], [(-0.1, []), (-0.2, []), (-0.3, []), (-0.4, []), (-0.5, [])]
+
+    def view(o):
+        c = o.outputs[0]
+        return c.delta_token_ids, c.delta_text, c.finish_reason, len(c.logprobs), o.finished
+
+    proc, _ = start(params)
+    processed = proc.process(["r"], {"r": tokens}, RunnerOutput(sampled={"r": tokens}, logprobs={"r": lps}))
+    outputs, released = proc.make_outputs(processed)
+    single, _ = start(params)
+    reference = []
+    for token, lp in zip(tokens, lps):
+        if not single.has_unfinished():
+            break
+        done = single.process(["r"], {"r": [token]}, RunnerOutput(sampled={"r": [token]}, logprobs={"r": [lp]}))
+        reference += [view(o) for o in single.make_outputs(done)[0]]  # viewed now: logprobs lists grow
+    assert [view(o) for o in outputs] == reference
+    assert len(outputs) == 4 and released == ["r"]  # "OP" completes "TO": B is dropped
+    assert "".join(o.outputs[0].delta_text for o in outputs) == outputs[-1].outputs[0].text == "a S"
