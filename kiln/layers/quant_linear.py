@@ -102,14 +102,21 @@ def _load_buffer(layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantiz
 class IntWeightLinearMethod(QuantizedBuffersMethod):
     """Weights as unsigned codes (INT4 packed two per byte) with fp16 group scales and uint8 zeros."""
 
-    def __init__(self, bits: int, group_size: int, sym: bool, smooth: bool = False) -> None:
+    def __init__(self, bits: int, group_size: int, sym: bool, smooth: bool = False, act_order: bool = False) -> None:
         self.bits, self.group_size, self.sym, self.smooth = bits, group_size, sym, smooth
+        # act-order checkpoints (GPTQ desc_act, compressed-tensors actorder "group"): the codes are stored
+        # with their columns sorted into contiguous groups and `input_perm` [K] gathers the activations the
+        # same way, so W @ x = W[:, perm] @ x[perm] (kiln.quantization.foreign.layout.act_order_permutation)
+        self.act_order = act_order
+        self._permuted: bool | None = None  # whether input_perm is other than the identity (known after loading)
         self.blocks: "GGUFQuantLinearMethod | None" = None  # set after loading when the native kernel serves us
 
     @property
     def name(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         head = f"int{self.bits} {group} {'sym' if self.sym else 'asym'}{' +smooth' if self.smooth else ''}"
+        if self._permuted:
+            head += " +act-order (activations gathered by the input permutation)"
         if self.blocks is not None:
             b = self.blocks
             panel = f", fp32 panel kernel up to M={b.panel_rows[1]}" if b.panel_rows[1] > 0 else ""
@@ -128,6 +135,8 @@ class IntWeightLinearMethod(QuantizedBuffersMethod):
         from kiln.kernels.quant_matmul import QK, pack_q4, use_native_quant
         from kiln.layers.gguf_quant import GGUFQuantLinearMethod
 
+        self._permuted = None
+        self._is_permuted(layer)  # from the loaded input_perm: an identity (static groups) costs nothing
         if not self.block_layout_fits(layer) or not use_native_quant(layer.qweight):
             return
         codes = unpack_int4(layer.qweight) if self.bits == 4 else layer.qweight
@@ -151,6 +160,9 @@ class IntWeightLinearMethod(QuantizedBuffersMethod):
 
     def tp_layout(self, layer: "Linear", name: str) -> tuple[int | None, int | None, int]:
         per_channel = self.group_size == -1
+        if name == "input_perm":
+            raise ValueError("an act-order layer (its input permuted) cannot be split for tensor parallel; "
+                             "run it with --tensor-parallel-size 1 or re-quantize with static groups")
         layouts = {"qweight": (0, 1, 2 if self.bits == 4 else 1), "scales": (0, None if per_channel else 1,
                    self.group_size), "qzeros": (0, None if per_channel else 1, self.group_size), "smooth": (None, 0, 1)}
         return layouts[name] if name in layouts else super().tp_layout(layer, name)
@@ -162,22 +174,50 @@ class IntWeightLinearMethod(QuantizedBuffersMethod):
         specs = {"qweight": ((n, cols), torch.uint8), "scales": ((n, g), torch.float16), "qzeros": ((n, g), torch.uint8)}
         if self.smooth:
             specs["smooth"] = ((k,), torch.float32)
+        if self.act_order:
+            specs["input_perm"] = ((k,), torch.int64)
         return specs
 
+    def load_param(self, layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantizedTensor",
+                   shard: str | None = None) -> None:
+        """As the base class; `input_perm` is one vector for the whole layer, which every shard of a fused
+        layer (q/k/v share their input, so GPTQ sorts their columns alike) must bring identically."""
+        if name != "input_perm":
+            return super().load_param(layer, name, tensor, shard)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (layer.input_size,):
+            raise ValueError(f"input_perm must be a vector of {layer.input_size} column indices")
+        seen = getattr(layer, "_input_perm_shards", set())
+        if seen and not torch.equal(layer.input_perm, tensor.to(torch.int64)):
+            raise ValueError("the modules fused into this layer were quantized with different act-order column "
+                             "orders (g_idx); kiln runs them as one layer and needs one order")
+        layer.input_perm.copy_(tensor)
+        layer._input_perm_shards = seen | {shard}
+
+    def _is_permuted(self, layer: "Linear") -> bool:
+        if self._permuted is None:
+            self._permuted = self.act_order and not torch.equal(
+                layer.input_perm, torch.arange(layer.input_size, device=layer.input_perm.device))
+        return self._permuted
+
     def dequantized_weight(self, layer: "Linear", dtype: torch.dtype) -> torch.Tensor:
+        """The weight in the input's own column order (an act-order layer's stored order undone)."""
         codes = unpack_int4(layer.qweight) if self.bits == 4 else layer.qweight
-        return dequantize_codes(codes, layer.scales, layer.qzeros, self.group_size, dtype)
+        w = dequantize_codes(codes, layer.scales, layer.qzeros, self.group_size, dtype)
+        return w[:, torch.argsort(layer.input_perm)] if self._is_permuted(layer) else w
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         if self.smooth:
             x = (x / layer.smooth).to(x.dtype)
         if self.blocks is not None:
+            if self._is_permuted(layer):
+                x = x.index_select(-1, layer.input_perm)
             return self.blocks.apply(layer, x)
         return super().apply(layer, x)
 
     def decode_plan_entry(self, layer: "Linear", dtype: torch.dtype) -> LinearEntry | None:
-        # The plan has no step that divides activations by `smooth`; unrepacked codes have no kernel.
-        if self.smooth or self.blocks is None:
+        # The plan has no step that divides activations by `smooth` or gathers them by an act-order
+        # permutation; unrepacked codes have no kernel.
+        if self.smooth or self.blocks is None or self._is_permuted(layer):
             return None
         return self.blocks.decode_plan_entry(layer, dtype)
 
@@ -238,7 +278,7 @@ def method_for(entry: dict) -> QuantizedBuffersMethod:
     fmt = entry.get("format")
     if fmt == "int":
         return IntWeightLinearMethod(int(entry["bits"]), int(entry["group_size"]), bool(entry["sym"]),
-                                     bool(entry.get("smooth", False)))
+                                     bool(entry.get("smooth", False)), bool(entry.get("act_order", False)))
     if fmt == "fp8":
         return FP8WeightLinearMethod()
     if fmt == "w8a8":

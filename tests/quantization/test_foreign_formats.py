@@ -42,8 +42,10 @@ def kiln_folder(tiny: TinyModels, calib_file: Path, out: Path, bits: int, group:
     return save_quantized(out, loaded.model, loaded.config, loaded.tokenizer, report.quantization_config)
 
 
-def foreign_folder(kiln_dir: Path, out: Path, fmt: str, layout: IntLayout, **kw) -> Path:
-    """kiln's folder rewritten in `fmt`: each fused module split into its checkpoint modules."""
+def foreign_folder(kiln_dir: Path, out: Path, fmt: str, layout: IntLayout, perms: dict[str, torch.Tensor] | None = None,
+                   **kw) -> Path:
+    """kiln's folder rewritten in `fmt`: each fused module split into its checkpoint modules. `perms` (kiln
+    module → input permutation): write those modules in act order (kiln's column j is the checkpoint's perm[j])."""
     config = json.loads((kiln_dir / "config.json").read_text())
     layers = config["quantization_config"]["layers"]
     tensors = load_file(str(kiln_dir / "model.safetensors"))
@@ -62,15 +64,17 @@ def foreign_folder(kiln_dir: Path, out: Path, fmt: str, layout: IntLayout, **kw)
         for shard in linear.shard_names:
             rows = linear.shard_slice(shard)
             hf_module = module if shard is None else f"{parent}.{UNPACKED[(leaf, shard)]}"
+            perm = (perms or {}).get(module)
             if fmt == "gptq":
-                part = writers.gptq_tensors(codes[rows], scale[rows], zero[rows], layout, **kw)
+                part = writers.gptq_tensors(codes[rows], scale[rows], zero[rows], layout, perm=perm, **kw)
             elif fmt == "awq":
                 part = writers.awq_tensors(codes[rows], scale[rows], zero[rows], layout)
             else:
-                part = writers.compressed_tensors_tensors(codes[rows], scale[rows], zero[rows], layout)
+                part = writers.compressed_tensors_tensors(codes[rows], scale[rows], zero[rows], layout, perm=perm)
             out_tensors.update({f"{hf_module}.{k}": v for k, v in part.items()})
     config["quantization_config"] = (writers.gptq_config(layout, **kw) if fmt == "gptq" else writers.awq_config(layout)
-                                     if fmt == "awq" else writers.compressed_tensors_config(layout, ["lm_head"]))
+                                     if fmt == "awq" else writers.compressed_tensors_config(
+                                         layout, ["lm_head"], "group" if perms else None))
     shutil.copytree(kiln_dir, out)
     save_file(out_tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
@@ -136,14 +140,68 @@ def test_unsupported_config_is_one_error_naming_the_field(tiny: TinyModels, cali
     assert "\n" not in str(info.value)
 
 
-def test_permuted_act_order_is_refused(tiny: TinyModels, calib_file: Path, tmp_path: Path) -> None:
+def _hf_reference_logits(tiny: TinyModels, kiln_model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                         ids: list[int]) -> torch.Tensor:
+    """transformers' Llama of the tiny architecture holding `kiln_model`'s other parameters (embedding,
+    norms, head: as the quantized folder stored them) and, for each of kiln's fused linears, `weights`
+    (kiln module → dense [N, K], split back into q/k/v and gate/up) — an independent reference."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny.hf["untied"]), dtype=torch.float32).eval()
+    for name, param in kiln_model.named_parameters():
+        hf.get_parameter(name if name.startswith("lm_head") else f"model.{name}").data.copy_(param)
+    for module, w in weights.items():
+        linear = kiln_model.get_submodule(module.removeprefix("model."))
+        parent, _, leaf = module.rpartition(".")
+        for shard in linear.shard_names:
+            name = module if shard is None else f"{parent}.{UNPACKED[(leaf, shard)]}"
+            hf.get_submodule(name).weight.data.copy_(w[linear.shard_slice(shard)])
+    with torch.inference_mode():
+        return hf(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_act_order_checkpoint_loads_and_computes_its_weights(tiny: TinyModels, calib_file: Path, tmp_path: Path,
+                                                             monkeypatch, fmt: str) -> None:
+    """Columns written in a random act order per layer input (one order for q/k/v, one for gate/up, as GPTQ
+    produces): kiln sorts them back into groups, gathers the activations the same way, and computes what
+    transformers computes with the dequantized weights in the checkpoint's own column order."""
+    layout = IntLayout(4, 32, False)
+    kiln_dir = kiln_folder(tiny, calib_file, tmp_path / "kiln", 4, 32, False)
+    mine = load_model(kiln_dir, dtype="float32").model
+    gen = torch.Generator().manual_seed(7)
+    perms, weights = {}, {}
+    for name, module in mine.named_modules():
+        if hasattr(module, "qweight"):
+            key = f"model.{name}"
+            perms[key] = torch.randperm(module.input_size, generator=gen)
+            w = module.method.dequantized_weight(module, torch.float32)
+            weights[key] = w[:, torch.argsort(perms[key])]  # the checkpoint's column c is kiln's column inv[c]
+    kw = {"v1": False, "desc_act": True} if fmt == "gptq" else {}
+    foreign = foreign_folder(kiln_dir, tmp_path / fmt, fmt, layout, perms=perms, **kw)
+    theirs = load_model(foreign, dtype="float32").model
+    qkv = theirs.layers[0].self_attn.qkv_proj
+    assert "act-order" in qkv.method.name and qkv.method.blocks is not None  # the native kernel still runs it
+    assert theirs.decode_plan() is None  # the fused step has no gather: the op-by-op path serves it
+    ids = list(range(3, 40))
+    ref = torch.log_softmax(_hf_reference_logits(tiny, mine, weights, ids), -1)
+    native = torch.log_softmax(window_logits(theirs, ids), -1)
+    assert (ref.exp() * (ref - native)).sum(-1).max().item() < 1e-4  # int16 activations in the block kernel
+    monkeypatch.setattr(switches, "_active", replace(switches.active(), quant_kernels=False))
+    plain = torch.log_softmax(window_logits(load_model(foreign, dtype="float32").model, ids), -1)
+    torch.testing.assert_close(plain, ref, atol=2e-5, rtol=0)
+
+
+def test_act_order_with_uneven_groups_is_refused(tiny: TinyModels, calib_file: Path, tmp_path: Path) -> None:
     layout = IntLayout(4, 32, False)
     folder = _with_config(tiny, calib_file, tmp_path, "gptq", layout, lambda qc: None, v1=False, desc_act=True)
     tensors = load_file(str(folder / "model.safetensors"))
     name = next(n for n in tensors if n.endswith("g_idx"))
-    tensors[name] = tensors[name].flip(0).contiguous()
+    g_idx = tensors[name].clone()
+    g_idx[0] = 1  # group 0 one column short, group 1 one long: no permutation makes them contiguous
+    tensors[name] = g_idx
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"'desc_act' = True .*permuted g_idx"):
+    with pytest.raises(ModelLoadError, match=r"'desc_act' = True .*does not give each group 32 columns"):
         load_model(folder, dtype="float32")
 
 

@@ -51,6 +51,8 @@ class ForeignPlan:
     source: Path
     # checkpoint module ("model.layers.0.self_attn.q_proj") → (output rows, input size, its tensor leaves present)
     modules: dict[str, tuple[int, int, frozenset[str]]] = field(default_factory=dict)
+    # checkpoint modules quantized with act-order that carry a group index (their layers gather inputs)
+    act_order: set[str] = field(default_factory=set)
 
     def translate(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """The folder's tensors with each quantized module's replaced by kiln's buffers (same module name)."""
@@ -69,8 +71,13 @@ class ForeignPlan:
             try:
                 tensors = getattr(self.reader, "kiln_buffers", lambda *a: None)(module, parts, n, k)
                 if tensors is None:
+                    perm = self.reader.input_permutation(module, parts, k) if module in self.act_order else None
                     codes, scale, zero = self.reader.convert(module, parts, n, k)
+                    if perm is not None:  # act-order: columns sorted into contiguous groups (layout.act_order_permutation)
+                        codes = codes[:, perm].contiguous()
                     tensors = kiln_tensors(codes, scale, zero, self.reader.layout)
+                    if module in self.act_order:
+                        tensors["input_perm"] = perm if perm is not None else torch.arange(k)
             except ValueError as exc:
                 raise ModelLoadError(self.source, f"{self.reader.name} tensors of {module}: {exc}") from None
             for leaf_name, t in tensors.items():
@@ -108,6 +115,8 @@ def plan_foreign_layers(model: nn.Module, qc: dict, source: Path, tensor_names: 
             raise ModelLoadError(source, f"quantized module {module!r} is not a linear layer")
         n = linear.output_sizes[linear.shard_names.index(shard)]
         plan.modules[module] = (n, linear.input_size, frozenset(present))
+        if getattr(reader, "act_order", False) and any(leaf.endswith("g_idx") for leaf in present):
+            plan.act_order.add(module)
         per_linear.setdefault(path, set()).add(shard)
     if not plan.modules:
         raise ModelLoadError(source, f"{method} checkpoint without any {reader.marker!r} tensor")
@@ -116,6 +125,12 @@ def plan_foreign_layers(model: nn.Module, qc: dict, source: Path, tensor_names: 
         if shards != set(linear.shard_names):
             raise ModelLoadError(source, f"{path}: kiln fuses {', '.join(map(str, linear.shard_names))} into one layer, "
                                          f"but the checkpoint quantizes only {', '.join(map(str, sorted(shards)))}")
-        linear.set_method(method_for(reader.entry() if hasattr(reader, "entry") else reader.layout.entry()))
+        entry = reader.entry() if hasattr(reader, "entry") else reader.layout.entry()
+        modules = [m for m in plan.modules if names.target(f"{m}.{reader.marker}")[0] == path]
+        if any(m in plan.act_order for m in modules):
+            if not all(m in plan.act_order for m in modules):
+                raise ModelLoadError(source, f"{path}: some of its modules have an act-order g_idx and some do not")
+            entry = {**entry, "act_order": True}
+        linear.set_method(method_for(entry))
         linear.method.buffers_by_shard = True
     return plan

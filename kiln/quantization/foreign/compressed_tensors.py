@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.quantization.foreign.layout import IntLayout, UnsupportedField, check_g_idx
+from kiln.quantization.foreign.layout import IntLayout, UnsupportedField, act_order_permutation
 from kiln.quantization.foreign.packing import unpack_int32
 
 
@@ -101,12 +101,16 @@ class CompressedTensorsReader:
         if strategy == "group" and group <= 0:
             raise UnsupportedField("weights.group_size", w.get("group_size"), "expected a positive group size")
         self.layout = IntLayout(bits, group, bool(w.get("symmetric", True)))
+        self.act_order = w.get("actorder") == "group"  # weight_g_idx may then be a real permutation
         self.int_quantized = _format(qc) == "int-quantized"
         if self.int_quantized:  # int8 weights stored as they are: `weight_scale` marks a quantized module
             if bits != 8 or strategy != "channel" or not self.layout.sym:
                 raise UnsupportedField("weights", w, "int-quantized loads as W8A8 int8: 8-bit symmetric per-channel weights")
             self.marker = "weight_scale"
             self.parts = ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+
+    def input_permutation(self, module: str, parts: dict[str, torch.Tensor], k: int) -> torch.Tensor | None:
+        return act_order_permutation(parts.get("weight_g_idx"), self.layout, k, module, "weights.actorder")
 
     def entry(self) -> dict:
         """The kiln layer entry (kiln.layers.quant_linear.method_for) this folder's layers load as."""
@@ -141,7 +145,6 @@ class CompressedTensorsReader:
             return codes.contiguous(), scale.contiguous(), torch.full((n, 1), 128, dtype=torch.uint8)
         if "weight_shape" in parts and tuple(int(x) for x in parts["weight_shape"].tolist()) != (n, k):
             raise ValueError(f"{module}: weight_shape {parts['weight_shape'].tolist()} is not [{n}, {k}]")
-        check_g_idx(parts.get("weight_g_idx"), self.layout, k, module, "weights.actorder")
         codes = unpack_int32(parts["weight_packed"], b, dim=1)[:, :k]
         scale = parts["weight_scale"].float().reshape(n, -1)
         if scale.shape != (n, g):

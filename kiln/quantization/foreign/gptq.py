@@ -7,14 +7,15 @@
     g_idx   int32 [K]               the group of each input column (optional)
 
 w[n, k] = (q[k, n] - zero[g_idx[k], n]) · scales[g_idx[k], n]. Config fields read: bits (4, 8),
-group_size (-1 or > 0), desc_act, sym, checkpoint_format.
+group_size (-1 or > 0), desc_act, sym, checkpoint_format. `convert` returns the codes in the checkpoint's
+column order; with act-order (a permuted g_idx) `input_permutation` says how to sort them into groups.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kiln.quantization.foreign.layout import IntLayout, UnsupportedField, check_g_idx
+from kiln.quantization.foreign.layout import IntLayout, UnsupportedField, act_order_permutation
 from kiln.quantization.foreign.packing import unpack_int32
 
 FORMATS = ("gptq", "gptq_v2")
@@ -37,11 +38,14 @@ class GPTQReader:
             raise UnsupportedField("checkpoint_format", fmt, f"kiln reads {' and '.join(FORMATS)}")
         self.zero_offset = 1 if fmt == "gptq" else 0
         self.layout = IntLayout(bits, group, bool(qc.get("sym", True)))
+        self.act_order = bool(qc.get("desc_act", False))  # g_idx may then be a real permutation
+
+    def input_permutation(self, module: str, parts: dict[str, torch.Tensor], k: int) -> torch.Tensor | None:
+        return act_order_permutation(parts.get("g_idx"), self.layout, k, module, "desc_act")
 
     def convert(self, module: str, parts: dict[str, torch.Tensor], n: int, k: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = self.layout.bits
-        check_g_idx(parts.get("g_idx"), self.layout, k, module, "desc_act")
         codes = unpack_int32(parts["qweight"], b, dim=0)[:k].t()
         zero = unpack_int32(parts["qzeros"], b, dim=1)[:, :n].t().to(torch.int16) + self.zero_offset
         # v1 stores zero - 1, so a stored 2**b - 1 reads as 2**b, as AutoGPTQ's own kernels compute it;

@@ -52,16 +52,31 @@ class FormatReader(Protocol):
         """A module's tensors → (codes uint8 [n, k], scale fp32 [n, G], zero uint8 [n, G]); ValueError when inconsistent."""
 
 
-def check_g_idx(g_idx: torch.Tensor | None, layout: IntLayout, k: int, module: str, field: str) -> None:
-    """Accept a group index only when it is the plain one (column k in group k // group_size): kiln's
-    layout has contiguous groups. A real act-order permutation (GPTQ desc_act without static groups)
-    would need the activations permuted at run time, which kiln's kernels do not do."""
+def act_order_permutation(g_idx: torch.Tensor | None, layout: IntLayout, k: int, module: str, field: str
+                          ) -> torch.Tensor | None:
+    """The input permutation that makes an act-order checkpoint's groups contiguous, or None when the
+    group index is absent or already the plain one (column k in group k // group_size).
+
+    GPTQ with act-order (desc_act) quantizes the input columns in order of decreasing Hessian
+    diagonal, so column k's group is g_idx[k], not k // group_size. With `perm` = the columns sorted
+    by group (stably), W[:, perm] has contiguous groups — kiln's layout — and W @ x = W[:, perm] @
+    x[perm]: the layer gathers its activations by `perm` before the matmul. Every group must hold
+    exactly as many columns as in the plain layout (GPTQ's act-order does), else the checkpoint is refused."""
     if g_idx is None:
-        return
-    plain = torch.arange(k, device=g_idx.device) // (k if layout.group_size == -1 else layout.group_size)
-    if not torch.equal(g_idx.to(torch.int64), plain):
-        raise UnsupportedField(field, True, f"{module} has a permuted g_idx (act-order without static groups); "
-                                            "kiln's layouts need contiguous groups — re-quantize with static groups")
+        return None
+    glen = k if layout.group_size == -1 else layout.group_size
+    plain = torch.arange(k, device=g_idx.device) // glen
+    g = g_idx.to(torch.int64).flatten()
+    if g.shape != plain.shape:
+        raise UnsupportedField(field, True, f"{module} has a g_idx of {g.numel()} entries for {k} input columns")
+    if torch.equal(g, plain):
+        return None
+    groups = layout.groups(k)
+    if int(g.min()) < 0 or int(g.max()) >= groups or not torch.equal(torch.bincount(g, minlength=groups),
+                                                                     torch.bincount(plain, minlength=groups)):
+        raise UnsupportedField(field, True, f"{module}'s g_idx does not give each group {glen} columns, so no "
+                                            "permutation makes its groups contiguous")
+    return torch.argsort(g, stable=True)
 
 
 def kiln_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, layout: IntLayout) -> dict[str, torch.Tensor]:
