@@ -48,6 +48,9 @@ class RequestOutput:
     prompt_logprobs: list[TopLogprobs | None] | None = None
     metrics: RequestMetricsSnapshot | None = None
     error: str | None = None
+    # the engine step that made it (None: not known); a step that brought several tokens (a multi-step
+    # trip, accepted drafts) makes one output per token, all with the same step
+    engine_step: int | None = None
 
     @property
     def num_cached_tokens(self) -> int:
@@ -76,9 +79,20 @@ def merge_request_outputs(earlier: RequestOutput, later: RequestOutput) -> Reque
 
 
 def coalesce_outputs(pending: list[RequestOutput]) -> list[RequestOutput]:
-    """Merge queued outputs per request (in arrival order of each request's first one)."""
-    by_request: dict[str, RequestOutput] = {}
+    """Merge queued outputs per request (in arrival order of each request's first one) — unless they
+    all come from one engine step: then the consumer is not behind, they are one step's tokens (a
+    multi-step trip) and stay one output, so one chunk, per token."""
+    by_request: dict[str, list[RequestOutput]] = {}
     for out in pending:
-        prev = by_request.get(out.request_id)
-        by_request[out.request_id] = out if prev is None else merge_request_outputs(prev, out)
-    return list(by_request.values())
+        by_request.setdefault(out.request_id, []).append(out)
+    result: list[RequestOutput] = []
+    for outs in by_request.values():
+        steps = {o.engine_step for o in outs}
+        if len(outs) > 1 and len(steps) == 1 and None not in steps:
+            result.extend(outs)
+            continue
+        merged = outs[0]
+        for out in outs[1:]:
+            merged = merge_request_outputs(merged, out)
+        result.append(merged)
+    return result

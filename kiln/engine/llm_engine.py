@@ -259,6 +259,8 @@ class LLMEngine(RequestValidation):
         result = self.runner.execute(sched) if trip == 1 else self.runner.execute_trip(sched, trip)
         with record_function("kiln::process_outputs"):
             outputs, kept = self._process_outputs(sched, result)
+            for out in outputs:
+                out.engine_step = self.step_count
         if self.spec is not None:
             self.spec.observe(sched, result.sampled, kept, time.perf_counter() - start)
         return outputs

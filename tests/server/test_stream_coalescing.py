@@ -74,3 +74,16 @@ def test_a_lagging_consumer_gets_one_merged_output_per_request() -> None:
     assert len(got) == 1 and got[0].finished
     assert got[0].outputs[0].delta_token_ids == [1, 2, 3] and got[0].outputs[0].delta_text == "<1><2><3>"
     assert aborted == []  # finished normally: nothing to abort
+
+
+def test_one_steps_outputs_stay_one_per_token_and_later_steps_merge() -> None:
+    """A multi-step trip makes one output per token, all of one engine step: the consumer is not behind,
+    so each stays its own chunk; outputs of different steps queued together are merged as before."""
+    trip = [step_output("a", [1, 2, 3][:i], 1) for i in (1, 2, 3)]
+    for out in trip:
+        out.engine_step = 7
+    assert coalesce_outputs(trip) == trip
+    later = step_output("a", [1, 2, 3, 4], 1)
+    later.engine_step = 8
+    merged = coalesce_outputs(trip + [later])
+    assert len(merged) == 1 and merged[0].outputs[0].delta_token_ids == [1, 2, 3, 4]
