@@ -153,8 +153,8 @@ class RemoteEngine:
         deadline = time.monotonic() + timeout
         while self._tasks and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self._refresher is not None:
-            self._refresher.cancel()
+        if self._refresher is not None:  # called off the event loop (the lifespan's to_thread)
+            self._refresher.get_loop().call_soon_threadsafe(self._refresher.cancel)
 
     async def _refresh_metrics(self) -> None:
         while True:
