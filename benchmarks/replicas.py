@@ -2,12 +2,12 @@
 
 In one run, on the default model, each configuration a fresh `kiln serve` process:
 
-1. 64 streaming clients (GSM8K chat questions, 2 x 64 requests closed loop, 64 new tokens, greedy):
+1. 64 streaming clients (GSM8K chat questions, 64 requests at once, 48 new tokens, greedy):
    `kiln serve` alone (2 threads, no Ray: the cost of the Ray hop), 1 replica x 2 threads, and
    2 replicas x 1 thread (prefix routing, and Ray's default routing) — output tok/s, TTFT p50/p95, errors.
-2. A multi-turn chat workload on 2 replicas x 1 thread: 24 conversations at once, each 4 turns (a
+2. A multi-turn chat workload on 2 replicas x 1 thread: 16 conversations at once, each 4 turns (a
    shared system prompt, then GSM8K questions; every turn resends the whole history with the model's
-   greedy replies), 32 new tokens a turn — kiln's prefix-affinity routing against Ray Serve's default
+   greedy replies), 24 new tokens a turn — kiln's prefix-affinity routing against Ray Serve's default
    (power of two choices): the replicas' prefix-cache hit rate (prompt tokens found in the cache /
    prompt tokens looked up, summed over the replicas' own counters in /metrics) and TTFT p50/p95 over
    the turns after the first (the ones a cache can help) and over all turns.
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from single_stream_peers import machine  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "replicas.json"
-CLIENTS, TOKENS = 64, 64
-CONVERSATIONS, TURNS, TURN_TOKENS = 24, 4, 32
+CLIENTS, REQUESTS, TOKENS = 64, 64, 48
+CONVERSATIONS, TURNS, TURN_TOKENS = 16, 4, 24
 SYSTEM = ("You are a patient mathematics tutor. Read each word problem carefully, name the quantities it gives, "
           "write the arithmetic one step per line, check the result against the question, and finish with the "
           "answer on its own line. Keep every explanation short and plain.")
@@ -142,13 +142,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
-    prompts = gsm8k_questions(2 * CLIENTS)
-    pool = gsm8k_questions(2 * CLIENTS + CONVERSATIONS * TURNS)[2 * CLIENTS:]  # not the clients' questions
+    prompts = gsm8k_questions(REQUESTS)
+    pool = gsm8k_questions(REQUESTS + CONVERSATIONS * TURNS)[REQUESTS:]  # not the clients' questions
     chats = [pool[i * TURNS:(i + 1) * TURNS] for i in range(CONVERSATIONS)]
     result: dict[str, Any] = {
         "benchmark": "replicas", "model": args.model, "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {**machine(read_bandwidth_gb_s()), "threads": "per configuration"},
-        "clients": {"clients": CLIENTS, "requests": 2 * CLIENTS, "new_tokens": TOKENS, "runs": {}},
+        "clients": {"clients": CLIENTS, "requests": REQUESTS, "new_tokens": TOKENS, "runs": {}},
         "routing": {"conversations": CONVERSATIONS, "turns": TURNS, "new_tokens_per_turn": TURN_TOKENS,
                     "replicas": 2, "threads_per_replica": 1, "runs": {}},
     }

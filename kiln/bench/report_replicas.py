@@ -26,6 +26,6 @@ def replicas_table() -> str:
             + f"\n\n_From `benchmarks/replicas.py` → `benchmarks/results/replicas.json`, one run, {d['date']}; "
             f"{m['cpu']}, {m['cores']} cores, load average {m['load_average_start']:.1f} at the start and "
             f"{m.get('load_average_end', float('nan')):.1f} at the end; scheduling: {m.get('scheduling', 'normal')}; "
-            f"GSM8K chat questions, {c['requests']} requests closed loop at {c['clients']} clients, "
+            f"GSM8K chat questions, {c['requests']} requests at {c['clients']} clients, "
             f"{c['new_tokens']} new tokens; chats: {r['conversations']} conversations x {r['turns']} turns, "
             f"{r['new_tokens_per_turn']} new tokens a turn, greedy; each configuration a fresh server._")
