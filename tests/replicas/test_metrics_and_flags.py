@@ -75,3 +75,31 @@ def test_threads_default_to_the_cores_shared_by_the_most_replicas() -> None:
     assert (opts.replicas, opts.threads_per_replica, opts.cpus_per_replica, opts.autoscaling) == (1, 1, 2, True)
     assert ReplicaOptions.build(replicas=3, threads=2, cores=2).threads_per_replica == 2  # an explicit count wins
     assert not ReplicaOptions.build(replicas=2).autoscaling
+
+
+def test_deployment_options_hand_ray_serve_the_autoscaling_range_router_and_threads() -> None:
+    """What launch.py gives `serve.deployment`, as Ray Serve's own config classes validate and read it."""
+    from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+    from kiln.engine.arg_utils import EngineArgs
+    from kiln.entrypoints.replicas.launch import deployment_options, engine_options
+    from kiln.entrypoints.replicas.prefix_router import PrefixAffinityRouter
+
+    args = EngineArgs(max_num_seqs=32, block_size=16)
+    opts = ReplicaOptions.build(replicas=2, min_replicas=1, max_replicas=3, cores=6)
+    d = deployment_options(args, opts, shutdown_timeout=7.0, max_queue=100)
+    scale = d["autoscaling_config"]
+    assert isinstance(scale, AutoscalingConfig) and "num_replicas" not in d
+    assert (scale.min_replicas, scale.max_replicas, scale.initial_replicas) == (1, 3, 2)
+    assert scale.target_ongoing_requests == 32  # a replica whose batch is full asks for another
+    assert d["ray_actor_options"]["num_cpus"] == 2  # 6 cores shared by at most 3 replicas
+    assert d["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    router = d["request_router_config"]
+    path = f"{PrefixAffinityRouter.__module__}.{PrefixAffinityRouter.__qualname__}"
+    assert isinstance(router, RequestRouterConfig) and router.request_router_class == path  # Ray keeps the path
+    assert router.request_router_kwargs == {"block_size": 16, "imbalance": 4}
+    assert d["max_ongoing_requests"] == 32 + 100 and d["graceful_shutdown_timeout_s"] == 7.0
+    fixed = deployment_options(args, ReplicaOptions.build(replicas=2, routing="pow2", cores=2), 7.0, None)
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["request_router_config"].request_router_class != path  # Ray's default
+    assert engine_options(args, opts)["threads"] == 2
