@@ -84,7 +84,10 @@ def start_ray(opts: ReplicaOptions, log_to_driver: bool) -> None:
     # A local cluster sized so that every replica the range allows fits: Ray never leaves one pending
     # for want of CPUs this machine has (threads_per_replica already shares the real cores out).
     cpus = max(os.cpu_count() or 1, opts.max_replicas * opts.cpus_per_replica)
-    ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=log_to_driver)
+    # address="local": always a new instance of our own, even when a cluster started with `ray start`
+    # runs on this machine (ray.init would otherwise join it, and refuse num_cpus)
+    ray.init(address="local", num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=log_to_driver)
 
 
 def serve_replicas(args: argparse.Namespace, engine_args: EngineArgs, limits: ServerLimits,
