@@ -70,11 +70,12 @@ def add_rms_norm(
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up with torch's ops. The native `kiln::silu_and_mul` no longer beats them at any
-    row count (benchmarks/fused_kernels.py: 1 row 7.1 vs 6.4 us in fp32, 11.5 vs 5.8 us in bf16; 8 rows
-    40-78 vs 12-16 us — its exp and bf16 conversions do not vectorize), so it is not dispatched to;
-    the op stays registered, tested against this twin and benchmarked until a vectorized one pays.
-    The fused decode step runs the same torch ops (decode_step.cpp)."""
+    """silu(gate) * up: the native op for fp32 (an AVX-512 loop since 2026-11-30: 2.3 vs 5.7 us at 1 row
+    of 1536, 18 vs 49 us at 64, 123 vs 267 us at 512 rows on 2 threads, AMD EPYC), torch's two ops for
+    bf16, whose native loop does not vectorize (benchmarks/fused_kernels.py: 11.5 vs 5.8 us at 1 row).
+    The fused decode step makes the same choice (decode_step.cpp), so both paths stay bit-identical."""
+    if gate_up.dtype == torch.float32 and gate_up.dim() == 2 and gate_up.is_contiguous() and use_fused(gate_up):
+        return torch.ops.kiln.silu_and_mul(gate_up)
     return silu_and_mul_reference(gate_up)
 
 

@@ -75,10 +75,11 @@ struct LayerWeights {
 constexpr int64_t kTensorsPerLinear = 5;  // weight-or-qs, d, m, dense, bias (numel 0 = absent)
 constexpr int64_t kTensorsPerLayer = 2 + 4 * kTensorsPerLinear;
 
-// SiLU·gate as the Python path runs it: torch's ops, which beat the native silu_and_mul at every
-// row count (kiln/kernels/fused.py: silu_and_mul).
+// SiLU·gate as the Python path runs it (kiln/kernels/fused.py: silu_and_mul): the native op for fp32,
+// torch's two ops for bf16.
 at::Tensor silu_gate(const at::Tensor& gate_up) {
   KILN_PROFILED("kiln::silu_and_mul");
+  if (gate_up.scalar_type() == at::kFloat && gate_up.is_contiguous()) return silu_and_mul(gate_up);
   const auto parts = gate_up.chunk(2, -1);
   return at::silu(parts[0]) * parts[1];
 }

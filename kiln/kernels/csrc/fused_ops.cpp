@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fast_math.h"
+#include <type_traits>
 
 namespace kiln {
 
@@ -67,6 +68,23 @@ at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tens
   return out;
 }
 
+#if defined(__AVX512F__)
+// One fp32 row of silu(gate) * up, 16 lanes at a time: gate / (1 + exp(-gate)) with kiln_exp16 and an
+// exact division, then the product — the scalar loop's steps, so the same values up to the
+// polynomial's rounding (the scalar tail is that loop). GCC does not vectorize the loop below (its
+// `static_cast`s and the exp's bit tricks), which left the op at ~4 ns per element.
+inline void silu_mul_row_avx512(const float* g, const float* u, float* o, int64_t I) {
+  int64_t i = 0;
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= I; i += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + i);
+    const __m512 act = _mm512_div_ps(gv, _mm512_add_ps(one, kiln_exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+    _mm512_storeu_ps(o + i, _mm512_mul_ps(act, _mm512_loadu_ps(u + i)));
+  }
+  for (; i < I; ++i) o[i] = g[i] / (1.f + kiln_exp(-g[i])) * u[i];
+}
+#endif
+
 // silu(gate) * up for gate_up = [gate | up] along the last dim.
 template <typename T>
 void silu_mul_kernel(const at::Tensor& gate_up, at::Tensor& out) {
@@ -78,6 +96,12 @@ void silu_mul_kernel(const at::Tensor& gate_up, at::Tensor& out) {
       const T* g = gp + r * 2 * I;
       const T* u = g + I;
       T* o = op + r * I;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        silu_mul_row_avx512(g, u, o, I);
+        continue;
+      }
+#endif
 #pragma omp simd
       for (int64_t i = 0; i < I; ++i) {
         const float gv = static_cast<float>(g[i]);

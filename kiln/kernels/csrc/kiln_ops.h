@@ -20,6 +20,8 @@ at::Tensor quant_dequantize(const at::Tensor& qs, const at::Tensor& d, const at:
 // residual, rms_norm(x) * weight (residual untouched).
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& weight, double eps,
                         bool has_residual);
+// silu(gate) * up for gate_up = [gate | up] [T, 2I] (fused_ops.cpp).
+at::Tensor silu_and_mul(const at::Tensor& gate_up);
 // Rotate-half RoPE in place on the q and k heads of a fused qkv [T, (Hq + 2 Hkv) * D].
 void rope_qkv_(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
