@@ -285,6 +285,10 @@ class AsyncEngine:
                 close()  # a tensor-parallel engine's other ranks stop with this thread
 
     def _serve(self) -> None:
+        if hasattr(self.engine, "trip_interrupt"):  # test doubles may have none
+            # a multi-step trip ends after its current step when a request arrives or is aborted
+            # (reading the list's length needs no lock: a stale answer only delays by one step)
+            self.engine.trip_interrupt = lambda: bool(self._commands) or self._stopping
         try:
             while True:
                 with self._cv:

@@ -115,6 +115,9 @@ class LLMEngine(RequestValidation):
         self.spec: SpecDecoder | None = build_spec_decoder(
             speculative_config, loaded, self.kv_budget.num_blocks, self.cache_config.block_size, self.max_model_len)
         self.output_processor = OutputProcessor(loaded.tokenizer)
+        # Set by a driver that takes requests while steps run (AsyncEngine): true when one arrived or was
+        # aborted, which ends a multi-step trip after its current step (kiln.worker.multi_step).
+        self.trip_interrupt: Callable[[], bool] | None = None
         self._ids = itertools.count()
         self.step_count = 0
         self.prompt_tokens_total = 0
@@ -256,7 +259,7 @@ class LLMEngine(RequestValidation):
         self.step_count += 1
         trip = plan_trip(sched, self.scheduler, self.scheduler_config.num_scheduler_steps, self.max_model_len,
                          self.spec is None and self.runner.supports_multi_step())
-        result = self.runner.execute(sched) if trip == 1 else self.runner.execute_trip(sched, trip)
+        result = self.runner.execute(sched) if trip == 1 else self.runner.execute_trip(sched, trip, self.trip_interrupt)
         with record_function("kiln::process_outputs"):
             outputs, kept = self._process_outputs(sched, result)
             for out in outputs:

@@ -16,7 +16,8 @@ steps except each sequence's next token:
 K shrinks to what the tightest request allows; below 2 the step runs as a single step.
 
 What it costs: tokens reach the output processor, and streams, once per trip (one token per chunk
-still, but K at a time), and an abort or a new request waits for the trip to end (K steps at most).
+still, K arriving together); under the async engine a trip ends after the step in which a request
+arrives or is aborted (LLMEngine.trip_interrupt), so those wait one step at most.
 """
 
 from __future__ import annotations

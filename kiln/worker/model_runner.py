@@ -8,6 +8,7 @@ call; logits are computed only for rows that sample (or that need prompt logprob
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -109,12 +110,14 @@ class ModelRunner:
         return native_reads(self.model.dtype, self.kv_caches[0][0])
 
     @torch.inference_mode()
-    def execute_trip(self, sched: SchedulerOutput, num_steps: int) -> RunnerOutput:
+    def execute_trip(self, sched: SchedulerOutput, num_steps: int,
+                     interrupt: Callable[[], bool] | None = None) -> RunnerOutput:
         """Up to `num_steps` decode steps of an all-decode batch whose block tables cover them
-        (kiln.engine.multi_step decides when); the same tokens `num_steps` calls of `execute` give."""
+        (kiln.engine.multi_step decides when); the same tokens `num_steps` calls of `execute` give.
+        `interrupt()` true after a step ends the trip there."""
         with record_function("kiln::multi_step_trip"):
             items = sorted(sched.scheduled, key=lambda s: s.num_tokens != 1)
-            return run_trip(self, items, num_steps)
+            return run_trip(self, items, num_steps, interrupt)
 
     def _begin_masks(self, items: list[ScheduledRequest]) -> PendingMasks | None:
         """Start the token bitmask of this step's sampling rows (laid out as `_sample` lays out its

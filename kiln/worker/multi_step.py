@@ -17,12 +17,14 @@ this holds for: one decode token each, no drafts, no logprobs, penalties, logit_
 pending min_tokens, and block tables that already cover the trip's k tokens (lookahead slots).
 
 A trip ends early after a step in which some row sampled a stop token (EOS unless ignored,
-`stop_token_ids`): the batch would change. Stop strings are found afterwards by the output processor,
+`stop_token_ids`): the batch would change; and after any step once the engine's `interrupt` says a
+request arrived or was aborted (the async engine's command queue), so neither waits more than a step. Stop strings are found afterwards by the output processor,
 which drops whatever follows them, as it does for accepted speculative drafts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,10 +56,12 @@ def _stop_tokens(item: ScheduledRequest) -> frozenset[int]:
     return frozenset(stops)
 
 
-def run_trip(runner: "ModelRunner", items: list[ScheduledRequest], num_steps: int) -> "RunnerOutput":
+def run_trip(runner: "ModelRunner", items: list[ScheduledRequest], num_steps: int,
+             interrupt: Callable[[], bool] | None = None) -> "RunnerOutput":
     """Up to `num_steps` decode steps of `items` (each decoding its last known token at `item.start`,
     with block ids covering start + num_steps tokens) → each request's sampled tokens, in order, all
-    rows the same count (the trip stops early after a step where a row sampled a stop token)."""
+    rows the same count. The trip stops early after a step where a row sampled a stop token, or where
+    `interrupt()` says the engine has news (a new request, an abort): those wait one step at most."""
     from kiln.worker.model_runner import RunnerOutput
 
     model = runner.model
@@ -100,7 +104,7 @@ def run_trip(runner: "ModelRunner", items: list[ScheduledRequest], num_steps: in
         for i, t in enumerate(tokens):
             sampled[i].append(t)
             stop = stop or t in stops[i]
-        if stop:
+        if stop or (interrupt is not None and interrupt()):
             break
         positions = [p + 1 for p in positions]
     out = RunnerOutput()

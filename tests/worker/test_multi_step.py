@@ -36,7 +36,8 @@ def _generate(path, steps: int, params, dtype: str = "float32", kv_cache_dtype: 
     trips = []
     if monkeypatch is not None:
         real = multi_step.run_trip
-        monkeypatch.setattr("kiln.worker.model_runner.run_trip", lambda r, items, k: trips.append(k) or real(r, items, k))
+        monkeypatch.setattr("kiln.worker.model_runner.run_trip",
+                            lambda r, items, k, *rest: trips.append(k) or real(r, items, k, *rest))
     with one_torch_thread():
         llm = LLM(str(path), dtype=dtype, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=1 << 20,
                   max_num_batched_tokens=64, num_scheduler_steps=steps)
@@ -123,3 +124,28 @@ def test_blocks_a_trip_filled_are_prefix_cached_like_single_steps(tiny) -> None:
             follow = list(range(3, 14)) + list(first.outputs[0].token_ids) + [5, 6]
             hits[steps] = llm.generate([{"prompt_token_ids": follow}], greedy)[0].num_cached_tokens
     assert hits[1] == 40 and hits[8] == hits[1]
+
+
+def test_an_interrupt_ends_the_trip_after_its_current_step(tiny, monkeypatch) -> None:
+    """The async engine sets `trip_interrupt` (true while a new request or an abort waits): trips then
+    last one step, so neither waits longer than that, and the tokens are still those of single steps."""
+    from loader.tiny_model import one_torch_thread
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    single, _ = _generate(tiny.gguf["untied"], 1, params)
+    lengths = []
+    real = multi_step.run_trip
+
+    def recording(runner, items, k, interrupt=None):
+        out = real(runner, items, k, interrupt)
+        lengths.append(len(next(iter(out.sampled.values()))))
+        return out
+
+    monkeypatch.setattr("kiln.worker.model_runner.run_trip", recording)
+    with one_torch_thread():
+        llm = LLM(str(tiny.gguf["untied"]), kv_cache_memory=1 << 20, max_num_batched_tokens=64, num_scheduler_steps=8)
+        llm.engine.trip_interrupt = lambda: True
+        outs = llm.generate(PROMPTS, params)
+    assert lengths and set(lengths) == {1}  # planned as trips, each cut after its first step
+    assert [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs] == single
+    assert llm.engine.kv_manager.get_num_free_blocks() == llm.engine.kv_budget.num_blocks
