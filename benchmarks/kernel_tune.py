@@ -29,7 +29,8 @@ from kiln.engine.arg_utils import EngineArgs
 from kiln.engine.llm_engine import LLMEngine
 from kiln.sampling_params import SamplingParams
 torch.set_num_threads(2)
-eng = LLMEngine.from_engine_args(EngineArgs.from_kwargs(model="smollm2-135m", threads=2, max_num_seqs=64))
+eng = LLMEngine.from_engine_args(EngineArgs.from_kwargs(model="smollm2-135m", threads=2, max_num_seqs=64,
+                                                        num_scheduler_steps=1))  # times single decode steps
 out = {}
 for batch in %s:
     for i in range(batch):

@@ -40,7 +40,9 @@ def _engine(opts: dict):
     from kiln.engine.llm_engine import LLMEngine
 
     # the engine's default step budget (512 tokens): the 1,024-token prefill runs in two chunks, as a user's would
-    return LLMEngine.from_engine_args(EngineArgs.from_kwargs(model="smollm2-135m", threads=THREADS, **opts))
+    # single decode steps: the planner predicts per step (kiln/planner/calibration.py), and this times steps
+    return LLMEngine.from_engine_args(EngineArgs.from_kwargs(model="smollm2-135m", threads=THREADS,
+                                                             **{"num_scheduler_steps": 1, **opts}))
 
 
 def measure(opts: dict, seqs: int, decode_steps: int = 48) -> dict:

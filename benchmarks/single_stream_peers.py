@@ -45,12 +45,13 @@ TARGETS = {"serve_vs_llama_server": 1.5, "decode_vs_llama_bench_tg128": 1.5, "pr
 
 
 def machine(bandwidth_gb_s: float) -> dict[str, Any]:
-    from kiln.kernels.tune import cpu_identity
+    from kiln.kernels.tune import cpu_identity, load_tuning
     from kiln.planner.calibration import cpu_name
 
+    tuning = load_tuning(THREADS)  # kiln's kernel choice: measured here by `kiln tune`, or its built-in one
     return {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(), "threads": THREADS,
             "flags": list(cpu_identity()[1]), "read_bandwidth_gb_s_start": bandwidth_gb_s,
-            "scheduling": scheduling(),
+            "scheduling": scheduling(), "kiln_kernel_choice": f"kiln tune {tuning['date']}" if tuning else "built-in",
             "load_average_start": os.getloadavg()[0]}
 
 

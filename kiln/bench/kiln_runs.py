@@ -30,12 +30,14 @@ def _generate(engine: "LLMEngine", prompts: list[list[int]], params: "SamplingPa
 
 
 def _stream_times(engine: "LLMEngine", prompt: list[int], params: "SamplingParams") -> list[float]:
-    """When each step that gave the (one) request tokens ended."""
+    """When each of the (one) request's tokens was ready: the end of the step that made it (a step may
+    make several — a multi-step trip, accepted drafts — and then they share its time)."""
     engine.add_request({"prompt_token_ids": prompt}, params)
     times: list[float] = []
     while engine.has_unfinished_requests():
-        if engine.step():
-            times.append(time.perf_counter())
+        outputs = engine.step()
+        now = time.perf_counter()
+        times.extend(now for out in outputs for _ in out.outputs[0].delta_token_ids)
     return times
 
 

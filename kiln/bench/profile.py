@@ -68,10 +68,11 @@ def profile_engine(engine: Any, prompt: list[int], long_prompt: list[int], decod
         engine.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        for _ in range(decode_steps):
-            engine.step()
+        tokens = 0  # one decode step per token (an engine step may run several: a multi-step trip)
+        while tokens < decode_steps and engine.has_unfinished_requests():
+            tokens += sum(len(o.outputs[0].delta_token_ids) for o in engine.step())
         wall = time.perf_counter() - start
-    decode = breakdown(prof, decode_steps, wall)
+    decode = breakdown(prof, tokens, wall)
     while engine.has_unfinished_requests():
         engine.step()
     engine.add_request({"prompt_token_ids": long_prompt}, SamplingParams(temperature=0, max_tokens=1))

@@ -54,7 +54,8 @@ def single_stream_peers_table() -> str:
             f"{len(rounds)} alternating rounds (each system a fresh process every round), {d['date']}; {m['cpu']} "
             f"({', '.join(m['flags'])}), {m['cores']} cores, {m['threads']} threads per system; read bandwidth "
             f"{m['read_bandwidth_gb_s_start']:.1f} GB/s at the start, {m['read_bandwidth_gb_s_end']:.1f} at the end; "
-            f"scheduling: {sched}; llama.cpp built with {build}._")
+            f"scheduling: {sched}; kiln's kernel choice: {m.get('kiln_kernel_choice', 'not recorded')}; "
+            f"llama.cpp built with {build}._")
 
 
 

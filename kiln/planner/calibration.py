@@ -191,8 +191,12 @@ def _decode_path(model: str, path: str, threads: int, prompt: list[int], read_bp
     from kiln.planner.memory import PlanRequest, kv_cache
 
     log(f"decode steps, {path} path ...")
+    # One decode step per engine step: the calibration times single steps and their forwards (a
+    # multi-step trip would run several, outside the model's forward); predictions are per step, so the
+    # Python time trips save on top (~10 % of a single-stream step here) is not counted: pessimistic.
     engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(
-        model=model, threads=threads, kv_cache_memory="256MiB", max_num_batched_tokens=PREFILL_CHUNK, **PATHS[path]))
+        model=model, threads=threads, kv_cache_memory="256MiB", max_num_batched_tokens=PREFILL_CHUNK,
+        num_scheduler_steps=1, **PATHS[path]))
     act = "float32" if engine.loaded.model.dtype == __import__("torch").float32 else "bfloat16"
     kv_token = kv_cache(arch, PlanRequest(context=1, block_size=1, activation_dtype=act), 1)[1]
     # kiln switches kernels by rows: fp32 activations run the block kernel, then the panel kernel (built-in:

@@ -9,6 +9,8 @@ with prefill work and pure decode steps. Invariant: nothing here changes what th
 
 from __future__ import annotations
 
+from collections import Counter
+
 import resource
 import statistics
 import time
@@ -116,7 +118,13 @@ def run_profile(engine: Any, items: list[WorkItem], concurrency: int, config: di
             if sched is not None and not sched.is_empty:
                 pre = sum(max(0, min(s.start + s.num_tokens, s.request.num_prompt_tokens) - s.start)
                           for s in sched.scheduled)
-                steps.append((now - t0, pre, len(sched.scheduled)))
+                # a multi-step trip (kiln.engine.multi_step) ran `trip` decode steps in this engine step:
+                # recorded as that many steps of its share of the time each
+                trip = max([1, *(s.lookahead + 1 for s in sched.scheduled)]) if not pre else 1
+                if trip > 1:
+                    made = Counter(o.request_id for o in outs if o.outputs and o.outputs[0].delta_token_ids)
+                    trip = max(made.values(), default=1)
+                steps.extend([((now - t0) / trip, pre, len(sched.scheduled))] * trip)
             kv.append(engine.scheduler.stats().kv_usage)
             for o in outs:
                 if o.outputs and o.outputs[0].token_ids and o.request_id not in first:
