@@ -49,6 +49,10 @@ def register_fake_impls() -> None:
     def _paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    @fake("kiln::paged_decode_attention_window")
+    def _paged_decode_attention_window(q, k_cache, v_cache, block_tables, seq_lens, scale, window):
+        return torch.empty_like(q)
+
     @fake("kiln::paged_decode_attention_quant")
     def _paged_decode_attention_quant(q, k_data, k_scale, v_data, v_scale, block_tables, seq_lens, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -16,9 +16,11 @@
 
 Sliding-window layers (`window=W`: a query at position p sees keys p - W < k <= p) take those
 routes while every sequence of the step is at most W tokens long (the window then hides nothing);
-past that, each sequence runs `_sdpa_window`: SDPA over only the blocks its window can still see,
-with the window masked. The native decode and prefill kernels have no window yet; nothing past the
-window is ever read, so blocks the hybrid KV cache has freed behind the window are never touched.
+past that, decode rows and short runs after a prefix take the native decode kernel's windowed
+variant (`paged_decode_attention_window`: its loops start at the window's first key; float caches),
+and prefill chunks (and quantized caches) take `_sdpa_window`: SDPA over only the blocks the window
+can still see, with the window masked. The native prefill kernel has no window (nor head_dim 256).
+Nothing before a window is ever read, so blocks the hybrid KV cache has freed behind it are never touched.
 
 A float16/bfloat16 cache under float32 queries (`--kv-cache-dtype float16`) takes the same routes:
 the native kernel widens each K/V row as it reads it; gathers convert to the query dtype.
@@ -161,6 +163,34 @@ def _sdpa_window(q: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTensor
     return o[0].transpose(0, 1)
 
 
+def _windowed(q: torch.Tensor, k_cache: KVCacheTensor, v_cache: KVCacheTensor, meta: AttentionMetadata,
+              scale: float, window: int) -> torch.Tensor:
+    """Sliding-window attention: decode rows (and short runs after a prefix, row by row) through the
+    native decode kernel's windowed variant over a float cache; longer chunks, and quantized caches,
+    through `_sdpa_window`."""
+    native = (q.device.type == "cpu" and type(k_cache) is not QuantizedKV and native_reads(q.dtype, k_cache)
+              and load_native())
+    n_dec = meta.num_decodes
+    if native and n_dec == meta.num_seqs:
+        return torch.ops.kiln.paged_decode_attention_window(q, k_cache, v_cache, meta.block_tables,
+                                                            meta.seq_lens_tensor, scale, window)
+    out = torch.empty_like(q)
+    if native and n_dec:
+        out[:n_dec] = torch.ops.kiln.paged_decode_attention_window(
+            q[:n_dec], k_cache, v_cache, meta.block_tables[:n_dec], meta.seq_lens_tensor[:n_dec], scale, window)
+    for i in range(n_dec if native else 0, meta.num_seqs):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        q_len, seq_len = end - start, meta.seq_lens[i]
+        if native and q_len <= MAX_ROWWISE_QUERY and q_len < seq_len:
+            lens = torch.arange(seq_len - q_len + 1, seq_len + 1, dtype=meta.seq_lens_tensor.dtype, device=q.device)
+            tables = meta.block_tables[i].unsqueeze(0).expand(q_len, -1).contiguous()
+            out[start:end] = torch.ops.kiln.paged_decode_attention_window(q[start:end], k_cache, v_cache, tables, lens,
+                                                                          scale, window)
+            continue
+        out[start:end] = _sdpa_window(q[start:end], k_cache, v_cache, meta.block_tables[i], seq_len, scale, window)
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: KVCacheTensor,
@@ -174,12 +204,7 @@ def paged_attention(
     `window`: sliding-window attention (see the module docstring); None: full causal attention."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if window is not None and max(meta.seq_lens, default=0) > window:
-        out = torch.empty_like(q)
-        for i in range(meta.num_seqs):
-            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            out[start:end] = _sdpa_window(q[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens[i],
-                                          scale, window)
-        return out
+        return _windowed(q, k_cache, v_cache, meta, scale, window)
     n_dec = meta.num_decodes
     native = q.device.type == "cpu" and native_reads(q.dtype, k_cache) and load_native()
     if n_dec == meta.num_seqs and native:  # pure decode step: no output copy

@@ -95,11 +95,14 @@ def test_a_window_that_is_ignored_is_caught(tiny) -> None:
     assert (ours - hf_logits(t.hf_model, TOKENS)).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize("kv", ["float32", "float16", "int8"])
-def test_windowed_paged_attention_matches_reference(kv: str) -> None:
-    """paged_attention(window=W) against its plain-torch twin, decode rows and prefill chunks mixed."""
+@pytest.mark.parametrize("kv,d", [("float32", 256), ("float16", 256), ("int8", 256), ("float32", 64),
+                                  ("float16", 128)])
+def test_windowed_paged_attention_matches_reference(kv: str, d: int) -> None:
+    """paged_attention(window=W) against its plain-torch twin, decode rows and prefill chunks mixed: the
+    native decode kernel's windowed variant (float caches; head_dim 64/128 take its register path, 256 the
+    generic loop), row by row for a short run after a prefix, SDPA over the window for the long chunk."""
     torch.manual_seed(0)
-    hq, hkv, d, w = 4, 2, 256, 11
+    hq, hkv, w = 4, 2, 11
     query_lens, seq_lens = [1, 1, 6, 30], [9, 40, 23, 30]
     blocks = [list(range(i * 12, i * 12 + (s + BS - 1) // BS)) for i, s in enumerate(seq_lens)]
     k_cache, v_cache = allocate_kv_caches(1, (48, BS, hkv, d), kv, torch.float32, "cpu")[0]

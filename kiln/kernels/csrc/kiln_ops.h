@@ -28,6 +28,10 @@ void rope_qkv_(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& co
 // One query row per sequence against the paged cache (full precision / int8 / fp8 with scales).
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+// The same over only the last `window` keys of each sequence (sliding-window layers).
+at::Tensor paged_decode_attention_window(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                         int64_t window);
 at::Tensor paged_decode_attention_quant(const at::Tensor& q, const at::Tensor& k_data, const at::Tensor& k_scale,
                                         const at::Tensor& v_data, const at::Tensor& v_scale,
                                         const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);

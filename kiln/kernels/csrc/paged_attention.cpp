@@ -156,14 +156,14 @@ inline __m512 load16(const c10::Float8_e4m3fn* p) {
 // qf: NH * D scaled queries; scores: NH * S; returns per-head max and denominators in row_max/denom
 // and writes the unnormalized outputs to acc (NH * D).
 template <typename C, int DV, bool kQuant>
-void decode_task_avx512(const float* qf, const C* kp, const C* vp, const int32_t* table, int64_t S, int64_t BS,
-                        int64_t block_stride, int64_t token_stride, int64_t h0, int64_t heads, int64_t G,
+void decode_task_avx512(const float* qf, const C* kp, const C* vp, const int32_t* table, int64_t t0, int64_t S,
+                        int64_t BS, int64_t block_stride, int64_t token_stride, int64_t h0, int64_t heads, int64_t G,
                         int64_t Hkv, const float* k_scales, const float* v_scales, float* scores, float* row_max,
                         float* denom, float* acc) {
   constexpr int64_t D = 16 * DV;
   const int64_t NH = heads * G;
   for (int64_t j = 0; j < NH; ++j) row_max[j] = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < S; ++t) {
+  for (int64_t t = t0; t < S; ++t) {
     const int64_t slot = table[t / BS] * BS + t % BS;
     const C* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
     for (int64_t hh = 0; hh < heads; ++hh) {
@@ -186,7 +186,7 @@ void decode_task_avx512(const float* qf, const C* kp, const C* vp, const int32_t
     float z = 0.f;
     const float m = row_max[j];
 #pragma omp simd reduction(+ : z)
-    for (int64_t t = 0; t < S; ++t) { sg[t] = kiln_exp(sg[t] - m); z += sg[t]; }
+    for (int64_t t = t0; t < S; ++t) { sg[t] = kiln_exp(sg[t] - m); z += sg[t]; }
     denom[j] = z;
   }
   // V: per kv head, up to 4 query heads' accumulators at a time stay in registers over all tokens.
@@ -197,7 +197,7 @@ void decode_task_avx512(const float* qf, const C* kp, const C* vp, const int32_t
       __m512 o[GB][DV];
       for (int64_t g = 0; g < GB; ++g)
         for (int c = 0; c < DV; ++c) o[g][c] = _mm512_setzero_ps();
-      for (int64_t t = 0; t < S; ++t) {
+      for (int64_t t = t0; t < S; ++t) {
         const C* vrow = vp + table[t / BS] * block_stride + (t % BS) * token_stride + (h0 + hh) * D;
         __m512 v[DV];
         for (int c = 0; c < DV; ++c) v[c] = load16(vrow + 16 * c);
@@ -216,13 +216,16 @@ void decode_task_avx512(const float* qf, const C* kp, const C* vp, const int32_t
 }
 #endif
 
+// `window` > 0: each query sees only the last `window` keys of its sequence (sliding-window
+// attention): tokens before t0 = S - window are never read, so their blocks may already be reused.
 // T: q/out dtype; C: cache element type: a float type (T itself, or a 16-bit cache under fp32
 // queries), or int8 / fp8 with per-token-head scales k_scales/v_scales [num_blocks, block_size,
 // Hkv] (nullptr for a float cache).
 template <typename T, typename C = T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                   at::Tensor& out, const float* k_scales = nullptr, const float* v_scales = nullptr) {
+                   at::Tensor& out, const float* k_scales = nullptr, const float* v_scales = nullptr,
+                   int64_t window = 0) {
   constexpr bool kQuant = std::is_same_v<C, int8_t> || std::is_same_v<C, c10::Float8_e4m3fn>;
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2);
@@ -250,6 +253,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       const int64_t b = split_heads ? item / Hkv : item;
       const int64_t h0 = split_heads ? item % Hkv : 0;
       const int64_t S = sl[b];
+      const int64_t t0 = window > 0 && S > window ? S - window : 0;
       const int32_t* table = bt + b * max_blocks;
       const int64_t q_head0 = h0 * G;
       for (int64_t j = 0; j < NH; ++j)
@@ -259,7 +263,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 #if defined(__AVX512F__)
       if (D == 64 || D == 128) {
         const auto task = D == 64 ? decode_task_avx512<C, 4, kQuant> : decode_task_avx512<C, 8, kQuant>;
-        task(qf.data(), kp, vp, table, S, BS, block_stride, token_stride, h0, heads_per_task, G, Hkv, k_scales,
+        task(qf.data(), kp, vp, table, t0, S, BS, block_stride, token_stride, h0, heads_per_task, G, Hkv, k_scales,
              v_scales, scores.data(), row_max.data(), denom.data(), acc.data());
         for (int64_t j = 0; j < NH; ++j) {
           const float inv = 1.f / denom[j];
@@ -270,7 +274,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       }
 #endif
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; t < S; ++t) {
+      for (int64_t t = t0; t < S; ++t) {
         const C* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
         to_float(krow, row.data(), heads_per_task * D);
         for (int64_t j = 0; j < NH; ++j) {
@@ -285,11 +289,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         float z = 0.f;
         const float m = row_max[j];
 #pragma omp simd reduction(+ : z)
-        for (int64_t t = 0; t < S; ++t) { sg[t] = kiln_exp(sg[t] - m); z += sg[t]; }
+        for (int64_t t = t0; t < S; ++t) { sg[t] = kiln_exp(sg[t] - m); z += sg[t]; }
         denom[j] = z;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < S; ++t) {
+      for (int64_t t = t0; t < S; ++t) {
         const C* vrow = vp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
         to_float(vrow, row.data(), heads_per_task * D);
         if constexpr (kQuant) {
@@ -334,6 +338,36 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   } else {
     TORCH_CHECK(false, "paged_decode_attention supports float32 queries over a float32/float16/bfloat16 cache "
                 "and bfloat16 queries over a bfloat16 cache; got ", qt, " over ", ct);
+  }
+  return out;
+}
+
+at::Tensor paged_decode_attention_window(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                         int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(q.size(2) == k_cache.size(3), "head_dim mismatch");
+  TORCH_CHECK(window > 0, "window must be positive");
+  const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == ct, "K and V caches must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
+  auto qc = q.contiguous();
+  auto bt = block_tables.contiguous();
+  auto sl = seq_lens.contiguous();
+  auto out = at::empty_like(qc);
+  if (qt == at::kFloat && ct == at::kFloat) {
+    decode_kernel<float>(qc, k_cache, v_cache, bt, sl, scale, out, nullptr, nullptr, window);
+  } else if (qt == at::kFloat && ct == at::kHalf) {
+    decode_kernel<float, c10::Half>(qc, k_cache, v_cache, bt, sl, scale, out, nullptr, nullptr, window);
+  } else if (qt == at::kFloat && ct == at::kBFloat16) {
+    decode_kernel<float, c10::BFloat16>(qc, k_cache, v_cache, bt, sl, scale, out, nullptr, nullptr, window);
+  } else if (qt == at::kBFloat16 && ct == at::kBFloat16) {
+    decode_kernel<c10::BFloat16>(qc, k_cache, v_cache, bt, sl, scale, out, nullptr, nullptr, window);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention_window supports the float caches paged_decode_attention does; got ",
+                qt, " over ", ct);
   }
   return out;
 }
@@ -440,6 +474,8 @@ void write_kv_quant(const at::Tensor& x, at::Tensor& data, at::Tensor& scale, co
 
 TORCH_LIBRARY(kiln, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
+  m.def("paged_decode_attention_window(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "float scale, int window) -> Tensor");
   m.def("paged_decode_attention_quant(Tensor q, Tensor k_data, Tensor k_scale, Tensor v_data, Tensor v_scale, "
         "Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.def("write_kv_quant(Tensor x, Tensor(a!) data, Tensor(b!) scale, Tensor slot_mapping) -> ()");
@@ -447,6 +483,7 @@ TORCH_LIBRARY(kiln, m) {
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   m.impl("paged_decode_attention", &kiln::paged_decode_attention);
+  m.impl("paged_decode_attention_window", &kiln::paged_decode_attention_window);
   m.impl("paged_decode_attention_quant", &kiln::paged_decode_attention_quant);
   m.impl("write_kv_quant", &kiln::write_kv_quant);
 }
