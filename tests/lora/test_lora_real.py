@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("peft", reason="LoRA reference tests need the test extras (peft)")
 
-from kiln import LLM, LoRARequest, SamplingParams  # noqa: E402
-from kiln.data import data_path  # noqa: E402
-from lora.peft_adapters import ALL_TARGETS, train_adapter  # noqa: E402
+from kiln import LLM, LoRARequest, SamplingParams
+from kiln.data import data_path
+from lora.peft_adapters import ALL_TARGETS, train_adapter
 
 pytestmark = pytest.mark.real_model
 
