@@ -21,8 +21,9 @@ def replicas_table() -> str:
         rows.append(f"| {name} | {run['prefix_hit_rate'] * 100:.1f} % | {run['ttft_later_turns_p50_s']:.2f} s | "
                     f"{run['ttft_later_turns_p95_s']:.2f} s | {run['ttft_all_turns_p95_s']:.2f} s |")
     return ("\n".join(rows)
-            + f"\n\n2 replicas x 1 thread / 1 replica x 2 threads = {c['ratio_2x1_over_1x2']:.2f} (output tok/s); "
-            f"1 replica on Ray / `kiln serve` alone = {c['ratio_ray_1x2_over_plain']:.2f}."
+            + f"\n\n2 replicas x 1 thread / 1 replica x 2 threads = {c['ratio_2x1_over_1x2']:.2f} (output tok/s)"
+            + (f"; 1 replica on Ray / `kiln serve` alone = {c['ratio_ray_1x2_over_plain']:.2f}."
+               if "ratio_ray_1x2_over_plain" in c else ".")
             + f"\n\n_From `benchmarks/replicas.py` → `benchmarks/results/replicas.json`, one run, {d['date']}; "
             f"{m['cpu']}, {m['cores']} cores, load average {m['load_average_start']:.1f} at the start and "
             f"{m.get('load_average_end', float('nan')):.1f} at the end; scheduling: {m.get('scheduling', 'normal')}; "
