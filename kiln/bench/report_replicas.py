@@ -26,7 +26,8 @@ def replicas_table() -> str:
                if "ratio_ray_1x2_over_plain" in c else ".")
             + f"\n\n_From `benchmarks/replicas.py` → `benchmarks/results/replicas.json`, one run, {d['date']}; "
             f"{m['cpu']}, {m['cores']} cores, load average {m['load_average_start']:.1f} at the start and "
-            f"{m.get('load_average_end', float('nan')):.1f} at the end; scheduling: {m.get('scheduling', 'normal')}; "
+            f"{m.get('load_average_end', float('nan')):.1f} at the end, read bandwidth {m['read_bandwidth_gb_s_start']:.1f} GB/s "
+            f"at the start; scheduling: {m.get('scheduling', 'normal')}; "
             f"GSM8K chat questions, {c['requests']} requests at {c['clients']} clients, "
             f"{c['new_tokens']} new tokens; chats: {r['conversations']} conversations x {r['turns']} turns, "
             f"{r['new_tokens_per_turn']} new tokens a turn, greedy; each configuration a fresh server._")
