@@ -33,6 +33,18 @@ def register_fake_impls() -> None:
     def _quant_dequantize(qs, d, m, is_q4, dtype):
         return d.new_empty((d.shape[0], d.shape[1] * 32), dtype=dtype)
 
+    @fake("kiln::kquant_matmul")
+    def _kquant_matmul(x, w, qtype):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    @fake("kiln::kquant_matmul_panels")
+    def _kquant_matmul_panels(x, w, qtype):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    @fake("kiln::kquant_dequantize")
+    def _kquant_dequantize(w, k, qtype, dtype):
+        return w.new_empty((w.shape[0], k), dtype=dtype)
+
     @fake("kiln::add_rms_norm")
     def _add_rms_norm(x, residual, weight, eps, has_residual):
         return torch.empty_like(x)

@@ -16,6 +16,10 @@ at::Tensor quant_matmul_panels(const at::Tensor& x, const at::Tensor& qs, const 
 // W as a dense [N, K] tensor of `dtype` from the packed block layout.
 at::Tensor quant_dequantize(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, bool is_q4,
                             at::ScalarType dtype);
+// The same three for W in GGUF K-quant super-blocks as stored (kquant_gemm.cpp; qtype 0/1/2 = Q4_K/Q5_K/Q6_K).
+at::Tensor kquant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
+at::Tensor kquant_matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
+at::Tensor kquant_dequantize(const at::Tensor& w, int64_t K, int64_t qtype, at::ScalarType dtype);
 // rms_norm(x + residual) * weight, with residual <- x + residual in place (has_residual); without a
 // residual, rms_norm(x) * weight (residual untouched).
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& weight, double eps,

@@ -17,6 +17,8 @@
 #include <torch/extension.h>
 
 #include "kiln_ops.h"
+#include "panel_gemm.h"
+#include "quant_common.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -25,107 +27,7 @@
 #include <cstdint>
 #include <vector>
 
-// SIMD path, fixed when the library is compiled (-march=native on the machine that runs it, or
-// KILN_KERNEL_MARCH): AVX-512BW, else AVX2+FMA, else the portable scalar loop.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
-#include <immintrin.h>
-#define KILN_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define KILN_AVX2 1
-#endif
-
 namespace kiln {
-
-constexpr int64_t QK = 32;
-constexpr float QMAX = 32767.f;
-
-inline float half_to_float(const c10::Half* p) {
-#if defined(KILN_AVX512) || defined(KILN_AVX2)
-  return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
-#else
-  return static_cast<float>(*p);
-#endif
-}
-
-struct QuantizedRows {
-  std::vector<int16_t> q;  // [M, K]
-  std::vector<float> dx;   // [M, K/32]
-  std::vector<float> sx;   // [M, K/32]: dx * sum(q) of the block
-};
-
-#ifdef KILN_AVX512
-// Two vectors of 16 activations of one 32-block, as fp32.
-inline void load_block(const float* x, __m512& a, __m512& b) {
-  a = _mm512_loadu_ps(x);
-  b = _mm512_loadu_ps(x + 16);
-}
-inline void load_block(const c10::BFloat16* x, __m512& a, __m512& b) {
-  // bf16 → fp32 is the upper half of the fp32 bit pattern
-  a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
-  b = _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))), 16));
-}
-// std::round (ties away from zero), exactly: trunc(v) is exact, so is v - trunc(v); add the sign
-// where that fraction is at least one half.
-inline __m512i round_away(__m512 v) {
-  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-  const __m512 frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
-  const __mmask16 up = _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-  const __m512 sign_one = _mm512_or_ps(_mm512_set1_ps(1.f), _mm512_and_ps(v, _mm512_set1_ps(-0.f)));
-  return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, sign_one));
-}
-#endif
-
-// x [M, K] → int16 per-32-block quantization (round to nearest, ties away from zero). The AVX-512
-// path computes the same values as the scalar loop (same max, same scale, same products, same
-// rounding): it runs once per linear of every decode step, before the threads split the work.
-template <typename T>
-QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
-  const int64_t nb = K / QK;
-  QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
-#ifdef KILN_AVX512
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t b = 0; b < nb; ++b) {
-      __m512 lo, hi;
-      load_block(x + i * K + b * QK, lo, hi);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-      const float d = amax / QMAX;
-      const float inv = d > 0.f ? 1.f / d : 0.f;
-      const __m512 vinv = _mm512_set1_ps(inv);
-      const __m512i qlo = round_away(_mm512_mul_ps(lo, vinv)), qhi = round_away(_mm512_mul_ps(hi, vinv));
-      int16_t* qb = r.q.data() + i * K + b * QK;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), _mm512_cvtepi32_epi16(qlo));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 16), _mm512_cvtepi32_epi16(qhi));
-      r.dx[i * nb + b] = d;
-      r.sx[i * nb + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
-    }
-  }
-  return r;
-#endif
-  float xb[QK];
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t b = 0; b < nb; ++b) {
-      float amax = 0.f;
-      for (int j = 0; j < QK; ++j) {
-        xb[j] = static_cast<float>(x[i * K + b * QK + j]);
-        amax = std::max(amax, std::fabs(xb[j]));
-      }
-      const float d = amax / QMAX;
-      const float inv = d > 0.f ? 1.f / d : 0.f;
-      int sum = 0;
-      int16_t* qb = r.q.data() + i * K + b * QK;
-      for (int j = 0; j < QK; ++j) {
-        const int v = static_cast<int>(std::round(xb[j] * inv));
-        qb[j] = static_cast<int16_t>(v);
-        sum += v;
-      }
-      r.dx[i * nb + b] = d;
-      r.sx[i * nb + b] = d * static_cast<float>(sum);
-    }
-  }
-  return r;
-}
 
 // Q4 min term: sum_b m[b] * dx[b] * sum(xq_b) for one output row and one activation row.
 inline float min_term(const c10::Half* m_row, const float* sx, int64_t nb) {
@@ -252,13 +154,6 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
 #endif
 
 #ifdef KILN_AVX2
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // The AVX2 twin of accumulate_block: a 32-element block is two 16 x int16 halves. The two
 // halves' vpmaddwd results are added in int32 (at most 2 * 2 * 127 * 32767 per lane: exact) before
 // the one conversion to float, so a block's integer dot product stays exact as on AVX-512.
@@ -453,8 +348,6 @@ at::Tensor quant_dequantize(const at::Tensor& qs_in, const at::Tensor& d_in, con
 // accumulators of 16 k-lanes, 10 loads per 24 FMAs, one horizontal add per output at the end.
 // Summation runs along k in 16-lane partial sums; results match x @ dequantize(W)^T to fp32
 // rounding (tests/test_quant_kernels.py).
-constexpr int PANEL_ROWS = 6;
-constexpr int TILE_M = 4;
 
 // Rows [n0, n0 + nr) of W as fp32 [nr][K] (w = d * q + m, or d * q for Q8).
 template <bool Q4>
@@ -495,79 +388,11 @@ void dequant_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
   }
 }
 
-// The lane sums of four vectors at once: [sum a, sum b, sum c, sum d] in 13 operations instead of
-// 4 x 8 for separate horizontal adds (the tile's reductions were ~20 % of its work at K = 576).
-inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  // per 128-bit lane: [a, b, c, d] partial sums
-  const __m512 abcd = _mm512_add_ps(
-      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-// y[i, r] = sum_k x[i, k] * w[r, k] for MR x rows and NR panel rows.
-template <int MR, int NR>
-inline void panel_tile(const float* x, int64_t K, const float* w, float* y, int64_t ldy) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 xv[MR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_ps(x + i * K + k);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 wv = _mm512_loadu_ps(w + r * K + k);
-      for (int i = 0; i < MR; ++i) acc[i][r] = _mm512_fmadd_ps(xv[i], wv, acc[i][r]);
-    }
-  }
-  const __m512 zero = _mm512_setzero_ps();
-  for (int i = 0; i < MR; ++i) {
-    for (int r = 0; r < NR; r += 4) {
-      alignas(16) float sums[4];
-      _mm_store_ps(sums, hsum4(acc[i][r], r + 1 < NR ? acc[i][r + 1] : zero, r + 2 < NR ? acc[i][r + 2] : zero,
-                               r + 3 < NR ? acc[i][r + 3] : zero));
-      for (int j = 0; j < 4 && r + j < NR; ++j) y[i * ldy + r + j] = sums[j];
-    }
-  }
-}
-
-template <int NR>
-void panel_rows(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N) {
-  int64_t i = 0;
-  for (; i + TILE_M <= M; i += TILE_M) panel_tile<TILE_M, NR>(x + i * K, K, w, y + i * N, N);
-  switch (M - i) {
-    case 3: panel_tile<3, NR>(x + i * K, K, w, y + i * N, N); break;
-    case 2: panel_tile<2, NR>(x + i * K, K, w, y + i * N, N); break;
-    case 1: panel_tile<1, NR>(x + i * K, K, w, y + i * N, N); break;
-    default: break;
-  }
-}
-
 template <bool Q4>
 void quant_matmul_panels_impl(const float* x, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp, int64_t M,
                               int64_t N, int64_t K, int64_t row_bytes, float* y) {
   const int64_t nb = K / QK;
-  const int64_t panels = (N + PANEL_ROWS - 1) / PANEL_ROWS;
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(PANEL_ROWS * K);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n0 = p * PANEL_ROWS;
-      const int nr = static_cast<int>(std::min<int64_t>(PANEL_ROWS, N - n0));
-      dequant_panel<Q4>(qp, row_bytes, dp, mp, nb, n0, nr, w.data());
-      switch (nr) {
-        case 6: panel_rows<6>(x, M, K, w.data(), y + n0, N); break;
-        case 5: panel_rows<5>(x, M, K, w.data(), y + n0, N); break;
-        case 4: panel_rows<4>(x, M, K, w.data(), y + n0, N); break;
-        case 3: panel_rows<3>(x, M, K, w.data(), y + n0, N); break;
-        case 2: panel_rows<2>(x, M, K, w.data(), y + n0, N); break;
-        default: panel_rows<1>(x, M, K, w.data(), y + n0, N); break;
-      }
-    }
-  });
+  panel_matmul(x, M, N, K, y, [&](int64_t n0, int nr, float* w) { dequant_panel<Q4>(qp, row_bytes, dp, mp, nb, n0, nr, w); });
 }
 #endif
 

@@ -1,0 +1,126 @@
+// Shared by the quantized matmul kernels (quant_gemm.cpp: GGUF 32-weight blocks; kquant_gemm.cpp:
+// GGUF K-quant super-blocks): the SIMD path chosen at compile time and the int16 per-32-block
+// quantization of activation rows both kernels' integer dot products run on.
+#pragma once
+#include <torch/extension.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+// SIMD path, fixed when the library is compiled (-march=native on the machine that runs it, or
+// KILN_KERNEL_MARCH): AVX-512BW, else AVX2+FMA, else the portable scalar loop.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
+#include <immintrin.h>
+#define KILN_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KILN_AVX2 1
+#endif
+
+namespace kiln {
+
+constexpr int64_t QK = 32;
+constexpr float QMAX = 32767.f;
+
+inline float half_to_float(const c10::Half* p) {
+#if defined(KILN_AVX512) || defined(KILN_AVX2)
+  return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
+#else
+  return static_cast<float>(*p);
+#endif
+}
+
+struct QuantizedRows {
+  std::vector<int16_t> q;  // [M, K]
+  std::vector<float> dx;   // [M, K/32]
+  std::vector<float> sx;   // [M, K/32]: dx * sum(q) of the block
+};
+
+#ifdef KILN_AVX512
+// Two vectors of 16 activations of one 32-block, as fp32.
+inline void load_block(const float* x, __m512& a, __m512& b) {
+  a = _mm512_loadu_ps(x);
+  b = _mm512_loadu_ps(x + 16);
+}
+inline void load_block(const c10::BFloat16* x, __m512& a, __m512& b) {
+  // bf16 → fp32 is the upper half of the fp32 bit pattern
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+  b = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))), 16));
+}
+// std::round (ties away from zero), exactly: trunc(v) is exact, so is v - trunc(v); add the sign
+// where that fraction is at least one half.
+inline __m512i round_away(__m512 v) {
+  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m512 frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
+  const __mmask16 up = _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m512 sign_one = _mm512_or_ps(_mm512_set1_ps(1.f), _mm512_and_ps(v, _mm512_set1_ps(-0.f)));
+  return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, sign_one));
+}
+#endif
+
+// x [M, K] → int16 per-32-block quantization (round to nearest, ties away from zero). The AVX-512
+// path computes the same values as the scalar loop (same max, same scale, same products, same
+// rounding): it runs once per linear of every decode step, before the threads split the work.
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
+  const int64_t nb = K / QK;
+  QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+#ifdef KILN_AVX512
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512 lo, hi;
+      load_block(x + i * K + b * QK, lo, hi);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const float d = amax / QMAX;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      const __m512i qlo = round_away(_mm512_mul_ps(lo, vinv)), qhi = round_away(_mm512_mul_ps(hi, vinv));
+      int16_t* qb = r.q.data() + i * K + b * QK;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), _mm512_cvtepi32_epi16(qlo));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 16), _mm512_cvtepi32_epi16(qhi));
+      r.dx[i * nb + b] = d;
+      r.sx[i * nb + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+    }
+  }
+  return r;
+#endif
+  float xb[QK];
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      float amax = 0.f;
+      for (int j = 0; j < QK; ++j) {
+        xb[j] = static_cast<float>(x[i * K + b * QK + j]);
+        amax = std::max(amax, std::fabs(xb[j]));
+      }
+      const float d = amax / QMAX;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      int16_t* qb = r.q.data() + i * K + b * QK;
+      for (int j = 0; j < QK; ++j) {
+        const int v = static_cast<int>(std::round(xb[j] * inv));
+        qb[j] = static_cast<int16_t>(v);
+        sum += v;
+      }
+      r.dx[i * nb + b] = d;
+      r.sx[i * nb + b] = d * static_cast<float>(sum);
+    }
+  }
+  return r;
+}
+
+#ifdef KILN_AVX2
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+#endif
+
+}  // namespace kiln
