@@ -1,6 +1,7 @@
 """`kiln tune`'s measurement: every kernel path for a block-quantized linear at every batch size in
 kiln.kernels.tune.ROWS, on the tuning model's Q4 linears in turn (distinct weights, as a decode step
-streams them), fp32 and bf16 activations, alternating rounds; the crossovers are fitted and saved by
+streams them), fp32 and bf16 activations, alternating rounds, then the K-quant kinds on the same shapes
+(kiln.bench.kquant_tune); the crossovers are fitted and saved by
 kiln.kernels.tune, where the engine's linears pick them up."""
 
 from __future__ import annotations
@@ -77,12 +78,16 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
                         fn()  # warm-up: first touch, oneDNN's primitive cache
                         samples[name][str(m)].setdefault(path, []).append(_step_time(fn))
     times = {n: {m: {p: low(v) for p, v in paths.items()} for m, paths in by_m.items()} for n, by_m in samples.items()}
+    from kiln.bench.kquant_tune import measure_kinds
+
+    # the K-quant kernels (Q4_K/Q5_K/Q6_K) on this model's linear shapes: their own crossovers
+    kinds = measure_kinds([(d.shape[0], d.shape[1] * 32) for _, d, _ in linears], rows, rounds, panel_ok, low, log)
     fp = fingerprint(threads)
     result = {"fingerprint": fp, "date": time.strftime("%Y-%m-%d %H:%M"), "model": model, "linears": len(linears),
               "rows": list(rows), "seconds_per_step": times,
               "crossovers": {n: {"resident": crossovers(times[n], rows, True),
                                  "no_resident": crossovers(times[n], rows, False)} for n in dtypes},
-              "fp32_dense_copy": dense_copy_dtype(times["float32"], rows)}
+              "fp32_dense_copy": dense_copy_dtype(times["float32"], rows), "kinds": kinds}
     save(result)
     return result
 

@@ -132,13 +132,13 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.data.copy_(tensor.to(self.weight.dtype))
 
     def _attach_quantized_head(self, blocks: GGUFQuantizedTensor) -> None:
-        from kiln.layers.gguf_quant import GGUFQuantLinearMethod, family_of
+        from kiln.layers.gguf_quant import block_method, family_of
 
         model = self._model[0]
         family = family_of({blocks.qtype})
         if not getattr(model, "keep_gguf_blocks", False) or family is None or getattr(model, "lm_head", 1) is not None:
             return
         head = Linear(self.embedding_dim, [self.share.vocab_per_rank], dtype=self.weight.dtype, device=self.weight.device)
-        head.set_method(GGUFQuantLinearMethod(family, keep_dense=model.keep_dense_copies))
+        head.set_method(block_method(family, model.keep_dense_copies))
         head.weight_loader("weight", blocks)
         model.quantized_tied_head = head

@@ -51,6 +51,13 @@ def print_info(model: str, dtype: str = "auto") -> None:
     for line in describe_config(loaded.config):
         print(line)
     print("tensor types     " + ", ".join(f"{k}: {v}" for k, v in sorted(loaded.tensor_types.items())))
+    if loaded.file_format == "gguf":
+        from kiln.loader.gguf_loader import RUNNABLE_TYPES
+
+        # types no native kernel runs (Q2_K, Q3_K, Q5_1, IQ*...): their matrices are expanded to the compute dtype
+        expanded = sorted(t for t in loaded.tensor_types if t not in RUNNABLE_TYPES and t not in ("F32", "F16", "BF16"))
+        if expanded:
+            print(f"dequantized      {', '.join(expanded)}: expanded at load (no native kernel for these types)")
     print(f"compute dtype    {loaded.model.dtype} (activations; quantized weights see 'linear path')")
     counts: dict[str, int] = {}
     for m in loaded.model.modules():

@@ -11,7 +11,8 @@ how its weights enter the plan (a `LinearEntry`).
 
 When it applies: CPU, the native library loaded, fp32/bf16 activations, every linear dense or in
 the packed block layout without an activation `smooth` (GGUF Q4_0/Q4_1/Q8_0, kiln INT4/INT8
-repacked to blocks), a KV cache in the model dtype or int8/fp8, and a batch whose sequences each
+repacked to blocks) or in GGUF K-quant super-blocks (Q4_K/Q5_K/Q6_K), a KV cache in the model dtype or
+int8/fp8, and a batch whose sequences each
 decode exactly one token (or, verifying drafts, its token and drafts). Everything else (prefill chunks, AWQ /
 SmoothQuant / FP8 layers, CUDA) runs the plain path, which is always available and always tested.
 `KILN_FUSED_STEP=0` (or `fused_decode_step=False` on the engine) turns the fused step off.
@@ -37,6 +38,7 @@ from kiln.kernels.native import load_native
 from kiln.kernels.paged_attention import native_reads
 
 DENSE, Q4, Q8 = 0, 1, 2
+KQUANT_KIND_BASE = 3  # K-quant super-blocks: kind 3 + kiln.kernels.kquant_matmul.KQUANT_CODES[qtype]
 _EMPTY = torch.empty(0)
 
 
@@ -45,7 +47,7 @@ class LinearEntry:
     """One linear layer as the plan reads it.
 
     `tensors` = (weight or packed qs, d, m, dense copy, bias), empty tensors where a piece is absent;
-    `kind` DENSE / Q4 / Q8; `max_rows` / `panel_rows`: the largest batch the block / panel kernel takes
+    `kind` DENSE / Q4 / Q8 / a K-quant kind (`kquant_entry`); `max_rows` / `panel_rows`: the largest batch the block / panel kernel takes
     (above them the plan uses the dense copy or dequantizes, exactly as the layer's own `apply` does).
     """
 
@@ -63,6 +65,15 @@ def block_entry(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dense: torch
                 bias: torch.Tensor | None, is_q4: bool, max_rows: int, panel_rows: int) -> LinearEntry:
     """Weights in the packed block layout of kiln.kernels.quant_matmul (Q4: with mins `m`; Q8: `m` empty)."""
     return LinearEntry((qs, d, m, _or_empty(dense), _or_empty(bias)), Q4 if is_q4 else Q8, max_rows, panel_rows)
+
+
+def kquant_entry(w: torch.Tensor, qtype: str, dense: torch.Tensor | None, bias: torch.Tensor | None,
+                 max_rows: int, panel_rows: int) -> LinearEntry:
+    """Weights in GGUF K-quant super-blocks as stored (kiln.kernels.kquant_matmul): `w` uint8 [N, row bytes]."""
+    from kiln.kernels.kquant_matmul import KQUANT_CODES
+
+    return LinearEntry((w, _EMPTY, _EMPTY, _or_empty(dense), _or_empty(bias)), KQUANT_KIND_BASE + KQUANT_CODES[qtype],
+                       max_rows, panel_rows)
 
 
 def _or_empty(t: torch.Tensor | None) -> torch.Tensor:

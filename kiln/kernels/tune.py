@@ -20,6 +20,8 @@ $KILN_HOME/tune/<fingerprint>.json. The fingerprint names the CPU, its ISA flags
 kiln's version and its native build: a different machine or build is untuned until `kiln tune` runs
 there, and then kiln.layers.gguf_quant takes its thresholds from the file.
 Q8_0 linears (the default model's tied LM head) take the Q4 crossovers: they are not timed on their own.
+The K-quant kinds (Q4_K/Q5_K/Q6_K super-blocks) are timed on their own (kiln.bench.kquant_tune) on the same
+shapes and stored under "kinds"; a tuning without them leaves those layers on the Q4 crossovers.
 Invariant: tuning changes which kernel runs, never what a kernel computes.
 """
 
@@ -147,13 +149,15 @@ def copy_dtype(tuning: dict[str, Any] | None, dtype: torch.dtype) -> torch.dtype
     return dtype
 
 
-def limits(tuning: dict[str, Any], dtype: torch.dtype, resident: bool) -> tuple[int, int] | None:
+def limits(tuning: dict[str, Any], dtype: torch.dtype, resident: bool, kind: str | None = None) -> tuple[int, int] | None:
     """(largest M for the block kernel, largest M for the panel kernel) from a tuning, for activations
-    of `dtype` (None: not tuned for that dtype)."""
+    of `dtype` and the Q4 block kernel or, with `kind`, a K-quant kind's kernel ('Q6_K', ...) (None: not
+    tuned for that dtype or kind)."""
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype)
-    if name is None or name not in tuning.get("crossovers", {}):
+    source = tuning if kind is None else tuning.get("kinds", {}).get(kind, {})
+    if name is None or name not in source.get("crossovers", {}):
         return None
-    c = tuning["crossovers"][name]["resident" if resident else "no_resident"]
+    c = source["crossovers"][name]["resident" if resident else "no_resident"]
     return c["block_max"], c["panel"][1]
 
 
@@ -178,6 +182,12 @@ def describe(tuning: dict[str, Any] | None) -> list[str]:
             above = max(c["block_max"], c["panel"][1])
             lines.append(f"                 {dtype}, {'resident dense copy' if copy == 'resident' else 'no dense copy'}: "
                          f"block kernel M<={c['block_max']}{panel}, dense GEMM above M={above}")
+    for kind, measured in sorted(tuning.get("kinds", {}).items()):
+        parts = []
+        for dtype, by_copy in measured["crossovers"].items():
+            c = by_copy["resident"]
+            parts.append(f"{dtype} block M<={c['block_max']}" + (f", panel to M={c['panel'][1]}" if c["panel"][1] else ""))
+        lines.append(f"                 {kind} super-block kernel (resident dense copy): {'; '.join(parts)}")
     if tuning.get("fp32_dense_copy") == "bfloat16":
         lines.append("                 fp32 models keep their dense copy in bf16 (prefill GEMMs in bf16: faster here; "
                      "the blocks stay exact for decode)")

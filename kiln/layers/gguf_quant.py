@@ -148,8 +148,7 @@ class GGUFQuantLinearMethod(LinearMethod):
     @property
     def name(self) -> str:
         types = "/".join(sorted(self.source_types)) or ("Q4" if self.is_q4 else "Q8")
-        path = "native int16·int{} kernel".format(4 if self.is_q4 else 8) if use_native_quant(torch.empty(0)) \
-            else "reference (dequantize + matmul)"
+        path = self.kernel_name if use_native_quant(torch.empty(0)) else "reference (dequantize + matmul)"
         dense = "resident dense copy" if self.keep_dense else "dequantized per call"
         if self.tuning is not None:
             f32, b16 = self._tuned(torch.float32), self._tuned(torch.bfloat16)
@@ -161,6 +160,11 @@ class GGUFQuantLinearMethod(LinearMethod):
             panel = (f" (fp32: M<={self.block_max_rows(torch.float32)}, then the panel kernel up to "
                      f"M={self.panel_rows[1]})")
         return f"gguf {types}: {path} for M<={self.dense_threshold}{panel}, dense GEMM above ({dense})"
+
+    @property
+    def kernel_name(self) -> str:
+        """The native kernel small batches run, in words."""
+        return "native int16·int{} kernel".format(4 if self.is_q4 else 8)
 
     def accepts(self, qtype: str) -> bool:
         return qtype in (Q4_TYPES if self.is_q4 else ("Q8_0",))
@@ -185,8 +189,17 @@ class GGUFQuantLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
         """After every shard is loaded: build (or adopt, e.g. a tied embedding) the dense copy."""
         if self.keep_dense:
-            layer.dense_weight = dense if dense is not None else dequantize(
-                layer.qs, layer.d, layer.m, self.is_q4, layer.dense_dtype)
+            layer.dense_weight = dense if dense is not None else self.dequantize_weight(layer, layer.dense_dtype)
+
+    # The three kernels `apply` chooses between; a subclass holding another block layout overrides them.
+    def block_matmul(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return quant_matmul(x, layer.qs, layer.d, layer.m, self.is_q4)
+
+    def panel_matmul(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return quant_matmul_panels(x, layer.qs, layer.d, layer.m, self.is_q4)
+
+    def dequantize_weight(self, layer: "Linear", dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(layer.qs, layer.d, layer.m, self.is_q4, dtype)
 
     def load_param(self, layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantizedTensor",
                    shard: str | None = None) -> None:
@@ -216,11 +229,11 @@ class GGUFQuantLinearMethod(LinearMethod):
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
         if rows <= self.block_max_rows(x2.dtype):
-            y = quant_matmul(x2, layer.qs, layer.d, layer.m, self.is_q4)
+            y = self.block_matmul(layer, x2)
             if layer.bias is not None:
                 y = y + layer.bias
         elif rows <= self.panel_max_rows(x2.dtype) and use_native_quant(x2):
-            y = quant_matmul_panels(x2, layer.qs, layer.d, layer.m, self.is_q4)
+            y = self.panel_matmul(layer, x2)
             if layer.bias is not None:
                 y = y + layer.bias
         else:
@@ -231,7 +244,7 @@ class GGUFQuantLinearMethod(LinearMethod):
                     y = y + layer.bias
                 return y.reshape(*lead, y.shape[-1])
             if w is None or w.dtype != x.dtype:
-                w = dequantize(layer.qs, layer.d, layer.m, self.is_q4, x.dtype)
+                w = self.dequantize_weight(layer, x.dtype)
             y = F.linear(x2, w, layer.bias)
         return y.reshape(*lead, y.shape[-1])
 
@@ -242,8 +255,10 @@ class GGUFQuantLinearMethod(LinearMethod):
 
 
 def family_of(qtypes: set[str]) -> str | None:
-    """'Q4' / 'Q8' when every shard of a layer can share one packed layout, else None (dense).
+    """'Q4' / 'Q8' when every shard of a layer can share one packed block layout, a K-quant type ('Q6_K',
+    ...) when every shard is that type (run as stored by kiln.layers.kquant_linear), else None (dense).
     File types that are repacked at load (Q5_0, Q4_K: kiln.layers.gguf_repack) count as their target."""
+    from kiln.kernels.kquant_matmul import KQUANT_TYPES
     from kiln.layers.gguf_repack import repack_target
 
     qtypes = {repack_target(t) for t in qtypes}
@@ -251,4 +266,15 @@ def family_of(qtypes: set[str]) -> str | None:
         return "Q4"
     if qtypes == {"Q8_0"}:
         return "Q8"
+    if len(qtypes) == 1 and next(iter(qtypes)) in KQUANT_TYPES:
+        return next(iter(qtypes))
     return None
+
+
+def block_method(family: str, keep_dense: bool) -> GGUFQuantLinearMethod:
+    """The LinearMethod for a `family_of` result: the Q4/Q8 block layout or a K-quant one."""
+    if family in ("Q4", "Q8"):
+        return GGUFQuantLinearMethod(family, keep_dense=keep_dense)
+    from kiln.layers.kquant_linear import KQuantLinearMethod
+
+    return KQuantLinearMethod(family, keep_dense=keep_dense)

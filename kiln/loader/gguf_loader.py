@@ -19,13 +19,15 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.errors import ModelLoadError
+from kiln.kernels.kquant_matmul import KQUANT_BYTES, KQUANT_TYPES, QKK
 from kiln.layers.gguf_quant import BLOCK_BYTES, NATIVE_TYPES, GGUFQuantizedTensor
 from kiln.layers.gguf_repack import REPACKED, repack, repack_target
 from kiln.models.architecture import GGUFHeader, WeightNames
 from kiln.models.registry import get_architecture
 
 GGUF_MAGIC = b"GGUF"
-RUNNABLE_TYPES = NATIVE_TYPES | frozenset(REPACKED)  # kept in blocks (repacked where needed) for native layers
+# kept in blocks (repacked where needed; K-quant super-blocks as stored) for native layers
+RUNNABLE_TYPES = NATIVE_TYPES | frozenset(REPACKED) | KQUANT_TYPES
 
 
 def open_gguf(path: Path) -> Any:
@@ -76,13 +78,18 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
 
 
 def _raw_blocks(tensor: Any, path: Path) -> GGUFQuantizedTensor:
-    """A Q4_0/Q4_1/Q8_0 matrix as its raw blocks (uint8 [rows, bytes per row]), no dequantization;
-    a Q5_0 / Q4_K one repacked into Q8_0 / Q4_1 blocks (kiln.layers.gguf_repack)."""
+    """A Q4_0/Q4_1/Q8_0 or Q5_K/Q6_K matrix as its raw blocks (uint8 [rows, bytes per row]), no
+    dequantization; a Q5_0 / Q4_K one repacked into Q8_0 / Q4_1 blocks (kiln.layers.gguf_repack)."""
     cols = int(tensor.shape[0])  # GGUF lists dims innermost first
     rows = int(np.prod(tensor.shape[1:]))
     data = np.asarray(tensor.data)
     qtype = tensor.tensor_type.name
-    _, block_bytes, block_weights = REPACKED.get(qtype, (qtype, BLOCK_BYTES.get(qtype), 32))
+    if qtype in REPACKED:
+        _, block_bytes, block_weights = REPACKED[qtype]
+    elif qtype in KQUANT_BYTES:
+        block_bytes, block_weights = KQUANT_BYTES[qtype], QKK
+    else:
+        block_bytes, block_weights = BLOCK_BYTES[qtype], 32
     row_bytes = cols // block_weights * block_bytes
     if cols % block_weights or data.size != rows * row_bytes:
         raise ModelLoadError(path, f"tensor {tensor.name!r} is corrupt or truncated ({data.size} bytes for {rows}x{cols})")

@@ -71,7 +71,7 @@ def use_gguf_blocks(mode: str, device: torch.device) -> bool:
 def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: bool, names: WeightNames) -> None:
     """Switch every Linear whose GGUF shards all share a native block layout to that layout;
     other layers stay dense and get dequantized weights."""
-    from kiln.layers.gguf_quant import GGUFQuantLinearMethod, family_of
+    from kiln.layers.gguf_quant import block_method, family_of
     from kiln.layers.linear import Linear
     from kiln.loader.gguf_loader import gguf_layer_types
 
@@ -86,7 +86,7 @@ def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: boo
             continue  # unexpected tensors are reported by the weight loader
         family = family_of(types)
         if isinstance(module, Linear) and family is not None and module.input_size % 32 == 0:
-            module.set_method(GGUFQuantLinearMethod(family, keep_dense=keep_dense))
+            module.set_method(block_method(family, keep_dense))
 
 
 def safetensors_names(folder: Path) -> list[str]:

@@ -20,13 +20,13 @@ if TYPE_CHECKING:
 class TiedHeadMixin:
     def attach_quantized_tied_head(self, blocks: "GGUFQuantizedTensor") -> None:
         """Keep the tied embedding's GGUF blocks as a quantized LM head (embedding lookups stay dense)."""
-        from kiln.layers.gguf_quant import GGUFQuantLinearMethod, family_of
+        from kiln.layers.gguf_quant import block_method, family_of
 
         family = family_of({blocks.qtype})
         if not self.keep_gguf_blocks or family is None:
             return
         head = Linear(self.config.hidden_size, [self.config.vocab_size], dtype=self.dtype, device=self.device)
-        head.set_method(GGUFQuantLinearMethod(family, keep_dense=self.keep_dense_copies))
+        head.set_method(block_method(family, self.keep_dense_copies))
         head.weight_loader("weight", blocks)
         self.quantized_tied_head = head
 

@@ -26,7 +26,7 @@ namespace {
 // fused step's time to the same op families as the plain path (a no-op unless a profiler runs).
 #define KILN_PROFILED(name) RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{})
 
-enum LinearKind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2 };
+enum LinearKind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2, kKQuant = 3 };  // kKQuant + 0/1/2: Q4_K/Q5_K/Q6_K
 
 // One Linear: a dense weight, or packed blocks (qs, d, m) run by the block kernel for M <= max_rows,
 // by the panel kernel (fp32) for M <= panel_rows, and by a dense GEMM above (on `dense` when the
@@ -43,6 +43,7 @@ struct LinearWeights {
 
   at::Tensor apply(const at::Tensor& x) const {
     if (kind == kDense) return at::linear(x, weight, bias);
+    if (kind >= kKQuant) return apply_kquant(x);
     if (x.size(0) <= max_rows) {
       KILN_PROFILED("kiln::quant_matmul");
       at::Tensor y = quant_matmul(x, weight, d, m, kind == kQ4);
@@ -64,6 +65,27 @@ struct LinearWeights {
       w = quant_dequantize(weight, d, m, kind == kQ4, x.scalar_type());
     }
     return at::linear(x, w, bias);
+  }
+
+  // GGUF K-quant super-blocks in `weight` (kquant_gemm.cpp), by the same rule as the block layouts.
+  at::Tensor apply_kquant(const at::Tensor& x) const {
+    const int64_t qtype = kind - kKQuant;
+    at::Tensor y;
+    if (x.size(0) <= max_rows) {
+      KILN_PROFILED("kiln::kquant_matmul");
+      y = kquant_matmul(x, weight, qtype);
+    } else if (x.size(0) <= panel_rows && x.scalar_type() == at::kFloat) {
+      KILN_PROFILED("kiln::kquant_matmul_panels");
+      y = kquant_matmul_panels(x, weight, qtype);
+    } else if (dense.defined() && dense.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
+      y = at::linear(x.to(at::kBFloat16), dense).to(at::kFloat);
+    } else if (dense.defined() && dense.scalar_type() == x.scalar_type()) {
+      return at::linear(x, dense, bias);
+    } else {
+      KILN_PROFILED("kiln::kquant_dequantize");
+      return at::linear(x, kquant_dequantize(weight, x.size(1), qtype, x.scalar_type()), bias);
+    }
+    return bias ? y + *bias : y;
   }
 };
 
@@ -136,7 +158,7 @@ struct DecodePlan : torch::CustomClassHolder {
         lw.kind = kinds[i * 4 + j];
         lw.max_rows = max_rows[i * 4 + j];
         lw.panel_rows = panel_rows[i * 4 + j];
-        TORCH_CHECK(lw.kind == kDense || lw.kind == kQ4 || lw.kind == kQ8, "DecodePlan: unknown linear kind");
+        TORCH_CHECK(lw.kind >= kDense && lw.kind <= kKQuant + 2, "DecodePlan: unknown linear kind");
         lw.weight = w[0];
         lw.d = w[1];
         lw.m = w[2];
