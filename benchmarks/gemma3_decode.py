@@ -2,8 +2,9 @@
 dequantized weights vs llama.cpp's C++ `llama-bench` tg128, same file, same threads, one run.
 
 - kiln native: `quantized_weights="auto"` — Q8_0 kept in blocks, Q5_0 repacked to Q8_0 and Q4_K to
-  Q4_1 (kiln.layers.gguf_repack), Q6_K layers dequantized; the tied Q8_0 embedding doubles as a
-  native LM head; activations in the auto dtype (fp32 on a CPU without AMX).
+  Q4_1 (kiln.layers.gguf_repack), Q6_K layers on the K-quant super-block kernel as stored
+  (kiln.layers.kquant_linear); the tied Q8_0 embedding doubles as a native LM head; activations in the
+  auto dtype (fp32 on a CPU without AMX).
 - kiln dequantized: every tensor expanded at load, bf16 and fp32 activations.
 - llama.cpp: `llama-bench -m FILE -p 0 -n 128 -t THREADS -r 3 -o json` (tg128: 128 tokens after an
   empty prompt), built from the sources vendored in the llama-cpp-python sdist (pass `--llama-bench`).

@@ -48,7 +48,9 @@ def test_avx2_build_equals_the_reference() -> None:
                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert check.stdout.strip() == "AVX2", check.stderr[-2000:]
     run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_quant_kernels.py",
-                          "-k", "native_matmul_equals_reference or native_dequantize_equals_reference or fused_linear"],
+                          "tests/test_kquant_kernels.py",  # the K-quant super-block kernels' AVX2 tiles too
+                          "-k", "native_matmul_equals_reference or native_dequantize_equals_reference or fused_linear"
+                                " or native_kquant"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kiln.kernels.kquant_matmul import KQUANT_BYTES, QKK
 from kiln.layers.gguf_quant import BLOCK_BYTES, GGUFQuantizedTensor
 from kiln.layers.linear import Linear
 
@@ -63,9 +64,11 @@ class RowSlice:
     def __call__(self, layer: Linear, name: str, tensor: Any, shard: str | None) -> Any:
         start, stop = self.cols.start, self.cols.stop
         if isinstance(tensor, GGUFQuantizedTensor):
-            if start % QK == 0 and stop % QK == 0 and tensor.qtype in BLOCK_BYTES:
-                size = BLOCK_BYTES[tensor.qtype]
-                return GGUFQuantizedTensor(tensor.qtype, tensor.raw[:, start // QK * size:stop // QK * size],
+            # whole blocks (32 weights) or K-quant super-blocks (256) stay blocks
+            unit, size = (QKK, KQUANT_BYTES[tensor.qtype]) if tensor.qtype in KQUANT_BYTES \
+                else (QK, BLOCK_BYTES.get(tensor.qtype, 0))
+            if start % unit == 0 and stop % unit == 0 and size:
+                return GGUFQuantizedTensor(tensor.qtype, tensor.raw[:, start // unit * size:stop // unit * size],
                                            stop - start)
             tensor = tensor.dequantize()  # the layer is dense anyway (its columns are no whole blocks)
         if name == "bias":

@@ -12,8 +12,10 @@ Q4_K matrices). The kernels (kiln.kernels.quant_matmul) read 32-weight blocks wi
   tests/test_gguf_repack.py bounds it against the `gguf` library's dequantization. 20 instead of
   18 bytes per 32 weights.
 
-Q6_K (16-weight sub-scales, which no 32-weight block holds exactly) and the other K-quants are not
-repacked: their layers are dequantized at load, as before (`kiln info` says which path each takes).
+Q6_K and Q5_K are not repacked: their layers run on the K-quant super-block kernels as stored
+(kiln.layers.kquant_linear; an exact Q4_K kernel exists there too, but measured slower than this
+repack: benchmarks/results/kquant_kernels.json). Q2_K, Q3_K and the other types are dequantized at
+load (`kiln info` says which path each layer takes).
 """
 
 from __future__ import annotations

@@ -85,7 +85,9 @@ def plan_gguf_quantized_layers(model: nn.Module, reader: object, keep_dense: boo
         except AttributeError:
             continue  # unexpected tensors are reported by the weight loader
         family = family_of(types)
-        if isinstance(module, Linear) and family is not None and module.input_size % 32 == 0:
+        # a layer's columns must be whole blocks: 32 weights, 256 for K-quant super-blocks ('Q6_K', ...)
+        unit = 256 if family is not None and family.endswith("_K") else 32
+        if isinstance(module, Linear) and family is not None and module.input_size % unit == 0:
             module.set_method(block_method(family, keep_dense))
 
 

@@ -31,14 +31,14 @@ enum KType : int64_t { kQ4K = 0, kQ5K = 1, kQ6K = 2 };
 
 constexpr int64_t block_bytes(int64_t t) { return t == kQ4K ? 144 : t == kQ5K ? 176 : 210; }
 
-// The eight 6-bit (scale, min) pairs of a Q4_K / Q5_K super-block's 12 scale bytes.
-inline void k4_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = s[j] & 63;
-    mn[j] = s[j + 4] & 63;
-    sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-  }
+// The eight 6-bit (scale, min) pairs of a Q4_K / Q5_K super-block's 12 scale bytes, as two words of
+// eight bytes each (byte j: sub-block j), unpacked a 32-bit word (four sub-blocks) at a time.
+inline void k4_scales(const uint8_t* s, uint64_t& sc, uint64_t& mn) {
+  uint32_t w[3];
+  std::memcpy(w, s, 12);
+  const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, top2 = 0x03030303u;
+  sc = (w[0] & low6) | static_cast<uint64_t>((w[2] & low4) | (((w[0] >> 6) & top2) << 4)) << 32;
+  mn = (w[1] & low6) | static_cast<uint64_t>(((w[2] >> 4) & low4) | (((w[1] >> 6) & top2) << 4)) << 32;
 }
 
 // Per-sub-block float scale D[j] and min M[j] of one super-block (Q6_K: D = d, M = 0; its 16-weight
@@ -51,9 +51,10 @@ inline void super_scales(const uint8_t* sb, float* D, float* M) {
   } else {
     const float d = half_to_float(reinterpret_cast<const c10::Half*>(sb));
     const float dmin = half_to_float(reinterpret_cast<const c10::Half*>(sb + 2));
-    uint8_t sc[8], mn[8];
+    uint64_t sc, mn;
     k4_scales(sb + 4, sc, mn);
-    for (int j = 0; j < SUB; ++j) D[j] = d * static_cast<float>(sc[j]), M[j] = dmin * static_cast<float>(mn[j]);
+    for (int j = 0; j < SUB; ++j)
+      D[j] = d * static_cast<float>((sc >> (8 * j)) & 0xFF), M[j] = dmin * static_cast<float>((mn >> (8 * j)) & 0xFF);
   }
 }
 
@@ -119,34 +120,58 @@ void dequant_row_scalar(const uint8_t* row, int64_t K, float* out) {
 }
 
 #ifdef KILN_AVX512
-// Sub-block j's 32 int16 weights (Q6_K: times their scales). The high bits and Q6_K's scales are
-// read per sub-block from the super-block, which is in L1 by then.
+// D (and M) of a super-block's eight sub-blocks as fp32 lanes (see super_scales), from vector ops.
 template <int T>
-inline __m512i unpack512(const uint8_t* sb, int j) {
+inline void super_scales8(const uint8_t* sb, __m256& D, __m256& M) {
+  if constexpr (T == kQ6K) {
+    D = _mm256_set1_ps(half_to_float(reinterpret_cast<const c10::Half*>(sb + 208)));
+    M = _mm256_setzero_ps();
+  } else {
+    uint64_t sc, mn;
+    k4_scales(sb + 4, sc, mn);
+    const __m256 d = _mm256_set1_ps(half_to_float(reinterpret_cast<const c10::Half*>(sb)));
+    const __m256 dmin = _mm256_set1_ps(half_to_float(reinterpret_cast<const c10::Half*>(sb + 2)));
+    D = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sc)))));
+    M = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(mn)))));
+  }
+}
+
+// Two sub-blocks that share their quant bytes, as 32 int16 weights each (Q6_K: times their scales):
+// pair p is sub-blocks (2p, 2p+1) for Q4_K / Q5_K (low and high nibbles of one 32-byte chunk) and
+// (h*4 + t, h*4 + t + 2) for Q6_K (h = p / 2, t = p % 2: low and high nibbles of one 32-byte run of
+// a half's 64 ql bytes, with bits 2t and 2t + 4 of its 32 qh bytes). Unpacking a pair loads its
+// bytes once; the high bits and scales are read from the super-block, in L1 by then.
+template <int T>
+inline void unpack_pair512(const uint8_t* sb, int p, __m512i& w0, __m512i& w1, int& j0, int& j1) {
   const __m512i nib = _mm512_set1_epi16(0x0F);
   if constexpr (T == kQ6K) {
-    const int k = j % 4;
-    const __m512i v = _mm512_cvtepu8_epi16(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 64 * (j / 4) + 32 * (k & 1))));
-    const __m512i hv = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * (j / 4))));
-    const __m512i lo = _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(4 * (k >> 1))), nib);
-    const __m512i hi = _mm512_slli_epi16(
-        _mm512_and_si512(_mm512_srl_epi16(hv, _mm_cvtsi32_si128(2 * k)), _mm512_set1_epi16(3)), 4);
-    const __m512i q = _mm512_sub_epi16(_mm512_or_si512(lo, hi), _mm512_set1_epi16(32));
+    const int h = p / 2, t = p % 2;
+    j0 = 4 * h + t, j1 = j0 + 2;
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 64 * h + 32 * t)));
+    const __m512i hv = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * h)));
+    const __m512i three = _mm512_set1_epi16(3), off = _mm512_set1_epi16(32);
+    const __m512i h0 = _mm512_and_si512(_mm512_srl_epi16(hv, _mm_cvtsi32_si128(2 * t)), three);
+    const __m512i h1 = _mm512_and_si512(_mm512_srl_epi16(hv, _mm_cvtsi32_si128(2 * t + 4)), three);
+    const __m512i q0 = _mm512_sub_epi16(_mm512_or_si512(_mm512_and_si512(v, nib), _mm512_slli_epi16(h0, 4)), off);
+    const __m512i q1 = _mm512_sub_epi16(_mm512_or_si512(_mm512_srli_epi16(v, 4), _mm512_slli_epi16(h1, 4)), off);
     const auto* sc = reinterpret_cast<const int8_t*>(sb + 192);
-    // lanes 0-15 take scale 2j, lanes 16-31 scale 2j + 1
-    const __m512i scv = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(sc[2 * j]), _mm512_set1_epi16(sc[2 * j + 1]));
-    return _mm512_mullo_epi16(q, scv);
+    // lanes 0-15 take the scale of weights 0-15 of the sub-block, lanes 16-31 that of weights 16-31
+    w0 = _mm512_mullo_epi16(q0, _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(sc[2 * j0]),
+                                                        _mm512_set1_epi16(sc[2 * j0 + 1])));
+    w1 = _mm512_mullo_epi16(q1, _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(sc[2 * j1]),
+                                                        _mm512_set1_epi16(sc[2 * j1 + 1])));
   } else {
+    j0 = 2 * p, j1 = 2 * p + 1;
     const __m512i v = _mm512_cvtepu8_epi16(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + (T == kQ4K ? 16 : 48) + 32 * (j / 2))));
-    __m512i q = _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(4 * (j & 1))), nib);
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + (T == kQ4K ? 16 : 48) + 32 * p)));
+    w0 = _mm512_and_si512(v, nib);
+    w1 = _mm512_srli_epi16(v, 4);  // zero-extended bytes: the shift leaves the high nibble
     if constexpr (T == kQ5K) {
       const __m512i hv = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16)));
-      q = _mm512_or_si512(q, _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(hv, _mm_cvtsi32_si128(j)),
-                                                                 _mm512_set1_epi16(1)), 4));
+      const __m512i one = _mm512_set1_epi16(1);
+      w0 = _mm512_or_si512(w0, _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(hv, _mm_cvtsi32_si128(j0)), one), 4));
+      w1 = _mm512_or_si512(w1, _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(hv, _mm_cvtsi32_si128(j1)), one), 4));
     }
-    return q;
   }
 }
 
@@ -171,34 +196,44 @@ void tile_dot_avx512(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x
         _mm_prefetch(reinterpret_cast<const char*>(sb + PREFETCH_ROWS * row_bytes + line), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(sb + PREFETCH_ROWS_L2 * row_bytes + line), _MM_HINT_T1);
       }
-      alignas(32) float D[SUB], M[SUB];
-      super_scales<T>(sb, D, M);
-      const __m256 dv = _mm256_load_ps(D);
+      __m256 D, M;
+      super_scales8<T>(sb, D, M);
       for (int i = 0; i < MC; ++i) {
         const __m256 dx = _mm256_loadu_ps(xr.dx.data() + (m0 + i) * nb + s * SUB);
-        _mm256_store_ps(sc[r][i], _mm256_mul_ps(dv, dx));
+        _mm256_store_ps(sc[r][i], _mm256_mul_ps(D, dx));
         if constexpr (T != kQ6K) {
           const __m256 sx = _mm256_loadu_ps(xr.sx.data() + (m0 + i) * nb + s * SUB);
           // lanes 8-15 of both operands zeroed: the 8 mins land in lanes 0-7 of the accumulator
-          acc[r][i] = _mm512_fnmadd_ps(_mm512_maskz_mov_ps(0x00FF, _mm512_castps256_ps512(_mm256_load_ps(M))),
+          acc[r][i] = _mm512_fnmadd_ps(_mm512_maskz_mov_ps(0x00FF, _mm512_castps256_ps512(M)),
                                        _mm512_maskz_mov_ps(0x00FF, _mm512_castps256_ps512(sx)), acc[r][i]);
         }
       }
     }
-    for (int j = 0; j < SUB; ++j) {
-      const int64_t b = s * SUB + j;
-      __m512i wq[NR];
-      for (int r = 0; r < NR; ++r) wq[r] = unpack512<T>(w + r * row_bytes + s * block_bytes(T), j);
+    for (int p = 0; p < SUB / 2; ++p) {
+      __m512i w0[NR], w1[NR];
+      int j0 = 0, j1 = 0;
+      for (int r = 0; r < NR; ++r) unpack_pair512<T>(w + r * row_bytes + s * block_bytes(T), p, w0[r], w1[r], j0, j1);
       for (int i = 0; i < MC; ++i) {
-        const __m512i xv = _mm512_loadu_si512(xr.q.data() + (m0 + i) * K + b * QK);
-        for (int r = 0; r < NR; ++r)
-          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(wq[r], xv)), _mm512_set1_ps(sc[r][i][j]),
+        const int16_t* xq = xr.q.data() + (m0 + i) * K + s * QKK;
+        const __m512i x0 = _mm512_loadu_si512(xq + j0 * QK), x1 = _mm512_loadu_si512(xq + j1 * QK);
+        for (int r = 0; r < NR; ++r) {
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w0[r], x0)), _mm512_set1_ps(sc[r][i][j0]),
                                       acc[r][i]);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w1[r], x1)), _mm512_set1_ps(sc[r][i][j1]),
+                                      acc[r][i]);
+        }
       }
     }
   }
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MC; ++i) out[r * MC + i] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+// 32 weights D * q - M as fp32: fma rounds once and D * q is exact, so this is the library's (D * q) - M.
+inline void store_sub_block(__m512i q, float D, float M, float* o) {
+  const __m512 dj = _mm512_set1_ps(D), mj = _mm512_set1_ps(-M);
+  _mm512_storeu_ps(o, _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(q))), mj));
+  _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(q, 1))), mj));
 }
 
 // Rows [n0, n0 + nr) of W as fp32 (the panel kernel's L1 buffer, and the dequantize op).
@@ -211,14 +246,12 @@ void dequant_rows_avx512(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t
       alignas(32) float D[SUB], M[SUB];
       super_scales<T>(sb, D, M);
       float* o = out + r * K + s * QKK;
-      for (int j = 0; j < SUB; ++j) {
-        const __m512i q = unpack512<T>(sb, j);
-        const __m512 dj = _mm512_set1_ps(D[j]), mj = _mm512_set1_ps(-M[j]);
-        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(q)));
-        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(q, 1)));
-        // fma rounds D * q - M once; D * q is exact, so this is the library's (D * q) - M
-        _mm512_storeu_ps(o + j * QK, _mm512_fmadd_ps(dj, q0, mj));
-        _mm512_storeu_ps(o + j * QK + 16, _mm512_fmadd_ps(dj, q1, mj));
+      for (int p = 0; p < SUB / 2; ++p) {
+        __m512i w0, w1;
+        int j0 = 0, j1 = 0;
+        unpack_pair512<T>(sb, p, w0, w1, j0, j1);
+        store_sub_block(w0, D[j0], M[j0], o + j0 * QK);
+        store_sub_block(w1, D[j1], M[j1], o + j1 * QK);
       }
     }
   }
