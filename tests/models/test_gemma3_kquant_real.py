@@ -3,9 +3,11 @@ super-block kernel, the rest on the block kernels) against the same file dequant
 against transformers loading the file: logits of a short and a 700-token prompt (past the 512-token window).
 
 The native path rounds each linear's activations per 32 to int16 (kiln.kernels.quant_matmul) and the
-Q4_K→Q4_1 repack rounds scales to fp16; the bounds below are a few times the differences measured on
-this file (max |Δlogit| ≈ 0.03 against logits up to ~40, top-1 always equal), far under what one
-wrongly decoded super-block would do."""
+Q4_K→Q4_1 repack rounds scales to fp16 (the resident dense copy that prefill runs is of those repacked
+weights). Measured on this file (AMD EPYC, 2026-11-30): max |Δlogit| 0.033 on the short prompt (logits
+up to 22) and 0.121 on the 700-token one (logits up to 45), top-1 equal at every position, against both
+references (which agree with each other to 5e-4); the bound below leaves ~3x margin. The kernels' own
+arithmetic is checked exactly against their twins in tests/test_kquant_kernels.py."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from .test_reference_match import model_prefill_logits
 
-MAX_ABS = 0.15  # on logits of magnitude up to ~40
+MAX_ABS = 0.4  # on logits of magnitude up to ~45
 
 
 @pytest.fixture(scope="module")
