@@ -12,7 +12,11 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
 from kiln.kernels.kquant_matmul import (
-    KQUANT_BYTES, KQUANT_CODES, kquant_dequantize_reference, kquant_matmul_panels_reference, kquant_matmul_reference,
+    KQUANT_BYTES,
+    KQUANT_CODES,
+    kquant_dequantize_reference,
+    kquant_matmul_panels_reference,
+    kquant_matmul_reference,
 )
 from kiln.kernels.native import load_native
 from kiln.layers.gguf_quant import GGUFQuantizedTensor, block_method, family_of
@@ -164,7 +168,6 @@ def kquant_gguf(tmp_path_factory: pytest.TempPathFactory):
     """The tiny test Llama at hidden 256 (K-quant rows are whole 256-weight super-blocks), its linears
     replaced by random valid K-quant blocks (as each of K_LAYER_TYPES) and written as llama.cpp would."""
     from gguf import GGMLQuantizationType as Q
-
     from loader.tiny_model import TinySpec, make_checkpoint, write_gguf
 
     ckpt = make_checkpoint(TinySpec(hidden=256, ffn=512, heads=4, kv_heads=2, head_dim=64, layers=2))

@@ -23,7 +23,11 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels.native import load_native
-from kiln.kernels.quant_matmul import QK, quantize_activations_reference, use_native_quant
+from kiln.kernels.quant_matmul import (
+    QK,
+    quantize_activations_reference,
+    use_native_quant,
+)
 
 QKK = 256
 # the kernel's qtype codes and each type's super-block bytes

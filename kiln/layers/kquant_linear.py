@@ -17,9 +17,13 @@ import torch
 
 from kiln.kernels.decode_step import LinearEntry, kquant_entry
 from kiln.kernels.kquant_matmul import (
-    KQUANT_BYTES, KQUANT_TYPES, QKK, kquant_dequantize, kquant_matmul, kquant_matmul_panels,
+    KQUANT_BYTES,
+    KQUANT_TYPES,
+    QKK,
+    kquant_dequantize,
+    kquant_matmul,
+    kquant_matmul_panels,
 )
-from kiln.kernels.quant_matmul import use_native_quant
 from kiln.kernels.tune import limits
 from kiln.layers.gguf_quant import GGUFQuantizedTensor, GGUFQuantLinearMethod
 
@@ -52,7 +56,7 @@ class KQuantLinearMethod(GGUFQuantLinearMethod):
     def accepts(self, qtype: str) -> bool:
         return qtype == self.qtype
 
-    def create_weights(self, layer: "Linear") -> None:
+    def create_weights(self, layer: Linear) -> None:
         n, k = sum(layer.output_sizes), layer.input_size
         if k % QKK:
             raise ValueError(f"input size {k} is not a multiple of {QKK}, which {self.qtype} super-blocks need")
@@ -65,7 +69,7 @@ class KQuantLinearMethod(GGUFQuantLinearMethod):
 
         layer.dense_dtype = copy_dtype(self.tuning, dtype) if self.keep_dense else dtype
 
-    def load_shard(self, layer: "Linear", t: GGUFQuantizedTensor, rows: slice) -> None:
+    def load_shard(self, layer: Linear, t: GGUFQuantizedTensor, rows: slice) -> None:
         if not self.accepts(t.qtype):
             raise ValueError(f"tensor type {t.qtype} does not fit this layer's {self.qtype} super-blocks")
         expected = (rows.stop - rows.start, layer.input_size)
@@ -74,15 +78,15 @@ class KQuantLinearMethod(GGUFQuantLinearMethod):
         layer.kq[rows].copy_(t.raw.reshape(layer.kq[rows].shape))
         self.source_types.add(self.qtype)
 
-    def block_matmul(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+    def block_matmul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return kquant_matmul(x, layer.kq, self.qtype)
 
-    def panel_matmul(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+    def panel_matmul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return kquant_matmul_panels(x, layer.kq, self.qtype)
 
-    def dequantize_weight(self, layer: "Linear", dtype: torch.dtype) -> torch.Tensor:
+    def dequantize_weight(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         return kquant_dequantize(layer.kq, self.qtype, layer.input_size, dtype)
 
-    def decode_plan_entry(self, layer: "Linear", dtype: torch.dtype) -> LinearEntry:
+    def decode_plan_entry(self, layer: Linear, dtype: torch.dtype) -> LinearEntry:
         return kquant_entry(layer.kq, self.qtype, layer.dense_weight, layer.bias, self.block_max_rows(dtype),
                             self.panel_max_rows(dtype))
