@@ -70,8 +70,8 @@ def merge_metrics(snapshots: list[ReplicaSnapshot]) -> str:
     families: dict[str, tuple[str, str, list[str]]] = {}
     for snap in snapshots:
         for fam in text_string_to_metric_families(snap.text):
-            # counters parse as family "x" with samples "x_total"; re-declare them under the sample
-            # name's family so the output keeps the original names
+            # a counter "x" parses as family "x" with samples "x_total": HELP/TYPE go out once under the
+            # family's name and each sample keeps its own, as prometheus_client writes them
             _, _, lines = families.setdefault(fam.name, (fam.type, fam.documentation, []))
             for s in fam.samples:
                 labels = {"replica": snap.replica, **s.labels}
