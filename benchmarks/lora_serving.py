@@ -8,7 +8,8 @@ Configurations, each in a fresh process (peak RSS is its own), run one after ano
   base_dense    the base dequantized (what a merged model is, unless re-quantized)
   merged        adapter 0 merged into the weights (kiln.lora.merge), saved as float16 and loaded back
 Every run: 32 prompts at once, greedy, 64 new tokens each (ignore_eos), after one warm-up request;
-tokens/s = 32 x 64 / wall time of the generate call. The adapters are synthetic (seeded random A/B in
+tokens/s = 32 x 64 / wall time of the generate call. `decode_path` is the model's fused-plan status
+(whether the plan exists, for base rows); steps with LoRA rows never run it (kiln.lora). The adapters are synthetic (seeded random A/B in
 PEFT's file format, lora_alpha = r): speed does not depend on their values.
 
 Writes benchmarks/results/lora_serving.json (machine: CPU, cores, threads, torch, load average).
