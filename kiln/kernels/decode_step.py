@@ -142,18 +142,20 @@ def can_run(meta: AttentionMetadata, hidden: torch.Tensor, kv_caches: list[KVCac
     return native_reads(hidden.dtype, kv_caches[0][0])
 
 
+def cache_lists(kv_caches: list[KVCache]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
+                                                     list[torch.Tensor]]:
+    """The plan's per-layer K, V, K-scale and V-scale lists (empty scales for a full-precision cache)."""
+    if type(kv_caches[0][0]) is QuantizedKV:
+        return ([c[0].data for c in kv_caches], [c[1].data for c in kv_caches],
+                [c[0].scale for c in kv_caches], [c[1].scale for c in kv_caches])
+    empties = [_EMPTY] * len(kv_caches)
+    return [c[0] for c in kv_caches], [c[1] for c in kv_caches], empties, empties
+
+
 def run_decode_plan(plan: Any, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                     kv_caches: list[KVCache]) -> torch.Tensor:
     """The final normed hidden states [T, H] of a pure decode step (see the module docstring)."""
-    if type(kv_caches[0][0]) is QuantizedKV:
-        ks = [c[0].data for c in kv_caches]
-        vs = [c[1].data for c in kv_caches]
-        k_scales = [c[0].scale for c in kv_caches]
-        v_scales = [c[1].scale for c in kv_caches]
-    else:
-        ks = [c[0] for c in kv_caches]
-        vs = [c[1] for c in kv_caches]
-        k_scales = v_scales = [_EMPTY] * len(kv_caches)
+    ks, vs, k_scales, v_scales = cache_lists(kv_caches)
     block_tables, seq_lens = meta.block_tables, meta.seq_lens_tensor
     if hidden.shape[0] != meta.num_seqs:
         # A verification: row j of a sequence is a decode row at its own position, seeing its own

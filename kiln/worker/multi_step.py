@@ -30,23 +30,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from kiln.core.scheduler import ScheduledRequest
-from kiln.kernels.kv_quant import QuantizedKV
+from kiln.kernels.decode_step import cache_lists
 from kiln.sample.sampler import draw, greedy_tokens, truncate_probs
 
 if TYPE_CHECKING:
     from kiln.worker.model_runner import ModelRunner, RunnerOutput
-
-_EMPTY = torch.empty(0)
-
-
-def _cache_lists(kv_caches: list) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """The plan's K, V (and scale) lists, built once per trip instead of once per step."""
-    if type(kv_caches[0][0]) is QuantizedKV:
-        return ([c[0].data for c in kv_caches], [c[1].data for c in kv_caches],
-                [c[0].scale for c in kv_caches], [c[1].scale for c in kv_caches])
-    empties = [_EMPTY] * len(kv_caches)
-    return [c[0] for c in kv_caches], [c[1] for c in kv_caches], empties, empties
-
 
 def _stop_tokens(item: ScheduledRequest) -> frozenset[int]:
     params = item.request.sampling_params
@@ -69,7 +57,7 @@ def run_trip(runner: "ModelRunner", items: list[ScheduledRequest], num_steps: in
     if plan is None:
         raise RuntimeError("multi-step decode needs the fused decode step (kiln.engine.multi_step checks this)")
     device, bs = runner.device, runner.block_size
-    ks, vs, k_scales, v_scales = _cache_lists(runner.kv_caches)
+    ks, vs, k_scales, v_scales = cache_lists(runner.kv_caches)  # once per trip, not per step
     T = len(items)
     tables = [item.block_ids for item in items]
     width = max(len(t) for t in tables)

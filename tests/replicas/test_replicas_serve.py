@@ -17,7 +17,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 from loader.tiny_model import TinyModels, build_tiny_models
 
 from kiln import LLM, SamplingParams
+from kiln.bench.serving import free_port
 
 pytest.importorskip("ray.serve", reason="the replica tests need the test extra (ray[serve])")
 openai = pytest.importorskip("openai")
@@ -42,12 +42,6 @@ MAX_TOKENS = 16
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return build_tiny_models(tmp_path_factory.getbasetemp() / "kiln-tiny-models")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replica_pids(url: str) -> dict[str, int]:
@@ -71,7 +65,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 
 @pytest.fixture(scope="module")
 def server(tiny: TinyModels) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "kiln.entrypoints.cli", "serve", "--model", str(tiny.gguf["tied"]),
            "--replicas", "2", "--threads", "1", "--kv-cache-memory", "1MiB", "--max-num-batched-tokens", "64",
