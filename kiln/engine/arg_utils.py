@@ -23,10 +23,11 @@ from kiln.config import (
 
 
 def _opt(default: Any, help: str, *, flag: str | None = None, type: Any = None, choices: tuple[str, ...] | None = None,
-         negate: bool = False, repeat: bool = False) -> Any:
+         negate: bool = False, repeat: bool = False, switch: bool = False) -> Any:
     """A field with its CLI form. `negate`: a True-by-default switch whose flag (`flag`) turns it off;
-    `repeat`: a flag given once per value, collected in a list."""
-    cli = {"help": help, "flag": flag, "type": type, "choices": choices, "negate": negate, "repeat": repeat}
+    `repeat`: a flag given once per value, collected in a list; `switch`: an off-by-default flag that turns it on."""
+    cli = {"help": help, "flag": flag, "type": type, "choices": choices, "negate": negate, "repeat": repeat,
+           "switch": switch}
     return field(default=default, metadata={"cli": cli})
 
 
@@ -42,6 +43,17 @@ class EngineArgs:
     quantized_weights: str = _opt("auto", "GGUF Q4_0/Q4_1/Q8_0: run in their blocks with native kernels "
                                           "(auto/native) or expand to --dtype (dequantize)",
                                   choices=QUANTIZED_WEIGHTS_MODES)
+    max_weight_memory: str | int | None = _opt(None, "keep at most this much of the weights in RAM, e.g. 40MiB: "
+                                                     "later decoder layers stay in a memory-mapped file and are "
+                                                     "streamed per step with read-ahead (slower; default: all "
+                                                     "resident)")
+    offload_dir: str | None = _opt(None, "directory of the file --max-weight-memory streams layers from "
+                                         "(default: KILN_HOME/offload)")
+    offload_read_ahead: bool = _opt(True, "--max-weight-memory: do not read the next layer ahead while the "
+                                          "current one computes", flag="--no-offload-read-ahead", negate=True)
+    offload_drop_page_cache: bool = _opt(False, "--max-weight-memory, for measurements: evict each streamed layer "
+                                                "from the page cache after use, so every step reads the disk",
+                                         switch=True)
     # ---- the KV cache ----
     kv_cache_memory: str | int | None = _opt(None, "KV cache budget, e.g. 2GiB (default: 25%% of free RAM, at most 2 GiB)")
     kv_cache_dtype: str = _opt("auto", "KV cache storage: auto (the model dtype; float16 under a float32 model on "
@@ -116,6 +128,9 @@ class EngineArgs:
                 group.add_argument(flag, dest=f.name, action="store_const", const=False, default=f.default,
                                    help=cli["help"])
                 continue
+            if cli.get("switch"):
+                group.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=cli["help"])
+                continue
             kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": cli["help"]}
             if cli["type"] is not None:
                 kwargs["type"] = cli["type"]
@@ -189,11 +204,16 @@ class EngineArgs:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be >= 1 (1 turns multi-step decode off); got {self.num_scheduler_steps}")
+        if self.max_weight_memory is not None and self.tensor_parallel_size > 1:
+            raise ValueError("--max-weight-memory streams layers within one process; it does not combine with "
+                             "--tensor-parallel-size > 1 (each rank already holds only its share of the weights)")
         lora = self.lora_config()
         if lora is not None and self.tensor_parallel_size > 1:
             raise ValueError("LoRA adapters do not run under tensor parallel yet; use --tensor-parallel-size 1")
         return EngineConfig(
-            model=ModelLoadConfig(self.model, self.dtype, self.device, self.quantized_weights),
+            model=ModelLoadConfig(self.model, self.dtype, self.device, self.quantized_weights,
+                                  parse_memory(self.max_weight_memory, "--max-weight-memory"), self.offload_dir,
+                                  self.offload_read_ahead, self.offload_drop_page_cache),
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=parse_memory(self.kv_cache_memory),
                               enable_prefix_caching=self.enable_prefix_caching, kv_cache_dtype=self.kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,

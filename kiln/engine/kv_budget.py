@@ -22,8 +22,8 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def parse_memory(text: str | int | None) -> int | None:
-    """'2GiB', '512MiB', '1.5G', '1000000' → bytes."""
+def parse_memory(text: str | int | None, label: str = "kv cache memory") -> int | None:
+    """'2GiB', '512MiB', '1.5G', '1000000' → bytes (`label` names the option in the error)."""
     if text is None or isinstance(text, int):
         return text
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -33,7 +33,7 @@ def parse_memory(text: str | int | None) -> int | None:
             return int(float(s[:-1]) * units[s[-1]])
         return int(float(s))
     except ValueError:
-        raise ValueError(f"kv cache memory must look like 2GiB, 512MiB or a byte count; got {text!r}") from None
+        raise ValueError(f"{label} must look like 2GiB, 512MiB or a byte count; got {text!r}") from None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.request_validation import PromptInput, RequestValidation, TokenizedPrompt  # noqa: F401 (re-exported)
 from kiln.engine.startup_checks import check_startup
 from kiln.loader.model_loader import LoadedModel, load_model
+from kiln.offload.weight_offload import weight_offload_config
 from kiln.lora.adapter import LoRAError
 from kiln.lora.manager import LoRAManager
 from kiln.lora.request import LoRARequest
@@ -145,7 +146,8 @@ class LLMEngine(RequestValidation):
         if config.parallel.threads:
             torch.set_num_threads(config.parallel.threads)
         m = config.model
-        loaded = load_model(resolve_model(m.model), m.dtype, m.device, quantized_weights=m.quantized_weights)
+        loaded = load_model(resolve_model(m.model), m.dtype, m.device, quantized_weights=m.quantized_weights,
+                            weight_offload=weight_offload_config(m))
         return cls(loaded, config.cache, config.scheduler, config.speculative, lora_config=config.lora)
 
     @classmethod

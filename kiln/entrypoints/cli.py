@@ -47,6 +47,9 @@ def print_startup(engine) -> None:
         from kiln.kernels.native import native_status
 
         print(f"kernels: {native_status()}", file=sys.stderr)
+    from kiln.entrypoints.info import weight_memory_line
+
+    print(f"weights: {weight_memory_line(engine.loaded)}", file=sys.stderr)
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -76,7 +79,7 @@ def cmd_pull(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from kiln.entrypoints.info import print_info
 
-    print_info(args.model_path or args.model, args.dtype)
+    print_info(args.model_path or args.model, args.dtype, args.max_weight_memory)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_path", nargs="?", default=None)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-weight-memory", default=None,
+                   help="show what this weight budget keeps resident and what it streams from disk (e.g. 40MiB)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate a continuation of PROMPT (streamed)")

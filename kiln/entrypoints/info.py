@@ -39,13 +39,18 @@ def describe_layer_pattern(cfg: ModelConfig) -> list[str]:
             + f"; G: global, layers {', '.join(map(str, global_layers)) or 'none'})"]
 
 
-def print_info(model: str, dtype: str = "auto") -> None:
+def print_info(model: str, dtype: str = "auto", max_weight_memory: str | None = None) -> None:
+    from kiln.config import ModelLoadConfig
+    from kiln.engine.kv_budget import parse_memory
     from kiln.hub import resolve_model
     from kiln.kernels.native import native_status
     from kiln.loader.model_loader import load_model
+    from kiln.offload.weight_offload import weight_offload_config
 
     path = resolve_model(model)
-    loaded = load_model(path, dtype)
+    budget = parse_memory(max_weight_memory, "--max-weight-memory")
+    offload = weight_offload_config(ModelLoadConfig(str(path), dtype, max_weight_memory=budget))
+    loaded = load_model(path, dtype, weight_offload=offload)
     print(f"file             {path} ({loaded.file_format}, {Path(path).stat().st_size / (1 << 20):.1f} MiB)"
           if Path(path).is_file() else f"folder           {path} ({loaded.file_format})")
     for line in describe_config(loaded.config):
@@ -74,4 +79,18 @@ def print_info(model: str, dtype: str = "auto") -> None:
     print(f"kernels          {native_status()}")
     loaded.model.decode_plan()
     print(f"decode step      {loaded.model.decode_plan_status}")
+    print(f"weight memory    {weight_memory_line(loaded)}")
     print(f"chat template    {'yes' if loaded.tokenizer.chat_template else 'no'}")
+
+
+def weight_memory_line(loaded: "LoadedModel") -> str:  # noqa: F821 - kiln.loader.model_loader
+    """Resident vs memory-mapped weight bytes, as the startup line and `kiln info` print them."""
+    from kiln.offload.weight_offload import model_weight_tensors, unique_bytes
+
+    if loaded.offload is not None:
+        return loaded.offload.summary()
+    resident = unique_bytes(model_weight_tensors(loaded.model))
+    how = ("GGUF blocks are repacked into kiln's kernel layout at load, so none is used in place from the file; "
+           if loaded.file_format == "gguf" else "")
+    return (f"{resident / (1 << 20):.1f} MiB resident, 0 mapped ({how}--max-weight-memory streams layers "
+            "from a file)")

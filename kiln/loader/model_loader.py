@@ -27,6 +27,7 @@ class LoadedModel:
     source: Path
     file_format: str  # "gguf" | "safetensors"
     tensor_types: dict[str, int]  # storage type → tensor count, for `kiln info`
+    offload: "OffloadReport | None" = None  # noqa: F821 - kiln.offload.weight_offload; set under a weight budget
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -106,7 +107,8 @@ def safetensors_names(folder: Path) -> list[str]:
 
 def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                quantized_weights: str = "auto",
-               prepare_model: Callable[[nn.Module], None] | None = None) -> LoadedModel:
+               prepare_model: Callable[[nn.Module], None] | None = None,
+               weight_offload: "WeightOffloadConfig | None" = None) -> LoadedModel:  # noqa: F821
     """Load a GGUF file or a Hugging Face folder.
 
     `quantized_weights` (GGUF only): 'auto' keeps Q4_0/Q4_1/Q8_0 matrices in their blocks for
@@ -115,6 +117,8 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
     dequantize per call); 'dequantize' expands every tensor to `dtype` (the reference path
     the tests compare with). `prepare_model(model)` runs once the model is built and before any weight
     is planned or loaded (tensor parallel resizes the layers to one rank's share there).
+    `weight_offload` (kiln.offload): keep at most its budget of weights in RAM and stream the other decoder
+    layers from a file; block-quantized layers then keep no dense copies (as with 'native').
     """
     from kiln.loader.tokenizer import Tokenizer
 
@@ -168,7 +172,7 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         if prepare_model is not None:
             prepare_model(model)
         keep_blocks = use_gguf_blocks(quantized_weights, device)
-        keep_dense = quantized_weights == "auto"
+        keep_dense = quantized_weights == "auto" and weight_offload is None
         if keep_blocks:
             plan_gguf_quantized_layers(model, reader, keep_dense, arch.weight_names)
             model.keep_gguf_blocks = True
@@ -187,4 +191,12 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
     if tokenizer.chat_template is None and arch.default_chat_template is not None:
         tokenizer.chat_template = arch.default_chat_template
     model.eval()
-    return LoadedModel(model, cfg, tokenizer, path, fmt, types)
+    offload = None
+    if weight_offload is not None:
+        from kiln.offload.weight_offload import apply_offload
+
+        try:
+            offload = apply_offload(model, weight_offload)
+        except ValueError as exc:
+            raise ModelLoadError(path, str(exc)) from None
+    return LoadedModel(model, cfg, tokenizer, path, fmt, types, offload)

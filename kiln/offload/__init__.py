@@ -1,0 +1,1 @@
+"""Weights beyond a memory budget: memory-mapped decoder layers streamed per step (`--max-weight-memory`)."""

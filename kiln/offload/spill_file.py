@@ -1,0 +1,136 @@
+"""A file-backed home for weights that do not fit the memory budget: tensors live in a shared mapping.
+
+`SpillFile` creates an anonymous (unlinked) file in a directory, sizes it for every tensor it will hold,
+maps it shared and read-write, and hands out tensors that are views of the mapping. Loading writes the
+weights straight into file-backed pages, so the kernel can write them back and evict them like any
+page cache; nothing of a spilled tensor stays in anonymous memory.
+
+Invariants:
+- every region starts on a page boundary and covers whole pages, so `advise_*` on one region never
+  touches another's pages;
+- tensors handed out keep pointing at the same addresses for the life of the `SpillFile` (the mapping is
+  never remapped or closed while the model lives), so kernels and cached plans may hold their pointers;
+- dropping a region's pages (`release`) never loses data: the mapping is shared, so the bytes stay in the
+  page cache or are read back from the file on the next touch.
+
+The file is unlinked right after it is created: it vanishes with the process, even on a crash.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PAGE = mmap.PAGESIZE
+TENSOR_ALIGN = 64  # SIMD loads in the kernels want at least cache-line alignment
+
+
+def _round_up(n: int, unit: int) -> int:
+    return (n + unit - 1) // unit * unit
+
+
+@dataclass(frozen=True)
+class Region:
+    """A page-aligned byte range of the spill file holding one group of tensors (one decoder layer)."""
+
+    offset: int
+    length: int
+
+
+class SpillLayout:
+    """Plans offsets before the file exists: regions (page-aligned) made of tensors (64-byte aligned)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._open: int | None = None
+
+    def begin_region(self) -> None:
+        self.size = _round_up(self.size, PAGE)
+        self._open = self.size
+
+    def add(self, nbytes: int) -> int:
+        """Reserve `nbytes` in the open region; returns their offset."""
+        if self._open is None:
+            raise RuntimeError("begin_region() first")
+        offset = _round_up(self.size, TENSOR_ALIGN)
+        self.size = offset + nbytes
+        return offset
+
+    def end_region(self) -> Region:
+        if self._open is None:
+            raise RuntimeError("no open region")
+        end = _round_up(self.size, PAGE)
+        region = Region(self._open, end - self._open)
+        self.size, self._open = end, None
+        return region
+
+
+class SpillFile:
+    """The mapped file (see the module docstring). `size` bytes, zero-filled until written."""
+
+    def __init__(self, size: int, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="weights-", suffix=".spill", dir=directory)
+        try:
+            os.unlink(name)  # the open descriptor and the mapping keep the data alive
+            os.ftruncate(fd, max(size, PAGE))
+            self._map = mmap.mmap(fd, max(size, PAGE), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self.size = size
+        self.directory = directory
+        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def tensor(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of `shape`/`dtype` viewing the file at `offset` (aligned by `SpillLayout.add`)."""
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        count = 1
+        for s in shape:
+            count *= s
+        return self._bytes[offset:offset + count * itemsize].view(dtype).view(shape)
+
+    def flush(self) -> None:
+        """Write every dirty page back to the file, so that page-cache eviction can drop them."""
+        self._map.flush()
+
+    def prefetch(self, region: Region) -> None:
+        """Ask the kernel to read `region` ahead (asynchronous: returns before the pages arrive)."""
+        self._map.madvise(mmap.MADV_WILLNEED, region.offset, region.length)
+
+    def release(self, region: Region, drop_page_cache: bool = False) -> None:
+        """Unmap `region`'s pages from this process (its resident set shrinks; the data stays in the file).
+
+        `drop_page_cache` also evicts them from the page cache, so the next touch reads the disk: what a
+        machine whose memory cannot hold the weights sees (the cold-cache measurement)."""
+        self._map.madvise(mmap.MADV_DONTNEED, region.offset, region.length)
+        if drop_page_cache:
+            os.posix_fadvise(self._fd, region.offset, region.length, os.POSIX_FADV_DONTNEED)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the mapping now in this process's resident set (from /proc/self/smaps)."""
+        start = self._bytes.data_ptr()
+        return mapping_rss(start)
+
+
+def mapping_rss(start_address: int) -> int:
+    """Rss of the mapping that begins at `start_address`, per /proc/self/smaps (0 if not found)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    inside = False
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo = int(head.split("-")[0], 16)
+            inside = lo == start_address
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024
+    return 0
