@@ -6,9 +6,9 @@ tables) and keeps the first decoder layers resident while the budget lasts. The 
 later layer move into a `SpillFile` (kiln.offload.spill_file), one layer at a time, so the copy never
 needs more memory than the model already held.
 
-During a forward pass each spilled layer is streamed: just before layer *i* runs, the kernel is asked to
-read layer *i+1* ahead (asynchronous `MADV_WILLNEED`, so disk reads overlap layer *i*'s compute); just
-after layer *i* runs, its pages leave the process (`MADV_DONTNEED`). So at most two spilled layers are
+During a forward pass each spilled layer is streamed: just before layer *i* runs, a background thread
+faults layer *i+1* in (`MADV_POPULATE_READ`, so disk reads overlap layer *i*'s compute; skipped when the
+page cache already holds it); just after layer *i* runs, its pages leave the process (`MADV_DONTNEED`). So at most two spilled layers are
 resident at any moment; with `drop_page_cache` they also leave the page cache and every step reads the
 disk (the cold-cache measurement; a machine that cannot hold the weights behaves so).
 
