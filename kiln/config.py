@@ -209,7 +209,7 @@ class ModelLoadConfig:
     dtype ('auto' picks per device and CPU, see kiln.loader.model_loader); the device; and whether
     GGUF Q4_0/Q4_1/Q8_0 matrices stay in their blocks ('auto'/'native') or are expanded ('dequantize').
     `max_weight_memory` (bytes, None: no limit): decoder layers beyond it stream from a file in
-    `offload_dir` (kiln.offload), with read-ahead unless `offload_read_ahead` is off;
+    `offload_dir` (kiln.offload), with kiln's own read-ahead of the next layer if `offload_read_ahead`;
     `offload_drop_page_cache` evicts them from the page cache after each use (a cold-cache measurement)."""
 
     model: str = "smollm2-135m"
@@ -218,7 +218,7 @@ class ModelLoadConfig:
     quantized_weights: str = "auto"
     max_weight_memory: int | None = None
     offload_dir: str | None = None
-    offload_read_ahead: bool = True
+    offload_read_ahead: bool = False
     offload_drop_page_cache: bool = False
 
     def __post_init__(self) -> None:

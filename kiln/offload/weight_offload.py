@@ -6,9 +6,11 @@ tables) and keeps the first decoder layers resident while the budget lasts. The 
 later layer move into a `SpillFile` (kiln.offload.spill_file), one layer at a time, so the copy never
 needs more memory than the model already held.
 
-During a forward pass each spilled layer is streamed: just before layer *i* runs, a background thread
-faults layer *i+1* in (`MADV_POPULATE_READ`, so disk reads overlap layer *i*'s compute; skipped when the
-page cache already holds it); just after layer *i* runs, its pages leave the process (`MADV_DONTNEED`). So at most two spilled layers are
+During a forward pass each spilled layer is streamed: the compute threads fault its pages in (the kernel
+reads ahead within the layer as the faults run sequentially); with `read_ahead`, a background thread also
+faults layer *i+1* in while layer *i* computes (`MADV_POPULATE_READ`; skipped when the page cache holds
+it) — off by default, since on this 2-core machine it measured slower than the kernel's own readahead
+(benchmarks/weight_offload.py); just after layer *i* runs, its pages leave the process (`MADV_DONTNEED`). So at most two spilled layers are
 resident at any moment; with `drop_page_cache` they also leave the page cache and every step reads the
 disk (the cold-cache measurement; a machine that cannot hold the weights behaves so).
 
@@ -39,7 +41,7 @@ class WeightOffloadConfig:
     budget_bytes: int
     directory: Path  # where the (unlinked) spill file lives; its disk must hold the spilled layers
     drop_page_cache: bool = False  # measurement: evict streamed layers from the page cache after each use
-    read_ahead: bool = True  # ask for the next spilled layer while the current one computes
+    read_ahead: bool = False  # fault the next spilled layer in while the current one computes (see WeightStreamer)
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
@@ -193,7 +195,7 @@ def _move(module: nn.Module, name: str, src: torch.Tensor, dst: torch.Tensor) ->
 
 
 def offload_weights(model: nn.Module, budget_bytes: int, directory: Path, drop_page_cache: bool = False,
-                    read_ahead: bool = True) -> OffloadReport:
+                    read_ahead: bool = False) -> OffloadReport:
     """Keep the model's weights within `budget_bytes` of RAM by streaming decoder layers from a file.
 
     Raises ValueError (with the numbers) when the parts that must stay resident alone exceed the budget.
@@ -242,9 +244,23 @@ def offload_weights(model: nn.Module, budget_bytes: int, directory: Path, drop_p
     return report
 
 
+def _return_freed_heap() -> None:
+    """Hand the heap pages the moved layers (and the load's temporaries) freed back to the OS: glibc keeps
+    freed memory for reuse, so the process would otherwise look as large as the fully loaded model."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def apply_offload(model: nn.Module, config: WeightOffloadConfig) -> OffloadReport:
     """`offload_weights` for a loaded model, with the fused decode step turned off when layers stream."""
     report = offload_weights(model, config.budget_bytes, config.directory, config.drop_page_cache, config.read_ahead)
+    _return_freed_heap()
     if report.spilled_layers and hasattr(model, "fused_decode_step"):
         model.fused_decode_step = False
         model._decode_plan_status = (f"plain path: {len(report.spilled_layers)} layers stream from disk "

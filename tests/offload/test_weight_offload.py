@@ -62,7 +62,7 @@ def _logprob_values(result):
 
 
 @pytest.mark.parametrize("variant", ["tied", "untied"])
-@pytest.mark.parametrize("mode", [{}, {"offload_drop_page_cache": True}, {"offload_read_ahead": False}])
+@pytest.mark.parametrize("mode", [{}, {"offload_drop_page_cache": True}, {"offload_read_ahead": True}])
 def test_streamed_layers_give_the_resident_outputs(models, variant, mode, tmp_path) -> None:
     reference, _ = _generate(models[variant], quantized_weights="native")
     budget = _budget_for(models[variant], resident_layers=1)
