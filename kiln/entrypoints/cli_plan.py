@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--quantized-weights", default="auto", choices=("auto", "native"),
                    help="as the engine option: auto keeps dense copies of block-quantized layers on the CPU")
+    p.add_argument("--max-weight-memory", default=None,
+                   help="as the engine option: weights kept in RAM at most (e.g. 40MiB); later layers stream from disk")
     p.add_argument("--calibrate", action="store_true", help="measure this machine first (about a minute; cached)")
     p.add_argument("--threads", type=int, default=2, help="threads the calibration and predictions assume")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
@@ -59,7 +61,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
                       context=args.context, concurrency=args.concurrency,
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       tensor_parallel_size=args.tensor_parallel_size, device=args.device,
-                      quantized_weights=args.quantized_weights)
+                      quantized_weights=args.quantized_weights,
+                      max_weight_memory=parse_memory(args.max_weight_memory, "--max-weight-memory"))
     result = run_plan(args.model, req, parse_memory(args.memory), args.draft, calibration)
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))

@@ -63,6 +63,7 @@ class PlanRequest:
     device: str = "cpu"
     quantized_weights: str = "auto"  # kiln on the CPU: auto keeps a dense copy of block-quantized layers
     draft: str | None = None  # "ngram", "self:int4", "self:int8" or None (a draft model is planned by the caller)
+    max_weight_memory: int | None = None  # `--max-weight-memory`: decoder layers beyond it stream from disk (CPU)
 
     def act_bytes(self) -> int:
         if self.activation_dtype == "auto":
@@ -80,6 +81,7 @@ class Budget:
     activations: dict[str, int]
     draft_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    mapped_weight_bytes: int = 0  # decoder layers streamed from a file under --max-weight-memory (not in RAM)
 
     @property
     def weights_bytes(self) -> int:
@@ -97,7 +99,8 @@ class Budget:
         return {"weights_bytes": self.weights_bytes, "weights_by_type": dict(self.weights),
                 "kv_cache_bytes": self.kv_cache_bytes, "kv_per_token_bytes": self.kv_per_token_bytes,
                 "activations_bytes": self.activations_bytes, "activations_by_part": dict(self.activations),
-                "draft_bytes": self.draft_bytes, "total_bytes": self.total_bytes}
+                "draft_bytes": self.draft_bytes, "mapped_weight_bytes": self.mapped_weight_bytes,
+                "total_bytes": self.total_bytes}
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -161,7 +164,10 @@ def runtime_copies(source: ModelSource, req: PlanRequest, fmt_matrix: str) -> in
     emb_type = _embedding_type(source, req)
     if emb_type not in DENSE_BYTES:
         extra += a.vocab_size * a.hidden_size * act
-    if req.device == "cpu" and req.quantized_weights == "auto" and fmt_matrix in NATIVE_BLOCK_TYPES:
+    if req.max_weight_memory is not None and a.tie_word_embeddings and emb_type in NATIVE_BLOCK_TYPES:
+        extra = 0  # under a weight budget the tied head's blocks serve lookups (kiln.offload.block_embedding)
+    if (req.device == "cpu" and req.quantized_weights == "auto" and req.max_weight_memory is None
+            and fmt_matrix in NATIVE_BLOCK_TYPES):
         extra += sum(rows * cols for _, _, rows, cols in _layer_matrices(a)) * a.num_layers * act
     return extra
 
@@ -197,6 +203,29 @@ def model_weights(source: ModelSource, req: PlanRequest) -> dict[str, int]:
     if extra:
         out["kiln runtime copies"] = extra
     return out
+
+
+def apply_weight_budget(a: ArchSpec, weights: dict[str, int], budget: int) -> tuple[dict[str, int], int, str]:
+    """Split `weights` as `--max-weight-memory budget` does (kiln.offload.weight_offload): everything but the
+    decoder layers' matrices stays resident, then whole layers while the budget lasts; the rest is mapped.
+    Returns (resident weights by type, mapped bytes, a note). ValueError when the fixed part alone exceeds it."""
+    layer_kinds = ("attention", "mlp")
+    # the RoPE cos/sin tables (fp32, [context, head_dim / 2] each; Gemma 3 has a local and a global pair) stay
+    # resident too; the engine counts them in the budget, so the plan does here
+    weights = {**weights, "rope tables": a.max_context * a.head_dim * 4 * (2 if a.sliding_layers else 1)}
+    per_layer = sum(weights.get(k, 0) for k in layer_kinds) / max(a.num_layers, 1)
+    fixed = sum(v for k, v in weights.items() if k not in layer_kinds)
+    if fixed > budget:
+        raise ValueError(f"--max-weight-memory {budget / 2**20:.1f} MiB is below the {fixed / 2**20:.1f} MiB that must "
+                         "stay resident (embeddings, LM head, norms, RoPE tables)")
+    resident_layers = min(a.num_layers, int((budget - fixed) // per_layer)) if per_layer else a.num_layers
+    share = resident_layers / max(a.num_layers, 1)
+    out = {k: (int(v * share) if k in layer_kinds else v) for k, v in weights.items()}
+    mapped = sum(weights.get(k, 0) for k in layer_kinds) - sum(out.get(k, 0) for k in layer_kinds)
+    note = (f"--max-weight-memory: {a.num_layers - resident_layers} of {a.num_layers} decoder layers "
+            f"({mapped / 2**20:.1f} MiB) stay in a memory-mapped file and stream from disk every step; "
+            "decode then runs the per-layer path (the fused step is off) and reads those bytes each step")
+    return out, mapped, note
 
 
 def shard_weights(a: ArchSpec, whole: dict[str, int], tp: int) -> dict[str, int]:
@@ -303,15 +332,22 @@ def plan_memory(source: ModelSource, req: PlanRequest, draft_bytes: int = 0) -> 
     own_draft, draft_note = draft_budget(source, req, context)
     draft_total = own_draft + draft_bytes
     weights = model_weights(source, req)
+    mapped, budget_note = 0, None
+    if req.max_weight_memory is not None:
+        if req.tensor_parallel_size > 1 or req.device != "cpu":
+            raise ValueError("--max-weight-memory is planned for one CPU process (no tensor parallel, no CUDA)")
+        weights, mapped, budget_note = apply_weight_budget(a, weights, req.max_weight_memory)
     kv, per_token = kv_cache(a, req, context)
-    whole = Budget(weights, kv, per_token, activations(a, req), draft_total)
+    whole = Budget(weights, kv, per_token, activations(a, req), draft_total, mapped_weight_bytes=mapped)
     tp = req.tensor_parallel_size
     heads_rank = math.ceil(a.num_kv_heads / tp)
     kv_rank, per_token_rank = kv_cache(a, req, context, heads_rank)
     per_rank = Budget(shard_weights(a, weights, tp), kv_rank, per_token_rank, activations(a, req, tp),
-                      math.ceil(draft_total / tp))
+                      math.ceil(draft_total / tp), mapped_weight_bytes=mapped)  # mapped: TP 1 only
     if draft_note:
         whole.notes.append(draft_note)
+    if budget_note:
+        whole.notes.append(budget_note)
     if a.sliding_layers:
         whole.notes.append(f"{a.sliding_layers} of {a.num_layers} layers slide over {max(w for w in a.layer_windows if w)} "
                            f"tokens: their KV cache is capped there")

@@ -26,6 +26,8 @@ def _budget_rows(b: Budget, context: int, concurrency: int) -> list[tuple[str, i
     if b.draft_bytes:
         rows.append(("draft model", b.draft_bytes, ""))
     rows.append(("total", b.total_bytes, ""))
+    if b.mapped_weight_bytes:
+        rows.append(("mapped from disk (not in RAM)", b.mapped_weight_bytes, "--max-weight-memory: streamed every step"))
     return rows
 
 
