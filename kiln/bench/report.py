@@ -311,6 +311,7 @@ def soak_table() -> str:
 from kiln.bench.report_plan import plan_advise_table  # noqa: E402 (the planner's section, issue 18)
 from kiln.bench.report_replicas import replicas_table  # noqa: E402 (replicas on Ray Serve, issue 17)
 from kiln.bench.report_lora import lora_serving_table  # noqa: E402 (LoRA serve vs merge, issue 20)
+from kiln.bench.report_offload import weight_offload_table  # noqa: E402 (--max-weight-memory, issue 19)
 from kiln.bench.report_quant import foreign_decode_table, foreign_quality_table, quality_rows  # noqa: E402
 from kiln.bench.report_peers import (concurrent_peers_table, gemma3_decode_table, kernel_tune_table,  # noqa: E402
                                      single_stream_peers_table)
@@ -322,7 +323,8 @@ TABLES = {"plan_advise": plan_advise_table, "vs_llamacpp": vs_llamacpp_table, "f
           "quant_quality_issue24": foreign_quality_table, "foreign_decode": foreign_decode_table,
           "single_stream_peers": single_stream_peers_table, "kernel_tune": kernel_tune_table,
           "concurrent_peers": concurrent_peers_table, "gemma3_decode": gemma3_decode_table,
-          "replicas": replicas_table, "lora_serving": lora_serving_table}
+          "replicas": replicas_table, "lora_serving": lora_serving_table,
+          "weight_offload": weight_offload_table}
 
 
 def render(readme: str) -> str:

@@ -1,0 +1,41 @@
+"""README table of benchmarks/weight_offload.py: the default model under `--max-weight-memory` (issue 19)."""
+
+from __future__ import annotations
+
+from kiln.bench.result_files import load_result
+
+_LABELS = {
+    "resident_auto": "resident, kiln's default (blocks + dense copies, fused decode step)",
+    "resident_lean": "resident, blocks only (`--quantized-weights native`), fused decode step",
+    "resident_lean_plain": "resident, blocks only, per-layer path (what streaming runs)",
+    "offload_warm": "`--max-weight-memory` a third of the file, page cache warm",
+    "offload_cold": "the same, page cache cold (each layer evicted after use: every step reads the disk)",
+    "offload_cold_read_ahead": "the same, cold, with `--offload-read-ahead`",
+}
+
+
+def weight_offload_table() -> str:
+    d = load_result("weight_offload")
+    if d is None:
+        return "_not measured yet_"
+    m, s = d["machine"], d["summary"]
+    mib = 2 ** 20
+    rows = ["| configuration | decode tok/s (median, min–max) | weights in RAM | mapped from disk | RSS growth | "
+            "greedy = resident |", "|---|---:|---:|---:|---:|---|"]
+    for name, r in s.items():
+        rows.append(f"| {_LABELS.get(name, name)} | {r['median_tok_s']:.1f} ({r['min_tok_s']:.1f}–{r['max_tok_s']:.1f}) | "
+                    f"{r['weights_resident_bytes'] / mib:.1f} MiB | {r['weights_mapped_bytes'] / mib:.1f} MiB | "
+                    f"{r.get('median_rss_growth_bytes', 0) / mib:.0f} MiB | "
+                    f"{'yes' if r['same_tokens_as_resident_lean'] else 'NO'} |")
+    load = ", ".join(f"{x:.1f}" for x in m["load_average_start"])
+    rounds = len(next(iter(d["runs"].values())))
+    return ("\n".join(rows)
+            + f"\n\n_From `benchmarks/weight_offload.py` → `benchmarks/results/weight_offload.json`, {d['date']}; "
+              f"{m['cpu']}, {m['threads']} threads, load average {load} at the start; {d['model']} "
+              f"({d['file_bytes'] / mib:.1f} MiB file), budget {d['budget_bytes'] / mib:.1f} MiB; {d['tokens']} greedy "
+              f"tokens after a chat prompt, {rounds} alternating rounds of fresh processes. \"greedy = resident\": the "
+              "tokens equal the resident blocks-only run's in every round. RSS growth: the process's resident set "
+              "after decode minus before the model loaded (weights, the 64 MiB KV cache, activations, tokenizer)._")
+
+
+__all__ = ["weight_offload_table"]
