@@ -177,6 +177,7 @@ class KernelConfig:
       KILN_FUSED_STEP=0         → fused_decode_step=False [--no-fused-decode-step]
       KILN_QUANT_KERNELS=0      → quant_kernels=False     [--no-quant-kernels]
       KILN_PREFILL_ATTENTION=sdpa → prefill_attention="sdpa" [--prefill-attention sdpa]
+      KILN_NO_AUTO_TUNE=1       → auto_tune=False         [--no-auto-tune]
     """
 
     native: bool = True  # build/load the C++ kernel library at all
@@ -184,6 +185,7 @@ class KernelConfig:
     fused_decode_step: bool = True  # a pure decode batch's decoder stack in one native call
     quant_kernels: bool = True  # GGUF/INT blocks through kiln's block/panel matmul kernels
     prefill_attention: str = "native"  # "native": kiln's paged flash kernel; "sdpa": gather + torch SDPA
+    auto_tune: bool = True  # no `kiln tune` file for this CPU, build and thread count: measure one (kiln.kernels.auto_tune)
 
     def __post_init__(self) -> None:
         if self.prefill_attention not in PREFILL_ATTENTION_CHOICES:
@@ -200,6 +202,7 @@ class KernelConfig:
             fused_decode_step=env.get("KILN_FUSED_STEP", "1") != "0",
             quant_kernels=env.get("KILN_QUANT_KERNELS", "1") != "0",
             prefill_attention=env.get("KILN_PREFILL_ATTENTION", "native"),
+            auto_tune=env.get("KILN_NO_AUTO_TUNE", "0") != "1",
         )
 
 

@@ -115,6 +115,9 @@ class EngineArgs:
     prefill_attention: str | None = _opt(None, "prefill attention: native (kiln's paged flash kernel) or sdpa "
                                                "(gather + torch SDPA) (env KILN_PREFILL_ATTENTION)",
                                          choices=PREFILL_ATTENTION_CHOICES)
+    auto_tune: bool | None = _opt(None, "do not time this CPU's kernel crossovers at the first start without a "
+                                        "`kiln tune` file (kiln then uses built-in crossovers measured elsewhere; "
+                                        "env KILN_NO_AUTO_TUNE=1)", flag="--no-auto-tune", negate=True)
 
     # ---- CLI ----------------------------------------------------------------------------------
     @classmethod
@@ -190,6 +193,7 @@ class EngineArgs:
             fused_decode_step=env.fused_decode_step if self.fused_decode_step is None else self.fused_decode_step,
             quant_kernels=env.quant_kernels if self.quant_kernels is None else self.quant_kernels,
             prefill_attention=env.prefill_attention if self.prefill_attention is None else self.prefill_attention,
+            auto_tune=env.auto_tune if self.auto_tune is None else self.auto_tune,
         )
 
     def create_engine_config(self) -> EngineConfig:

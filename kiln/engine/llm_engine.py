@@ -146,7 +146,12 @@ class LLMEngine(RequestValidation):
         if config.parallel.threads:
             torch.set_num_threads(config.parallel.threads)
         m = config.model
-        loaded = load_model(resolve_model(m.model), m.dtype, m.device, quantized_weights=m.quantized_weights,
+        model_path = resolve_model(m.model)
+        if config.kernel.auto_tune and config.kernel.native and m.device == "cpu":
+            from kiln.kernels.auto_tune import ensure_tuned
+
+            ensure_tuned(model_path, torch.get_num_threads())
+        loaded = load_model(model_path, m.dtype, m.device, quantized_weights=m.quantized_weights,
                             weight_offload=weight_offload_config(m))
         return cls(loaded, config.cache, config.scheduler, config.speculative, lora_config=config.lora)
 
