@@ -1,4 +1,5 @@
-"""Build llama.cpp's C++ peers (`llama-bench`, `llama-server`) for this CPU, outside the repository.
+"""Build llama.cpp's C++ peers (`llama-bench`, `llama-server`, `llama-quantize`, `llama-perplexity`) for this CPU,
+outside the repository.
 
 The sources are the llama.cpp tree vendored in the `llama-cpp-python` sdist (pinned below, fetched
 from the package index: the only network these machines have). The build goes to
@@ -31,7 +32,9 @@ import time
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python; vendors llama.cpp build 0c1e570
-TARGETS = ("llama-bench", "llama-server")
+# llama-quantize / llama-perplexity are the reference tools of the K-quant quality rows
+# (benchmarks/kquant_quality.py) and of the test that llama.cpp loads a kiln-written K-quant file
+TARGETS = ("llama-bench", "llama-server", "llama-quantize", "llama-perplexity")
 COMMON_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_OPENMP=ON"]
 
@@ -61,12 +64,14 @@ def build_dir(flags: list[str]) -> Path:
     return kiln_home() / "peers" / f"llama.cpp-{VERSION}-{digest}"
 
 
-def binaries(root: Path) -> dict[str, Path]:
-    return {t: root / "build" / "bin" / t for t in TARGETS}
+def binaries(root: Path, targets: tuple[str, ...] = TARGETS) -> dict[str, Path]:
+    return {t: root / "build" / "bin" / t for t in targets}
 
 
-def existing(root: Path) -> dict[str, Path] | None:
-    bins = binaries(root)
+def existing(root: Path, targets: tuple[str, ...] = ("llama-bench", "llama-server")) -> dict[str, Path] | None:
+    """The paths of `targets` in the build at `root`, or None when any is missing (a build made before
+    a target joined TARGETS lacks it until this script runs again: cmake then builds only what is new)."""
+    bins = binaries(root, targets)
     return bins if (root / "build_info.json").is_file() and all(p.is_file() for p in bins.values()) else None
 
 
@@ -90,7 +95,7 @@ def fetch_sources(root: Path) -> Path:
 def build(jobs: int) -> dict[str, Path]:
     flags, why = build_flags(cpu_flags())
     root = build_dir(flags)
-    found = existing(root)
+    found = existing(root, TARGETS)
     if found:
         return found
     root.mkdir(parents=True, exist_ok=True)
@@ -100,10 +105,17 @@ def build(jobs: int) -> dict[str, Path]:
     subprocess.run(["cmake", "-S", str(src), "-B", str(out), *COMMON_FLAGS, *flags], check=True)
     subprocess.run(["cmake", "--build", str(out), "--config", "Release", "-j", str(jobs), "--target", *TARGETS],
                    check=True)
-    info = {"llama_cpp_python": VERSION, "cmake_flags": COMMON_FLAGS + flags, "why": why,
-            "build_seconds": round(time.time() - t0), "built": time.strftime("%Y-%m-%d %H:%M"),
-            "binaries": {k: str(v) for k, v in binaries(root).items()}}
-    (root / "build_info.json").write_text(json.dumps(info, indent=1))
+    seconds, when = round(time.time() - t0), time.strftime("%Y-%m-%d %H:%M")
+    info_file = root / "build_info.json"
+    if info_file.is_file():  # an older build gained targets: keep what it recorded, say what was added
+        info = json.loads(info_file.read_text())
+        added = sorted(set(TARGETS) - set(info.get("binaries", {})))
+        info.setdefault("added", []).append({"targets": added, "build_seconds": seconds, "built": when})
+    else:
+        info = {"llama_cpp_python": VERSION, "cmake_flags": COMMON_FLAGS + flags, "why": why,
+                "build_seconds": seconds, "built": when}
+    info["binaries"] = {k: str(v) for k, v in binaries(root).items()}
+    info_file.write_text(json.dumps(info, indent=1))
     return binaries(root)
 
 
@@ -125,7 +137,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
     flags, _ = build_flags(cpu_flags())
-    bins = existing(build_dir(flags)) if args.print else build(args.jobs)
+    bins = existing(build_dir(flags), TARGETS) if args.print else build(args.jobs)
     if bins is None:
         sys.exit(f"no build in {build_dir(flags)}: run without --print")
     print(json.dumps({k: str(v) for k, v in bins.items()}))
