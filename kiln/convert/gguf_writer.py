@@ -14,9 +14,13 @@ What is written (all through the `gguf` library's writer and quantizers):
   falls back to F16. One exception, after llama-quantize's Q4 mixes: for q4_0/q4_1 the output
   projection (`output.weight`, or `token_embd.weight` when the embeddings are tied, since it is then
   the output head too) is written as Q8_0, the type llama-quantize falls back to from its Q6_K when
-  rows are not a multiple of 256 (kiln writes no K-quants). `pure=True` (`--pure`, as in
-  llama-quantize) writes every 2-D weight in the requested type instead. With this rule, converting
-  the default SmolLM2 Q4_1 GGUF to q4_1 reproduces its tensors byte for byte;
+  rows are not a multiple of 256. `pure=True` (`--pure`, as in llama-quantize) writes every 2-D weight
+  in the requested type instead. With this rule, converting the default SmolLM2 Q4_1 GGUF to q4_1
+  reproduces its tensors byte for byte;
+- K-quant files (q4_k_m, q5_k_m, q6_k): llama-quantize's mixed-type recipe (kquant_recipe.py says which
+  tensor gets which type, and the fallbacks for rows that are not whole 256-value super-blocks), the
+  K-quant blocks written by kquant_quantize.py (the `gguf` library has no K-quant quantizers), the rest
+  (Q5_0 / Q5_1 / Q8_0 fallbacks) by the `gguf` library;
 - 1-D tensors (norms, Qwen2's q/k/v biases) in F32; no `output.weight` when the embeddings are tied;
 - Q and K rows of the `llama` architecture permuted into llama.cpp's interleaved-RoPE order (the
   inverse of what kiln's GGUF loader undoes); `qwen2` uses NeoX RoPE and keeps the HF order.
@@ -38,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from kiln.convert.kquant_recipe import KQUANT_TYPES, kquant_type
 from kiln.layers.linear import Linear
 from kiln.loader.gguf_loader import _qk_heads
 from kiln.models.llama_checkpoint import GGUF_GLOBAL_NAMES as _GLOBAL_NAMES, GGUF_LAYER_NAMES as _LAYER_NAMES
@@ -46,7 +51,7 @@ if TYPE_CHECKING:
     from kiln.loader.model_loader import LoadedModel
     from kiln.loader.tokenizer import Tokenizer
 
-TYPES = ("f16", "q8_0", "q4_0", "q4_1")
+TYPES = ("f16", "q8_0", "q4_0", "q4_1", *KQUANT_TYPES)
 # kiln architecture → llama.cpp architecture
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _HF_TO_GGUF_LAYER = {hf: gg for gg, hf in _LAYER_NAMES.items()}
@@ -277,7 +282,8 @@ def convert_to_gguf(loaded: "LoadedModel", out_path: Path | str, qtype: str, pro
 
     `qtype` ('f16', 'q8_0', 'q4_0', 'q4_1') is the storage type of the 2-D weights, token
     embedding included (rows not a multiple of 32 long: F16; for q4_0/q4_1 the output head is Q8_0
-    unless `pure`); norms and biases stay F32. The metadata, tokenizer and Q/K row order written
+    unless `pure`); norms and biases stay F32. 'q4_k_m', 'q5_k_m' and 'q6_k' follow llama-quantize's
+    mixed-type recipe (kquant_recipe.kquant_type; `pure`: the base K type everywhere it fits). The metadata, tokenizer and Q/K row order written
     are described in this module's docstring. Raises ValueError for an unknown type, an unsupported
     architecture or tokenizer, or when `out_path` exists and `force` is False (the existing file is
     then left untouched).
@@ -286,6 +292,8 @@ def convert_to_gguf(loaded: "LoadedModel", out_path: Path | str, qtype: str, pro
     from gguf import GGUFWriter, LlamaFileType, RopeScalingType
     from gguf.quants import quantize
     from tqdm import tqdm
+
+    from kiln.convert.kquant_quantize import BLOCK_BYTES, quantize_kquant
 
     if qtype not in TYPES:
         raise ValueError(f"--type must be one of {', '.join(TYPES)}, got {qtype!r}")
@@ -313,7 +321,9 @@ def convert_to_gguf(loaded: "LoadedModel", out_path: Path | str, qtype: str, pro
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_file_type({"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
-                              "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1}[qtype])
+                              "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
+                              "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+                              "q6_k": LlamaFileType.MOSTLY_Q6_K}[qtype])
         if qtype != "f16":
             writer.add_quantization_version(2)
         if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "linear":
@@ -335,11 +345,15 @@ def convert_to_gguf(loaded: "LoadedModel", out_path: Path | str, qtype: str, pro
             heads = _qk_heads(name, cfg)
             if heads is not None:
                 data = np.ascontiguousarray(permute_qk(data, heads))
-            ggml = storage_type(data.shape, qtype, is_output_head(name, cfg.tie_word_embeddings), pure)
+            head = is_output_head(name, cfg.tie_word_embeddings)
+            ggml = (kquant_type(name, data.shape, qtype, cfg.num_hidden_layers, head, pure)
+                    if qtype in KQUANT_TYPES else storage_type(data.shape, qtype, head, pure))
             if ggml == Q.F32:
                 writer.add_tensor(name, data)
             elif ggml == Q.F16:
                 writer.add_tensor(name, data.astype(np.float16))
+            elif ggml.name in BLOCK_BYTES:
+                writer.add_tensor(name, quantize_kquant(data, ggml.name), raw_dtype=ggml)
             else:
                 writer.add_tensor(name, quantize(data, ggml), raw_dtype=ggml)
         del tensors

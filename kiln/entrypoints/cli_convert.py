@@ -1,4 +1,4 @@
-"""`kiln convert MODEL --to gguf --type f16|q8_0|q4_0|q4_1 -o FILE [--force]`."""
+"""`kiln convert MODEL --to gguf --type f16|q8_0|q4_0|q4_1|q4_k_m|q5_k_m|q6_k -o FILE [--pure] [--force]`."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser("convert", help="write a model as a GGUF file llama.cpp loads",
                        description="Write MODEL as a GGUF file llama.cpp loads: 2-D weights in --type, token "
                                    "embedding included (F16 where rows are not a multiple of 32; for q4 types the "
-                                   "output head is Q8_0 unless --pure), norms and biases F32, tokenizer copied from "
-                                   "a GGUF or built from tokenizer.json.")
+                                   "output head is Q8_0 unless --pure; q4_k_m/q5_k_m/q6_k: llama-quantize's mixed "
+                                   "K-quant recipe), norms and biases F32, tokenizer copied from a GGUF or built "
+                                   "from tokenizer.json.")
     p.add_argument("model", help="registered name (see `kiln pull --list`), .gguf file or Hugging Face folder "
                                  "(kiln-quantized folders are dequantized first)")
     p.add_argument("--to", default="gguf", choices=["gguf"], help="output format (gguf)")
     p.add_argument("--type", required=True, choices=list(TYPES), help="storage type of the 2-D weights")
     p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     p.add_argument("--pure", action="store_true",
-                   help="q4_0/q4_1: write the output head in that type too "
-                        "(default: Q8_0, like llama-quantize's mixes)")
+                   help="q4_0/q4_1: write the output head in that type too (default: Q8_0, like "
+                        "llama-quantize's mixes); K-quant types: the base type (Q4_K/Q5_K/Q6_K) for every "
+                        "matrix whose rows fit it, no Q6_K head / attn_v / ffn_down (llama-quantize --pure)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_convert)
 
