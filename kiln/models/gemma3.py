@@ -14,7 +14,7 @@ What differs from the Llama family (kiln.models.llama), as in Hugging Face's Gem
 
 Norm weights are used as stored in GGUF files, which hold HF's `1 + weight` (llama.cpp's converter
 adds the one); the Hugging Face loader (gemma3_checkpoint) adds it for safetensors folders.
-The fused native decode step is Llama-shaped and stays off for this model.
+Pure decode steps run in one native call (kiln.models.gemma3_decode_plan), bit-identical to this path.
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from kiln.config import ModelConfig
+from kiln.kernels import switches
 from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.kernels.fused import rope_qkv_
 from kiln.kernels.kv_quant import KVCache
 from kiln.kernels.paged_attention import paged_attention, write_kv
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
+from kiln.models import gemma3_decode_plan
 from kiln.models.llama import PACKED_MODULES
 from kiln.models.tied_head import TiedHeadMixin
 
@@ -70,10 +73,16 @@ class Gemma3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # QK-norm over each head's vector (rows of [T * heads, D]), before RoPE.
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        # QK-norm over each head's vector (rows of [T * heads, D]), before RoPE; RoPE in place on the normed
+        # rows by the native op (its plain-torch twin when fused ops are off), as the fused decode step does.
+        # (.contiguous(): a narrow of the fused qkv is a strided view for T > 1; the native norm wants rows)
+        q = self.q_norm(q.reshape(-1, self.head_dim).contiguous())
+        k = self.k_norm(k.reshape(-1, self.head_dim).contiguous())
+        rope_qkv_(q.view(-1, self.q_size), positions, self.rotary.cos, self.rotary.sin, self.num_heads, 0, self.head_dim)
+        rope_qkv_(k.view(-1, self.kv_size), positions, self.rotary.cos, self.rotary.sin, self.num_kv_heads, 0,
+                  self.head_dim)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale, window=self.window)
@@ -115,6 +124,8 @@ class Gemma3ForCausalLM(TiedHeadMixin, nn.Module):
     # Reads each layer's metadata with `meta.for_layer`, so local and global layers may keep separate
     # block tables (the hybrid KV cache, kiln.core.hybrid_kv_cache_manager).
     supports_kv_groups = True
+    # Multi-step trips (kiln.worker.multi_step) drive the Llama-shaped plan; Gemma 3's plan runs single steps.
+    multi_step_trips = False
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         super().__init__()
@@ -141,17 +152,36 @@ class Gemma3ForCausalLM(TiedHeadMixin, nn.Module):
         self.quantized_tied_head: Linear | None = None
         self.keep_gguf_blocks = False
         self.keep_dense_copies = False
-        self.decode_plan_status = "plain path: the fused decode step is Llama-shaped (Gemma 3 runs layer by layer)"
+        # The fused decode step (kiln.models.gemma3_decode_plan): built on the first pure decode step.
+        self.fused_decode_step = switches.active().fused_decode_step
+        self._decode_plan: object | None = None
+        self._decode_plan_status: str | None = None  # None: not built yet
+        self.lora_in_batch = False  # set by kiln.lora: a batch with LoRA rows takes the plain path
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """Flat tokens [T] at positions [T] → final hidden states [T, hidden]."""
         hidden = self.embed_tokens(input_ids) * self.embed_scale
+        if self.fused_decode_step and not self.lora_in_batch and gemma3_decode_plan.can_run(meta, hidden, kv_caches):
+            plan = self.decode_plan()
+            if plan is not None:
+                return gemma3_decode_plan.run_gemma3_plan(plan, hidden, positions, meta, kv_caches)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             hidden = layer(positions, hidden, kv_cache, meta.for_layer(i))
         return self.norm(hidden)
 
-    def decode_plan(self) -> None:
-        """No fused decode step for Gemma 3 (see `decode_plan_status`)."""
-        return None
+    def decode_plan(self) -> object | None:
+        """The fused decode step's plan (built once), or None when this model cannot use it."""
+        if self._decode_plan_status is None:
+            self._decode_plan, why = gemma3_decode_plan.build_gemma3_plan(self)
+            fused = self._decode_plan is not None
+            self._decode_plan_status = "fused native decode step (Gemma 3)" if fused else f"plain path: {why}"
+        return self._decode_plan
+
+    @property
+    def decode_plan_status(self) -> str:
+        """How pure decode steps run: 'fused native decode step (Gemma 3)', 'plain path: <why>' or 'not built yet'."""
+        if self._decode_plan_status is not None:
+            return self._decode_plan_status
+        return "not built yet" if self.fused_decode_step else "plain path: fused decode step off for this model"
 

@@ -102,7 +102,7 @@ class ModelRunner:
     def supports_multi_step(self) -> bool:
         """Whether pure decode batches may run as multi-step trips (kiln.worker.multi_step): a single
         process whose model runs decode steps through the fused native plan on a plain paged cache."""
-        if self.layer_group is not None or not self.kv_caches:
+        if self.layer_group is not None or not self.kv_caches or not getattr(self.model, "multi_step_trips", True):
             return False
         decode_plan = getattr(self.model, "decode_plan", None)
         if decode_plan is None or not getattr(self.model, "fused_decode_step", False) or decode_plan() is None:

@@ -17,84 +17,21 @@
 #include <cstring>
 #include <vector>
 
+#include "decode_linear.h"
 #include "kiln_ops.h"
 
 namespace kiln {
 namespace {
 
-// Each op runs under the name its torch op has, so `kiln bench latency --profile` attributes the
-// fused step's time to the same op families as the plain path (a no-op unless a profiler runs).
-#define KILN_PROFILED(name) RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{})
-
-enum LinearKind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2, kKQuant = 3 };  // kKQuant + 0/1/2: Q4_K/Q5_K/Q6_K
-
-// One Linear: a dense weight, or packed blocks (qs, d, m) run by the block kernel for M <= max_rows,
-// by the panel kernel (fp32) for M <= panel_rows, and by a dense GEMM above (on `dense` when the
-// layer keeps a resident copy, else dequantized per call) — the same rule as
-// GGUFQuantLinearMethod.apply.
-struct LinearWeights {
-  int64_t kind = kDense;
-  int64_t max_rows = 0;
-  int64_t panel_rows = 0;
-  at::Tensor weight;  // dense weight, or qs
-  at::Tensor d, m;
-  at::Tensor dense;  // resident dense copy (undefined when none)
-  c10::optional<at::Tensor> bias;
-
-  at::Tensor apply(const at::Tensor& x) const {
-    if (kind == kDense) return at::linear(x, weight, bias);
-    if (kind >= kKQuant) return apply_kquant(x);
-    if (x.size(0) <= max_rows) {
-      KILN_PROFILED("kiln::quant_matmul");
-      at::Tensor y = quant_matmul(x, weight, d, m, kind == kQ4);
-      return bias ? y + *bias : y;
-    }
-    if (x.size(0) <= panel_rows && x.scalar_type() == at::kFloat) {
-      KILN_PROFILED("kiln::quant_matmul_panels");
-      at::Tensor y = quant_matmul_panels(x, weight, d, m, kind == kQ4);
-      return bias ? y + *bias : y;
-    }
-    at::Tensor w = dense;
-    if (w.defined() && w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
-      // a bf16 copy under fp32 activations (`kiln tune`'s choice): as GGUFQuantLinearMethod.apply runs it
-      at::Tensor y = at::linear(x.to(at::kBFloat16), w).to(at::kFloat);
-      return bias ? y + *bias : y;
-    }
-    if (!w.defined() || w.scalar_type() != x.scalar_type()) {
-      KILN_PROFILED("kiln::quant_dequantize");
-      w = quant_dequantize(weight, d, m, kind == kQ4, x.scalar_type());
-    }
-    return at::linear(x, w, bias);
-  }
-
-  // GGUF K-quant super-blocks in `weight` (kquant_gemm.cpp), by the same rule as the block layouts.
-  at::Tensor apply_kquant(const at::Tensor& x) const {
-    const int64_t qtype = kind - kKQuant;
-    at::Tensor y;
-    if (x.size(0) <= max_rows) {
-      KILN_PROFILED("kiln::kquant_matmul");
-      y = kquant_matmul(x, weight, qtype);
-    } else if (x.size(0) <= panel_rows && x.scalar_type() == at::kFloat) {
-      KILN_PROFILED("kiln::kquant_matmul_panels");
-      y = kquant_matmul_panels(x, weight, qtype);
-    } else if (dense.defined() && dense.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
-      y = at::linear(x.to(at::kBFloat16), dense).to(at::kFloat);
-    } else if (dense.defined() && dense.scalar_type() == x.scalar_type()) {
-      return at::linear(x, dense, bias);
-    } else {
-      KILN_PROFILED("kiln::kquant_dequantize");
-      return at::linear(x, kquant_dequantize(weight, x.size(1), qtype, x.scalar_type()), bias);
-    }
-    return bias ? y + *bias : y;
-  }
-};
+using plan::kTensorsPerLinear;
+using plan::LinearWeights;
+using plan::store_rows;
 
 struct LayerWeights {
   at::Tensor input_norm, post_attention_norm;
   LinearWeights qkv, o, gate_up, down;
 };
 
-constexpr int64_t kTensorsPerLinear = 5;  // weight-or-qs, d, m, dense, bias (numel 0 = absent)
 constexpr int64_t kTensorsPerLayer = 2 + 4 * kTensorsPerLinear;
 
 // SiLU·gate as the Python path runs it (kiln/kernels/fused.py: silu_and_mul): the native op for fp32,
@@ -104,24 +41,6 @@ at::Tensor silu_gate(const at::Tensor& gate_up) {
   if (gate_up.scalar_type() == at::kFloat && gate_up.is_contiguous()) return silu_and_mul(gate_up);
   const auto parts = gate_up.chunk(2, -1);
   return at::silu(parts[0]) * parts[1];
-}
-
-// K or V rows x_in [T, Hkv, D] (rows contiguous) into slot slot_mapping[t] of cache [blocks, bs, Hkv, D].
-// A cache of another float dtype (float16 under fp32 activations) gets x rounded to it first, by
-// the same cast the plain path's `k.to(cache.dtype)` does, so both store identical bits.
-void store_rows(const at::Tensor& x_in, at::Tensor& cache, const at::Tensor& slot_mapping) {
-  KILN_PROFILED("aten::index_copy_");  // what the plain path's KV store is called
-  const at::Tensor x = x_in.scalar_type() == cache.scalar_type() ? x_in : x_in.to(cache.scalar_type());
-  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), "each token's K/V row must be contiguous");
-  const int64_t T = x.size(0), row = x.size(1) * x.size(2), bytes = row * x.element_size();
-  const auto* slots = slot_mapping.data_ptr<int64_t>();
-  auto* dst = static_cast<char*>(cache.data_ptr());
-  const auto* src = static_cast<const char*>(x.data_ptr());
-  const int64_t cache_slots = cache.size(0) * cache.size(1);
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(slots[t] >= 0 && slots[t] < cache_slots, "KV slot ", slots[t], " out of range");
-    std::memcpy(dst + slots[t] * bytes, src + t * x.stride(0) * x.element_size(), bytes);
-  }
 }
 
 }  // namespace
@@ -153,17 +72,8 @@ struct DecodePlan : torch::CustomClassHolder {
       L.post_attention_norm = t[1];
       LinearWeights* linears[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
       for (int j = 0; j < 4; ++j) {
-        const at::Tensor* w = t + 2 + j * kTensorsPerLinear;
-        LinearWeights& lw = *linears[j];
-        lw.kind = kinds[i * 4 + j];
-        lw.max_rows = max_rows[i * 4 + j];
-        lw.panel_rows = panel_rows[i * 4 + j];
-        TORCH_CHECK(lw.kind >= kDense && lw.kind <= kKQuant + 2, "DecodePlan: unknown linear kind");
-        lw.weight = w[0];
-        lw.d = w[1];
-        lw.m = w[2];
-        if (w[3].numel() > 0) lw.dense = w[3];
-        if (w[4].numel() > 0) lw.bias = w[4];
+        *linears[j] = plan::linear_from(t + 2 + j * kTensorsPerLinear, kinds[i * 4 + j], max_rows[i * 4 + j],
+                                        panel_rows[i * 4 + j]);
       }
       layers.push_back(std::move(L));
     }
