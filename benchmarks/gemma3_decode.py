@@ -11,7 +11,8 @@ dequantized weights vs llama.cpp's C++ `llama-bench` tg128, same file, same thre
 kiln decodes 128 tokens (EOS ignored) after a short chat prompt; tok/s between the first and the
 last token. Each kiln configuration runs in a fresh process; the systems alternate over ROUNDS
 rounds (this machine's speed drifts) and each figure is the median of its rounds.
-Writes benchmarks/results/gemma3_decode.json.
+Writes benchmarks/results/gemma3_decode.json; `--model FILE --out RESULT` runs the same comparison on
+another GGUF (the K-quant re-quantization of the default model: benchmarks/results/kquant_decode_smollm2.json).
 """
 
 from __future__ import annotations
@@ -45,14 +46,14 @@ def machine(threads: int) -> dict[str, Any]:
             "cores": os.cpu_count(), "threads": threads, "load_average_start": os.getloadavg()}
 
 
-def kiln_run(config: str, threads: int) -> None:
+def kiln_run(config: str, threads: int, model: str) -> None:
     """Child process: one kiln configuration, prints a JSON line."""
     import torch
 
     from kiln import LLM, SamplingParams
 
     torch.set_num_threads(threads)
-    llm = LLM("gemma3-270m", threads=threads, enable_prefix_caching=False, kv_cache_memory="256MiB",
+    llm = LLM(model, threads=threads, enable_prefix_caching=False, kv_cache_memory="256MiB",
               **CONFIGS[config])
     tok = llm.tokenizer
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a short story about a robot "
@@ -65,11 +66,11 @@ def kiln_run(config: str, threads: int) -> None:
         if hasattr(m, "method"):
             paths[m.method.name] = paths.get(m.method.name, 0) + 1
     print(json.dumps({"tok_s": (len(times) - 1) / (times[-1] - times[0]), "dtype": str(llm.engine.loaded.model.dtype),
-                      "linear_paths": paths}))
+                      "linear_paths": paths, "decode_path": llm.engine.loaded.model.decode_plan_status}))
 
 
-def kiln_process(config: str, threads: int) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--child", config, "--threads", str(threads)],
+def kiln_process(config: str, threads: int, model: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--child", config, "--threads", str(threads), "--model", model],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -89,20 +90,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--child", choices=sorted(CONFIGS))
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--model", default="gemma3-270m", help="registered name or .gguf file")
     args = parser.parse_args()
     if args.child:
-        kiln_run(args.child, args.threads)
+        kiln_run(args.child, args.threads, args.model)
         return
-    from kiln.hub import pull
+    from kiln.hub import resolve_model
 
-    gguf = pull("gemma3-270m")
-    result: dict[str, Any] = {"model": gguf.name, "tokens": TOKENS, "machine": machine(args.threads),
+    gguf = resolve_model(args.model)
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for t in GGUFReader(gguf, "r").tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    result: dict[str, Any] = {"model": gguf.name, "tensor_types": counts, "tokens": TOKENS, "machine": machine(args.threads),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": {}}
     systems = [*CONFIGS] + (["llama_bench_tg128"] if args.llama_bench else [])
     for _ in range(args.rounds):
         for name in systems:
             run = llama_bench(args.llama_bench, gguf, args.threads) if name == "llama_bench_tg128" \
-                else kiln_process(name, args.threads)
+                else kiln_process(name, args.threads, str(gguf))
             result["runs"].setdefault(name, []).append(run)
             print(name, f"{run['tok_s']:.1f} tok/s", file=sys.stderr)
     result["median_tok_s"] = {k: statistics.median(r["tok_s"] for r in v) for k, v in result["runs"].items()}
@@ -111,6 +118,10 @@ def main() -> None:
                         "native_vs_dequantized_fp32": med["kiln_native"] / med["kiln_dequantized_fp32"]}
     if "llama_bench_tg128" in med:
         result["ratios"]["native_vs_llama_bench"] = med["kiln_native"] / med["llama_bench_tg128"]
+        pairs = [k["tok_s"] / b["tok_s"] for k, b in zip(result["runs"]["kiln_native"], result["runs"]["llama_bench_tg128"])]
+        result["per_round_native_vs_llama_bench"] = pairs
+    bf16 = [k["tok_s"] / b["tok_s"] for k, b in zip(result["runs"]["kiln_native"], result["runs"]["kiln_dequantized_bf16"])]
+    result["per_round_native_vs_dequantized_bf16"] = bf16
     result["machine"]["load_average_end"] = os.getloadavg()
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["median_tok_s"]), json.dumps(result["ratios"]))

@@ -314,7 +314,7 @@ from kiln.bench.report_lora import lora_serving_table  # noqa: E402 (LoRA serve 
 from kiln.bench.report_offload import weight_offload_table  # noqa: E402 (--max-weight-memory, issue 19)
 from kiln.bench.report_quant import foreign_decode_table, foreign_quality_table, quality_rows  # noqa: E402
 from kiln.bench.report_peers import (concurrent_peers_table, gemma3_decode_table, kernel_tune_table,  # noqa: E402
-                                     single_stream_peers_table)
+                                     kquant_decode_smollm2_table, single_stream_peers_table)
 
 TABLES = {"plan_advise": plan_advise_table, "vs_llamacpp": vs_llamacpp_table, "fused_kernels": fused_kernels_table, "throughput": throughput_table, "latency": latency_table, "serving": serving_table,
           "serve_single_stream": serve_single_stream_table,
@@ -323,6 +323,7 @@ TABLES = {"plan_advise": plan_advise_table, "vs_llamacpp": vs_llamacpp_table, "f
           "quant_quality_issue24": foreign_quality_table, "foreign_decode": foreign_decode_table,
           "single_stream_peers": single_stream_peers_table, "kernel_tune": kernel_tune_table,
           "concurrent_peers": concurrent_peers_table, "gemma3_decode": gemma3_decode_table,
+          "kquant_decode_smollm2": kquant_decode_smollm2_table,
           "replicas": replicas_table, "lora_serving": lora_serving_table,
           "weight_offload": weight_offload_table}
 
