@@ -187,9 +187,28 @@ def _verdict(median: float, pairs: list[float] | None, target: float) -> str:
     return "met" if median >= target else "not met"
 
 
+def gemma3_perplexity_table() -> str:
+    """`kiln eval ppl gemma3-270m` vs llama.cpp's `llama-perplexity` (benchmarks/gemma3_perplexity.py, issue 19)."""
+    d = _load("gemma3_perplexity")
+    if d is None:
+        return "_not measured yet_"
+    rows = ["| engine | PPL | ± | vs llama-perplexity |", "|---|---:|---:|---:|"]
+    ref = d["llama_perplexity"]["ppl"]
+    for key, label in (("kiln_fp32", "kiln, GGUF dequantized to fp32 (`kiln eval ppl`)"),
+                       ("kiln_native", "kiln, native block kernels (`--quantized-weights auto`)"),
+                       ("llama_perplexity", "`llama-perplexity` (C++)")):
+        r = d[key]
+        rows.append(f"| {label} | {r['ppl']:.4f} | {r['ppl_stderr']:.4f} | {r['ppl'] / ref:.4f} |")
+    worst = max(abs(d[k]["ppl"] / ref - 1) for k in ("kiln_fp32", "kiln_native"))
+    return ("\n".join(rows) + f"\n\nWithin 1 % of llama-perplexity: {'yes' if worst <= 0.01 else 'no'} "
+            f"(largest difference {100 * worst:.2f} %)."
+            f"\n\n_From `benchmarks/gemma3_perplexity.py` → `benchmarks/results/gemma3_perplexity.json`, {d['model']}, "
+            f"WikiText-2 test, ctx {d['ctx']}, {d['chunks']} chunks, {d['date']}; {d['cpu']}, {d['threads']} threads._")
+
+
 def kquant_decode_smollm2_table() -> str:
     return gemma3_decode_table("kquant_decode_smollm2")
 
 
-__all__ = ["concurrent_peers_table", "gemma3_decode_table", "kernel_tune_table", "kquant_decode_smollm2_table",
+__all__ = ["concurrent_peers_table", "gemma3_decode_table", "gemma3_perplexity_table", "kernel_tune_table", "kquant_decode_smollm2_table",
            "single_stream_peers_table"]
