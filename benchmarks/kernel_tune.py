@@ -94,7 +94,7 @@ def bf16_copy_quality(windows: int = 4) -> dict[str, float]:
 
 def main() -> None:
     from kiln.kernels.native import simd_path
-    from kiln.bench.kernel_tune import measure
+    from kiln.tuning.kernel_tune import measure
     from kiln.layers.gguf_quant import PANEL_ROWS, SCALAR_THRESHOLDS, THRESHOLDS
 
     result = measure("smollm2-135m", threads=2, rounds=int(os.environ.get("ROUNDS", "5")),

@@ -185,7 +185,7 @@ class KernelConfig:
     fused_decode_step: bool = True  # a pure decode batch's decoder stack in one native call
     quant_kernels: bool = True  # GGUF/INT blocks through kiln's block/panel matmul kernels
     prefill_attention: str = "native"  # "native": kiln's paged flash kernel; "sdpa": gather + torch SDPA
-    auto_tune: bool = True  # no `kiln tune` file for this CPU, build and thread count: measure one (kiln.kernels.auto_tune)
+    auto_tune: bool = True  # no `kiln tune` file for this CPU, build and thread count: measure one (kiln.tuning.auto_tune)
 
     def __post_init__(self) -> None:
         if self.prefill_attention not in PREFILL_ATTENTION_CHOICES:

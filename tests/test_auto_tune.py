@@ -1,4 +1,4 @@
-"""The engine's first start on an untuned machine measures the kernel crossovers once (kiln.kernels.auto_tune).
+"""The engine's first start on an untuned machine measures the kernel crossovers once (kiln.tuning.auto_tune).
 
 `measure` itself is tests/test_tune.py's and `kiln tune`'s; here a stand-in records the call and saves a
 tuning as it would, so the test checks when the engine tunes, on what, and that later starts do not."""
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kiln.kernels import tune
-from kiln.kernels.auto_tune import ensure_tuned
+from kiln.tuning.auto_tune import ensure_tuned
 from kiln.kernels.native import load_native
 
 
@@ -39,7 +39,7 @@ def recorded_measure(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, in
         tune.save(result)
         return result
 
-    monkeypatch.setattr("kiln.bench.kernel_tune.measure", fake_measure)
+    monkeypatch.setattr("kiln.tuning.kernel_tune.measure", fake_measure)
     return calls
 
 

@@ -133,7 +133,7 @@ def test_a_tuning_of_another_machine_is_not_used(tuned_home: Path) -> None:
 
 def test_kiln_tune_measures_and_the_engine_follows(tuned_home: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     tiny: TinyModels = build_tiny_models(tmp_path_factory.mktemp("tune-tiny"))
-    from kiln.bench.kernel_tune import measure
+    from kiln.tuning.kernel_tune import measure
 
     result = measure(str(tiny.gguf["untied"]), threads=1, rounds=1, rows=(1, 4, 16))
     assert result["linears"] > 0

@@ -148,7 +148,7 @@ class LLMEngine(RequestValidation):
         m = config.model
         model_path = resolve_model(m.model)
         if config.kernel.auto_tune and config.kernel.native and m.device == "cpu":
-            from kiln.kernels.auto_tune import ensure_tuned
+            from kiln.tuning.auto_tune import ensure_tuned
 
             ensure_tuned(model_path, torch.get_num_threads())
         loaded = load_model(model_path, m.dtype, m.device, quantized_weights=m.quantized_weights,

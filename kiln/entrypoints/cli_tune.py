@@ -18,7 +18,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from kiln.bench.kernel_tune import measure
+    from kiln.tuning.kernel_tune import measure
     from kiln.kernels.tune import describe, tune_file
 
     result = measure(args.model, args.threads, args.rounds, log=lambda s: print(s, file=sys.stderr))

@@ -1,7 +1,7 @@
 """`kiln tune`: measure, on this machine, which kernel runs a block-quantized linear fastest at each
 batch size, and cache the crossovers for kiln to use instead of constants measured elsewhere.
 
-The measurement itself is kiln.bench.kernel_tune.measure; this module holds what the engine needs: the
+The measurement itself is kiln.tuning.kernel_tune.measure; this module holds what the engine needs: the
 fingerprint, the crossovers fitted to the measured times, and the lookup of this machine's file.
 
 Candidates for a GGUF Q4/Q8 linear with M activation rows (kiln.layers.gguf_quant):
@@ -20,7 +20,7 @@ $KILN_HOME/tune/<fingerprint>.json. The fingerprint names the CPU, its ISA flags
 kiln's version and its native build: a different machine or build is untuned until `kiln tune` runs
 there, and then kiln.layers.gguf_quant takes its thresholds from the file.
 Q8_0 linears (the default model's tied LM head) take the Q4 crossovers: they are not timed on their own.
-The K-quant kinds (Q4_K/Q5_K/Q6_K super-blocks) are timed on their own (kiln.bench.kquant_tune) on the same
+The K-quant kinds (Q4_K/Q5_K/Q6_K super-blocks) are timed on their own (kiln.tuning.kquant_tune) on the same
 shapes and stored under "kinds"; a tuning without them leaves those layers on the Q4 crossovers.
 Invariant: tuning changes which kernel runs, never what a kernel computes.
 """
@@ -40,6 +40,17 @@ ROWS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
              "amx_int8", "amx_bf16")
 VERSION = 1  # the file's layout
+
+
+def low(times: list[float]) -> float:
+    """The 10th percentile: what a step costs when the machine's other work leaves it alone.
+
+    On a shared CPU the other processes only ever add time, and how much changes minute to minute
+    (3x between two runs here); a low percentile estimates the cost itself, the median mostly the
+    neighbours. Every calibration figure and every measurement the predictions are checked against
+    uses this same statistic."""
+    xs = sorted(times)
+    return xs[int(0.1 * (len(xs) - 1))]
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,7 +173,7 @@ def limits(tuning: dict[str, Any], dtype: torch.dtype, resident: bool, kind: str
 
 
 def save(result: dict[str, Any]) -> Path:
-    """Write a measurement (kiln.bench.kernel_tune.measure) where `load_tuning` finds it; returns the path."""
+    """Write a measurement (kiln.tuning.kernel_tune.measure) where `load_tuning` finds it; returns the path."""
     path = tune_file(result["fingerprint"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

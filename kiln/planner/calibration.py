@@ -25,6 +25,8 @@ device and kernel path.
 
 from __future__ import annotations
 
+from kiln.kernels.tune import low  # noqa: F401 (re-exported: the planner's and `kiln tune`'s one statistic)
+
 import hashlib
 import itertools
 import json
@@ -78,15 +80,6 @@ def load_calibration(threads: int, device: str = "cpu") -> dict[str, Any] | None
         return None
 
 
-def low(times: list[float]) -> float:
-    """The 10th percentile: what a step costs when the machine's other work leaves it alone.
-
-    On a shared CPU the other processes only ever add time, and how much changes minute to minute
-    (3x between two runs here); a low percentile estimates the cost itself, the median mostly the
-    neighbours. Every calibration figure and every measurement the predictions are checked against
-    uses this same statistic."""
-    xs = sorted(times)
-    return xs[int(0.1 * (len(xs) - 1))]
 
 
 def _low_time(fn: Callable[[], None], repeats: int) -> float:

@@ -45,7 +45,7 @@ def ensure_tuned(model_path: Path, threads: int, log: Callable[[str], None] = _s
                "cache; run `kiln tune` once for this machine's kernel crossovers")
         log(why)
         return why
-    from kiln.bench.kernel_tune import measure
+    from kiln.tuning.kernel_tune import measure
 
     log(f"first start on this CPU / build / {threads} threads: timing kernel paths once to pick the fastest per "
         f"batch size (`kiln tune` re-runs it; --no-auto-tune skips) ...")

@@ -1,7 +1,7 @@
 """`kiln tune`'s measurement: every kernel path for a block-quantized linear at every batch size in
 kiln.kernels.tune.ROWS, on the tuning model's Q4 linears in turn (distinct weights, as a decode step
 streams them), fp32 and bf16 activations, alternating rounds, then the K-quant kinds on the same shapes
-(kiln.bench.kquant_tune); the crossovers are fitted and saved by
+(kiln.tuning.kquant_tune); the crossovers are fitted and saved by
 kiln.kernels.tune, where the engine's linears pick them up."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from kiln.kernels.tune import ROWS, crossovers, dense_copy_dtype, fingerprint, save
-from kiln.planner.calibration import low  # the statistic the planner's calibration uses too
+from kiln.kernels.tune import ROWS, crossovers, dense_copy_dtype, fingerprint, low, save
 
 
 def _linears(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -78,7 +77,7 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
                         fn()  # warm-up: first touch, oneDNN's primitive cache
                         samples[name][str(m)].setdefault(path, []).append(_step_time(fn))
     times = {n: {m: {p: low(v) for p, v in paths.items()} for m, paths in by_m.items()} for n, by_m in samples.items()}
-    from kiln.bench.kquant_tune import measure_kinds
+    from kiln.tuning.kquant_tune import measure_kinds
 
     # the K-quant kernels (Q4_K/Q5_K/Q6_K) on this model's linear shapes: their own crossovers
     kinds = measure_kinds([(d.shape[0], d.shape[1] * 32) for _, d, _ in linears], rows, rounds, panel_ok, low, log)
