@@ -25,6 +25,7 @@ TITLES = {
     "fused_kernels": "Fused kernels", "quant_kernels": "Quantized matmul kernels",
     "quant_quality": "Quantization quality", "perplexity": "Perplexity", "spec_decode": "Speculative decoding",
     "serving": "Serving under load", "soak": "A long day of traffic (soak)", "plan_advise": "kiln plan and kiln advise",
+    "kquant_quality": "K-quant files: kiln vs llama-quantize",
 }
 NOT_PRESENT = ("The benchmark results are not present in this install: they are the files "
                "benchmarks/results/*.json of kiln's source checkout, which the package does not ship. "
