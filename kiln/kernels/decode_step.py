@@ -38,6 +38,7 @@ from kiln.kernels.native import load_native
 from kiln.kernels.paged_attention import native_reads
 
 DENSE, Q4, Q8 = 0, 1, 2
+Q5 = 6  # the Q4 layout plus the high-bit plane (GGUF Q5_0; kiln.layers.gguf_quant)
 KQUANT_KIND_BASE = 3  # K-quant super-blocks: kind 3 + kiln.kernels.kquant_matmul.KQUANT_CODES[qtype]
 _EMPTY = torch.empty(0)
 
@@ -46,25 +47,31 @@ _EMPTY = torch.empty(0)
 class LinearEntry:
     """One linear layer as the plan reads it.
 
-    `tensors` = (weight or packed qs, d, m, dense copy, bias), empty tensors where a piece is absent;
+    `tensors` = (weight or packed qs, d, m, dense copy, bias, Q5 high bits), empty tensors where a piece is absent;
     `kind` DENSE / Q4 / Q8 / a K-quant kind (`kquant_entry`); `max_rows` / `panel_rows`: the largest batch the block / panel kernel takes
     (above them the plan uses the dense copy or dequantizes, exactly as the layer's own `apply` does).
     """
 
-    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     kind: int
     max_rows: int
     panel_rows: int
 
 
 def dense_entry(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearEntry:
-    return LinearEntry((weight, _EMPTY, _EMPTY, _EMPTY, _or_empty(bias)), DENSE, 0, 0)
+    return LinearEntry((weight, _EMPTY, _EMPTY, _EMPTY, _or_empty(bias), _EMPTY), DENSE, 0, 0)
 
 
 def block_entry(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dense: torch.Tensor | None,
                 bias: torch.Tensor | None, is_q4: bool, max_rows: int, panel_rows: int) -> LinearEntry:
     """Weights in the packed block layout of kiln.kernels.quant_matmul (Q4: with mins `m`; Q8: `m` empty)."""
-    return LinearEntry((qs, d, m, _or_empty(dense), _or_empty(bias)), Q4 if is_q4 else Q8, max_rows, panel_rows)
+    return LinearEntry((qs, d, m, _or_empty(dense), _or_empty(bias), _EMPTY), Q4 if is_q4 else Q8, max_rows, panel_rows)
+
+
+def q5_entry(qs: torch.Tensor, qh: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dense: torch.Tensor | None,
+             bias: torch.Tensor | None, max_rows: int, panel_rows: int) -> LinearEntry:
+    """GGUF Q5_0 weights in the Q5 layout: the Q4 layout's qs / d / m (m = -16 d) plus the high bits `qh`."""
+    return LinearEntry((qs, d, m, _or_empty(dense), _or_empty(bias), qh), Q5, max_rows, panel_rows)
 
 
 def kquant_entry(w: torch.Tensor, qtype: str, dense: torch.Tensor | None, bias: torch.Tensor | None,
@@ -72,7 +79,7 @@ def kquant_entry(w: torch.Tensor, qtype: str, dense: torch.Tensor | None, bias: 
     """Weights in GGUF K-quant super-blocks as stored (kiln.kernels.kquant_matmul): `w` uint8 [N, row bytes]."""
     from kiln.kernels.kquant_matmul import KQUANT_CODES
 
-    return LinearEntry((w, _EMPTY, _EMPTY, _or_empty(dense), _or_empty(bias)), KQUANT_KIND_BASE + KQUANT_CODES[qtype],
+    return LinearEntry((w, _EMPTY, _EMPTY, _or_empty(dense), _or_empty(bias), _EMPTY), KQUANT_KIND_BASE + KQUANT_CODES[qtype],
                        max_rows, panel_rows)
 
 

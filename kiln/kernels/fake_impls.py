@@ -33,6 +33,18 @@ def register_fake_impls() -> None:
     def _quant_dequantize(qs, d, m, is_q4, dtype):
         return d.new_empty((d.shape[0], d.shape[1] * 32), dtype=dtype)
 
+    @fake("kiln::quant_matmul_q5")
+    def _quant_matmul_q5(x, qs, qh, d, m):
+        return x.new_empty((x.shape[0], d.shape[0]))
+
+    @fake("kiln::quant_matmul_panels_q5")
+    def _quant_matmul_panels_q5(x, qs, qh, d, m):
+        return x.new_empty((x.shape[0], d.shape[0]))
+
+    @fake("kiln::quant_dequantize_q5")
+    def _quant_dequantize_q5(qs, qh, d, m, dtype):
+        return d.new_empty((d.shape[0], d.shape[1] * 32), dtype=dtype)
+
     @fake("kiln::kquant_matmul")
     def _kquant_matmul(x, w, qtype):
         return x.new_empty((x.shape[0], w.shape[0]))

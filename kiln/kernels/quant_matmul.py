@@ -6,6 +6,8 @@ Packed layout (what `kiln.layers.gguf_quant` produces at load, and the kernel re
     float16 [N, K/32]; w = d * q + m, q in [0, 15]. (GGUF Q4_0 is stored with m = -8 d, so one
     kernel serves both.)
   * Q8: `qs` int8 [N, K]; `d` float16 [N, K/32]; w = d * q. `m` is unused (pass an empty tensor).
+  * Q5 (GGUF Q5_0): the Q4 layout's `qs` / `d` / `m` for the low four bits with m = -16 d, plus `qh`
+    int32 [N, K/32] whose bit j is bit 4 of element j: w = d * (q + 16 h) + m (exact, as Q4_0's -8 d).
 Scales stay float16 as in GGUF, so the repack is exact and the weights take 20 (Q4) or 34 (Q8)
 bytes per 32, like the file.
 
@@ -60,6 +62,21 @@ def dequantize_reference(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, is_
     return w.reshape(n, nb * QK).to(dtype)
 
 
+def unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """int32 [N, nb] of Q5 high-bit words → uint8 [N, nb, 32] of 0 / 1 (element j: bit j)."""
+    bits = torch.arange(QK, dtype=torch.int64)
+    return ((qh.to(torch.int64).unsqueeze(-1) >> bits) & 1).to(torch.uint8)
+
+
+def dequantize_q5_reference(qs: torch.Tensor, qh: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense W [N, K] from the Q5 layout."""
+    n, nb = d.shape
+    q = unpack_q4(qs.view(n, -1, QK), nb).view(n, nb, QK).float() + 16.0 * unpack_high_bits(qh).float()
+    w = q * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
+    return w.reshape(n, nb * QK).to(dtype)
+
+
 def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] → (int16 values [M, K/32, 32] as float, per-block scale dx [M, K/32])."""
     m_rows, k = x.shape
@@ -82,6 +99,18 @@ def quant_matmul_reference(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m
     if is_q4:
         sx = dx * xq.sum(-1)  # [M, nb]
         y = y + sx @ m.float().t()
+    return y.to(x.dtype)
+
+
+def quant_matmul_q5_reference(x: torch.Tensor, qs: torch.Tensor, qh: torch.Tensor, d: torch.Tensor,
+                              m: torch.Tensor) -> torch.Tensor:
+    """The Q5 layout's y = x @ W^T with int16-quantized activation blocks (the kernel's arithmetic)."""
+    n, nb = d.shape
+    xq, dx = quantize_activations_reference(x)
+    wq = unpack_q4(qs.view(n, -1, QK), nb).double().view(n, nb, QK) + 16.0 * unpack_high_bits(qh).double()
+    isum = torch.einsum("mbj,nbj->mnb", xq.double(), wq).float()
+    y = (isum * d.float().unsqueeze(0) * dx.unsqueeze(1)).sum(-1)
+    y = y + (dx * xq.sum(-1)) @ m.float().t()
     return y.to(x.dtype)
 
 
@@ -111,3 +140,22 @@ def dequantize(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, is_q4: bool, 
     if d.device.type == "cpu" and load_native():
         return torch.ops.kiln.quant_dequantize(qs, d, m, is_q4, dtype)
     return dequantize_reference(qs, d, m, is_q4, dtype)
+
+
+def quant_matmul_q5(x: torch.Tensor, qs: torch.Tensor, qh: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    if use_native_quant(x):
+        return torch.ops.kiln.quant_matmul_q5(x, qs, qh, d, m)
+    return quant_matmul_q5_reference(x, qs, qh, d, m)
+
+
+def quant_matmul_panels_q5(x: torch.Tensor, qs: torch.Tensor, qh: torch.Tensor, d: torch.Tensor,
+                           m: torch.Tensor) -> torch.Tensor:
+    if use_native_quant(x) and x.dtype == torch.float32:
+        return torch.ops.kiln.quant_matmul_panels_q5(x, qs, qh, d, m)
+    return x.float() @ dequantize_q5_reference(qs, qh, d, m, torch.float32).t()
+
+
+def dequantize_q5(qs: torch.Tensor, qh: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if d.device.type == "cpu" and load_native():
+        return torch.ops.kiln.quant_dequantize_q5(qs, qh, d, m, dtype)
+    return dequantize_q5_reference(qs, qh, d, m, dtype)

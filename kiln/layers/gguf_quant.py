@@ -167,7 +167,8 @@ class GGUFQuantLinearMethod(LinearMethod):
         return "native int16·int{} kernel".format(4 if self.is_q4 else 8)
 
     def accepts(self, qtype: str) -> bool:
-        return qtype in (Q4_TYPES if self.is_q4 else ("Q8_0",))
+        # Q5_0 shards of a layer mixing them with Q8_0 are repacked into Q8_0 at load (exact)
+        return qtype in (Q4_TYPES if self.is_q4 else ("Q8_0", "Q5_0"))
 
     def create_weights(self, layer: "Linear") -> None:
         """Replace the dense `weight` by packed buffers (allocated once, filled shard by shard)."""
@@ -214,6 +215,10 @@ class GGUFQuantLinearMethod(LinearMethod):
     def load_shard(self, layer: "Linear", t: GGUFQuantizedTensor, rows: slice) -> None:
         if not self.accepts(t.qtype):
             raise ValueError(f"tensor type {t.qtype} does not fit this layer's {'Q4' if self.is_q4 else 'Q8'} blocks")
+        if t.qtype == "Q5_0":
+            from kiln.layers.gguf_repack import repack
+
+            t = GGUFQuantizedTensor("Q8_0", torch.from_numpy(repack("Q5_0", t.raw.numpy())), t.cols, origin="Q5_0")
         expected = (rows.stop - rows.start, layer.input_size)
         if t.shape != expected:
             raise ValueError(f"shape mismatch: expected {expected}, got {t.shape}")
@@ -255,12 +260,15 @@ class GGUFQuantLinearMethod(LinearMethod):
 
 
 def family_of(qtypes: set[str]) -> str | None:
-    """'Q4' / 'Q8' when every shard of a layer can share one packed block layout, a K-quant type ('Q6_K',
+    """'Q4' / 'Q8' when every shard of a layer can share one packed block layout, 'Q5' when every shard is
+    Q5_0 (kiln.layers.gguf_q5), a K-quant type ('Q6_K',
     ...) when every shard is that type (run as stored by kiln.layers.kquant_linear), else None (dense).
     File types that are repacked at load (Q5_0, Q4_K: kiln.layers.gguf_repack) count as their target."""
     from kiln.kernels.kquant_matmul import KQUANT_TYPES
     from kiln.layers.gguf_repack import repack_target
 
+    if qtypes == {"Q5_0"}:
+        return "Q5"  # kept in 5 bits (kiln.layers.gguf_q5); mixed with Q8_0 it is repacked to Q8_0 below
     qtypes = {repack_target(t) for t in qtypes}
     if qtypes and qtypes <= set(Q4_TYPES):
         return "Q4"
@@ -275,6 +283,10 @@ def block_method(family: str, keep_dense: bool) -> GGUFQuantLinearMethod:
     """The LinearMethod for a `family_of` result: the Q4/Q8 block layout or a K-quant one."""
     if family in ("Q4", "Q8"):
         return GGUFQuantLinearMethod(family, keep_dense=keep_dense)
+    if family == "Q5":
+        from kiln.layers.gguf_q5 import GGUFQ5LinearMethod
+
+        return GGUFQ5LinearMethod(keep_dense=keep_dense)
     from kiln.layers.kquant_linear import KQuantLinearMethod
 
     return KQuantLinearMethod(family, keep_dense=keep_dense)

@@ -1,4 +1,5 @@
-"""GGUF types that kiln's native block kernels run after a repack at load: Q5_0 → Q8_0, Q4_K → Q4_1.
+"""GGUF types that kiln's native block kernels run after a repack at load: Q4_K → Q4_1, and Q5_0 → Q8_0 in a
+layer that mixes it with Q8_0 shards (a layer of Q5_0 only keeps 5 bits: kiln.layers.gguf_q5).
 
 Both are what llama.cpp's Q4_K_M files hold besides Q8_0 and Q6_K (Gemma 3 270M: 81 Q5_0 and 27
 Q4_K matrices). The kernels (kiln.kernels.quant_matmul) read 32-weight blocks with fp16 scales:

@@ -78,8 +78,8 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
 
 
 def _raw_blocks(tensor: Any, path: Path) -> GGUFQuantizedTensor:
-    """A Q4_0/Q4_1/Q8_0 or Q5_K/Q6_K matrix as its raw blocks (uint8 [rows, bytes per row]), no
-    dequantization; a Q5_0 / Q4_K one repacked into Q8_0 / Q4_1 blocks (kiln.layers.gguf_repack)."""
+    """A Q4_0/Q4_1/Q5_0/Q8_0 or Q5_K/Q6_K matrix as its raw blocks (uint8 [rows, bytes per row]), no
+    dequantization; a Q4_K one repacked into Q4_1 blocks (kiln.layers.gguf_repack)."""
     cols = int(tensor.shape[0])  # GGUF lists dims innermost first
     rows = int(np.prod(tensor.shape[1:]))
     data = np.asarray(tensor.data)
@@ -94,8 +94,9 @@ def _raw_blocks(tensor: Any, path: Path) -> GGUFQuantizedTensor:
     if cols % block_weights or data.size != rows * row_bytes:
         raise ModelLoadError(path, f"tensor {tensor.name!r} is corrupt or truncated ({data.size} bytes for {rows}x{cols})")
     raw = np.array(data, dtype=np.uint8).reshape(rows, row_bytes)
-    if qtype in REPACKED:
+    if qtype in REPACKED and qtype != "Q5_0":
         return GGUFQuantizedTensor(repack_target(qtype), torch.from_numpy(repack(qtype, raw)), cols, origin=qtype)
+    # Q5_0 stays as stored: a Q5 layer keeps it in 5 bits, a layer mixing it with Q8_0 repacks it (gguf_quant)
     return GGUFQuantizedTensor(qtype, torch.from_numpy(raw), cols)
 
 

@@ -16,7 +16,8 @@ namespace plan {
 // fused step's time to the same op families as the plain path (a no-op unless a profiler runs).
 #define KILN_PROFILED(name) RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{})
 
-enum LinearKind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2, kKQuant = 3 };  // kKQuant + 0/1/2: Q4_K/Q5_K/Q6_K
+// kKQuant + 0/1/2: Q4_K/Q5_K/Q6_K; kQ5: the Q4 layout plus the high-bit plane `qh` (GGUF Q5_0)
+enum LinearKind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2, kKQuant = 3, kQ5 = 6 };
 
 // One Linear: a dense weight, or packed blocks (qs, d, m) run by the block kernel for M <= max_rows,
 // by the panel kernel (fp32) for M <= panel_rows, and by a dense GEMM above (on `dense` when the
@@ -29,10 +30,12 @@ struct LinearWeights {
   at::Tensor weight;  // dense weight, or qs
   at::Tensor d, m;
   at::Tensor dense;  // resident dense copy (undefined when none)
+  at::Tensor qh;     // Q5 high bits (kQ5 only)
   c10::optional<at::Tensor> bias;
 
   at::Tensor apply(const at::Tensor& x) const {
     if (kind == kDense) return at::linear(x, weight, bias);
+    if (kind == kQ5) return apply_q5(x);
     if (kind >= kKQuant) return apply_kquant(x);
     if (x.size(0) <= max_rows) {
       KILN_PROFILED("kiln::quant_matmul");
@@ -57,6 +60,26 @@ struct LinearWeights {
     return at::linear(x, w, bias);
   }
 
+  // GGUF Q5_0 in the Q5 layout (quant_gemm.cpp), by the same rule as the Q4 layout.
+  at::Tensor apply_q5(const at::Tensor& x) const {
+    at::Tensor y;
+    if (x.size(0) <= max_rows) {
+      KILN_PROFILED("kiln::quant_matmul");
+      y = quant_matmul_q5(x, weight, qh, d, m);
+    } else if (x.size(0) <= panel_rows && x.scalar_type() == at::kFloat) {
+      KILN_PROFILED("kiln::quant_matmul_panels");
+      y = quant_matmul_panels_q5(x, weight, qh, d, m);
+    } else if (dense.defined() && dense.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
+      y = at::linear(x.to(at::kBFloat16), dense).to(at::kFloat);
+    } else if (dense.defined() && dense.scalar_type() == x.scalar_type()) {
+      return at::linear(x, dense, bias);
+    } else {
+      KILN_PROFILED("kiln::quant_dequantize");
+      return at::linear(x, quant_dequantize_q5(weight, qh, d, m, x.scalar_type()), bias);
+    }
+    return bias ? y + *bias : y;
+  }
+
   // GGUF K-quant super-blocks in `weight` (kquant_gemm.cpp), by the same rule as the block layouts.
   at::Tensor apply_kquant(const at::Tensor& x) const {
     const int64_t qtype = kind - kKQuant;
@@ -79,11 +102,11 @@ struct LinearWeights {
   }
 };
 
-constexpr int64_t kTensorsPerLinear = 5;  // weight-or-qs, d, m, dense, bias (numel 0 = absent)
+constexpr int64_t kTensorsPerLinear = 6;  // weight-or-qs, d, m, dense, bias, qh (numel 0 = absent)
 
 // A LinearWeights from its five plan tensors and its kind / row limits (numel 0 = absent).
 inline LinearWeights linear_from(const at::Tensor* w, int64_t kind, int64_t max_rows, int64_t panel_rows) {
-  TORCH_CHECK(kind >= kDense && kind <= kKQuant + 2, "decode plan: unknown linear kind ", kind);
+  TORCH_CHECK((kind >= kDense && kind <= kKQuant + 2) || kind == kQ5, "decode plan: unknown linear kind ", kind);
   LinearWeights lw;
   lw.kind = kind;
   lw.max_rows = max_rows;
@@ -93,6 +116,8 @@ inline LinearWeights linear_from(const at::Tensor* w, int64_t kind, int64_t max_
   lw.m = w[2];
   if (w[3].numel() > 0) lw.dense = w[3];
   if (w[4].numel() > 0) lw.bias = w[4];
+  if (w[5].numel() > 0) lw.qh = w[5];
+  TORCH_CHECK(kind != kQ5 || lw.qh.defined(), "decode plan: a Q5 linear needs its high bits");
   return lw;
 }
 

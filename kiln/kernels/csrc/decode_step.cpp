@@ -53,7 +53,7 @@ struct DecodePlan : torch::CustomClassHolder {
   double eps, scale;
 
   // tensors: kTensorsPerLayer per layer — input_norm, post_attention_norm, then qkv, o, gate_up, down
-  // as (weight-or-qs, d, m, dense, bias); kinds/max_rows/panel_rows: one per linear in the same order.
+  // as (weight-or-qs, d, m, dense, bias, qh); kinds/max_rows/panel_rows: one per linear in the same order.
   DecodePlan(std::vector<at::Tensor> tensors, std::vector<int64_t> kinds, std::vector<int64_t> max_rows,
              std::vector<int64_t> panel_rows, at::Tensor final_norm_, at::Tensor cos_, at::Tensor sin_, int64_t num_heads_, int64_t num_kv_heads_,
              int64_t head_dim_, double eps_, double scale_)

@@ -50,7 +50,7 @@ struct Gemma3DecodePlan : torch::CustomClassHolder {
   double eps, scale;
 
   // tensors: per layer the six norms (input, q, k, post-attention, pre-feedforward, post-feedforward), then
-  // qkv, o, gate_up, down as (weight-or-qs, d, m, dense, bias); kinds / max_rows / panel_rows: one per
+  // qkv, o, gate_up, down as (weight-or-qs, d, m, dense, bias, qh); kinds / max_rows / panel_rows: one per
   // linear; windows / groups: one per layer (window 0 = global; group = KV group index).
   Gemma3DecodePlan(std::vector<at::Tensor> tensors, std::vector<int64_t> kinds, std::vector<int64_t> max_rows,
                    std::vector<int64_t> panel_rows, std::vector<int64_t> windows, std::vector<int64_t> groups,

@@ -16,6 +16,13 @@ at::Tensor quant_matmul_panels(const at::Tensor& x, const at::Tensor& qs, const 
 // W as a dense [N, K] tensor of `dtype` from the packed block layout.
 at::Tensor quant_dequantize(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, bool is_q4,
                             at::ScalarType dtype);
+// The same three for W in the Q5 layout (Q4 low bits + qh int32 [N, K/32] high bits, m = -16 d).
+at::Tensor quant_matmul_q5(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
+                           const at::Tensor& m);
+at::Tensor quant_matmul_panels_q5(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
+                                  const at::Tensor& m);
+at::Tensor quant_dequantize_q5(const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d, const at::Tensor& m,
+                               at::ScalarType dtype);
 // The same three for W in GGUF K-quant super-blocks as stored (kquant_gemm.cpp; qtype 0/1/2 = Q4_K/Q5_K/Q6_K).
 at::Tensor kquant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
 at::Tensor kquant_matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t qtype);

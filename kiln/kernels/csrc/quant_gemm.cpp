@@ -6,6 +6,9 @@
 //     the last block); w = d * q + m with q in [0, 15] (Q4_0 is stored with m = -8 d).
 //     Zero-extending the 32 bytes to int16 gives both blocks with one AND and one shift.
 //   Q8 (GGUF Q8_0): qs int8 [N, K], w = d * q.
+//   Q5 (GGUF Q5_0): the Q4 layout for the low four bits plus qh uint32 [N, K/32], bit j of a block's
+//     word = bit 4 of its element j (GGUF's own qh); w = d * (q + 16 h) + m with m = -16 d (exact in fp32
+//     and fp16, as Q4_0's -8 d). The kernels add 16 to the lanes whose bit is set before the integer dot.
 //   d, m: float16 [N, K/32] (GGUF's own scale precision, so the repack is exact).
 //
 // The activation row is quantized per 32-block to int16 (scale dx = max|x| / 32767): a
@@ -36,10 +39,10 @@ inline float min_term(const c10::Half* m_row, const float* sx, int64_t nb) {
   return s;
 }
 
-// Portable path: one output row against one activation row.
-template <bool Q4>
+// Portable path: one output row against one activation row (H: Q5 high bits in qh_row).
+template <bool Q4, bool H = false>
 float row_dot_scalar(const uint8_t* qs_row, const c10::Half* d_row, const c10::Half* m_row, const QuantizedRows& xr,
-                     int64_t mi, int64_t K) {
+                     int64_t mi, int64_t K, const uint32_t* qh_row = nullptr) {
   const int64_t nb = K / QK;
   float acc = 0.f;
   for (int64_t b = 0; b < nb; ++b) {
@@ -48,7 +51,13 @@ float row_dot_scalar(const uint8_t* qs_row, const c10::Half* d_row, const c10::H
     if constexpr (Q4) {
       const uint8_t* pair = qs_row + (b / 2) * QK;
       const int shift = (b % 2) * 4;
-      for (int j = 0; j < QK; ++j) s += static_cast<int32_t>((pair[j] >> shift) & 0x0F) * xq[j];
+      if constexpr (H) {
+        const uint32_t h = qh_row[b];
+        for (int j = 0; j < QK; ++j)
+          s += static_cast<int32_t>(((pair[j] >> shift) & 0x0F) | (((h >> j) & 1u) << 4)) * xq[j];
+      } else {
+        for (int j = 0; j < QK; ++j) s += static_cast<int32_t>((pair[j] >> shift) & 0x0F) * xq[j];
+      }
     } else {
       const int8_t* q = reinterpret_cast<const int8_t*>(qs_row) + b * QK;
       for (int j = 0; j < QK; ++j) s += static_cast<int32_t>(q[j]) * xq[j];
@@ -91,15 +100,16 @@ inline void accumulate_block(__m512 (&acc)[NR][MC], const __m512i (&w)[NR], cons
 
 // NR output rows x MC activation rows per pass: each unpacked weight block is reused MC times
 // and each activation block NR times, and the NR*MC accumulators are independent FMA chains.
-template <bool Q4, int NR, int MC>
+template <bool Q4, bool H, int NR, int MC>
 void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
-                     const QuantizedRows& xr, int64_t m0, int64_t K, float* out /* [NR][MC] */) {
+                     const uint32_t* qh, const QuantizedRows& xr, int64_t m0, int64_t K, float* out /* [NR][MC] */) {
   const int64_t nb = K / QK;
   __m512 acc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MC; ++i) acc[r][i] = _mm512_setzero_ps();
   alignas(64) float sc[NR][MC][CHUNK];
   const __m512i low_mask = _mm512_set1_epi16(0x0F);
+  const __m512i sixteen = _mm512_set1_epi16(16);
   for (int64_t c = 0; c < nb; c += CHUNK) {
     const int64_t cn = std::min<int64_t>(CHUNK, nb - c);
     const __mmask16 mask = static_cast<__mmask16>((1u << cn) - 1u);
@@ -129,6 +139,11 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + (b / 2) * QK)));
           lo[r] = _mm512_and_si512(v, low_mask);
           hi[r] = _mm512_srli_epi16(v, 4);  // the upper byte is zero after zero-extension
+          if constexpr (H) {  // Q5: 16 more in the lanes whose high bit is set
+            lo[r] = _mm512_mask_add_epi16(lo[r], static_cast<__mmask32>(qh[r * nb + b]), lo[r], sixteen);
+            if (b + 1 < nb)
+              hi[r] = _mm512_mask_add_epi16(hi[r], static_cast<__mmask32>(qh[r * nb + b + 1]), hi[r], sixteen);
+          }
         }
         accumulate_block<NR, MC>(acc, lo, sc, static_cast<int>(b - c), xr, m0, K, b);
         if (b + 1 < nb) accumulate_block<NR, MC>(acc, hi, sc, static_cast<int>(b + 1 - c), xr, m0, K, b + 1);
@@ -174,9 +189,21 @@ inline void accumulate_block_avx2(__m256 (&acc)[NR][MC], const __m256i (&w)[NR][
   }
 }
 
-template <bool Q4, int NR, int MC>
+// Q5 high bits of one block as two 16 x int16 vectors of 0 / 16 (lane j: bit j of the word).
+inline void high_bits_avx2(uint32_t h, __m256i (&out)[2]) {
+  const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                        static_cast<int16_t>(-32768));
+  const __m256i sixteen = _mm256_set1_epi16(16);
+  for (int half = 0; half < 2; ++half) {
+    const __m256i word = _mm256_set1_epi16(static_cast<int16_t>((h >> (16 * half)) & 0xFFFFu));
+    const __m256i set = _mm256_cmpeq_epi16(_mm256_and_si256(word, bit), bit);
+    out[half] = _mm256_and_si256(set, sixteen);
+  }
+}
+
+template <bool Q4, bool H, int NR, int MC>
 void tile_dot_avx2(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
-                   const QuantizedRows& xr, int64_t m0, int64_t K, float* out /* [NR][MC] */) {
+                   const uint32_t* qh, const QuantizedRows& xr, int64_t m0, int64_t K, float* out /* [NR][MC] */) {
   const int64_t nb = K / QK;
   __m256 acc[NR][MC];
   for (int r = 0; r < NR; ++r)
@@ -193,6 +220,17 @@ void tile_dot_avx2(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
         lo[r][1] = _mm256_and_si256(v1, low_mask);
         hi[r][0] = _mm256_srli_epi16(v0, 4);  // zero-extended bytes: the shift leaves the high nibble
         hi[r][1] = _mm256_srli_epi16(v1, 4);
+        if constexpr (H) {
+          __m256i add[2];
+          high_bits_avx2(qh[r * nb + b], add);
+          lo[r][0] = _mm256_add_epi16(lo[r][0], add[0]);
+          lo[r][1] = _mm256_add_epi16(lo[r][1], add[1]);
+          if (b + 1 < nb) {
+            high_bits_avx2(qh[r * nb + b + 1], add);
+            hi[r][0] = _mm256_add_epi16(hi[r][0], add[0]);
+            hi[r][1] = _mm256_add_epi16(hi[r][1], add[1]);
+          }
+        }
       }
       accumulate_block_avx2<NR, MC>(acc, lo, d, nb, xr, m0, K, b);
       if (b + 1 < nb) accumulate_block_avx2<NR, MC>(acc, hi, d, nb, xr, m0, K, b + 1);
@@ -221,32 +259,32 @@ void tile_dot_avx2(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
 
 #if defined(KILN_AVX512) || defined(KILN_AVX2)
 // Only one SIMD tile is compiled (the #if/#elif above are exclusive): it is tile_dot_simd.
-template <bool Q4, int NR, int MC>
+template <bool Q4, bool H, int NR, int MC>
 inline void tile_dot_simd(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
-                          const QuantizedRows& xr, int64_t m0, int64_t K, float* out) {
+                          const uint32_t* qh, const QuantizedRows& xr, int64_t m0, int64_t K, float* out) {
 #ifdef KILN_AVX512
-  tile_dot_avx512<Q4, NR, MC>(qs, row_bytes, d, m, xr, m0, K, out);
+  tile_dot_avx512<Q4, H, NR, MC>(qs, row_bytes, d, m, qh, xr, m0, K, out);
 #else
-  tile_dot_avx2<Q4, NR, MC>(qs, row_bytes, d, m, xr, m0, K, out);
+  tile_dot_avx2<Q4, H, NR, MC>(qs, row_bytes, d, m, qh, xr, m0, K, out);
 #endif
 }
 
 // Runtime activation-row count (1..4) → the compiled tile for it.
-template <bool Q4, int NR>
+template <bool Q4, bool H, int NR>
 void tile_dot(int64_t mc, const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
-              const QuantizedRows& xr, int64_t m0, int64_t K, float* out) {
+              const uint32_t* qh, const QuantizedRows& xr, int64_t m0, int64_t K, float* out) {
   switch (mc) {
-    case 1: tile_dot_simd<Q4, NR, 1>(qs, row_bytes, d, m, xr, m0, K, out); break;
-    case 2: tile_dot_simd<Q4, NR, 2>(qs, row_bytes, d, m, xr, m0, K, out); break;
-    case 3: tile_dot_simd<Q4, NR, 3>(qs, row_bytes, d, m, xr, m0, K, out); break;
-    default: tile_dot_simd<Q4, NR, 4>(qs, row_bytes, d, m, xr, m0, K, out); break;
+    case 1: tile_dot_simd<Q4, H, NR, 1>(qs, row_bytes, d, m, qh, xr, m0, K, out); break;
+    case 2: tile_dot_simd<Q4, H, NR, 2>(qs, row_bytes, d, m, qh, xr, m0, K, out); break;
+    case 3: tile_dot_simd<Q4, H, NR, 3>(qs, row_bytes, d, m, qh, xr, m0, K, out); break;
+    default: tile_dot_simd<Q4, H, NR, 4>(qs, row_bytes, d, m, qh, xr, m0, K, out); break;
   }
 }
 #endif
 
-template <bool Q4, typename T>
+template <bool Q4, typename T, bool H = false>
 void quant_matmul_impl(const QuantizedRows& xr, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp,
-                       int64_t M, int64_t N, int64_t K, int64_t row_bytes, T* yp) {
+                       int64_t M, int64_t N, int64_t K, int64_t row_bytes, T* yp, const uint32_t* qhp = nullptr) {
   const int64_t nb = K / QK;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     int64_t n = begin;
@@ -260,7 +298,8 @@ void quant_matmul_impl(const QuantizedRows& xr, const uint8_t* qp, const c10::Ha
     for (; n + NR <= end; n += NR) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t mc = std::min<int64_t>(4, M - m0);
-        tile_dot<Q4, NR>(mc, qp + n * row_bytes, row_bytes, dp + n * nb, Q4 ? mp + n * nb : nullptr, xr, m0, K, tmp);
+        tile_dot<Q4, H, NR>(mc, qp + n * row_bytes, row_bytes, dp + n * nb, Q4 ? mp + n * nb : nullptr,
+                            H ? qhp + n * nb : nullptr, xr, m0, K, tmp);
         for (int r = 0; r < NR; ++r)
           for (int64_t i = 0; i < mc; ++i) yp[(m0 + i) * N + n + r] = static_cast<T>(tmp[r * mc + i]);
       }
@@ -269,13 +308,35 @@ void quant_matmul_impl(const QuantizedRows& xr, const uint8_t* qp, const c10::Ha
     for (; n < end; ++n)
       for (int64_t i = 0; i < M; ++i)
         yp[i * N + n] = static_cast<T>(
-            row_dot_scalar<Q4>(qp + n * row_bytes, dp + n * nb, Q4 ? mp + n * nb : nullptr, xr, i, K));
+            row_dot_scalar<Q4, H>(qp + n * row_bytes, dp + n * nb, Q4 ? mp + n * nb : nullptr, xr, i, K,
+                                  H ? qhp + n * nb : nullptr));
   });
 }
+
+// Checks Q5's high-bit plane: uint32 words (an int32 tensor) [N, K/32], one per block.
+const uint32_t* high_bits(const at::Tensor& qh, const at::Tensor& d) {
+  TORCH_CHECK(qh.scalar_type() == at::kInt && qh.is_contiguous() && qh.sizes() == d.sizes(),
+              "qh must be an int32 [N, K/32] tensor of Q5 high bits");
+  return reinterpret_cast<const uint32_t*>(qh.data_ptr<int32_t>());
+}
+
+at::Tensor quant_matmul_any(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+                            bool is_q4, const at::Tensor* qh);
 
 // y[M, N] = x[M, K] @ W^T for a block-quantized W, in x's dtype. Threads split N (torch's pool).
 at::Tensor quant_matmul(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
                         bool is_q4) {
+  return quant_matmul_any(x_in, qs, d, m, is_q4, nullptr);
+}
+
+// The same for W in the Q5 layout (Q4 low bits + qh high bits; m = -16 d).
+at::Tensor quant_matmul_q5(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
+                           const at::Tensor& m) {
+  return quant_matmul_any(x_in, qs, d, m, true, &qh);
+}
+
+at::Tensor quant_matmul_any(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+                            bool is_q4, const at::Tensor* qh) {
   TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   const at::Tensor x = x_in.contiguous();
@@ -291,6 +352,17 @@ at::Tensor quant_matmul(const at::Tensor& x_in, const at::Tensor& qs, const at::
   const auto* dp = d.data_ptr<c10::Half>();
   const auto* mp = is_q4 ? m.data_ptr<c10::Half>() : nullptr;
   at::Tensor y = at::empty({M, N}, x.options());
+  if (qh != nullptr) {
+    const uint32_t* qhp = high_bits(*qh, d);
+    if (x.scalar_type() == at::kFloat) {
+      const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
+      quant_matmul_impl<true, float, true>(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<float>(), qhp);
+    } else {
+      const QuantizedRows xr = quantize_rows(x.data_ptr<c10::BFloat16>(), M, K);
+      quant_matmul_impl<true, c10::BFloat16, true>(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<c10::BFloat16>(), qhp);
+    }
+    return y;
+  }
   if (x.scalar_type() == at::kFloat) {
     const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
     if (is_q4) quant_matmul_impl<true>(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<float>());
@@ -303,10 +375,25 @@ at::Tensor quant_matmul(const at::Tensor& x_in, const at::Tensor& qs, const at::
   return y;
 }
 
+at::Tensor quant_dequantize_any(const at::Tensor& qs_in, const at::Tensor& d_in, const at::Tensor& m_in, bool is_q4,
+                                at::ScalarType dtype, const at::Tensor* qh_in);
+
 // W as a dense [N, K] tensor of `dtype` (for large M, where the dense GEMM wins).
 at::Tensor quant_dequantize(const at::Tensor& qs_in, const at::Tensor& d_in, const at::Tensor& m_in, bool is_q4,
                             at::ScalarType dtype) {
+  return quant_dequantize_any(qs_in, d_in, m_in, is_q4, dtype, nullptr);
+}
+
+at::Tensor quant_dequantize_q5(const at::Tensor& qs_in, const at::Tensor& qh_in, const at::Tensor& d_in,
+                               const at::Tensor& m_in, at::ScalarType dtype) {
+  return quant_dequantize_any(qs_in, d_in, m_in, true, dtype, &qh_in);
+}
+
+at::Tensor quant_dequantize_any(const at::Tensor& qs_in, const at::Tensor& d_in, const at::Tensor& m_in, bool is_q4,
+                                at::ScalarType dtype, const at::Tensor* qh_in) {
   const at::Tensor qs = qs_in.contiguous(), d = d_in.contiguous(), m = m_in.contiguous();
+  const at::Tensor qh = qh_in != nullptr ? qh_in->contiguous() : at::Tensor();
+  const uint32_t* qhp = qh_in != nullptr ? high_bits(qh, d) : nullptr;
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 2, "d must be float16 [N, K/32]");
   const int64_t N = d.size(0), nb = d.size(1), K = nb * QK;
   const int64_t row_bytes = is_q4 ? (nb + 1) / 2 * QK : K;
@@ -325,7 +412,9 @@ at::Tensor quant_dequantize(const at::Tensor& qs_in, const at::Tensor& d_in, con
           const float mb = half_to_float(mp + n * nb + b);
           const uint8_t* pair = qp + n * row_bytes + (b / 2) * QK;
           const int shift = (b % 2) * 4;
-          for (int j = 0; j < QK; ++j) out[j] = db * static_cast<float>((pair[j] >> shift) & 0x0F) + mb;
+          const uint32_t h = qhp != nullptr ? qhp[n * nb + b] : 0u;
+          for (int j = 0; j < QK; ++j)
+            out[j] = db * static_cast<float>(((pair[j] >> shift) & 0x0F) | (((h >> j) & 1u) << 4)) + mb;
         } else {
           const int8_t* q = reinterpret_cast<const int8_t*>(qp) + n * K + b * QK;
           for (int j = 0; j < QK; ++j) out[j] = db * static_cast<float>(q[j]);
@@ -350,11 +439,12 @@ at::Tensor quant_dequantize(const at::Tensor& qs_in, const at::Tensor& d_in, con
 // rounding (tests/test_quant_kernels.py).
 
 // Rows [n0, n0 + nr) of W as fp32 [nr][K] (w = d * q + m, or d * q for Q8).
-template <bool Q4>
+template <bool Q4, bool H = false>
 void dequant_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m, int64_t nb,
-                   int64_t n0, int nr, float* out) {
+                   int64_t n0, int nr, float* out, const uint32_t* qh = nullptr) {
   const int64_t K = nb * QK;
   const __m512i low = _mm512_set1_epi32(0x0F);
+  const __m512i sixteen = _mm512_set1_epi32(16);
   for (int r = 0; r < nr; ++r) {
     const uint8_t* row = qs + (n0 + r) * row_bytes;
     const c10::Half* dr = d + (n0 + r) * nb;
@@ -366,13 +456,24 @@ void dequant_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
         const __m512i u0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
         const __m512i u1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)));
         const __m512 d0 = _mm512_set1_ps(half_to_float(dr + b)), m0 = _mm512_set1_ps(half_to_float(mr + b));
-        _mm512_storeu_ps(o + b * QK, _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(u0, low)), m0));
-        _mm512_storeu_ps(o + b * QK + 16, _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(u1, low)), m0));
+        __m512i q0 = _mm512_and_si512(u0, low), q1 = _mm512_and_si512(u1, low);
+        if constexpr (H) {  // Q5: 16 more where the block's high bit is set (lanes 0-15, then 16-31)
+          const uint32_t h = qh[(n0 + r) * nb + b];
+          q0 = _mm512_mask_add_epi32(q0, static_cast<__mmask16>(h & 0xFFFFu), q0, sixteen);
+          q1 = _mm512_mask_add_epi32(q1, static_cast<__mmask16>(h >> 16), q1, sixteen);
+        }
+        _mm512_storeu_ps(o + b * QK, _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(q0), m0));
+        _mm512_storeu_ps(o + b * QK + 16, _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(q1), m0));
         if (b + 1 < nb) {
           const __m512 d1 = _mm512_set1_ps(half_to_float(dr + b + 1)), m1 = _mm512_set1_ps(half_to_float(mr + b + 1));
-          _mm512_storeu_ps(o + (b + 1) * QK, _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(u0, 4)), m1));
-          _mm512_storeu_ps(o + (b + 1) * QK + 16,
-                           _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(u1, 4)), m1));
+          __m512i p0 = _mm512_srli_epi32(u0, 4), p1 = _mm512_srli_epi32(u1, 4);
+          if constexpr (H) {
+            const uint32_t h = qh[(n0 + r) * nb + b + 1];
+            p0 = _mm512_mask_add_epi32(p0, static_cast<__mmask16>(h & 0xFFFFu), p0, sixteen);
+            p1 = _mm512_mask_add_epi32(p1, static_cast<__mmask16>(h >> 16), p1, sixteen);
+          }
+          _mm512_storeu_ps(o + (b + 1) * QK, _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(p0), m1));
+          _mm512_storeu_ps(o + (b + 1) * QK + 16, _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(p1), m1));
         }
       }
     } else {
@@ -388,17 +489,32 @@ void dequant_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
   }
 }
 
-template <bool Q4>
+template <bool Q4, bool H = false>
 void quant_matmul_panels_impl(const float* x, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp, int64_t M,
-                              int64_t N, int64_t K, int64_t row_bytes, float* y) {
+                              int64_t N, int64_t K, int64_t row_bytes, float* y, const uint32_t* qhp = nullptr) {
   const int64_t nb = K / QK;
-  panel_matmul(x, M, N, K, y, [&](int64_t n0, int nr, float* w) { dequant_panel<Q4>(qp, row_bytes, dp, mp, nb, n0, nr, w); });
+  panel_matmul(x, M, N, K, y, [&](int64_t n0, int nr, float* w) {
+    dequant_panel<Q4, H>(qp, row_bytes, dp, mp, nb, n0, nr, w, qhp);
+  });
 }
 #endif
+
+at::Tensor quant_matmul_panels_any(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
+                                   const at::Tensor& m, bool is_q4, const at::Tensor* qh);
 
 // y[M, N] = x[M, K] @ dequantize(W)^T in fp32 for a block-quantized W (medium M; see above).
 at::Tensor quant_matmul_panels(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
                                bool is_q4) {
+  return quant_matmul_panels_any(x_in, qs, d, m, is_q4, nullptr);
+}
+
+at::Tensor quant_matmul_panels_q5(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& qh,
+                                  const at::Tensor& d, const at::Tensor& m) {
+  return quant_matmul_panels_any(x_in, qs, d, m, true, &qh);
+}
+
+at::Tensor quant_matmul_panels_any(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
+                                   const at::Tensor& m, bool is_q4, const at::Tensor* qh) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be a float32 [M, K] tensor");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = d.size(0), nb = K / QK;
@@ -412,7 +528,10 @@ at::Tensor quant_matmul_panels(const at::Tensor& x_in, const at::Tensor& qs, con
 #ifdef KILN_AVX512
   at::Tensor y = at::empty({M, N}, x.options());
   const auto* qp = static_cast<const uint8_t*>(qs.data_ptr());
-  if (is_q4) {
+  if (qh != nullptr) {
+    quant_matmul_panels_impl<true, true>(x.data_ptr<float>(), qp, d.data_ptr<c10::Half>(), m.data_ptr<c10::Half>(), M,
+                                         N, K, row_bytes, y.data_ptr<float>(), high_bits(*qh, d));
+  } else if (is_q4) {
     quant_matmul_panels_impl<true>(x.data_ptr<float>(), qp, d.data_ptr<c10::Half>(), m.data_ptr<c10::Half>(), M, N, K,
                                    row_bytes, y.data_ptr<float>());
   } else {
@@ -422,7 +541,7 @@ at::Tensor quant_matmul_panels(const at::Tensor& x_in, const at::Tensor& qs, con
   return y;
 #else
   // Without AVX-512 the dense GEMM on a dequantized copy is the same arithmetic.
-  return at::linear(x, quant_dequantize(qs, d, m, is_q4, at::kFloat));
+  return at::linear(x, quant_dequantize_any(qs, d, m, is_q4, at::kFloat, qh));
 #endif
 }
 
@@ -444,10 +563,16 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def("quant_matmul(Tensor x, Tensor qs, Tensor d, Tensor m, bool is_q4) -> Tensor");
   m.def("quant_dequantize(Tensor qs, Tensor d, Tensor m, bool is_q4, ScalarType dtype) -> Tensor");
   m.def("quant_matmul_panels(Tensor x, Tensor qs, Tensor d, Tensor m, bool is_q4) -> Tensor");
+  m.def("quant_matmul_q5(Tensor x, Tensor qs, Tensor qh, Tensor d, Tensor m) -> Tensor");
+  m.def("quant_dequantize_q5(Tensor qs, Tensor qh, Tensor d, Tensor m, ScalarType dtype) -> Tensor");
+  m.def("quant_matmul_panels_q5(Tensor x, Tensor qs, Tensor qh, Tensor d, Tensor m) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   m.impl("quant_matmul", &kiln::quant_matmul);
   m.impl("quant_dequantize", &kiln::quant_dequantize);
   m.impl("quant_matmul_panels", &kiln::quant_matmul_panels);
+  m.impl("quant_matmul_q5", &kiln::quant_matmul_q5);
+  m.impl("quant_dequantize_q5", &kiln::quant_dequantize_q5);
+  m.impl("quant_matmul_panels_q5", &kiln::quant_matmul_panels_q5);
 }
