@@ -45,8 +45,7 @@ class EngineArgs:
                                   choices=QUANTIZED_WEIGHTS_MODES)
     max_weight_memory: str | int | None = _opt(None, "keep at most this much of the weights in RAM, e.g. 40MiB: "
                                                      "later decoder layers stay in a memory-mapped file and are "
-                                                     "streamed per step with read-ahead (slower; default: all "
-                                                     "resident)")
+                                                     "streamed per step (slower; default: all resident)")
     offload_dir: str | None = _opt(None, "directory of the file --max-weight-memory streams layers from "
                                          "(default: KILN_HOME/offload)")
     offload_read_ahead: bool = _opt(False, "--max-weight-memory: a background thread faults the next layer in while "

@@ -147,7 +147,8 @@ class LLMEngine(RequestValidation):
             torch.set_num_threads(config.parallel.threads)
         m = config.model
         model_path = resolve_model(m.model)
-        if config.kernel.auto_tune and config.kernel.native and m.device == "cpu":
+        # not under a weight budget: timing loads a model fully resident with dense copies of its linears
+        if config.kernel.auto_tune and config.kernel.native and m.device == "cpu" and m.max_weight_memory is None:
             from kiln.tuning.auto_tune import ensure_tuned
 
             ensure_tuned(model_path, torch.get_num_threads())

@@ -90,7 +90,8 @@ def weight_memory_line(loaded: "LoadedModel") -> str:  # noqa: F821 - kiln.loade
     if loaded.offload is not None:
         return loaded.offload.summary()
     resident = unique_bytes(model_weight_tensors(loaded.model))
-    how = ("GGUF blocks are repacked into kiln's kernel layout at load, so none is used in place from the file; "
+    how = ("GGUF blocks are repacked into kiln's kernel layouts at load (Q5_K/Q6_K rows kept as stored, but "
+           "fused and un-permuted), so none is used in place from the file; "
            if loaded.file_format == "gguf" else "")
     return (f"{resident / (1 << 20):.1f} MiB resident, 0 mapped ({how}--max-weight-memory streams layers "
             "from a file)")

@@ -176,7 +176,9 @@ def save(result: dict[str, Any]) -> Path:
     """Write a measurement (kiln.tuning.kernel_tune.measure) where `load_tuning` finds it; returns the path."""
     path = tune_file(result["fingerprint"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
     _load.cache_clear()
     return path
 

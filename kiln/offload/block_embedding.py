@@ -7,7 +7,9 @@ so `BlockEmbedding` dequantizes only the rows a step looks up, from the head's b
 
 Invariant: each row equals the dense table's row. The table was filled by the `gguf` library's
 dequantization and the rows here by kiln's block dequantization, which compute the same products
-(tests/offload compare them on every row type the loaders keep in blocks).
+(tests/offload compare them for Q8_0, Q4_0 and Q4_1 heads; K-quant and Q5 heads dequantize through
+their layers' own exact dequantization, tested against the gguf library in tests/test_kquant_kernels.py
+and tests/test_q5_kernels.py).
 """
 
 from __future__ import annotations

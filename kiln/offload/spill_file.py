@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import queue
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,11 +86,15 @@ class SpillFile:
         try:
             os.unlink(name)  # the open descriptor and the mapping keep the data alive
             os.ftruncate(fd, max(size, PAGE))
+            # reserve the blocks now: a sparse file on a full disk would fail later, inside a page fault, as
+            # a SIGBUS that kills the process; posix_fallocate fails here with ENOSPC instead
+            os.posix_fallocate(fd, 0, max(size, PAGE))
             self._map = mmap.mmap(fd, max(size, PAGE), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
+        weakref.finalize(self, os.close, fd)  # the mapping holds its own descriptor; the file dies with both
         self.size = size
         self.directory = directory
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
@@ -102,9 +108,12 @@ class SpillFile:
             count *= s
         return self._bytes[offset:offset + count * itemsize].view(dtype).view(shape)
 
-    def flush(self) -> None:
-        """Write every dirty page back to the file, so that page-cache eviction can drop them."""
-        self._map.flush()
+    def flush(self, region: Region | None = None) -> None:
+        """Write dirty pages (of `region`, or all) back to the file, so that page-cache eviction can drop them."""
+        if region is None:
+            self._map.flush()
+        else:
+            self._map.flush(region.offset, region.length)
 
     def prefetch(self, region: Region) -> None:
         """Have `region` faulted in by a background thread (returns at once; the pages arrive while the
@@ -128,8 +137,11 @@ class SpillFile:
         `drop_page_cache` also evicts them from the page cache, so the next touch reads the disk: what a
         machine whose memory cannot hold the weights sees (the cold-cache measurement)."""
         if self._prefetcher is not None:
-            self._prefetcher.forget(region)
-        self._map.madvise(mmap.MADV_DONTNEED, region.offset, region.length)
+            with self._prefetcher.lock:  # no queued prefetch may fault the region back in after this
+                self._prefetcher.forget(region)
+                self._map.madvise(mmap.MADV_DONTNEED, region.offset, region.length)
+        else:
+            self._map.madvise(mmap.MADV_DONTNEED, region.offset, region.length)
         if drop_page_cache:
             os.posix_fadvise(self._fd, region.offset, region.length, os.POSIX_FADV_DONTNEED)
 
@@ -149,7 +161,8 @@ class _Prefetcher:
         self.libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
         self.advice = MADV_POPULATE_READ
         self.jobs: queue.SimpleQueue[Region] = queue.SimpleQueue()
-        self.wanted: set[Region] = set()  # submitted and not released since (set ops are atomic under the GIL)
+        self.wanted: set[Region] = set()  # submitted and not released since
+        self.lock = threading.Lock()  # a prefetch's check-then-fault against a release
         threading.Thread(target=self._run, name="kiln-weight-prefetch", daemon=True).start()
 
     def submit(self, region: Region) -> None:
@@ -172,10 +185,12 @@ class _Prefetcher:
     def _run(self) -> None:
         while True:
             region = self.jobs.get()
-            if region not in self.wanted:
-                continue  # released before its turn came (the layer ran without waiting for it)
-            if self.libc.madvise(self.base + region.offset, region.length, self.advice) != 0:
-                self.advice = mmap.MADV_WILLNEED  # EINVAL: a kernel before 5.14; read ahead instead
+            with self.lock:
+                if region not in self.wanted:
+                    continue  # released before its turn came (the layer ran without waiting for it)
+                failed = self.libc.madvise(self.base + region.offset, region.length, self.advice) != 0
+            if failed and ctypes.get_errno() == errno.EINVAL:
+                self.advice = mmap.MADV_WILLNEED  # a kernel before 5.14: read ahead instead
 
 
 def mapping_rss(start_address: int) -> int:

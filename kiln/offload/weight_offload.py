@@ -10,8 +10,8 @@ During a forward pass each spilled layer is streamed: the compute threads fault 
 reads ahead within the layer as the faults run sequentially); with `read_ahead`, a background thread also
 faults layer *i+1* in while layer *i* computes (`MADV_POPULATE_READ`; skipped when the page cache holds
 it) — off by default, since on this 2-core machine it measured slower than the kernel's own readahead
-(benchmarks/weight_offload.py); just after layer *i* runs, its pages leave the process (`MADV_DONTNEED`). So at most two spilled layers are
-resident at any moment; with `drop_page_cache` they also leave the page cache and every step reads the
+(benchmarks/weight_offload.py); just after layer *i* runs, its pages leave the process (`MADV_DONTNEED`). So at most one spilled layer is
+resident at any moment (two with read-ahead); with `drop_page_cache` they also leave the page cache and every step reads the
 disk (the cold-cache measurement; a machine that cannot hold the weights behaves so).
 
 Invariants:
@@ -185,7 +185,7 @@ def model_weight_tensors(model: nn.Module) -> list[torch.Tensor]:
 def _move(module: nn.Module, name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Point `module.name` at `dst` (same values as `src`), keeping parameters parameters."""
     with torch.no_grad():
-        dst.copy_(src)
+        dst.copy_(src)  # copy_ reads any layout: src need not be contiguous
     if isinstance(src, nn.Parameter):
         src.data = dst  # the Parameter object stays (optimizers/plans may hold it); its storage moves
     elif name in module._buffers:
@@ -231,16 +231,21 @@ def offload_weights(model: nn.Module, budget_bytes: int, directory: Path, drop_p
         offsets[i] = [layout.add(t.numel() * t.element_size()) for _, _, t in per_layer[i]]
         regions[i] = layout.end_region()
     spill = SpillFile(layout.size, directory)
-    for i in spilled:  # one layer at a time: its anonymous copy is freed before the next is moved
-        for (module, name, t), offset in zip(per_layer[i], offsets[i]):
-            _move(module, name, t.contiguous(), spill.tensor(offset, tuple(t.shape), t.dtype))
-    spill.flush()
     for i in spilled:
+        # one layer at a time: its RAM copy is dropped (no reference left here) and its file pages written
+        # back and released before the next layer moves, so the move needs no memory beyond one layer
+        entries, per_layer[i] = per_layer[i], None
+        for (module, name, t), offset in zip(entries, offsets[i]):
+            _move(module, name, t, spill.tensor(offset, tuple(t.shape), t.dtype))
+        entries = t = None  # the last moved tensor's old storage too
+        spill.flush(regions[i])
         spill.release(regions[i], drop_page_cache)
     report.mapped_bytes = sum(r.length for r in regions.values())
     streamer = WeightStreamer(spill, regions, len(layers), drop_page_cache, read_ahead)
     streamer.install(layers)
-    model.weight_streamer = streamer  # keeps the mapping alive as long as the model
+    # the tensors' storage keeps the mmap object referenced; the streamer keeps the SpillFile (its descriptor,
+    # its prefetch thread) for as long as the model lives. Nothing ever closes the mapping explicitly.
+    model.weight_streamer = streamer
     return report
 
 

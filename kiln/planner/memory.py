@@ -164,8 +164,10 @@ def runtime_copies(source: ModelSource, req: PlanRequest, fmt_matrix: str) -> in
     emb_type = _embedding_type(source, req)
     if emb_type not in DENSE_BYTES:
         extra += a.vocab_size * a.hidden_size * act
-    if req.max_weight_memory is not None and a.tie_word_embeddings and emb_type in NATIVE_BLOCK_TYPES:
-        extra = 0  # under a weight budget the tied head's blocks serve lookups (kiln.offload.block_embedding)
+    if req.max_weight_memory is not None and a.tie_word_embeddings and emb_type not in DENSE_BYTES:
+        # under a weight budget the tied head's blocks serve lookups (kiln.offload.block_embedding), whatever
+        # block type the head is kept in
+        extra = 0
     if (req.device == "cpu" and req.quantized_weights == "auto" and req.max_weight_memory is None
             and fmt_matrix in NATIVE_BLOCK_TYPES):
         extra += sum(rows * cols for _, _, rows, cols in _layer_matrices(a)) * a.num_layers * act

@@ -137,7 +137,10 @@ def build_draft_model(spec: str, target: "object") -> torch.nn.Module:
         layers = {name: quantize_layer(m.weight.data.float(), None, opts, bits) for name, m in target_linears(copy.model).items()}
         install(copy.model, layers)
         copy.model.finalize_quantized_layers()
-        copy.model.embed_tokens = target.model.embed_tokens  # shared: same table, no second copy
+        if isinstance(target.model.embed_tokens, torch.nn.Embedding):
+            copy.model.embed_tokens = target.model.embed_tokens  # shared: same table, no second copy
+        # else the target serves lookups from its head's blocks (--max-weight-memory): the draft, whose tied
+        # head reads its own dense table, keeps that table
         return copy.model
     if spec.startswith("self:"):
         raise ValueError(f"unknown self-draft {spec!r}; use self:int4 or self:int8")

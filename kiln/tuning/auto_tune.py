@@ -29,7 +29,8 @@ def _stderr(message: str) -> None:
 
 def ensure_tuned(model_path: Path, threads: int, log: Callable[[str], None] = _stderr) -> str:
     """Tune this machine if it has no tuning for `threads`; returns 'tuned already', 'tuned now (...)' or
-    'not tuned: <why>' (also logged)."""
+    'not tuned: <why>' (also logged). Never raises: an engine starts on the built-in crossovers whatever
+    goes wrong here. Processes starting at once take turns (a file lock); the later ones find the file."""
     from kiln.kernels.native import load_native
     from kiln.kernels.tune import load_tuning
 
@@ -39,6 +40,23 @@ def ensure_tuned(model_path: Path, threads: int, log: Callable[[str], None] = _s
         return "not tuned: no native kernels here (nothing to choose between)"
     if load_tuning(threads) is not None:
         return "tuned already"
+    from kiln.hub import kiln_home
+    from kiln.kernels import tune
+    from kiln.kernels.build_lock import BuildLock
+
+    try:
+        with BuildLock(kiln_home() / "tune"):
+            tune._load.cache_clear()  # another process may have saved it while this one waited
+            if load_tuning(threads) is not None:
+                return "tuned already"
+            return _tune(model_path, threads, log)
+    except Exception as exc:  # a corrupt cached model, a read-only cache, ...: not a reason to refuse to start
+        why = f"not tuned: {type(exc).__name__}: {exc}"
+        log(why)
+        return why
+
+
+def _tune(model_path: Path, threads: int, log: Callable[[str], None]) -> str:
     source = _tuning_model(model_path)
     if source is None:
         why = ("not tuned: the model has no GGUF Q4_0/Q4_1 linears to time and the default model is not in the "

@@ -121,3 +121,29 @@ def test_block_embedding_rows_equal_the_dequantized_table(qtype) -> None:
     table = blocks.dequantize()  # what nn.Embedding holds (the gguf library's values)
     ids = torch.tensor([[0, 5, 95], [7, 7, 1]])
     assert torch.equal(BlockEmbedding(head, torch.float32)(ids), table[ids])
+
+
+def test_self_draft_speculation_runs_under_a_budget(models, tmp_path) -> None:
+    """The int4 self-draft once shared the target's embedding, which under a budget is the head's blocks
+    (no dense table for the draft's tied head to read); greedy speculation must equal plain decoding."""
+    reference, _ = _generate(models["tied"], quantized_weights="native")
+    budget = _budget_for(models["tied"], resident_layers=1)
+    drafted, _ = _generate(models["tied"], max_weight_memory=budget, offload_dir=str(tmp_path),
+                           speculative_model="self:int4", num_speculative_tokens=3,
+                           speculative_disable_by_batch_size=8, speculative_adaptive=False)
+    assert [ids for ids, _ in drafted] == [ids for ids, _ in reference]
+
+
+def test_a_non_contiguous_parameter_moves_and_keeps_its_identity(tmp_path) -> None:
+    from torch import nn
+
+    from kiln.offload.weight_offload import _move
+    from kiln.offload.spill_file import SpillFile
+
+    module = nn.Linear(4, 6, bias=False)
+    module.weight = nn.Parameter(torch.randn(4, 6).t(), requires_grad=False)  # a transposed view
+    param, values = module.weight, module.weight.detach().clone()
+    spill = SpillFile(4096, tmp_path)
+    _move(module, "weight", param, spill.tensor(0, (6, 4), torch.float32))
+    assert module.weight is param and torch.equal(module.weight, values)
+    assert spill._bytes.data_ptr() == module.weight.data_ptr()
