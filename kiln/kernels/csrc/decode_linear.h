@@ -129,6 +129,9 @@ inline void store_rows(const at::Tensor& x_in, at::Tensor& cache, const at::Tens
   const at::Tensor x = x_in.scalar_type() == cache.scalar_type() ? x_in : x_in.to(cache.scalar_type());
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), "each token's K/V row must be contiguous");
   const int64_t T = x.size(0), row = x.size(1) * x.size(2), bytes = row * x.element_size();
+  TORCH_CHECK(slot_mapping.numel() >= T, "store_rows: ", T, " rows but ", slot_mapping.numel(), " slots");
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4 && cache.size(2) * cache.size(3) == row,
+              "store_rows: the cache must be a contiguous [blocks, block_size, Hkv, D] tensor of this row size");
   const auto* slots = slot_mapping.data_ptr<int64_t>();
   auto* dst = static_cast<char*>(cache.data_ptr());
   const auto* src = static_cast<const char*>(x.data_ptr());

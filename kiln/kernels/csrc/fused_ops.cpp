@@ -6,6 +6,7 @@
 #include "kiln_ops.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -157,6 +158,13 @@ void rope_qkv_(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& co
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be contiguous [T, width]");
   TORCH_CHECK(positions.scalar_type() == at::kLong && cos.scalar_type() == at::kFloat, "bad rope inputs");
   auto p = positions.contiguous();
+  TORCH_CHECK(p.numel() >= qkv.size(0), "rope_qkv_: ", qkv.size(0), " rows but ", p.numel(), " positions");
+  TORCH_CHECK(cos.size(1) * 2 == head_dim && sin.sizes() == cos.sizes(), "rope_qkv_: tables of the wrong width");
+  if (qkv.size(0) > 0) {
+    const auto [lo, hi] = std::minmax_element(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + qkv.size(0));
+    TORCH_CHECK(*lo >= 0 && *hi < cos.size(0), "rope_qkv_: position ", *hi, " is past the RoPE table's ",
+                cos.size(0), " positions (the model's max_position_embeddings)");
+  }
   if (qkv.scalar_type() == at::kFloat) {
     rope_kernel<float>(qkv, p, cos, sin, num_heads, num_kv_heads, head_dim);
   } else if (qkv.scalar_type() == at::kBFloat16) {
