@@ -157,7 +157,8 @@ def gemma3_decode_table(name: str = "gemma3_decode") -> str:
     # runs before the K-quant kernels (issue 19) dequantized the Q6_K layers; the run's linear paths say which
     paths = " ".join(p for run in d["runs"].get("kiln_native", []) for p in run.get("linear_paths", {}))
     q6k = "Q6_K super-block kernel" if "Q6_K super-block kernel" in paths else "Q6_K dequantized"
-    labels = {"kiln_native": f"kiln, block kernels (Q8_0; Q5_0→Q8_0, Q4_K→Q4_1 repacked; {q6k})",
+    q5 = "Q5_0 in 5 bits" if "int5" in paths else "Q5_0→Q8_0"
+    labels = {"kiln_native": f"kiln, block kernels (Q8_0; {q5}, Q4_K→Q4_1 repacked; {q6k})",
               "kiln_dequantized_bf16": "kiln, every tensor dequantized, bf16", "kiln_dequantized_fp32":
               "kiln, every tensor dequantized, fp32", "llama_bench_tg128": "`llama-bench` tg128 (C++)"}
     if name != "gemma3_decode":
