@@ -132,7 +132,7 @@ def test_tensor_types_and_values(sources, tmp_path: Path, src: str, ftype: str, 
 
 @pytest.mark.parametrize("ftype", KTYPES)
 def test_native_kquant_kernels_run_the_file_like_its_dequantized_weights(sources, tmp_path: Path, ftype: str) -> None:
-    """kiln's default load (native Q5_K/Q6_K super-block kernels, Q4_K repacked to Q4_1, Q5_0 to Q8_0) of a
+    """kiln's default load (native Q5_K/Q6_K super-block kernels, Q4_K repacked to Q4_1) of a
     kiln-written K-quant file gives the logits of the same file dequantized at load (the plain-torch twin).
 
     Measured on this model: q5_k_m / q6_k differ by 2e-5 of the largest logit (bound 2e-4); q4_k_m by
