@@ -49,8 +49,8 @@ class EngineArgs:
     offload_dir: str | None = _opt(None, "directory of the file --max-weight-memory streams layers from "
                                          "(default: KILN_HOME/offload)")
     offload_read_ahead: bool = _opt(False, "--max-weight-memory: a background thread faults the next layer in while "
-                                           "the current one computes (off by default: on a 2-core machine it measured "
-                                           "slower than the kernel's own readahead, see README)", switch=True)
+                                           "the current one computes (off by default: on a 2-core machine it measured no faster "
+                                           "than the kernel's own readahead, see README)", switch=True)
     offload_drop_page_cache: bool = _opt(False, "--max-weight-memory, for measurements: evict each streamed layer "
                                                 "from the page cache after use, so every step reads the disk",
                                          switch=True)

@@ -9,7 +9,7 @@ needs more memory than the model already held.
 During a forward pass each spilled layer is streamed: the compute threads fault its pages in (the kernel
 reads ahead within the layer as the faults run sequentially); with `read_ahead`, a background thread also
 faults layer *i+1* in while layer *i* computes (`MADV_POPULATE_READ`; skipped when the page cache holds
-it) — off by default, since on this 2-core machine it measured slower than the kernel's own readahead
+it) — off by default, since on this 2-core machine it measured no faster than the kernel's own readahead
 (benchmarks/weight_offload.py); just after layer *i* runs, its pages leave the process (`MADV_DONTNEED`). So at most one spilled layer is
 resident at any moment (two with read-ahead); with `drop_page_cache` they also leave the page cache and every step reads the
 disk (the cold-cache measurement; a machine that cannot hold the weights behaves so).
