@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gemma3_decode import machine  # noqa: E402 (a sibling script: benchmarks/ is on the path)
+
 OUT = Path(__file__).parent / "results" / "weight_offload.json"
 TOKENS = 128
 BUDGET_FRACTION = 1 / 3
@@ -44,15 +46,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "offload_cold": {"offload": True, "offload_drop_page_cache": True},
     "offload_cold_read_ahead": {"offload": True, "offload_drop_page_cache": True, "offload_read_ahead": True},
 }
-
-
-def machine(threads: int) -> dict[str, Any]:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return {"cpu": model or platform.processor(), "flags": [f for f in wanted if f in flags],
-            "cores": os.cpu_count(), "threads": threads, "load_average_start": os.getloadavg()}
 
 
 def _status(key: str) -> int:

@@ -21,6 +21,34 @@ if TYPE_CHECKING:
     from kiln.models.llama import LlamaForCausalLM
 
 
+class FusedStepMixin:
+    """`decode_plan()` and `decode_plan_status` for a model that may run pure decode steps in one native call.
+
+    The model sets `fused_decode_step`, `_decode_plan = None` and `_decode_plan_status = None` (not built
+    yet) in its constructor and implements `build_fused_plan() -> (plan or None, why not)`; the plan is
+    built once, on first use, when the weights are final."""
+
+    fused_step_label = "fused native decode step"
+
+    def build_fused_plan(self) -> tuple[Any | None, str]:
+        raise NotImplementedError
+
+    def decode_plan(self) -> object | None:
+        """The fused decode step's plan (built once), or None when this model cannot use it."""
+        if self._decode_plan_status is None:
+            self._decode_plan, why = self.build_fused_plan()
+            fused = self._decode_plan is not None
+            self._decode_plan_status = self.fused_step_label if fused else f"plain path: {why}"
+        return self._decode_plan
+
+    @property
+    def decode_plan_status(self) -> str:
+        """How pure decode steps run: the label, 'plain path: <why>' or 'not built yet'."""
+        if self._decode_plan_status is not None:
+            return self._decode_plan_status
+        return "not built yet" if self.fused_decode_step else "plain path: fused decode step off for this model"
+
+
 def build_decode_plan(model: "LlamaForCausalLM") -> tuple[Any | None, str]:
     """(plan, "") when the model's layers can all run in the fused step, else (None, why not)."""
     why = decode_step.unavailable_reason(model.device, model.dtype)

@@ -35,6 +35,7 @@ from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
 from kiln.models import gemma3_decode_plan
+from kiln.models.decode_plan import FusedStepMixin
 from kiln.models.llama import PACKED_MODULES
 from kiln.models.tied_head import TiedHeadMixin
 
@@ -119,13 +120,14 @@ class Gemma3DecoderLayer(nn.Module):
         return hidden + self.post_feedforward_layernorm(mlp)
 
 
-class Gemma3ForCausalLM(TiedHeadMixin, nn.Module):
+class Gemma3ForCausalLM(FusedStepMixin, TiedHeadMixin, nn.Module):
     packed_modules = PACKED_MODULES
     # Reads each layer's metadata with `meta.for_layer`, so local and global layers may keep separate
     # block tables (the hybrid KV cache, kiln.core.hybrid_kv_cache_manager).
     supports_kv_groups = True
     # Multi-step trips (kiln.worker.multi_step) drive the Llama-shaped plan; Gemma 3's plan runs single steps.
     multi_step_trips = False
+    fused_step_label = "fused native decode step (Gemma 3)"
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         super().__init__()
@@ -170,18 +172,6 @@ class Gemma3ForCausalLM(TiedHeadMixin, nn.Module):
             hidden = layer(positions, hidden, kv_cache, meta.for_layer(i))
         return self.norm(hidden)
 
-    def decode_plan(self) -> object | None:
-        """The fused decode step's plan (built once), or None when this model cannot use it."""
-        if self._decode_plan_status is None:
-            self._decode_plan, why = gemma3_decode_plan.build_gemma3_plan(self)
-            fused = self._decode_plan is not None
-            self._decode_plan_status = "fused native decode step (Gemma 3)" if fused else f"plain path: {why}"
-        return self._decode_plan
-
-    @property
-    def decode_plan_status(self) -> str:
-        """How pure decode steps run: 'fused native decode step (Gemma 3)', 'plain path: <why>' or 'not built yet'."""
-        if self._decode_plan_status is not None:
-            return self._decode_plan_status
-        return "not built yet" if self.fused_decode_step else "plain path: fused decode step off for this model"
+    def build_fused_plan(self) -> tuple[object | None, str]:
+        return gemma3_decode_plan.build_gemma3_plan(self)
 

@@ -23,7 +23,7 @@ from kiln.kernels.paged_attention import paged_attention, write_kv
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
-from kiln.models.decode_plan import build_decode_plan
+from kiln.models.decode_plan import FusedStepMixin, build_decode_plan
 from kiln.models.tied_head import TiedHeadMixin
 
 # checkpoint sub-module name → (fused module name, shard name)
@@ -108,7 +108,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaForCausalLM(TiedHeadMixin, nn.Module):
+class LlamaForCausalLM(FusedStepMixin, TiedHeadMixin, nn.Module):
     packed_modules = PACKED_MODULES
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
@@ -163,18 +163,6 @@ class LlamaForCausalLM(TiedHeadMixin, nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
-    def decode_plan(self) -> object | None:
-        """The fused decode step's plan (built once), or None when this model cannot use it."""
-        if self._decode_plan_status is None:
-            self._decode_plan, why = build_decode_plan(self)
-            fused = self._decode_plan is not None
-            self._decode_plan_status = "fused native decode step" if fused else f"plain path: {why}"
-        return self._decode_plan
-
-    @property
-    def decode_plan_status(self) -> str:
-        """How pure decode steps run: 'fused native decode step', 'plain path: <why>' or 'not built yet'."""
-        if self._decode_plan_status is not None:
-            return self._decode_plan_status
-        return "not built yet" if self.fused_decode_step else "plain path: fused decode step off for this model"
+    def build_fused_plan(self) -> tuple[object | None, str]:
+        return build_decode_plan(self)
 

@@ -94,7 +94,8 @@ class WeightStreamer:
 
     def install(self, layers: nn.ModuleList) -> None:
         for i, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_pre_hook(self._before_hook(i)))
+            if self.read_ahead:  # no hook on the per-layer hot path when there is nothing to read ahead
+                self.handles.append(layer.register_forward_pre_hook(self._before_hook(i)))
             if i in self.regions:
                 self.handles.append(layer.register_forward_hook(self._after_hook(i)))
 
@@ -108,12 +109,11 @@ class WeightStreamer:
 
     def _before_hook(self, i: int):  # noqa: ANN202 - a torch hook
         def hook(module: nn.Module, args: Any) -> None:
-            if self.read_ahead:
-                if i == 0 and i in self.regions:
-                    self.spill.prefetch(self.regions[i])
-                nxt = self._next_spilled(i)
-                if nxt is not None:
-                    self.spill.prefetch(self.regions[nxt])
+            if i == 0 and i in self.regions:
+                self.spill.prefetch(self.regions[i])
+            nxt = self._next_spilled(i)
+            if nxt is not None:
+                self.spill.prefetch(self.regions[nxt])
         return hook
 
     def _after_hook(self, i: int):  # noqa: ANN202 - a torch hook

@@ -67,17 +67,20 @@ def test_fused_step_equals_the_plain_path(gguf, hybrid, dtype, kv_dtype, monkeyp
 
 
 def test_int8_cache_and_other_steps_keep_the_plain_path(gguf) -> None:
-    loaded = load_model(gguf, dtype="float32", quantized_weights="dequantize")
-    engine = LLMEngine(loaded, CacheConfig(block_size=4, kv_cache_memory=1 << 21, kv_cache_dtype="int8"),
-                       SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8))
-    hidden = torch.zeros(1, 64)
-    caches = engine.runner.kv_caches if hasattr(engine, "runner") else None
-    if caches is None:
-        pytest.skip("engine exposes no runner caches")
     from kiln.kernels.attention_metadata import build_attention_metadata
 
-    meta = build_attention_metadata([1], [5], [[0, 1]], 4)
-    assert not gemma3_decode_plan.can_run(meta, hidden, caches)  # a quantized cache: the plain path
+    def caches(kv_dtype: str):
+        loaded = load_model(gguf, dtype="float32", quantized_weights="dequantize")
+        engine = LLMEngine(loaded, CacheConfig(block_size=4, kv_cache_memory=1 << 21, kv_cache_dtype=kv_dtype),
+                           SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8))
+        return engine.runner.kv_caches
+
+    hidden = torch.zeros(1, 64)
+    decode = build_attention_metadata([1], [5], [[0, 1]], 4)
+    assert gemma3_decode_plan.can_run(decode, hidden, caches("float32"))  # control: a float cache takes the plan
+    assert not gemma3_decode_plan.can_run(decode, hidden, caches("int8"))  # a quantized cache: the plain path
+    prefill = build_attention_metadata([3], [5], [[0, 1]], 4)
+    assert not gemma3_decode_plan.can_run(prefill, torch.zeros(3, 64), caches("float32"))  # a prefill chunk
 
 
 @pytest.mark.real_model
