@@ -52,7 +52,7 @@ needs_native = pytest.mark.skipif(not load_native(), reason="native kernels unav
 @needs_native
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("m_rows", [1, 2, 3, 5, 16, 33, 64])
-@pytest.mark.parametrize("n, k", [(1, 32), (37, 96), (129, 576)])
+@pytest.mark.parametrize("n, k", [(1, 32), (37, 96), (129, 576), (21, 1056)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_matmul_equals_reference(qtype: str, m_rows: int, n: int, k: int, dtype: torch.dtype) -> None:
     t, _ = blocks(n, k, qtype, seed=n + k)
@@ -177,3 +177,29 @@ def test_default_model_greedy_in_blocks_equals_dequantized(llm_fp32) -> None:
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     for ours, ref in zip(native.generate(prompts, params), llm_fp32.generate(prompts, params)):
         assert ours.outputs[0].token_ids == ref.outputs[0].token_ids, ours.prompt
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 15, 16, 17, 18, 33, 48])
+def test_q4_chunked_layout_is_the_documented_one(num_blocks: int) -> None:
+    """pack_q4 puts each nibble where kiln/kernels/quant_matmul.py's docstring (and the kernels) say:
+    in a full chunk, byte 2j + h of group g holds element 2g + h of block j (low) and 2g + 16 + h (high);
+    tail blocks keep the pair layout; unpack_q4 inverts it."""
+    from kiln.kernels.quant_matmul import CHUNK_BLOCKS, pack_q4, pack_q4_pairs, unpack_q4
+
+    q = torch.randint(0, 16, (3, num_blocks, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(num_blocks))
+    packed = pack_q4(q)
+    assert packed.shape == pack_q4_pairs(q).shape  # same bytes per row as the pair layout
+    assert torch.equal(unpack_q4(packed, num_blocks).view(3, num_blocks, 32), q)
+    full = num_blocks // CHUNK_BLOCKS * CHUNK_BLOCKS
+    flat = packed.view(3, -1)
+    for b in range(num_blocks):
+        for e in range(32):
+            if b < full:
+                c, j = divmod(b, CHUNK_BLOCKS)
+                g, h = divmod(e % 16, 2)
+                byte = flat[:, c * 256 + g * 32 + 2 * j + h]
+                got = byte & 0x0F if e < 16 else byte >> 4
+            else:
+                byte = flat[:, (b // 2) * 32 + e]
+                got = (byte >> (4 * (b % 2))) & 0x0F
+            assert torch.equal(got, q[:, b, e]), (b, e)

@@ -1,12 +1,19 @@
 """Block-quantized weight matmul (GGUF Q4_0 / Q4_1 / Q8_0 layouts) and its plain-torch twin.
 
 Packed layout (what `kiln.layers.gguf_quant` produces at load, and the kernel reads):
-  * Q4: `qs` uint8 [N, ceil(K/64), 32] — byte j of pair p holds element j of block 2p (low
-    nibble) and element j of block 2p+1 (high nibble; zero past the last block); `d`, `m`
-    float16 [N, K/32]; w = d * q + m, q in [0, 15]. (GGUF Q4_0 is stored with m = -8 d, so one
-    kernel serves both.)
+  * Q4: `qs` uint8 [N, ceil(K/64), 32], each row's blocks in chunks of 16 (`CHUNK_BLOCKS`)
+    followed by a tail of the remaining nb % 16 blocks. Chunk c is 256 bytes, 8 groups of 32: byte
+    2j + h of group g holds element 2g + h of the chunk's block j in its low nibble and element
+    2g + 16 + h in its high nibble. Zero-extended to int16, a group's two nibble planes are two
+    vectors whose int32 lane j is a pair of elements of block j, so an integer dot product over
+    the chunk accumulates every block in its own lane and one float multiply-add per 16 blocks
+    applies the scales (csrc/quant_gemm.cpp). The tail keeps the pair layout: byte j of pair p
+    holds element j of tail block 2p (low nibble) and of tail block 2p+1 (high nibble; zero past
+    the last block). `d`, `m` float16 [N, K/32]; w = d * q + m, q in [0, 15]. (GGUF Q4_0 is
+    stored with m = -8 d, so one kernel serves both.)
   * Q8: `qs` int8 [N, K]; `d` float16 [N, K/32]; w = d * q. `m` is unused (pass an empty tensor).
-  * Q5 (GGUF Q5_0): the Q4 layout's `qs` / `d` / `m` for the low four bits with m = -16 d, plus `qh`
+  * Q5 (GGUF Q5_0): the pair layout (as the Q4 tail, for every block) for the low four bits,
+    `d` / `m` with m = -16 d, plus `qh`
     int32 [N, K/32] whose bit j is bit 4 of element j: w = d * (q + 16 h) + m (exact, as Q4_0's -8 d).
 Scales stay float16 as in GGUF, so the repack is exact and the weights take 20 (Q4) or 34 (Q8)
 bytes per 32, like the file.
@@ -34,20 +41,53 @@ def use_native_quant(x: torch.Tensor) -> bool:
 
 
 # ---- references --------------------------------------------------------------------------------
-def unpack_q4(qs: torch.Tensor, num_blocks: int) -> torch.Tensor:
+CHUNK_BLOCKS = 16  # blocks per chunk of the Q4 layout (one int32 lane per block in a 512-bit vector)
+
+
+def unpack_q4_pairs(qs: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """uint8 [N, P, 32] pair-interleaved → uint8 [N, num_blocks * 32] of 4-bit values in element order."""
     n, pairs, _ = qs.shape
     both = torch.stack((qs & 0x0F, qs >> 4), dim=2)  # [N, P, 2, 32]: block 2p, block 2p+1
     return both.reshape(n, pairs * 2 * QK)[:, : num_blocks * QK]
 
 
-def pack_q4(q: torch.Tensor) -> torch.Tensor:
+def pack_q4_pairs(q: torch.Tensor) -> torch.Tensor:
     """uint8 [N, nb, 32] of 4-bit values → the pair-interleaved uint8 [N, ceil(nb/2), 32]."""
     n, nb, _ = q.shape
     if nb % 2:
         q = torch.cat((q, torch.zeros(n, 1, QK, dtype=q.dtype)), dim=1)
     q = q.view(n, -1, 2, QK)
     return (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, nb, 32] of 4-bit values → the chunked Q4 layout uint8 [N, ceil(nb/2), 32] (module docstring)."""
+    n, nb, _ = q.shape
+    full = nb // CHUNK_BLOCKS * CHUNK_BLOCKS
+    parts = []
+    if full:
+        c = q[:, :full].reshape(n, full // CHUNK_BLOCKS, CHUNK_BLOCKS, QK)  # [N, C, j, e]
+        lo = c[..., : QK // 2].reshape(n, -1, CHUNK_BLOCKS, 8, 2)  # element 2g + h → [N, C, j, g, h]
+        hi = c[..., QK // 2:].reshape(n, -1, CHUNK_BLOCKS, 8, 2)  # element 2g + 16 + h
+        parts.append((lo | (hi << 4)).permute(0, 1, 3, 2, 4).reshape(n, -1, QK))  # [N, C * 8, 32]: g, j, h
+    if nb > full:
+        parts.append(pack_q4_pairs(q[:, full:]))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def unpack_q4(qs: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The chunked Q4 layout uint8 [N, P, 32] → uint8 [N, num_blocks * 32] of 4-bit values in element order."""
+    n = qs.shape[0]
+    full = num_blocks // CHUNK_BLOCKS * CHUNK_BLOCKS
+    parts = []
+    if full:
+        g = qs[:, : full // 2].reshape(n, -1, 8, CHUNK_BLOCKS, 2).permute(0, 1, 3, 2, 4)  # [N, C, j, g, h]
+        block = torch.cat(((g & 0x0F).reshape(n, -1, CHUNK_BLOCKS, QK // 2),
+                           (g >> 4).reshape(n, -1, CHUNK_BLOCKS, QK // 2)), dim=-1)  # [N, C, j, 32]
+        parts.append(block.reshape(n, full * QK))
+    if num_blocks > full:
+        parts.append(unpack_q4_pairs(qs[:, full // 2:], num_blocks - full))
+    return torch.cat(parts, dim=1)
 
 
 def dequantize_reference(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, is_q4: bool,
@@ -72,7 +112,7 @@ def dequantize_q5_reference(qs: torch.Tensor, qh: torch.Tensor, d: torch.Tensor,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense W [N, K] from the Q5 layout."""
     n, nb = d.shape
-    q = unpack_q4(qs.view(n, -1, QK), nb).view(n, nb, QK).float() + 16.0 * unpack_high_bits(qh).float()
+    q = unpack_q4_pairs(qs.view(n, -1, QK), nb).view(n, nb, QK).float() + 16.0 * unpack_high_bits(qh).float()
     w = q * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
     return w.reshape(n, nb * QK).to(dtype)
 
@@ -107,7 +147,7 @@ def quant_matmul_q5_reference(x: torch.Tensor, qs: torch.Tensor, qh: torch.Tenso
     """The Q5 layout's y = x @ W^T with int16-quantized activation blocks (the kernel's arithmetic)."""
     n, nb = d.shape
     xq, dx = quantize_activations_reference(x)
-    wq = unpack_q4(qs.view(n, -1, QK), nb).double().view(n, nb, QK) + 16.0 * unpack_high_bits(qh).double()
+    wq = unpack_q4_pairs(qs.view(n, -1, QK), nb).double().view(n, nb, QK) + 16.0 * unpack_high_bits(qh).double()
     isum = torch.einsum("mbj,nbj->mnb", xq.double(), wq).float()
     y = (isum * d.float().unsqueeze(0) * dx.unsqueeze(1)).sum(-1)
     y = y + (dx * xq.sum(-1)) @ m.float().t()

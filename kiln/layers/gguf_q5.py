@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kiln.kernels.decode_step import LinearEntry, q5_entry
-from kiln.kernels.quant_matmul import QK, dequantize_q5, pack_q4, quant_matmul_panels_q5, quant_matmul_q5
+from kiln.kernels.quant_matmul import QK, dequantize_q5, pack_q4_pairs, quant_matmul_panels_q5, quant_matmul_q5
 from kiln.layers.gguf_quant import GGUFQuantizedTensor, GGUFQuantLinearMethod
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def unpack_q5_0(t: GGUFQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, tor
     qh = torch.empty((n, nb, 4), dtype=torch.uint8).copy_(blocks[..., 2:6]).view(torch.int32).reshape(n, nb)
     packed = blocks[..., 6:22]
     low = torch.cat((packed & 0x0F, packed >> 4), dim=-1)  # GGUF: byte j = element j | element j+16 << 4
-    return pack_q4(low), qh.contiguous(), d.contiguous(), (-16.0 * d).contiguous()
+    return pack_q4_pairs(low), qh.contiguous(), d.contiguous(), (-16.0 * d).contiguous()
 
 
 class GGUFQ5LinearMethod(GGUFQuantLinearMethod):

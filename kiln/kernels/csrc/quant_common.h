@@ -38,6 +38,10 @@ struct QuantizedRows {
   std::vector<int16_t> q;  // [M, K]
   std::vector<float> dx;   // [M, K/32]
   std::vector<float> sx;   // [M, K/32]: dx * sum(q) of the block
+  // [M, K] or empty: q with each full 16-block chunk's element pairs transposed to the chunked Q4
+  // weight layout (vector t of a chunk: int32 lane j = elements 2t, 2t + 1 of block j); see
+  // `transpose_chunks` in quant_gemm.cpp. Built only for the Q4 block kernel.
+  std::vector<int16_t> qt;
 };
 
 #ifdef KILN_AVX512
