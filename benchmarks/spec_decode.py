@@ -79,8 +79,11 @@ def _timed(name: str, w: dict, prompts: list[list[int]], kwargs: dict, batch: in
 
 def _compare(off: dict, on: dict) -> dict:
     identical = off.pop("token_ids") == on.pop("token_ids")
-    return {"speculation_off": off, "speculation_on": on, "speedup": on["output_tok_s"] / off["output_tok_s"],
-            "outputs_identical": identical}
+    out = {"speculation_off": off, "speculation_on": on, "speedup": on["output_tok_s"] / off["output_tok_s"],
+           "outputs_identical": identical}
+    if "decode_tok_s" in off and "decode_tok_s" in on:  # the same, prefill (TTFT) excluded
+        out["decode_speedup"] = on["decode_tok_s"] / off["decode_tok_s"]
+    return out
 
 
 def main() -> None:
@@ -101,7 +104,8 @@ def main() -> None:
             on = _timed(name, w, prompts, {**w["base"], **w["spec"]}, batch)
             runs[f"batch_{batch}"] = _compare(dict(offs[batch]), on)
             print(f"{name} batch {batch}: off {offs[batch]['output_tok_s']:.1f} tok/s, on {on['output_tok_s']:.1f} tok/s "
-                  f"({runs[f'batch_{batch}']['speedup']:.2f}x), acceptance {on.get('spec_acceptance_rate')}, "
+                  f"({runs[f'batch_{batch}']['speedup']:.2f}x; decode only {runs[f'batch_{batch}'].get('decode_speedup', 0):.2f}x), "
+                  f"acceptance {on.get('spec_acceptance_rate')}, "
                   f"identical {runs[f'batch_{batch}']['outputs_identical']}", file=sys.stderr)
         entry = {"title": w["title"], "date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs}
         if sweep:  # speedup with the switch-off disabled, per batch size

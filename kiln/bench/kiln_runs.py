@@ -140,13 +140,22 @@ def kiln_generate_timed(model: str, dtype: str, prompts: list[list[int]], max_to
     _warm_up(engine, prompts[0])
     outputs: list[list[int]] = []
     draft_before = engine.stats().spec.draft_seconds_total
+    decode_tokens, decode_seconds = 0, 0.0
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        outputs.extend(o.outputs[0].token_ids for o in _generate(engine, prompts[i:i + batch], params))
+        group = _generate(engine, prompts[i:i + batch], params)
+        outputs.extend(o.outputs[0].token_ids for o in group)
+        # decode window of the group: from its last first token to its end (prefill excluded)
+        firsts = [o.metrics.first_token_time for o in group if o.metrics and o.metrics.first_token_time]
+        ends = [o.metrics.finished_time for o in group if o.metrics and o.metrics.finished_time]
+        if firsts and ends:
+            decode_seconds += max(ends) - max(firsts)
+            decode_tokens += sum(max(len(o.outputs[0].token_ids) - 1, 0) for o in group)
     elapsed = time.perf_counter() - start
     generated = sum(map(len, outputs))
     stats = _spec_stats(engine)
     if stats:
         stats["spec_draft_time_share"] = (stats["spec_draft_seconds"] - draft_before) / elapsed
+    decode = {"decode_tok_s": decode_tokens / decode_seconds} if decode_seconds > 0 else {}
     return {"system": f"kiln ({_weights(engine)})", "batch": batch, "elapsed_s": elapsed, "output_tokens": generated,
-            "output_tok_s": generated / elapsed, "token_ids": outputs, **stats}
+            "output_tok_s": generated / elapsed, **decode, "token_ids": outputs, **stats}
