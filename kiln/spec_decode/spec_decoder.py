@@ -9,6 +9,9 @@
   and tells the controller what a decode-only step yielded.
 * `free(seq_id)`, when a sequence leaves the engine: the proposer drops what it holds for it.
 
+With `adaptive` (the default) each sequence also verifies only as many drafts as its recent
+acceptance suggests (kiln.spec_decode.draft_length), at most k.
+
 Invariant: this object decides only whether, and which, drafts are verified; what is generated
 never depends on it (verification is lossless), only how fast.
 """
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from kiln.config import SpeculativeConfig
 from kiln.spec_decode.controller import SpeculationController
+from kiln.spec_decode.draft_length import DraftLengthPolicy
 from kiln.spec_decode.proposer import Proposer
 
 if TYPE_CHECKING:
@@ -53,6 +57,7 @@ class SpecDecoder:
         self.proposer = proposer
         self.max_model_len = max_model_len
         self.controller = SpeculationController(adaptive=config.adaptive)
+        self.draft_length = DraftLengthPolicy(config.num_speculative_tokens) if config.adaptive else None
         self.stats = SpecDecodeStats()
 
     def snapshot(self) -> SpecDecodeStats:
@@ -102,6 +107,8 @@ class SpecDecoder:
             k = min(params.num_speculative_tokens, k)
         # the step's own sampled token takes one place, hence the - 1s
         room = params.max_tokens - request.num_output_tokens - 1 if params.max_tokens is not None else k
+        if self.draft_length is not None:
+            k = min(k, self.draft_length.limit(request.request_id))
         return min(room, k, self.max_model_len - request.num_tokens - 1)
 
     # ---- after the step --------------------------------------------------------------------
@@ -119,6 +126,8 @@ class SpecDecoder:
                 self.stats.steps_total += 1
                 self.stats.proposed_total += len(item.spec_token_ids)
                 self.stats.accepted_total += len(tokens) - 1
+                if self.draft_length is not None:
+                    self.draft_length.update(item.request.request_id, len(item.spec_token_ids), len(tokens) - 1)
         # Prefill steps say nothing about decoding speed: their time is the prompt's.
         if any(item.num_tokens != 1 + len(item.spec_token_ids) for item in sched.scheduled):
             return
@@ -129,6 +138,8 @@ class SpecDecoder:
     def free(self, seq_id: str) -> None:
         """The sequence left the engine (finished or aborted)."""
         self.proposer.free(seq_id)
+        if self.draft_length is not None:
+            self.draft_length.free(seq_id)
 
 
 def build_spec_decoder(config: SpeculativeConfig | None, target: LoadedModel, num_blocks: int, block_size: int,

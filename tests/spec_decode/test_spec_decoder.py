@@ -73,7 +73,8 @@ def test_not_paying_spares_only_seeded_sampling() -> None:
     greedy, unseeded, seeded = (decoding("g", temperature=0), decoding("u", temperature=0.8),
                                 decoding("s", temperature=0.8, seed=1))
     s.propose([greedy, unseeded, seeded])
-    assert p.asked == [{"s": 4}] and s.stats.skipped_steps_total == 1
+    # (adaptive: a new sequence's draft budget is half of k, kiln.spec_decode.draft_length)
+    assert p.asked == [{"s": 2}] and s.stats.skipped_steps_total == 1
 
 
 def test_observe_counts_verified_and_accepted_drafts_and_free_reaches_the_proposer() -> None:
@@ -87,3 +88,39 @@ def test_observe_counts_verified_and_accepted_drafts_and_free_reaches_the_propos
     assert s.stats.acceptance_rate == 2 / 3
     s.free("a")
     assert p.freed == ["a"]
+
+
+def test_draft_budget_grows_on_full_acceptance_and_falls_to_what_a_rejection_accepted() -> None:
+    from kiln.spec_decode.draft_length import DraftLengthPolicy
+
+    policy = DraftLengthPolicy(8)
+    assert policy.limit("a") == 4  # a new sequence starts at half of k
+    policy.update("a", 4, 4)
+    assert policy.limit("a") == 8  # doubled, capped at k
+    policy.update("a", 8, 8)
+    assert policy.limit("a") == 8
+    policy.update("a", 8, 2)
+    assert policy.limit("a") == 2  # rejected at the third draft: two would have been accepted
+    policy.update("a", 2, 0)
+    assert policy.limit("a") == 1  # never below one
+    policy.update("a", 1, 1)
+    assert policy.limit("a") == 2
+    policy.update("a", 1, 1)  # the proposer offered fewer than the budget, all accepted: no shrink
+    assert policy.limit("a") == 2
+    policy.free("a")
+    assert policy.limit("a") == 4
+
+
+def test_adaptive_spec_decoder_asks_each_sequence_for_its_budget() -> None:
+    p = Recording()
+    s = spec(p, num_speculative_tokens=8, adaptive=True)
+    a, b = decoding("a", temperature=0), decoding("b", temperature=0)
+    s.propose([a, b])
+    assert p.asked[-1] == {"a": 4, "b": 4}
+    sched = SchedulerOutput([ScheduledRequest(a, 3, 5, [0], [7] * 4), ScheduledRequest(b, 3, 5, [1], [7] * 4)], 10, [])
+    s.observe(sched, {"a": [7] * 5, "b": [7, 9]}, {"a": [7] * 5, "b": [7, 9]}, 0.01)  # a: all 4 accepted; b: 1
+    a.spec_token_ids, b.spec_token_ids = [], []
+    s.propose([a, b])
+    assert p.asked[-1] == {"a": 8, "b": 1}
+    s.free("b")
+    assert s.draft_length is not None and s.draft_length.limit("b") == 4
