@@ -174,3 +174,27 @@ def rope_freq_factors(reader: Any) -> torch.Tensor | None:
         if tensor.name == "rope_freqs.weight":
             return torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).copy())
     return None
+
+
+def release_tensor_pages(reader: Any, tensors: list[Any]) -> None:
+    """Drop the file pages of `tensors` from this process's resident set once they are consumed.
+
+    The reader maps the whole file; every page a tensor's read touched stays in the resident set (as
+    file-backed RSS) for as long as the mapping lives, so a streamed load would end up holding the whole
+    file. `MADV_DONTNEED` on a clean, read-only file mapping only unmaps the pages: the page cache keeps
+    them and a later read faults them back in, so nothing is lost (a neighbouring tensor sharing an edge page
+    just faults it again)."""
+    import mmap
+
+    mapping = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
+    if mapping is None or not tensors:
+        return
+    page = mmap.PAGESIZE
+    for tensor in tensors:
+        start = int(tensor.data_offset) // page * page
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > start:
+            try:
+                mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):  # a platform without madvise: the pages stay, nothing breaks
+                return

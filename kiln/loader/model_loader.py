@@ -125,6 +125,7 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
     path = Path(path)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    offload = None
     if path.is_dir():
         from kiln.loader.safetensors_loader import hf_model_config, iter_safetensors_weights, safetensors_files
 
@@ -160,7 +161,7 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
                     types[t] = types.get(t, 0) + 1
         fmt = "safetensors"
     elif path.is_file():
-        from kiln.loader.gguf_loader import gguf_model_config, iter_gguf_weights, open_gguf, rope_freq_factors
+        from kiln.loader.gguf_loader import gguf_model_config, open_gguf, rope_freq_factors
 
         reader = open_gguf(path)
         cfg = gguf_model_config(reader, path)
@@ -168,19 +169,19 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         if factors is not None:
             cfg.extra["rope_freq_factors"] = factors
         arch = get_architecture(cfg.architecture, path)
-        model = arch.model_class(cfg, torch_dtype, device)
-        if prepare_model is not None:
-            prepare_model(model)
         keep_blocks = use_gguf_blocks(quantized_weights, device)
-        keep_dense = quantized_weights == "auto" and weight_offload is None
-        if keep_blocks:
-            plan_gguf_quantized_layers(model, reader, keep_dense, arch.weight_names)
-            model.keep_gguf_blocks = True
-            model.keep_dense_copies = keep_dense
-        load_named_weights(model, iter_gguf_weights(reader, cfg, path, keep_blocks=keep_blocks), path,
-                           arch.weight_names)
-        if keep_blocks:
-            model.finalize_quantized_layers()
+        if weight_offload is not None and prepare_model is None:
+            # under a budget: built on the meta device and loaded layer by layer straight into the spill file
+            from kiln.offload.streamed_load import load_gguf_streamed
+
+            try:
+                model, offload = load_gguf_streamed(reader, cfg, arch, path, torch_dtype, device, keep_blocks,
+                                                    weight_offload)
+            except ValueError as exc:
+                raise ModelLoadError(path, str(exc)) from None
+        else:
+            model = _load_gguf_resident(reader, cfg, arch, path, torch_dtype, device, quantized_weights,
+                                        keep_blocks, prepare_model, weight_offload is None)
         tokenizer = Tokenizer.from_gguf(reader)  # one header parse: a 262k vocabulary takes seconds
         types = {}
         for t in reader.tensors:
@@ -191,12 +192,36 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
     if tokenizer.chat_template is None and arch.default_chat_template is not None:
         tokenizer.chat_template = arch.default_chat_template
     model.eval()
-    offload = None
     if weight_offload is not None:
-        from kiln.offload.weight_offload import apply_offload
+        from kiln.offload.weight_offload import apply_offload, finish_offload
 
-        try:
-            offload = apply_offload(model, weight_offload)
-        except ValueError as exc:
-            raise ModelLoadError(path, str(exc)) from None
+        if offload is not None:
+            finish_offload(model, offload)
+        else:
+            try:
+                offload = apply_offload(model, weight_offload)
+            except ValueError as exc:
+                raise ModelLoadError(path, str(exc)) from None
     return LoadedModel(model, cfg, tokenizer, path, fmt, types, offload)
+
+
+def _load_gguf_resident(reader: object, cfg: ModelConfig, arch: object, path: Path, torch_dtype: torch.dtype,
+                        device: torch.device, quantized_weights: str, keep_blocks: bool,
+                        prepare_model: Callable[[nn.Module], None] | None, may_keep_dense: bool) -> nn.Module:
+    """The whole model built and loaded in RAM (no budget; or tensor parallel, whose `prepare_model` resizes
+    the built layers)."""
+    from kiln.loader.gguf_loader import iter_gguf_weights
+
+    model = arch.model_class(cfg, torch_dtype, device)
+    if prepare_model is not None:
+        prepare_model(model)
+    keep_dense = quantized_weights == "auto" and may_keep_dense
+    if keep_blocks:
+        plan_gguf_quantized_layers(model, reader, keep_dense, arch.weight_names)
+        model.keep_gguf_blocks = True
+        model.keep_dense_copies = keep_dense
+    load_named_weights(model, iter_gguf_weights(reader, cfg, path, keep_blocks=keep_blocks), path,
+                       arch.weight_names)
+    if keep_blocks:
+        model.finalize_quantized_layers()
+    return model

@@ -58,20 +58,27 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
         except AttributeError:
             raise ModelLoadError(source, f"unexpected tensor {hf_name!r} (not part of this architecture)") from None
         try:
-            if hasattr(module, "weight_loader"):
-                module.weight_loader(param, tensor, shard)
-            else:
-                if isinstance(tensor, GGUFQuantizedTensor):
-                    if tied and hf_name.endswith("embed_tokens.weight") and hasattr(model, "attach_quantized_tied_head"):
-                        model.attach_quantized_tied_head(tensor)  # the LM head reads the blocks natively
-                    tensor = tensor.dequantize()
-                target = getattr(module, param)
-                if tuple(target.shape) != tuple(tensor.shape):
-                    raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(tensor.shape)}")
-                target.data.copy_(tensor.to(target.dtype))
+            if (isinstance(tensor, GGUFQuantizedTensor) and tied and hf_name.endswith("embed_tokens.weight")
+                    and not hasattr(module, "weight_loader") and hasattr(model, "attach_quantized_tied_head")):
+                model.attach_quantized_tied_head(tensor)  # the LM head reads the blocks natively
+            load_tensor(module, param, tensor, shard)
         except ValueError as exc:
             raise ModelLoadError(source, f"tensor {hf_name!r}: {exc}") from None
         needed.discard((module_path, param, shard))
     if needed:
         missing = sorted(f"{m}.{p}" + (f" ({s})" if s else "") for m, p, s in needed)
         raise ModelLoadError(source, f"missing tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+
+
+def load_tensor(module: nn.Module, param: str, tensor: "torch.Tensor | GGUFQuantizedTensor", shard: str | None) -> None:
+    """Copy one checkpoint tensor into `module.param` (at `shard`'s rows): through the module's own
+    `weight_loader` when it has one, else dequantized and copied; ValueError on a shape mismatch."""
+    if hasattr(module, "weight_loader"):
+        module.weight_loader(param, tensor, shard)
+        return
+    if isinstance(tensor, GGUFQuantizedTensor):
+        tensor = tensor.dequantize()
+    target = getattr(module, param)
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(tensor.shape)}")
+    target.data.copy_(tensor.to(target.dtype))

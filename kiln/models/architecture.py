@@ -33,7 +33,8 @@ class CausalLM(Protocol):
     (quantized layers keep their own storage types). `forward` takes a flat token batch and the
     paged KV caches (one per layer) and returns final hidden states; `compute_logits` turns the rows
     that sample into fp32 logits. The GGUF loader sets `keep_gguf_blocks` / `keep_dense_copies`
-    before loading and calls `finalize_quantized_layers` once every tensor is in.
+    before loading and calls `finalize_quantized_layers` once every tensor is in (per decoder layer
+    under a weight budget, where the model is built on the meta device and materialized layer by layer).
     """
 
     config: ModelConfig
@@ -42,7 +43,7 @@ class CausalLM(Protocol):
     keep_gguf_blocks: bool
     keep_dense_copies: bool
 
-    def finalize_quantized_layers(self) -> None: ...
+    def finalize_quantized_layers(self, root: torch.nn.Module | None = None) -> None: ...
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: "AttentionMetadata",
                  kv_caches: "list[KVCache]") -> torch.Tensor: ...

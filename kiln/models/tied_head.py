@@ -30,11 +30,12 @@ class TiedHeadMixin:
         head.weight_loader("weight", blocks)
         self.quantized_tied_head = head
 
-    def finalize_quantized_layers(self) -> None:
-        """After loading: quantized layers repack or build their dense copies (the tied head adopts the embedding)."""
-        for module in self.modules():
+    def finalize_quantized_layers(self, root: torch.nn.Module | None = None) -> None:
+        """After loading: quantized layers repack or build their dense copies (the tied head adopts the embedding).
+        `root`: only the Linears inside it (one decoder layer, as soon as its weights are in: the streamed load)."""
+        for module in (root if root is not None else self).modules():
             if isinstance(module, Linear):
-                dense = self.embed_tokens.weight if module is self.quantized_tied_head else None
+                dense = getattr(self.embed_tokens, "weight", None) if module is self.quantized_tied_head else None
                 module.method.process_weights_after_loading(module, dense)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

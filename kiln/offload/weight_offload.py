@@ -148,8 +148,10 @@ def linear_tensors(layer: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]
             out.append((module, "dense_weight", dense))
     unique = []
     for entry in out:  # one tensor reachable twice must move once
-        if entry[2].data_ptr() not in seen:
-            seen.add(entry[2].data_ptr())
+        t = entry[2]
+        key = id(t) if t.is_meta else t.data_ptr()  # meta tensors have no address (streamed_load plans on them)
+        if key not in seen:
+            seen.add(key)
             unique.append(entry)
     return unique
 
@@ -194,9 +196,59 @@ def _move(module: nn.Module, name: str, src: torch.Tensor, dst: torch.Tensor) ->
         setattr(module, name, dst)
 
 
+def check_fixed_part(fixed: int, budget_bytes: int) -> None:
+    """ValueError (with the numbers) when the parts that must stay resident alone exceed the budget."""
+    if fixed > budget_bytes:
+        mib = 1 << 20
+        raise ValueError(f"--max-weight-memory {budget_bytes / mib:.1f} MiB is below the {fixed / mib:.1f} MiB that "
+                         f"must stay resident (embeddings, LM head, norms, RoPE tables); give at least "
+                         f"{fixed / mib + 1:.0f} MiB or leave the flag off")
+
+
+def split_layers(fixed: int, layer_bytes: list[int], budget_bytes: int) -> tuple[list[int], list[int], int]:
+    """The one residency rule: the fixed part, then whole decoder layers from the first while the budget
+    lasts; every layer after the first that does not fit streams. Returns (resident, spilled, resident bytes)."""
+    resident, spilled, used = [], [], fixed
+    for i, nbytes in enumerate(layer_bytes):
+        if not spilled and used + nbytes <= budget_bytes:
+            resident.append(i)
+            used += nbytes
+        else:
+            spilled.append(i)
+    return resident, spilled, used
+
+
+def plan_spill(shapes: dict[int, list[tuple[tuple[int, ...], torch.dtype]]]) -> tuple[SpillLayout, dict[int, list[int]],
+                                                                                     dict[int, Region]]:
+    """Offsets in the spill file of every spilled layer's tensors (layer → [(shape, dtype)], in
+    `linear_tensors` order): one page-aligned region per layer."""
+    layout = SpillLayout()
+    offsets: dict[int, list[int]] = {}
+    regions: dict[int, Region] = {}
+    for i, entries in shapes.items():
+        layout.begin_region()
+        offsets[i] = [layout.add(_numel(shape) * _itemsize(dtype)) for shape, dtype in entries]
+        regions[i] = layout.end_region()
+    return layout, offsets, regions
+
+
+def spill_layer(spill: SpillFile, entries: list[tuple[nn.Module, str, torch.Tensor]], offsets: list[int],
+                region: Region, drop_page_cache: bool) -> None:
+    """Move one layer's tensors into `spill` at `offsets`, write them back and drop them from the process.
+    The caller must hold no other reference to the old tensors, so their RAM is freed as each one moves."""
+    for (module, name, t), offset in zip(entries, offsets):
+        _move(module, name, t, spill.tensor(offset, tuple(t.shape), t.dtype))
+    entries.clear()
+    t = None  # noqa: F841 - the last moved tensor's old storage too
+    spill.flush(region)
+    spill.release(region, drop_page_cache)
+
+
 def offload_weights(model: nn.Module, budget_bytes: int, directory: Path, drop_page_cache: bool = False,
                     read_ahead: bool = False) -> OffloadReport:
-    """Keep the model's weights within `budget_bytes` of RAM by streaming decoder layers from a file.
+    """Keep a fully loaded model's weights within `budget_bytes` of RAM by streaming decoder layers from a
+    file (the eager path: safetensors folders; GGUF files load straight into the spill file instead, see
+    kiln.offload.streamed_load).
 
     Raises ValueError (with the numbers) when the parts that must stay resident alone exceed the budget.
     """
@@ -208,45 +260,43 @@ def offload_weights(model: nn.Module, budget_bytes: int, directory: Path, drop_p
     layer_bytes = [unique_bytes([t for _, _, t in entries]) for entries in per_layer]
     total = unique_bytes(model_weight_tensors(model))
     fixed = total - sum(layer_bytes)
-    if fixed > budget_bytes:
-        mib = 1 << 20
-        raise ValueError(f"--max-weight-memory {budget_bytes / mib:.1f} MiB is below the {fixed / mib:.1f} MiB that "
-                         f"must stay resident (embeddings, LM head, norms, RoPE tables); give at least "
-                         f"{fixed / mib + 1:.0f} MiB or leave the flag off")
-    resident, spilled, used = [], [], fixed
-    for i, nbytes in enumerate(layer_bytes):
-        if not spilled and used + nbytes <= budget_bytes:
-            resident.append(i)
-            used += nbytes
-        else:
-            spilled.append(i)
+    check_fixed_part(fixed, budget_bytes)
+    resident, spilled, used = split_layers(fixed, layer_bytes, budget_bytes)
     report = OffloadReport(budget_bytes, used, fixed, 0, resident, spilled, embedding_from_blocks)
     if not spilled:
         return report
-    layout = SpillLayout()
-    offsets: dict[int, list[int]] = {}
-    regions: dict[int, Region] = {}
-    for i in spilled:
-        layout.begin_region()
-        offsets[i] = [layout.add(t.numel() * t.element_size()) for _, _, t in per_layer[i]]
-        regions[i] = layout.end_region()
+    layout, offsets, regions = plan_spill({i: [(tuple(t.shape), t.dtype) for _, _, t in per_layer[i]]
+                                           for i in spilled})
     spill = SpillFile(layout.size, directory)
     for i in spilled:
         # one layer at a time: its RAM copy is dropped (no reference left here) and its file pages written
         # back and released before the next layer moves, so the move needs no memory beyond one layer
         entries, per_layer[i] = per_layer[i], None
-        for (module, name, t), offset in zip(entries, offsets[i]):
-            _move(module, name, t, spill.tensor(offset, tuple(t.shape), t.dtype))
-        entries = t = None  # the last moved tensor's old storage too
-        spill.flush(regions[i])
-        spill.release(regions[i], drop_page_cache)
+        spill_layer(spill, entries, offsets[i], regions[i], drop_page_cache)
     report.mapped_bytes = sum(r.length for r in regions.values())
-    streamer = WeightStreamer(spill, regions, len(layers), drop_page_cache, read_ahead)
-    streamer.install(layers)
+    install_streamer(model, spill, regions, drop_page_cache, read_ahead)
+    return report
+
+
+def install_streamer(model: nn.Module, spill: SpillFile, regions: dict[int, Region], drop_page_cache: bool,
+                     read_ahead: bool) -> None:
+    """Hooks that stream the spilled layers during each forward (see WeightStreamer)."""
+    streamer = WeightStreamer(spill, regions, len(model.layers), drop_page_cache, read_ahead)
+    streamer.install(model.layers)
     # the tensors' storage keeps the mmap object referenced; the streamer keeps the SpillFile (its descriptor,
     # its prefetch thread) for as long as the model lives. Nothing ever closes the mapping explicitly.
     model.weight_streamer = streamer
-    return report
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _return_freed_heap() -> None:
@@ -265,9 +315,14 @@ def _return_freed_heap() -> None:
 def apply_offload(model: nn.Module, config: WeightOffloadConfig) -> OffloadReport:
     """`offload_weights` for a loaded model, with the fused decode step turned off when layers stream."""
     report = offload_weights(model, config.budget_bytes, config.directory, config.drop_page_cache, config.read_ahead)
+    finish_offload(model, report)
+    return report
+
+
+def finish_offload(model: nn.Module, report: OffloadReport) -> None:
+    """After the layers moved: return the freed heap to the OS and turn the fused decode step off."""
     _return_freed_heap()
     if report.spilled_layers and hasattr(model, "fused_decode_step"):
         model.fused_decode_step = False
         model._decode_plan_status = (f"plain path: {len(report.spilled_layers)} layers stream from disk "
                                      "(--max-weight-memory); the fused step runs every layer in one call")
-    return report

@@ -1,0 +1,201 @@
+"""Load a GGUF model under `--max-weight-memory` without ever holding all of its weights in RAM.
+
+The eager path (kiln.offload.weight_offload.offload_weights) loads the whole model, then moves the decoder
+layers past the budget into the spill file: its load-time peak is the whole model and more. Here the model
+is built on the meta device (no storage at all), and then:
+
+1. the parts outside the decoder layers load first (embeddings, LM head, final norm; RoPE tables are computed
+   at construction). A tied embedding kept in blocks becomes the quantized LM head, and lookups are served
+   from those blocks (`BlockEmbedding`): the dense table is never built;
+2. the split is decided before any layer is read, by the same rule as the eager path
+   (`split_layers`: the fixed part, then whole layers from the first while the budget lasts), from the meta
+   tensors' shapes — a layer's repacked buffers are allocated by its method before loading, so their
+   sizes are known up front;
+3. layer by layer: its tensors are materialized on the CPU, its checkpoint tensors read, its Linears
+   finalized (`finalize_quantized_layers(layer)`), and a layer past the budget is moved into the spill file
+   and dropped from the process before the next layer is read; the GGUF file's pages that layer used leave
+   the resident set too (`release_tensor_pages`).
+
+So the load holds at most the resident part, one layer and one tensor's transient copies, plus the GGUF
+reader's own header objects.
+
+Invariants:
+- the resulting model is the eager path's: the same tensors in the same layout (same kernels, bit-identical
+  outputs), the same layers resident and spilled, the same `OffloadReport`;
+- no meta tensor survives a successful load (every one the checkpoint fills is listed by `expected_shards`,
+  and a missing tensor is the same `ModelLoadError` as the eager path's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch.overrides import TorchFunctionMode
+
+from kiln.errors import ModelLoadError
+from kiln.layers.gguf_quant import GGUFQuantizedTensor
+from kiln.loader.weights import expected_shards, load_tensor
+from kiln.models.architecture import WeightNames
+from kiln.offload.weight_offload import (
+    OffloadReport, WeightOffloadConfig, check_fixed_part, install_streamer, linear_tensors, model_weight_tensors,
+    plan_spill, spill_layer, split_layers, unique_bytes,
+)
+from kiln.offload.spill_file import SpillFile
+
+FIXED = -1  # group key of the tensors outside the decoder layers
+
+
+class _SkipInPlaceOnMeta(TorchFunctionMode):
+    """Skips in-place ops on meta tensors while a model is built there: they compute no values, yet
+    `nn.Embedding`'s random init (`normal_`) on a meta tensor goes through torch's Python references, whose
+    first call imports torch._dynamo and triton — measured +140 MiB resident during the load, for values the
+    checkpoint overwrites anyway."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        # nn.init's functions pass their tensor as a keyword (`tensor=`), Tensor methods positionally
+        target = args[0] if args else kwargs.get("tensor")
+        if name.endswith("_") and not name.endswith("__") and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+def build_on_meta(model_class: Any, cfg: Any, dtype: torch.dtype) -> nn.Module:
+    """`model_class(cfg, dtype, meta)`: every parameter and buffer without storage (RoPE tables aside,
+    which are computed on the CPU: kiln.layers.rotary)."""
+    with _SkipInPlaceOnMeta():
+        return model_class(cfg, dtype, torch.device("meta"))
+
+
+def materialize(module: nn.Module) -> None:
+    """Give `module`'s own meta parameters and buffers (not its children's) zeroed CPU storage. Nothing
+    holds the meta tensors at this point (plans and caches are built after loading)."""
+    for name, p in list(module._parameters.items()):
+        if p is not None and p.is_meta:
+            module._parameters[name] = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype), requires_grad=False)
+    for name, b in list(module._buffers.items()):
+        if b is not None and b.is_meta:
+            module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+
+
+def meta_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes the meta tensors among `tensors` will take once materialized (each object counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if t.is_meta and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def group_by_layer(reader: Any, names: WeightNames, num_layers: int) -> dict[int, list[Any]]:
+    """The file's tensors by decoder layer (FIXED for the rest), whatever order the file stores them in."""
+    groups: dict[int, list[Any]] = {i: [] for i in [FIXED, *range(num_layers)]}
+    for tensor in reader.tensors:
+        hf = names.hf_name(tensor.name)
+        key = FIXED
+        if hf is not None:
+            parts = names.target(hf)[0].split(".")
+            if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < num_layers:
+                key = int(parts[1])
+        groups[key].append(tensor)
+    return groups
+
+
+def load_gguf_streamed(reader: Any, cfg: Any, arch: Any, path: Path, dtype: torch.dtype, device: torch.device,
+                       keep_blocks: bool, config: WeightOffloadConfig) -> tuple[nn.Module, OffloadReport]:
+    """Build and load the model in `path` within `config`'s budget (see the module docstring).
+
+    Raises ValueError (the budget is below the fixed part) and ModelLoadError (bad tensors)."""
+    from kiln.loader.gguf_loader import iter_gguf_weights, release_tensor_pages
+    from kiln.loader.model_loader import plan_gguf_quantized_layers
+
+    names = arch.weight_names
+    model = build_on_meta(arch.model_class, cfg, dtype)
+    model.device = device  # where materialized tensors (and the quantized tied head) live
+    if keep_blocks:
+        plan_gguf_quantized_layers(model, reader, False, names)  # buffers sized on meta: the split needs them
+        model.keep_gguf_blocks = True
+        model.keep_dense_copies = False
+    layers: nn.ModuleList = model.layers
+    groups = group_by_layer(reader, names, len(layers))
+    needed = expected_shards(model)
+
+    def load(tensors: list[Any]) -> None:
+        weights = iter_gguf_weights(SimpleNamespace(tensors=tensors), cfg, path, keep_blocks=keep_blocks)
+        _load_weights(model, weights, path, names, needed)
+        release_tensor_pages(reader, tensors)
+
+    load(groups[FIXED])
+    for name, child in model.named_children():
+        if child is not layers:
+            model.finalize_quantized_layers(child)  # the LM head (tied or not)
+    embedding_from_blocks = not isinstance(model.embed_tokens, nn.Embedding)
+    per_layer = [linear_tensors(layer) for layer in layers]
+    layer_bytes = [meta_bytes([t for _, _, t in entries]) for entries in per_layer]
+    # the layers' norms (and anything else outside their Linears) stay resident, as on the eager path
+    in_layers = meta_bytes([*layers.parameters(), *layers.buffers()])
+    fixed = unique_bytes(model_weight_tensors(model)) + in_layers - sum(layer_bytes)
+    check_fixed_part(fixed, config.budget_bytes)
+    resident, spilled, used = split_layers(fixed, layer_bytes, config.budget_bytes)
+    planned = {i: [(tuple(t.shape), t.dtype) for _, _, t in per_layer[i]] for i in spilled}
+    per_layer = None  # no reference to a meta tensor that materializing replaces
+    layout, offsets, regions = plan_spill(planned)
+    spill = SpillFile(layout.size, config.directory) if spilled else None
+    for i, layer in enumerate(layers):
+        load(groups[i])
+        model.finalize_quantized_layers(layer)
+        if i in regions:
+            entries = linear_tensors(layer)
+            got = [(tuple(t.shape), t.dtype) for _, _, t in entries]
+            if got != planned[i]:  # a method that replaces its buffers when finalized would need planning here
+                raise RuntimeError(f"layer {i}: finalized tensors {got} differ from the planned {planned[i]}")
+            spill_layer(spill, entries, offsets[i], regions[i], config.drop_page_cache)
+    if needed:
+        missing = sorted(f"{m}.{p}" + (f" ({s})" if s else "") for m, p, s in needed)
+        raise ModelLoadError(path, f"missing tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # every tensor is either loaded or computed; a meta one left would fail at the first forward
+        raise RuntimeError(f"tensors never materialized: {', '.join(leftover[:5])}")
+    report = OffloadReport(config.budget_bytes, used, fixed, sum(r.length for r in regions.values()), resident,
+                           spilled, embedding_from_blocks)
+    if spill is not None:
+        install_streamer(model, spill, regions, config.drop_page_cache, config.read_ahead)
+    return model, report
+
+
+def _load_weights(model: nn.Module, weights: Any, source: Path, names: WeightNames,
+                  needed: set[tuple[str, str, str | None]]) -> None:
+    """`load_named_weights` for a part of the file on a partly meta model: each target module is
+    materialized just before its first tensor lands, and a tied embedding kept in blocks becomes the LM head
+    and serves lookups from them (no dense table). Loaded keys leave `needed`."""
+    from kiln.offload.block_embedding import serve_embedding_from_blocks
+
+    tied = getattr(model, "lm_head", None) is None
+    for hf_name, tensor in weights:
+        if (tied and hf_name == "lm_head.weight") or "rotary_emb.inv_freq" in hf_name:
+            continue  # as load_named_weights: the embedding is the source of truth; RoPE is computed
+        module_path, param, shard = names.target(hf_name)
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise ModelLoadError(source, f"unexpected tensor {hf_name!r} (not part of this architecture)") from None
+        try:
+            if (isinstance(tensor, GGUFQuantizedTensor) and tied and hf_name.endswith("embed_tokens.weight")
+                    and not hasattr(module, "weight_loader") and hasattr(model, "attach_quantized_tied_head")):
+                model.attach_quantized_tied_head(tensor)
+                if serve_embedding_from_blocks(model):
+                    needed.discard((module_path, param, shard))
+                    continue
+            materialize(module)
+            load_tensor(module, param, tensor, shard)
+        except ValueError as exc:
+            raise ModelLoadError(source, f"tensor {hf_name!r}: {exc}") from None
+        needed.discard((module_path, param, shard))
