@@ -163,7 +163,8 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
     elif path.is_file():
         from kiln.loader.gguf_loader import gguf_model_config, open_gguf, rope_freq_factors
 
-        reader = open_gguf(path)
+        # the streamed load keeps its peak near the budget: the library reader's metadata alone is ~170 MiB
+        reader = open_gguf(path, lean=weight_offload is not None)
         cfg = gguf_model_config(reader, path)
         factors = rope_freq_factors(reader)
         if factors is not None:

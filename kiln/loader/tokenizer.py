@@ -190,9 +190,9 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_gguf(cls, path_or_reader: str | Path | gguf.GGUFReader) -> Tokenizer:
+    def from_gguf(cls, path_or_reader: "str | Path | gguf.GGUFReader | LeanGGUFReader") -> Tokenizer:  # noqa: F821
         """Build the tokenizer a GGUF file describes; ModelLoadError if it describes none we support."""
-        if isinstance(path_or_reader, gguf.GGUFReader):
+        if not isinstance(path_or_reader, (str, Path)):  # a GGUFReader or kiln's LeanGGUFReader
             reader, path = path_or_reader, getattr(path_or_reader.data, "filename", "<gguf>")
         else:
             path = Path(path_or_reader)
