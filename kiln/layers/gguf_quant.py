@@ -13,6 +13,7 @@ dequantized per call (memory-lean).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,9 @@ class GGUFQuantizedTensor:
     raw: torch.Tensor
     cols: int
     origin: str = ""  # the file's type when the blocks were repacked into `qtype` (kiln.layers.gguf_repack)
+    # set by the loader when `raw` is a view of the model file's mapping: called with each slice of `raw` once
+    # it is consumed, so those file pages leave the resident set while a large tensor is still being packed
+    consumed: "Callable[[torch.Tensor], None] | None" = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -232,6 +236,8 @@ class GGUFQuantLinearMethod(LinearMethod):
             layer.d[dst].copy_(d)
             if self.is_q4:
                 layer.m[dst].copy_(m)
+            if t.consumed is not None:
+                t.consumed(t.raw[lo:lo + PACK_ROWS])
         self.source_types.add(f"{t.origin}→{t.qtype}" if t.origin else t.qtype)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:

@@ -98,11 +98,35 @@ def _raw_blocks(tensor: Any, path: Path) -> GGUFQuantizedTensor:
         raise ModelLoadError(path, f"tensor {tensor.name!r} is corrupt or truncated ({data.size} bytes for {rows}x{cols})")
     # a read-only map (the library reader) is copied; kiln's lean reader maps the file copy-on-write, so its
     # blocks are read in place (nothing writes them: packing, repacking and un-permuting build new tensors)
-    raw = (data if data.flags.writeable else np.array(data, dtype=np.uint8)).reshape(rows, row_bytes)
+    in_place = data.flags.writeable
+    raw = (data if in_place else np.array(data, dtype=np.uint8)).reshape(rows, row_bytes)
     if qtype in REPACKED and qtype != "Q5_0":
         return GGUFQuantizedTensor(repack_target(qtype), torch.from_numpy(repack(qtype, raw)), cols, origin=qtype)
     # Q5_0 stays as stored: a Q5 layer keeps it in 5 bits, a layer mixing it with Q8_0 repacks it (gguf_quant)
-    return GGUFQuantizedTensor(qtype, torch.from_numpy(raw), cols)
+    return GGUFQuantizedTensor(qtype, torch.from_numpy(raw), cols, consumed=drop_file_pages if in_place else None)
+
+
+def drop_file_pages(view: torch.Tensor) -> None:
+    """Unmap the whole pages inside `view`'s bytes from this process (`MADV_DONTNEED`). Only for views of the
+    lean reader's file mapping, which nothing writes: the pages come back from the file on a later touch.
+    (On anonymous memory this would zero the data: never call it on a tensor that is not such a view.)"""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    start = view.data_ptr()
+    end = start + view.numel() * view.element_size()
+    lo = (start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages only: neighbours keep theirs
+    hi = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        _LIBC.madvise(lo, hi - lo, mmap.MADV_DONTNEED)  # a failure only leaves the pages resident
+
+
+_LIBC: Any = None
 
 
 def iter_gguf_weights(
@@ -129,6 +153,7 @@ def iter_gguf_weights(
                     raise ModelLoadError(path, f"tensor {tensor.name!r}: shape mismatch: expected "
                                                f"{(heads * cfg.head_dim, cfg.hidden_size)}, got {blocks.shape}")
                 blocks.raw = unpermute_qk(blocks.raw, heads).contiguous()
+                blocks.consumed = None  # a copy now, not the file's pages
             yield name, blocks
             continue
         try:

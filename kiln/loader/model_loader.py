@@ -164,14 +164,17 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         from kiln.loader.gguf_loader import gguf_model_config, open_gguf, rope_freq_factors
 
         # the streamed load keeps its peak near the budget: the library reader's metadata alone is ~170 MiB
-        reader = open_gguf(path, lean=weight_offload is not None)
+        streamed = weight_offload is not None and weight_offload.streamed_load and prepare_model is None
+        reader = open_gguf(path, lean=streamed)
         cfg = gguf_model_config(reader, path)
         factors = rope_freq_factors(reader)
         if factors is not None:
             cfg.extra["rope_freq_factors"] = factors
         arch = get_architecture(cfg.architecture, path)
+        # before the weights: its transient copies of the vocabulary then never add to the weights' peak
+        tokenizer = Tokenizer.from_gguf(reader)  # one header parse: a 262k vocabulary takes seconds
         keep_blocks = use_gguf_blocks(quantized_weights, device)
-        if weight_offload is not None and prepare_model is None:
+        if streamed:
             # under a budget: built on the meta device and loaded layer by layer straight into the spill file
             from kiln.offload.streamed_load import load_gguf_streamed
 
@@ -183,7 +186,6 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         else:
             model = _load_gguf_resident(reader, cfg, arch, path, torch_dtype, device, quantized_weights,
                                         keep_blocks, prepare_model, weight_offload is None)
-        tokenizer = Tokenizer.from_gguf(reader)  # one header parse: a 262k vocabulary takes seconds
         types = {}
         for t in reader.tensors:
             types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1

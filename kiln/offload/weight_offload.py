@@ -42,6 +42,10 @@ class WeightOffloadConfig:
     directory: Path  # where the (unlinked) spill file lives; its disk must hold the spilled layers
     drop_page_cache: bool = False  # measurement: evict streamed layers from the page cache after each use
     read_ahead: bool = False  # fault the next spilled layer in while the current one computes (see WeightStreamer)
+    # GGUF: build on the meta device and load layer by layer into the spill file (kiln.offload.streamed_load).
+    # False loads the whole model first and moves layers after (the path safetensors folders take; the load-peak
+    # test's negative control)
+    streamed_load: bool = True
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:

@@ -1,4 +1,5 @@
-"""The default model under a budget of a third of its file: greedy output identical to the resident run."""
+"""The default model under a budget of a third of its file (loaded by the streamed load: built on the meta device,
+layer by layer into the spill file): greedy tokens and top-5 logprobs identical to the resident run."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ pytestmark = pytest.mark.real_model
 CHATS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a CPU cache is in two sentences."]
 
 
-def _greedy(llm: LLM) -> list[list[int]]:
+def _greedy(llm: LLM) -> list[tuple[list[int], list]]:
     tok = llm.tokenizer
     prompts = [{"prompt_token_ids": tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]),
                                                add_special_tokens=False)} for c in CHATS]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32))
-    return [list(o.outputs[0].token_ids) for o in outs]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, logprobs=5))
+    return [(list(o.outputs[0].token_ids), [sorted(lp.items()) for lp in o.outputs[0].logprobs]) for o in outs]
 
 
 def test_default_model_streams_two_thirds_of_its_weights_with_identical_output(tmp_path) -> None:

@@ -1,0 +1,139 @@
+"""The streamed load (a GGUF model built on the meta device and loaded layer by layer into the spill file) builds
+the very model the eager path builds (load fully, then move layers): the same tensors, bit for bit, the same
+split and the same report. The eager path is the reference; tests/offload/test_weight_offload.py checks the
+streamed model's outputs against the fully resident model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.loader.model_loader import load_model
+from kiln.offload.weight_offload import WeightOffloadConfig, linear_tensors, model_weight_tensors, unique_bytes
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from loader.tiny_model import TinySpec, make_checkpoint, write_gguf
+
+    root = tmp_path_factory.mktemp("streamed-models")
+    return {"tied": write_gguf(make_checkpoint(TinySpec(tied=True, layers=LAYERS), seed=5), root / "tied.gguf"),
+            "untied": write_gguf(make_checkpoint(TinySpec(tied=False, layers=LAYERS), seed=6), root / "untied.gguf")}
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, plus the tensors outside the module tree (dense copies)."""
+    state = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    for name, module in model.named_modules():
+        dense = getattr(module, "dense_weight", None)
+        if isinstance(dense, torch.Tensor):
+            state[f"{name}.dense_weight"] = dense
+    return state
+
+
+def _load(path: Path, budget: int, directory: Path, streamed: bool):
+    config = WeightOffloadConfig(budget, directory, streamed_load=streamed)
+    return load_model(path, "float32", quantized_weights="native", weight_offload=config)
+
+
+def _one_layer_budget(path: Path, directory: Path) -> int:
+    loaded = _load(path, 1 << 40, directory, streamed=False)  # the budget never binds: everything resident
+    layers = [unique_bytes([t for _, _, t in linear_tensors(layer)]) for layer in loaded.model.layers]
+    return unique_bytes(model_weight_tensors(loaded.model)) - sum(layers[1:]) + 1
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+@pytest.mark.parametrize("resident", ["one layer", "all"])
+def test_streamed_load_builds_the_eager_model(models, variant, resident, tmp_path) -> None:
+    path = models[variant]
+    budget = _one_layer_budget(path, tmp_path) if resident == "one layer" else 1 << 40
+    eager, streamed = _load(path, budget, tmp_path, False), _load(path, budget, tmp_path, True)
+    a, b = eager.offload, streamed.offload
+    assert (b.resident_bytes, b.fixed_bytes, b.mapped_bytes, b.resident_layers, b.spilled_layers,
+            b.embedding_from_blocks) == (a.resident_bytes, a.fixed_bytes, a.mapped_bytes, a.resident_layers,
+                                         a.spilled_layers, a.embedding_from_blocks)
+    if resident == "one layer":
+        assert b.spilled_layers == [1, 2, 3]
+    sa, sb = _state(eager.model), _state(streamed.model)
+    assert sorted(sa) == sorted(sb)
+    for name in sa:
+        assert not sb[name].is_meta, name
+        assert (sb[name].dtype, sb[name].shape) == (sa[name].dtype, sa[name].shape), name
+        assert torch.equal(sb[name], sa[name]), name
+    assert type(streamed.model.embed_tokens) is type(eager.model.embed_tokens)
+    assert (streamed.model.quantized_tied_head is None) == (eager.model.quantized_tied_head is None)
+    ids = torch.tensor([1, 5, 7, 30])
+    assert torch.equal(streamed.model.embed_tokens(ids), eager.model.embed_tokens(ids))
+
+
+def test_a_budget_below_the_fixed_part_fails_before_any_layer_is_read(models, tmp_path) -> None:
+    from kiln.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="must stay resident"):
+        _load(models["tied"], 1024, tmp_path, streamed=True)
+    assert list(tmp_path.iterdir()) == []  # no spill file was made
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+def test_lean_reader_reads_what_the_gguf_library_reads(models, variant) -> None:
+    check_lean_reader(models[variant])
+
+
+def check_lean_reader(path: Path) -> None:
+    """Every metadata value (same Python type) and every tensor (name, type, shape, offset, bytes) equal."""
+    from gguf import GGUFReader
+
+    from kiln.loader.gguf_lean import LeanGGUFReader
+
+    ref, lean = GGUFReader(path, "r"), LeanGGUFReader(path)
+    assert list(lean.fields) == list(ref.fields)
+    for key, field in ref.fields.items():
+        want, got = field.contents(), lean.fields[key].contents()
+        assert got == want and type(got) is type(want), key
+    assert len(lean.tensors) == len(ref.tensors)
+    for r, t in zip(ref.tensors, lean.tensors):
+        assert (t.name, t.tensor_type, t.n_elements, t.n_bytes, t.data_offset) == \
+               (r.name, r.tensor_type, r.n_elements, r.n_bytes, r.data_offset)
+        assert np.array_equal(t.shape, r.shape) and t.data.dtype == r.data.dtype and t.data.shape == r.data.shape
+        assert np.array_equal(t.data, r.data), t.name
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_packing_in_row_chunks_equals_the_gguf_library_values(qtype, monkeypatch) -> None:
+    """Blocks are packed PACK_ROWS rows at a time (bounding the load's transient copies); with a chunk of 5
+    rows over 23 (a ragged last chunk) the layer holds exactly what one whole-tensor pack holds, and its
+    weight dequantizes to the gguf library's values. Each consumed slice is reported once, in order."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    import kiln.layers.gguf_quant as gq
+    from kiln.layers.gguf_quant import GGUFQuantizedTensor, block_method, family_of
+    from kiln.layers.linear import Linear
+
+    rows, cols = 23, 96
+    raw = quantize(np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32), GGMLQuantizationType[qtype])
+
+    def packed(chunk: int) -> tuple[Linear, list[tuple[int, int]]]:
+        monkeypatch.setattr(gq, "PACK_ROWS", chunk)
+        seen: list[tuple[int, int]] = []
+        blocks = GGUFQuantizedTensor(qtype, torch.from_numpy(np.ascontiguousarray(raw)), cols)
+        base = blocks.raw.data_ptr()
+        row_bytes = blocks.raw.shape[1]
+        blocks.consumed = lambda view: seen.append(((view.data_ptr() - base) // row_bytes, view.shape[0]))
+        layer = Linear(cols, [rows], dtype=torch.float32, device=torch.device("cpu"))
+        layer.set_method(block_method(family_of({qtype}), keep_dense=False))
+        layer.weight_loader("weight", blocks)
+        return layer, seen
+
+    whole, _ = packed(1 << 30)
+    chunked, seen = packed(5)
+    assert seen == [(0, 5), (5, 5), (10, 5), (15, 5), (20, 3)]
+    for name in ("qs", "d", "m"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    table = GGUFQuantizedTensor(qtype, torch.from_numpy(np.ascontiguousarray(raw)), cols).dequantize()
+    assert torch.equal(chunked.method.dequantize_weight(chunked, torch.float32), table)
