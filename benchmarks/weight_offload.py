@@ -12,6 +12,13 @@ Configurations (each a fresh process, alternating over ROUNDS rounds; each figur
   reads the disk, as on a machine whose memory cannot hold the weights;
 - offload_cold_read_ahead: the same with kiln's background read-ahead of the next layer (`--offload-read-ahead`).
 
+Load-time peak (the "load_peak" section; `--load-peak-only` measures just it and keeps the decode runs of
+the result file): `kiln.loader.load_peak` loads the model once in a fresh process and reports VmHWM minus the
+resident set after imports — kiln's default and blocks-only loads without a budget, the budget with the
+streamed load (built on the meta device, layer by layer into the spill file) and with the eager path
+(load fully, then move layers: what every budgeted load did before), and the vocabulary alone (header
+reader + tokenizer, no weights).
+
 Each run decodes 128 greedy tokens (EOS ignored) after a chat prompt; tok/s between the first and the last
 token. Recorded per run: the tokens (every configuration must give the resident_lean tokens), resident
 vs mapped weight bytes, and the process's resident set after decode (VmRSS, anonymous + file pages) and
@@ -90,6 +97,43 @@ def kiln_run(config: str, threads: int, budget: int) -> None:
                       "decode_path": loaded.model.decode_plan_status, "weights_line": weight_memory_line(loaded)}))
 
 
+LOAD_CONFIGS: dict[str, dict[str, Any]] = {
+    "resident_auto": {"quantized_weights": "auto"},
+    "resident_lean": {"quantized_weights": "native"},
+    "budget_eager": {"budgeted": True, "streamed": False},
+    "budget_streamed": {"budgeted": True, "streamed": True},
+    "vocabulary_only": {"tokenizer_only": True},
+}
+
+
+def load_peaks(gguf: Path, budget: int, rounds: int, threads: int) -> dict[str, Any]:
+    """The load-time peak of each LOAD_CONFIGS entry, alternating over `rounds` fresh processes."""
+    import tempfile
+
+    from kiln.loader.load_peak import measure_load_peak
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    start_load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as directory:
+        for _ in range(rounds):
+            for name, cfg in LOAD_CONFIGS.items():
+                kwargs = dict(cfg)
+                b = budget if kwargs.pop("budgeted", False) else 0
+                run = measure_load_peak(gguf, b, directory=directory, threads=threads, **kwargs)
+                runs.setdefault(name, []).append(run)
+                print(f"load {name}: peak {run['load_peak_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+    summary = {name: {"median_load_peak_bytes": statistics.median(r["load_peak_bytes"] for r in rs),
+                      "min_load_peak_bytes": min(r["load_peak_bytes"] for r in rs),
+                      "max_load_peak_bytes": max(r["load_peak_bytes"] for r in rs),
+                      "median_load_s": statistics.median(r.get("load_s", 0.0) for r in rs),
+                      "median_rss_after_load_bytes": statistics.median(r.get("rss_after_load_bytes", 0) for r in rs),
+                      "weights_resident_bytes": rs[0].get("weights_resident_bytes", 0),
+                      "weights_mapped_bytes": rs[0].get("weights_mapped_bytes", 0)}
+               for name, rs in runs.items()}
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": rounds,
+            "load_average_start": start_load, "load_average_end": os.getloadavg(), "runs": runs, "summary": summary}
+
+
 def kiln_process(config: str, threads: int, budget: int) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--child", config, "--threads", str(threads),
                           "--budget", str(budget)], capture_output=True, text=True)
@@ -105,6 +149,8 @@ def main() -> None:
     parser.add_argument("--child", choices=sorted(CONFIGS))
     parser.add_argument("--budget", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--load-peak-only", action="store_true",
+                        help="measure the load-time peaks only, keeping the decode runs already in --out")
     args = parser.parse_args()
     if args.child:
         kiln_run(args.child, args.threads, args.budget)
@@ -114,6 +160,14 @@ def main() -> None:
     gguf = pull("smollm2-135m")
     file_bytes = gguf.stat().st_size
     budget = int(file_bytes * BUDGET_FRACTION)
+    if args.load_peak_only:
+        result = json.loads(args.out.read_text())
+        if result["budget_bytes"] != budget:
+            raise SystemExit(f"{args.out} was measured at another budget ({result['budget_bytes']} bytes)")
+        result["load_peak"] = load_peaks(gguf, budget, args.rounds, args.threads)
+        result["load_peak"]["machine"] = machine(args.threads)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return
     result: dict[str, Any] = {"model": gguf.name, "file_bytes": file_bytes, "budget_bytes": budget,
                               "tokens": TOKENS, "machine": machine(args.threads),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": {}}
@@ -138,6 +192,8 @@ def main() -> None:
                "decode_path": runs[0]["decode_path"]}
         for name, runs in result["runs"].items()}
     result["machine"]["load_average_end"] = os.getloadavg()
+    result["load_peak"] = load_peaks(gguf, budget, args.rounds, args.threads)
+    result["load_peak"]["machine"] = machine(args.threads)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name, s in result["summary"].items():
         print(f"{name:28s} {s['median_tok_s']:7.1f} tok/s  resident {s['weights_resident_bytes'] / 2**20:6.1f} MiB  "

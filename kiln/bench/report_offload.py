@@ -38,4 +38,39 @@ def weight_offload_table() -> str:
               "after decode minus before the model loaded (weights, the 64 MiB KV cache, activations, tokenizer)._")
 
 
-__all__ = ["weight_offload_table"]
+_LOAD_LABELS = {
+    "resident_auto": "no budget, kiln's default (blocks + dense copies)",
+    "resident_lean": "no budget, blocks only (`--quantized-weights native`)",
+    "budget_eager": "budget a third of the file, loaded fully then layers moved (before this change)",
+    "budget_streamed": "budget a third of the file, streamed load (meta device, layer by layer into the spill file)",
+    "vocabulary_only": "header and tokenizer only, no weights (the vocabulary's share of any load)",
+}
+
+
+def weight_offload_load_table() -> str:
+    """The load-time peaks in the "load_peak" section of benchmarks/results/weight_offload.json."""
+    d = load_result("weight_offload")
+    if d is None or "load_peak" not in d:
+        return "_not measured yet_"
+    lp, mib = d["load_peak"], 2 ** 20
+    rows = ["| load | peak during load (median, min–max) | resident after load | weights in RAM | mapped from disk | "
+            "load time |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in lp["summary"].items():
+        weights = (f"{r['weights_resident_bytes'] / mib:.1f} MiB | {r['weights_mapped_bytes'] / mib:.1f} MiB"
+                   if name != "vocabulary_only" else "— | —")
+        rows.append(f"| {_LOAD_LABELS.get(name, name)} | {r['median_load_peak_bytes'] / mib:.1f} MiB "
+                    f"({r['min_load_peak_bytes'] / mib:.1f}–{r['max_load_peak_bytes'] / mib:.1f}) | "
+                    + (f"{r['median_rss_after_load_bytes'] / mib:.1f} MiB | {weights} | {r['median_load_s']:.2f} s |"
+                       if name != "vocabulary_only" else "— | — | — | — |"))
+    m = lp["machine"]
+    load = ", ".join(f"{x:.1f}" for x in lp["load_average_start"])
+    return ("\n".join(rows)
+            + f"\n\n_From `benchmarks/weight_offload.py --load-peak-only` → `benchmarks/results/weight_offload.json` "
+              f"(\"load_peak\"), {lp['date']}; {m['cpu']}, {m['threads']} threads, load average {load} at the start; "
+              f"{d['model']}, budget {d['budget_bytes'] / mib:.1f} MiB; {lp['rounds']} alternating rounds of fresh "
+              "processes (`kiln.loader.load_peak`: one `load_model`, VmHWM minus the resident set after imports, the "
+              "peak reset in between). Peak and resident after load count anonymous memory and the model file's "
+              "pages mapped into the process._")
+
+
+__all__ = ["weight_offload_table", "weight_offload_load_table"]

@@ -48,7 +48,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if torch.device(device).type == "meta":
             # the tables are computed here, never loaded: a model built on the meta device (the streamed
-            # load under a weight budget, kiln.offload.streamed_load) still needs real ones
+            # load under a weight budget, kiln.loader.streamed_load) still needs real ones
             device = "cpu"
         inv_freq = _inv_freq(head_dim, base, scaling)
         if freq_factors is not None:  # GGUF's rope_freqs tensor (Llama 3.1 scaling, precomputed)

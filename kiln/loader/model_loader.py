@@ -176,7 +176,7 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         keep_blocks = use_gguf_blocks(quantized_weights, device)
         if streamed:
             # under a budget: built on the meta device and loaded layer by layer straight into the spill file
-            from kiln.offload.streamed_load import load_gguf_streamed
+            from kiln.loader.streamed_load import load_gguf_streamed
 
             try:
                 model, offload = load_gguf_streamed(reader, cfg, arch, path, torch_dtype, device, keep_blocks,

@@ -1,10 +1,12 @@
 """`--max-weight-memory`: keep the weights that fit in RAM, stream the other decoder layers from a file.
 
-After a model is loaded (memory-lean: no dense copies of block-quantized layers), `offload_weights`
-measures what must stay resident (embeddings or the blocks that serve them, the LM head, norms, RoPE
-tables) and keeps the first decoder layers resident while the budget lasts. The linear weights of every
-later layer move into a `SpillFile` (kiln.offload.spill_file), one layer at a time, so the copy never
-needs more memory than the model already held.
+What stays resident: the part that cannot be spilled (embeddings or the blocks that serve them, the LM
+head, norms, RoPE tables), then the first decoder layers while the budget lasts (`split_layers`, the one
+rule). The linear weights of every later layer live in a `SpillFile` (kiln.offload.spill_file). A GGUF model
+is loaded straight into that split (kiln.loader.streamed_load: built on the meta device, each layer moved
+into the file before the next is read, so the load's peak stays near the budget); otherwise
+`offload_weights` moves the layers of a model already loaded (memory-lean: no dense copies of
+block-quantized layers), one layer at a time.
 
 During a forward pass each spilled layer is streamed: the compute threads fault its pages in (the kernel
 reads ahead within the layer as the faults run sequentially); with `read_ahead`, a background thread also
@@ -42,7 +44,7 @@ class WeightOffloadConfig:
     directory: Path  # where the (unlinked) spill file lives; its disk must hold the spilled layers
     drop_page_cache: bool = False  # measurement: evict streamed layers from the page cache after each use
     read_ahead: bool = False  # fault the next spilled layer in while the current one computes (see WeightStreamer)
-    # GGUF: build on the meta device and load layer by layer into the spill file (kiln.offload.streamed_load).
+    # GGUF: build on the meta device and load layer by layer into the spill file (kiln.loader.streamed_load).
     # False loads the whole model first and moves layers after (the path safetensors folders take; the load-peak
     # test's negative control)
     streamed_load: bool = True
@@ -252,7 +254,7 @@ def offload_weights(model: nn.Module, budget_bytes: int, directory: Path, drop_p
                     read_ahead: bool = False) -> OffloadReport:
     """Keep a fully loaded model's weights within `budget_bytes` of RAM by streaming decoder layers from a
     file (the eager path: safetensors folders; GGUF files load straight into the spill file instead, see
-    kiln.offload.streamed_load).
+    kiln.loader.streamed_load).
 
     Raises ValueError (with the numbers) when the parts that must stay resident alone exceed the budget.
     """

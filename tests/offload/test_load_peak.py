@@ -1,6 +1,6 @@
 """Loading the default model under a budget of a third of its file keeps the load's memory peak near the budget.
 
-Measured in fresh processes (kiln.offload.load_peak: VmHWM after the load minus the resident set after
+Measured in fresh processes (kiln.loader.load_peak: VmHWM after the load minus the resident set after
 imports, with the peak reset in between). The bound the streamed load must meet, and why each term:
 - the vocabulary's share, measured here in its own process: the header reader's metadata and the tokenizer
   built from it (the same for any load path and any budget);
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from kiln.hub import pull
-from kiln.offload.load_peak import measure_load_peak
+from kiln.loader.load_peak import measure_load_peak
 
 pytestmark = pytest.mark.real_model
 

@@ -1,6 +1,6 @@
 """The memory peak of one model load, measured in a fresh process (tests/offload, benchmarks/weight_offload.py).
 
-`measure_load_peak` runs `python -m kiln.offload.load_peak` in a new interpreter: it imports torch and kiln's
+`measure_load_peak` runs `python -m kiln.loader.load_peak` in a new interpreter: it imports torch and kiln's
 loader, loads the native kernels and pages in torch's vector math (code, the same for any model), resets the
 process's peak resident set (`/proc/self/clear_refs` ← 5, Linux 4.0+), takes that resident set as the
 baseline, loads the model once with `load_model`, and reports VmHWM − baseline: every byte the load itself
@@ -37,7 +37,7 @@ def _probe(path: str, budget: int, streamed: bool, quantized_weights: str, direc
 
     import kiln.loader.gguf_lean  # noqa: F401 - code the load imports, in the baseline
     import kiln.loader.tokenizer  # noqa: F401
-    import kiln.offload.streamed_load  # noqa: F401
+    import kiln.loader.streamed_load  # noqa: F401
 
     load_native()
     torch.arange(64, dtype=torch.float64).cos()  # torch's vector math library pages (RoPE tables need them)
@@ -75,7 +75,7 @@ def measure_load_peak(path: Path | str, budget: int = 0, streamed: bool = True, 
                       directory: Path | str = "/tmp", threads: int = 1, tokenizer_only: bool = False) -> dict[str, Any]:
     """Run one load in a fresh interpreter and return its figures (see the module docstring); budget 0: none.
     `tokenizer_only`: read the header and build the tokenizer, no weights (the vocabulary's share of the peak)."""
-    cmd = [sys.executable, "-m", "kiln.offload.load_peak", str(path), "--budget", str(budget),
+    cmd = [sys.executable, "-m", "kiln.loader.load_peak", str(path), "--budget", str(budget),
            "--quantized-weights", quantized_weights, "--directory", str(directory), "--threads", str(threads)]
     if not streamed:
         cmd.append("--eager")

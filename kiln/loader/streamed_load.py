@@ -134,19 +134,10 @@ def load_gguf_streamed(reader: Any, cfg: Any, arch: Any, path: Path, dtype: torc
         release_tensor_pages(reader, tensors)
 
     load(groups[FIXED])
-    for name, child in model.named_children():
+    for _, child in model.named_children():
         if child is not layers:
             model.finalize_quantized_layers(child)  # the LM head (tied or not)
-    embedding_from_blocks = not isinstance(model.embed_tokens, nn.Embedding)
-    per_layer = [linear_tensors(layer) for layer in layers]
-    layer_bytes = [meta_bytes([t for _, _, t in entries]) for entries in per_layer]
-    # the layers' norms (and anything else outside their Linears) stay resident, as on the eager path
-    in_layers = meta_bytes([*layers.parameters(), *layers.buffers()])
-    fixed = unique_bytes(model_weight_tensors(model)) + in_layers - sum(layer_bytes)
-    check_fixed_part(fixed, config.budget_bytes)
-    resident, spilled, used = split_layers(fixed, layer_bytes, config.budget_bytes)
-    planned = {i: [(tuple(t.shape), t.dtype) for _, _, t in per_layer[i]] for i in spilled}
-    per_layer = None  # no reference to a meta tensor that materializing replaces
+    fixed, resident, spilled, used, planned = _split(model, config.budget_bytes)
     layout, offsets, regions = plan_spill(planned)
     spill = SpillFile(layout.size, config.directory) if spilled else None
     for i, layer in enumerate(layers):
@@ -165,10 +156,27 @@ def load_gguf_streamed(reader: Any, cfg: Any, arch: Any, path: Path, dtype: torc
     if leftover:  # every tensor is either loaded or computed; a meta one left would fail at the first forward
         raise RuntimeError(f"tensors never materialized: {', '.join(leftover[:5])}")
     report = OffloadReport(config.budget_bytes, used, fixed, sum(r.length for r in regions.values()), resident,
-                           spilled, embedding_from_blocks)
+                           spilled, not isinstance(model.embed_tokens, nn.Embedding))
     if spill is not None:
         install_streamer(model, spill, regions, config.drop_page_cache, config.read_ahead)
     return model, report
+
+
+def _split(model: nn.Module, budget: int) -> tuple[int, list[int], list[int], int,
+                                                  dict[int, list[tuple[tuple[int, ...], torch.dtype]]]]:
+    """With the fixed part loaded and the layers still on meta: (fixed bytes, resident layers, spilled
+    layers, resident bytes, spilled layer → planned (shape, dtype) of its `linear_tensors`). ValueError when
+    the fixed part alone exceeds the budget (before any layer is read)."""
+    layers: nn.ModuleList = model.layers
+    per_layer = [linear_tensors(layer) for layer in layers]
+    layer_bytes = [meta_bytes([t for _, _, t in entries]) for entries in per_layer]
+    # the layers' norms (and anything else outside their Linears) stay resident, as on the eager path
+    in_layers = meta_bytes([*layers.parameters(), *layers.buffers()])
+    fixed = unique_bytes(model_weight_tensors(model)) + in_layers - sum(layer_bytes)
+    check_fixed_part(fixed, budget)
+    resident, spilled, used = split_layers(fixed, layer_bytes, budget)
+    planned = {i: [(tuple(t.shape), t.dtype) for _, _, t in per_layer[i]] for i in spilled}
+    return fixed, resident, spilled, used, planned
 
 
 def _load_weights(model: nn.Module, weights: Any, source: Path, names: WeightNames,
