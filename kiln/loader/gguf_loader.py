@@ -103,7 +103,17 @@ def _raw_blocks(tensor: Any, path: Path) -> GGUFQuantizedTensor:
     if qtype in REPACKED and qtype != "Q5_0":
         return GGUFQuantizedTensor(repack_target(qtype), torch.from_numpy(repack(qtype, raw)), cols, origin=qtype)
     # Q5_0 stays as stored: a Q5 layer keeps it in 5 bits, a layer mixing it with Q8_0 repacks it (gguf_quant)
-    return GGUFQuantizedTensor(qtype, torch.from_numpy(raw), cols, consumed=drop_file_pages if in_place else None)
+    return GGUFQuantizedTensor(qtype, torch.from_numpy(raw), cols, consumed=release_consumed if in_place else None)
+
+
+def release_consumed(view: torch.Tensor) -> None:
+    """What a packed chunk of a file-mapped tensor leaves behind goes back to the OS: its file pages
+    (`drop_file_pages`) and the heap its packing temporaries freed (glibc does not always reuse those holes
+    for the next chunk: measured +2.3 MiB per 4,096-row chunk of the default model's head without the trim)."""
+    from kiln.offload.weight_offload import return_freed_heap
+
+    drop_file_pages(view)
+    return_freed_heap()
 
 
 def drop_file_pages(view: torch.Tensor) -> None:

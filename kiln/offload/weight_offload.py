@@ -305,7 +305,7 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _return_freed_heap() -> None:
+def return_freed_heap() -> None:
     """Hand the heap pages the moved layers (and the load's temporaries) freed back to the OS: glibc keeps
     freed memory for reuse, so the process would otherwise look as large as the fully loaded model."""
     import ctypes
@@ -327,7 +327,7 @@ def apply_offload(model: nn.Module, config: WeightOffloadConfig) -> OffloadRepor
 
 def finish_offload(model: nn.Module, report: OffloadReport) -> None:
     """After the layers moved: return the freed heap to the OS and turn the fused decode step off."""
-    _return_freed_heap()
+    return_freed_heap()
     if report.spilled_layers and hasattr(model, "fused_decode_step"):
         model.fused_decode_step = False
         model._decode_plan_status = (f"plain path: {len(report.spilled_layers)} layers stream from disk "
