@@ -203,25 +203,3 @@ def test_q4_chunked_layout_is_the_documented_one(num_blocks: int) -> None:
                 byte = flat[:, (b // 2) * 32 + e]
                 got = (byte >> (4 * (b % 2))) & 0x0F
             assert torch.equal(got, q[:, b, e]), (b, e)
-
-
-@pytest.mark.parametrize("num_blocks", [1, 15, 16, 18, 33, 48])
-def test_q8_chunked_layout_is_the_documented_one(num_blocks: int) -> None:
-    """pack_q8: in a full chunk byte 2j + h of vector t holds element 2t + h of block j; the tail stays in
-    element order; unpack_q8 inverts it (the kernels are checked against unpack_q8 by the twin tests)."""
-    from kiln.kernels.quant_matmul import CHUNK_BLOCKS, pack_q8, unpack_q8
-
-    q = torch.randint(-128, 128, (3, num_blocks, 32), dtype=torch.int8,
-                      generator=torch.Generator().manual_seed(num_blocks))
-    packed = pack_q8(q)
-    assert packed.shape == (3, num_blocks * 32)
-    assert torch.equal(unpack_q8(packed, num_blocks), q)
-    full = num_blocks // CHUNK_BLOCKS * CHUNK_BLOCKS
-    for b in range(num_blocks):
-        for e in range(32):
-            if b < full:
-                c, j = divmod(b, CHUNK_BLOCKS)
-                at = c * 512 + (e // 2) * 32 + 2 * j + e % 2
-            else:
-                at = b * 32 + e
-            assert torch.equal(packed[:, at], q[:, b, e]), (b, e)

@@ -11,11 +11,7 @@ Packed layout (what `kiln.layers.gguf_quant` produces at load, and the kernel re
     holds element j of tail block 2p (low nibble) and of tail block 2p+1 (high nibble; zero past
     the last block). `d`, `m` float16 [N, K/32]; w = d * q + m, q in [0, 15]. (GGUF Q4_0 is
     stored with m = -8 d, so one kernel serves both.)
-  * Q8: `qs` int8 [N, K], each row's blocks in chunks of 16 followed by the nb % 16 remaining blocks
-    in element order. Chunk c is 512 bytes, 16 vectors of 32: byte 2j + h of vector t holds element
-    2t + h of the chunk's block j (sign-extended to int16, int32 lane j of vector t is a pair of
-    block j's elements, as in the Q4 layout). `d` float16 [N, K/32]; w = d * q. `m` is unused (pass
-    an empty tensor).
+  * Q8: `qs` int8 [N, K]; `d` float16 [N, K/32]; w = d * q. `m` is unused (pass an empty tensor).
   * Q5 (GGUF Q5_0): the pair layout (as the Q4 tail, for every block) for the low four bits,
     `d` / `m` with m = -16 d, plus `qh`
     int32 [N, K/32] whose bit j is bit 4 of element j: w = d * (q + 16 h) + m (exact, as Q4_0's -8 d).
@@ -94,32 +90,6 @@ def unpack_q4(qs: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def pack_q8(q: torch.Tensor) -> torch.Tensor:
-    """int8 [N, nb, 32] → the chunked Q8 layout int8 [N, nb * 32] (module docstring)."""
-    n, nb, _ = q.shape
-    full = nb // CHUNK_BLOCKS * CHUNK_BLOCKS
-    parts = []
-    if full:
-        c = q[:, :full].reshape(n, -1, CHUNK_BLOCKS, QK // 2, 2)  # [N, C, j, t, h]
-        parts.append(c.permute(0, 1, 3, 2, 4).reshape(n, full * QK))  # [N, C, t, j, h]
-    if nb > full:
-        parts.append(q[:, full:].reshape(n, -1))
-    return torch.cat(parts, dim=1).contiguous()
-
-
-def unpack_q8(qs: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """The chunked Q8 layout int8 [N, K] → int8 [N, num_blocks, 32] in element order."""
-    n = qs.shape[0]
-    full = num_blocks // CHUNK_BLOCKS * CHUNK_BLOCKS
-    parts = []
-    if full:
-        c = qs[:, : full * QK].reshape(n, -1, QK // 2, CHUNK_BLOCKS, 2)  # [N, C, t, j, h]
-        parts.append(c.permute(0, 1, 3, 2, 4).reshape(n, full, QK))
-    if num_blocks > full:
-        parts.append(qs[:, full * QK:].reshape(n, -1, QK))
-    return torch.cat(parts, dim=1)
-
-
 def dequantize_reference(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, is_q4: bool,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense W [N, K] from the packed form."""
@@ -128,7 +98,7 @@ def dequantize_reference(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, is_
         q = unpack_q4(qs.view(n, -1, QK), nb).float().view(n, nb, QK)
         w = q * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
     else:
-        w = unpack_q8(qs.view(n, -1), nb).float() * d.float().unsqueeze(-1)
+        w = qs.view(n, nb, QK).float() * d.float().unsqueeze(-1)
     return w.reshape(n, nb * QK).to(dtype)
 
 
@@ -163,7 +133,7 @@ def quant_matmul_reference(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m
     """y [M, N] = x @ W^T with int16-quantized activation blocks (the kernel's arithmetic)."""
     n, nb = d.shape
     xq, dx = quantize_activations_reference(x)  # [M, nb, 32], [M, nb]
-    wq = unpack_q4(qs.view(n, -1, QK), nb).double().view(n, nb, QK) if is_q4 else unpack_q8(qs.view(n, -1), nb).double()
+    wq = unpack_q4(qs.view(n, -1, QK), nb).double().view(n, nb, QK) if is_q4 else qs.view(n, nb, QK).double()
     isum = torch.einsum("mbj,nbj->mnb", xq.double(), wq).float()  # exact integers (< 2**31), as in the kernel
     y = (isum * d.float().unsqueeze(0) * dx.unsqueeze(1)).sum(-1)
     if is_q4:

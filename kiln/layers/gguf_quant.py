@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.decode_step import LinearEntry, block_entry
-from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, pack_q8, quant_matmul, quant_matmul_panels, use_native_quant
+from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, quant_matmul, quant_matmul_panels, use_native_quant
 from kiln.kernels.tune import copy_dtype, limits, load_tuning
 from kiln.layers.linear_method import LinearMethod
 
@@ -100,7 +100,7 @@ def pack_blocks(t: GGUFQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, tor
     blocks = t.raw.reshape(n, nb, BLOCK_BYTES[t.qtype])
     d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, nb)
     if t.qtype == "Q8_0":
-        return pack_q8(blocks[..., 2:].contiguous().view(torch.int8)), d.contiguous(), torch.empty(0, dtype=torch.float16)
+        return blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), d.contiguous(), torch.empty(0, dtype=torch.float16)
     if t.qtype == "Q4_1":
         m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, nb)
         packed = blocks[..., 4:]

@@ -132,7 +132,7 @@ class IntWeightLinearMethod(QuantizedBuffersMethod):
 
     def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
         """Repack into the native block layout when the kernels are built and it fits."""
-        from kiln.kernels.quant_matmul import QK, pack_q4, pack_q8, use_native_quant
+        from kiln.kernels.quant_matmul import QK, pack_q4, use_native_quant
         from kiln.layers.gguf_quant import GGUFQuantLinearMethod
 
         self._permuted = None
@@ -150,7 +150,7 @@ class IntWeightLinearMethod(QuantizedBuffersMethod):
             qs = pack_q4(codes.reshape(n, nb, QK))
             m = (-(d.float() * zero.float())).to(torch.float16)
         else:  # symmetric: code - 128 is the signed value
-            qs = pack_q8((codes.to(torch.int16) - 128).to(torch.int8).reshape(n, nb, QK))
+            qs = (codes.to(torch.int16) - 128).to(torch.int8)
             m = torch.empty(0, dtype=torch.float16, device=codes.device)
         layer.register_buffer("qs", qs, persistent=False)
         layer.register_buffer("d", d, persistent=False)

@@ -114,29 +114,6 @@ inline void unpack_q4_row(const uint8_t* row, int64_t nb, bool chunked, uint8_t*
   }
 }
 
-// One row of the chunked Q8 layout in element order (out[b * 32 + j] = element j of block b). A full
-// chunk is 16 vectors of 32 bytes, byte 2j + h of vector t = element 2t + h of block j; the tail is
-// already in element order.
-inline void unpack_q8_row(const int8_t* row, int64_t nb, int8_t* out) {
-  const int64_t full = full_chunk_blocks(nb);
-  for (int64_t c = 0; c < full; c += CHUNK_BLOCKS) {
-    const int8_t* chunk = row + c * QK;
-#ifdef KILN_AVX512
-    __m512i v[16];
-    for (int t = 0; t < 16; ++t)
-      v[t] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + t * QK)));
-    transpose16x16_epi32(v);
-    for (int j = 0; j < 16; ++j)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (c + j) * QK), _mm512_cvtepi16_epi8(v[j]));
-#else
-    for (int t = 0; t < 16; ++t)
-      for (int j = 0; j < static_cast<int>(CHUNK_BLOCKS); ++j)
-        for (int h = 0; h < 2; ++h) out[(c + j) * QK + 2 * t + h] = chunk[t * QK + 2 * j + h];
-#endif
-  }
-  std::copy(row + full * QK, row + nb * QK, out + full * QK);
-}
-
 // xr.qt: each activation row with its full chunks in the chunked order — the int16 pair t of block
 // j moves to pair position 16 t + j of its chunk (a 16 x 16 transpose of pairs), so that vector t of
 // a chunk meets the weight vector holding elements 2t, 2t + 1 of every block. The tail is unchanged.
@@ -182,10 +159,6 @@ float row_dot_scalar(const uint8_t* qs_row, const c10::Half* d_row, const c10::H
       } else {
         for (int j = 0; j < QK; ++j) s += static_cast<int32_t>((pair[j] >> shift) & 0x0F) * xq[j];
       }
-    } else if (b < full_chunk_blocks(nb)) {  // the chunked Q8 layout (see unpack_q8_row)
-      const int8_t* q = reinterpret_cast<const int8_t*>(qs_row) + (b / CHUNK_BLOCKS) * CHUNK_BLOCKS * QK +
-                        (b % CHUNK_BLOCKS) * 2;
-      for (int j = 0; j < QK; ++j) s += static_cast<int32_t>(q[(j / 2) * QK + (j % 2)]) * xq[j];
     } else {
       const int8_t* q = reinterpret_cast<const int8_t*>(qs_row) + b * QK;
       for (int j = 0; j < QK; ++j) s += static_cast<int32_t>(q[j]) * xq[j];
@@ -397,58 +370,6 @@ void tile_dot_q4_chunked_avx512(const uint8_t* qs, int64_t row_bytes, const c10:
     for (int i = 0; i < MC; ++i) out[r * MC + i] = _mm512_reduce_add_ps(acc[r][i]) + tail[r][i];
 }
 
-// The Q8 block kernel on the chunked Q8 layout (see unpack_q8_row): as the Q4 one, without nibbles
-// (each vector is 32 int8 weights sign-extended) and without a min term.
-template <int NR, int MC>
-void tile_dot_q8_chunked_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const QuantizedRows& xr,
-                                int64_t m0, int64_t K, float* out /* [NR][MC] */) {
-  const int64_t nb = K / QK, full = full_chunk_blocks(nb);
-  __m512 acc[NR][MC];
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MC; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (int r = 0; r < NR; ++r) {  // the rows PREFETCH_ROWS (L1) and PREFETCH_ROWS_L2 ahead, whole
-    prefetch_bytes<_MM_HINT_T0>(qs + (r + PREFETCH_ROWS) * row_bytes, row_bytes);
-    prefetch_bytes<_MM_HINT_T1>(qs + (r + PREFETCH_ROWS_L2) * row_bytes, row_bytes);
-  }
-  for (int64_t c = 0; c < full; c += CHUNK_BLOCKS) {
-    __m512i ia[NR][MC];
-    for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < MC; ++i) ia[r][i] = _mm512_setzero_si512();
-    for (int t = 0; t < 16; ++t) {
-      __m512i w[NR];
-      for (int r = 0; r < NR; ++r) {
-        const uint8_t* src = qs + r * row_bytes + c * QK + t * QK;
-        w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-      }
-      for (int i = 0; i < MC; ++i) {
-        const __m512i xv = _mm512_loadu_si512(xr.qt.data() + (m0 + i) * K + c * QK + t * QK);
-        for (int r = 0; r < NR; ++r) ia[r][i] = dot_pairs(ia[r][i], w[r], xv);
-      }
-    }
-    for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(d + (r + PREFETCH_ROWS) * nb + c), _MM_HINT_T0);
-      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + r * nb + c)));
-      for (int i = 0; i < MC; ++i)
-        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][i]),
-                                    _mm512_mul_ps(dv, _mm512_loadu_ps(xr.dx.data() + (m0 + i) * nb + c)), acc[r][i]);
-    }
-  }
-  for (int64_t b = full; b < nb; ++b) {  // the tail, in element order
-    __m512i w[NR];
-    for (int r = 0; r < NR; ++r)
-      w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + b * QK)));
-    for (int i = 0; i < MC; ++i) {
-      const __m512i xv = _mm512_loadu_si512(xr.q.data() + (m0 + i) * K + b * QK);
-      for (int r = 0; r < NR; ++r) {
-        const float sc = half_to_float(d + r * nb + b) * xr.dx[(m0 + i) * nb + b];
-        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w[r], xv)), _mm512_set1_ps(sc), acc[r][i]);
-      }
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MC; ++i) out[r * MC + i] = _mm512_reduce_add_ps(acc[r][i]);
-}
-
 #endif
 
 #ifdef KILN_AVX2
@@ -601,52 +522,6 @@ void tile_dot_q4_chunked_avx2(const uint8_t* qs, int64_t row_bytes, const c10::H
   }
 }
 
-// The chunked Q8 kernel on AVX2: blocks 0-7 and 8-15 of a chunk in two 8-lane halves.
-template <int NR, int MC>
-void tile_dot_q8_chunked_avx2(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const QuantizedRows& xr,
-                              int64_t m0, int64_t K, float* out /* [NR][MC] */) {
-  const int64_t nb = K / QK, full = full_chunk_blocks(nb);
-  __m256 acc[NR][MC];
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MC; ++i) acc[r][i] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < full; c += CHUNK_BLOCKS) {
-    for (int r = 0; r < NR; ++r) {
-      __m256i ia[MC][2];
-      for (int i = 0; i < MC; ++i) ia[i][0] = ia[i][1] = _mm256_setzero_si256();
-      for (int t = 0; t < 16; ++t) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + r * row_bytes + c * QK + t * QK));
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));       // blocks 0-7
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));  // blocks 8-15
-        for (int i = 0; i < MC; ++i) {
-          const __m256i* xv = reinterpret_cast<const __m256i*>(xr.qt.data() + (m0 + i) * K + c * QK + t * QK);
-          ia[i][0] = _mm256_add_epi32(ia[i][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(xv)));
-          ia[i][1] = _mm256_add_epi32(ia[i][1], _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1)));
-        }
-      }
-      for (int half = 0; half < 2; ++half) {
-        const int64_t b0 = c + 8 * half;
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + r * nb + b0)));
-        for (int i = 0; i < MC; ++i)
-          acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][half]),
-                                      _mm256_mul_ps(dv, _mm256_loadu_ps(xr.dx.data() + (m0 + i) * nb + b0)), acc[r][i]);
-      }
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    for (int i = 0; i < MC; ++i) {
-      float v = hsum256(acc[r][i]);
-      for (int64_t b = full; b < nb; ++b) {  // the tail, in element order: the portable step
-        const int8_t* q = reinterpret_cast<const int8_t*>(qs + r * row_bytes) + b * QK;
-        const int16_t* xq = xr.q.data() + (m0 + i) * K + b * QK;
-        int32_t sum = 0;
-        for (int j = 0; j < QK; ++j) sum += static_cast<int32_t>(q[j]) * xq[j];
-        v += half_to_float(d + r * nb + b) * xr.dx[(m0 + i) * nb + b] * static_cast<float>(sum);
-      }
-      out[r * MC + i] = v;
-    }
-  }
-}
-
 #endif
 
 #if defined(KILN_AVX512) || defined(KILN_AVX2)
@@ -706,23 +581,21 @@ void quant_matmul_impl(const QuantizedRows& xr, const uint8_t* qp, const c10::Ha
 }
 
 #if defined(KILN_AVX512) || defined(KILN_AVX2)
-template <bool Q4, int NR, int MC>
+template <int NR, int MC>
 inline void tile_q4_chunked(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, const c10::Half* m,
                             const QuantizedRows& xr, int64_t m0, int64_t K, float* out) {
 #ifdef KILN_AVX512
-  if constexpr (Q4) tile_dot_q4_chunked_avx512<NR, MC>(qs, row_bytes, d, m, xr, m0, K, out);
-  else tile_dot_q8_chunked_avx512<NR, MC>(qs, row_bytes, d, xr, m0, K, out);
+  tile_dot_q4_chunked_avx512<NR, MC>(qs, row_bytes, d, m, xr, m0, K, out);
 #else
-  if constexpr (Q4) tile_dot_q4_chunked_avx2<NR, MC>(qs, row_bytes, d, m, xr, m0, K, out);
-  else tile_dot_q8_chunked_avx2<NR, MC>(qs, row_bytes, d, xr, m0, K, out);
+  tile_dot_q4_chunked_avx2<NR, MC>(qs, row_bytes, d, m, xr, m0, K, out);
 #endif
 }
 
-// The block kernel on the chunked Q4 / Q8 layouts (xr.qt built): NR output rows per tile, activation
-// rows in passes of up to MCMAX. Output rows past the last whole tile take the portable path.
-template <bool Q4, int NR, int MCMAX, typename T>
-void quant_matmul_chunked(const QuantizedRows& xr, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp,
-                          int64_t M, int64_t N, int64_t K, int64_t row_bytes, T* yp) {
+// The Q4 block kernel on the chunked layout (xr.qt built): NR output rows per tile, activation rows in
+// passes of up to MCMAX. Output rows past the last whole tile take the portable path.
+template <int NR, int MCMAX, typename T>
+void quant_matmul_q4_chunked(const QuantizedRows& xr, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp,
+                             int64_t M, int64_t N, int64_t K, int64_t row_bytes, T* yp) {
   const int64_t nb = K / QK;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     int64_t n = begin;
@@ -730,42 +603,41 @@ void quant_matmul_chunked(const QuantizedRows& xr, const uint8_t* qp, const c10:
     for (; n + NR <= end; n += NR) {
       const uint8_t* qs = qp + n * row_bytes;
       const c10::Half* d = dp + n * nb;
-      const c10::Half* m = Q4 ? mp + n * nb : nullptr;
+      const c10::Half* m = mp + n * nb;
       for (int64_t m0 = 0; m0 < M; m0 += MCMAX) {
         const int64_t mc = std::min<int64_t>(MCMAX, M - m0);
-        if (mc == 1) tile_q4_chunked<Q4, NR, 1>(qs, row_bytes, d, m, xr, m0, K, tmp);
-        else if constexpr (MCMAX == 2) tile_q4_chunked<Q4, NR, 2>(qs, row_bytes, d, m, xr, m0, K, tmp);
-        else if (mc == 2) tile_q4_chunked<Q4, NR, 2>(qs, row_bytes, d, m, xr, m0, K, tmp);
-        else if (mc == 3) tile_q4_chunked<Q4, NR, 3>(qs, row_bytes, d, m, xr, m0, K, tmp);
-        else tile_q4_chunked<Q4, NR, MCMAX>(qs, row_bytes, d, m, xr, m0, K, tmp);
+        if (mc == 1) tile_q4_chunked<NR, 1>(qs, row_bytes, d, m, xr, m0, K, tmp);
+        else if constexpr (MCMAX == 2) tile_q4_chunked<NR, 2>(qs, row_bytes, d, m, xr, m0, K, tmp);
+        else if (mc == 2) tile_q4_chunked<NR, 2>(qs, row_bytes, d, m, xr, m0, K, tmp);
+        else if (mc == 3) tile_q4_chunked<NR, 3>(qs, row_bytes, d, m, xr, m0, K, tmp);
+        else tile_q4_chunked<NR, MCMAX>(qs, row_bytes, d, m, xr, m0, K, tmp);
         for (int r = 0; r < NR; ++r)
           for (int64_t i = 0; i < mc; ++i) yp[(m0 + i) * N + n + r] = static_cast<T>(tmp[r * mc + i]);
       }
     }
     for (; n < end; ++n)
       for (int64_t i = 0; i < M; ++i)
-        yp[i * N + n] = static_cast<T>(
-            row_dot_scalar<Q4>(qp + n * row_bytes, dp + n * nb, Q4 ? mp + n * nb : nullptr, xr, i, K));
+        yp[i * N + n] = static_cast<T>(row_dot_scalar<true>(qp + n * row_bytes, dp + n * nb, mp + n * nb, xr, i, K));
   });
 }
 #endif
 
-// Q4 or Q8 (chunked layouts): the chunked SIMD kernel, or the portable loop.
-template <bool Q4, typename T>
-void quant_matmul_blocks(QuantizedRows& xr, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp, int64_t M,
-                         int64_t N, int64_t K, int64_t row_bytes, T* yp) {
+// Q4 (chunked layout): the chunked SIMD kernel, or the portable loop.
+template <typename T>
+void quant_matmul_q4(QuantizedRows& xr, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp, int64_t M,
+                     int64_t N, int64_t K, int64_t row_bytes, T* yp) {
 #if defined(KILN_AVX512)
   transpose_chunks(xr, M, K);
   // Tiles that keep every accumulator in a register (32 zmm): 8 output rows x 1-2 activation rows,
   // then 2 x 4 (on an AMD EPYC, 2026-11-30, 8 x 1 ran 1.4x faster than 4 x 1 at M = 1, and 2 x 4
   // 1.15x faster than 4 x 4 at M = 4-16)
-  if (M <= 2) quant_matmul_chunked<Q4, 8, 2>(xr, qp, dp, mp, M, N, K, row_bytes, yp);
-  else quant_matmul_chunked<Q4, 2, 4>(xr, qp, dp, mp, M, N, K, row_bytes, yp);
+  if (M <= 2) quant_matmul_q4_chunked<8, 2>(xr, qp, dp, mp, M, N, K, row_bytes, yp);
+  else quant_matmul_q4_chunked<2, 4>(xr, qp, dp, mp, M, N, K, row_bytes, yp);
 #elif defined(KILN_AVX2)
   transpose_chunks(xr, M, K);
-  quant_matmul_chunked<Q4, 2, 4>(xr, qp, dp, mp, M, N, K, row_bytes, yp);
+  quant_matmul_q4_chunked<2, 4>(xr, qp, dp, mp, M, N, K, row_bytes, yp);
 #else
-  quant_matmul_impl<Q4>(xr, qp, dp, mp, M, N, K, row_bytes, yp);
+  quant_matmul_impl<true>(xr, qp, dp, mp, M, N, K, row_bytes, yp);
 #endif
 }
 
@@ -822,12 +694,12 @@ at::Tensor quant_matmul_any(const at::Tensor& x_in, const at::Tensor& qs, const 
   }
   if (x.scalar_type() == at::kFloat) {
     QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
-    if (is_q4) quant_matmul_blocks<true>(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<float>());
-    else quant_matmul_blocks<false>(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<float>());
+    if (is_q4) quant_matmul_q4(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<float>());
+    else quant_matmul_impl<false>(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<float>());
   } else {
     QuantizedRows xr = quantize_rows(x.data_ptr<c10::BFloat16>(), M, K);
-    if (is_q4) quant_matmul_blocks<true>(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<c10::BFloat16>());
-    else quant_matmul_blocks<false>(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<c10::BFloat16>());
+    if (is_q4) quant_matmul_q4(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<c10::BFloat16>());
+    else quant_matmul_impl<false>(xr, qp, dp, mp, M, N, K, row_bytes, y.data_ptr<c10::BFloat16>());
   }
   return y;
 }
@@ -861,10 +733,9 @@ at::Tensor quant_dequantize_any(const at::Tensor& qs_in, const at::Tensor& d_in,
   const auto* mp = is_q4 ? m.data_ptr<c10::Half>() : nullptr;
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> elements(K);
+    std::vector<uint8_t> elements(is_q4 ? K : 0);
     for (int64_t n = begin; n < end; ++n) {
       if (is_q4) unpack_q4_row(qp + n * row_bytes, nb, qhp == nullptr, elements.data());
-      else unpack_q8_row(reinterpret_cast<const int8_t*>(qp) + n * K, nb, reinterpret_cast<int8_t*>(elements.data()));
       for (int64_t b = 0; b < nb; ++b) {
         const float db = half_to_float(dp + n * nb + b);
         float* out = wp + n * K + b * QK;
@@ -874,7 +745,7 @@ at::Tensor quant_dequantize_any(const at::Tensor& qs_in, const at::Tensor& d_in,
           const uint32_t h = qhp != nullptr ? qhp[n * nb + b] : 0u;
           for (int j = 0; j < QK; ++j) out[j] = db * static_cast<float>(e[j] | (((h >> j) & 1u) << 4)) + mb;
         } else {
-          const int8_t* q = reinterpret_cast<const int8_t*>(elements.data()) + b * QK;
+          const int8_t* q = reinterpret_cast<const int8_t*>(qp) + n * K + b * QK;
           for (int j = 0; j < QK; ++j) out[j] = db * static_cast<float>(q[j]);
         }
       }
@@ -903,7 +774,7 @@ void dequant_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
   const int64_t K = nb * QK;
   const __m512i low = _mm512_set1_epi32(0x0F);
   const __m512i sixteen = _mm512_set1_epi32(16);
-  std::vector<uint8_t> elements(H ? 0 : K);
+  std::vector<uint8_t> elements(Q4 && !H ? K : 0);
   for (int r = 0; r < nr; ++r) {
     const uint8_t* row = qs + (n0 + r) * row_bytes;
     const c10::Half* dr = d + (n0 + r) * nb;
@@ -947,8 +818,7 @@ void dequant_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
         }
       }
     } else {
-      unpack_q8_row(reinterpret_cast<const int8_t*>(row), nb, reinterpret_cast<int8_t*>(elements.data()));
-      const int8_t* q = reinterpret_cast<const int8_t*>(elements.data());
+      const int8_t* q = reinterpret_cast<const int8_t*>(row);
       for (int64_t b = 0; b < nb; ++b) {
         const __m512 db = _mm512_set1_ps(half_to_float(dr + b));
         for (int h = 0; h < 2; ++h) {
