@@ -34,18 +34,30 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from torch.overrides import TorchFunctionMode
 
 from kiln.errors import ModelLoadError
-from kiln.layers.gguf_quant import GGUFQuantizedTensor
-from kiln.loader.weights import expected_shards, load_tensor
-from kiln.models.architecture import WeightNames
-from kiln.offload.weight_offload import (
-    OffloadReport, WeightOffloadConfig, check_fixed_part, install_streamer, linear_tensors, model_weight_tensors,
-    plan_spill, return_freed_heap, spill_layer, split_layers, unique_bytes,
+from kiln.loader.weights import (
+    expected_shards,
+    is_tied_block_embedding,
+    load_tensor,
+    weight_targets,
 )
+from kiln.models.architecture import WeightNames
 from kiln.offload.spill_file import SpillFile
+from kiln.offload.weight_offload import (
+    OffloadReport,
+    WeightOffloadConfig,
+    check_fixed_part,
+    install_streamer,
+    linear_tensors,
+    model_weight_tensors,
+    plan_spill,
+    return_freed_heap,
+    spill_layer,
+    split_layers,
+    unique_bytes,
+)
 
 FIXED = -1  # group key of the tensors outside the decoder layers
 
@@ -189,18 +201,9 @@ def _load_weights(model: nn.Module, weights: Any, source: Path, names: WeightNam
     and serves lookups from them (no dense table). Loaded keys leave `needed`."""
     from kiln.offload.block_embedding import serve_embedding_from_blocks
 
-    tied = getattr(model, "lm_head", None) is None
-    for hf_name, tensor in weights:
-        if (tied and hf_name == "lm_head.weight") or "rotary_emb.inv_freq" in hf_name:
-            continue  # as load_named_weights: the embedding is the source of truth; RoPE is computed
-        module_path, param, shard = names.target(hf_name)
+    for hf_name, tensor, module, (module_path, param, shard) in weight_targets(model, weights, source, names):
         try:
-            module = model.get_submodule(module_path)
-        except AttributeError:
-            raise ModelLoadError(source, f"unexpected tensor {hf_name!r} (not part of this architecture)") from None
-        try:
-            if (isinstance(tensor, GGUFQuantizedTensor) and tied and hf_name.endswith("embed_tokens.weight")
-                    and not hasattr(module, "weight_loader") and hasattr(model, "attach_quantized_tied_head")):
+            if is_tied_block_embedding(model, module, hf_name, tensor):
                 model.attach_quantized_tied_head(tensor)
                 if serve_embedding_from_blocks(model):
                     needed.discard((module_path, param, shard))

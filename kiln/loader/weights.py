@@ -8,7 +8,7 @@ place where names meet modules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -38,6 +38,30 @@ def expected_shards(model: nn.Module) -> set[tuple[str, str, str | None]]:
     return needed
 
 
+def weight_targets(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: Path | str,
+                   names: WeightNames) -> Iterator[tuple[str, torch.Tensor, nn.Module, tuple[str, str, str | None]]]:
+    """(checkpoint name, tensor, target module, (module path, param, shard)) for each tensor that loads: a tied
+    model's `lm_head.weight` (the embedding is the source of truth) and RoPE's `inv_freq` (computed) are skipped;
+    a name the architecture has no module for is a ModelLoadError."""
+    tied = getattr(model, "lm_head", None) is None
+    for hf_name, tensor in weights:
+        if (tied and hf_name == "lm_head.weight") or "rotary_emb.inv_freq" in hf_name:
+            continue
+        target = names.target(hf_name)
+        try:
+            module = model.get_submodule(target[0])
+        except AttributeError:
+            raise ModelLoadError(source, f"unexpected tensor {hf_name!r} (not part of this architecture)") from None
+        yield hf_name, tensor, module, target
+
+
+def is_tied_block_embedding(model: nn.Module, module: nn.Module, hf_name: str, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a tied model's embedding kept in GGUF blocks, which becomes its LM head."""
+    return (isinstance(tensor, GGUFQuantizedTensor) and getattr(model, "lm_head", None) is None
+            and hf_name.endswith("embed_tokens.weight") and not hasattr(module, "weight_loader")
+            and hasattr(model, "attach_quantized_tied_head"))
+
+
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: Path | str,
                        names: WeightNames | None = None) -> None:
     """Load every tensor; raise ModelLoadError naming `source` on a shape mismatch or a missing tensor.
@@ -46,20 +70,9 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
     if names is None:
         names = get_architecture(model.config.architecture, source).weight_names
     needed = expected_shards(model)
-    tied = getattr(model, "lm_head", None) is None
-    for hf_name, tensor in weights:
-        if tied and hf_name == "lm_head.weight":
-            continue  # a tied checkpoint may still ship lm_head; the embedding is the source of truth
-        if "rotary_emb.inv_freq" in hf_name:
-            continue
-        module_path, param, shard = names.target(hf_name)
+    for hf_name, tensor, module, (module_path, param, shard) in weight_targets(model, weights, source, names):
         try:
-            module = model.get_submodule(module_path)
-        except AttributeError:
-            raise ModelLoadError(source, f"unexpected tensor {hf_name!r} (not part of this architecture)") from None
-        try:
-            if (isinstance(tensor, GGUFQuantizedTensor) and tied and hf_name.endswith("embed_tokens.weight")
-                    and not hasattr(module, "weight_loader") and hasattr(model, "attach_quantized_tied_head")):
+            if is_tied_block_embedding(model, module, hf_name, tensor):
                 model.attach_quantized_tied_head(tensor)  # the LM head reads the blocks natively
             load_tensor(module, param, tensor, shard)
         except ValueError as exc:
