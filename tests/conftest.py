@@ -52,3 +52,14 @@ def _kernel_switches_per_test():
     before = switches._active
     yield
     switches._active = before
+
+
+@pytest.fixture(autouse=True)
+def _activation_bits_per_test():
+    """Kernel tests that measure 8-bit activations set the process-wide activation quantization; every test
+    ends at kiln's 16 bits so no later test runs at a precision an earlier one chose."""
+    from kiln.kernels import quant_matmul
+
+    yield
+    if quant_matmul.activation_bits() != 16:
+        quant_matmul.set_activation_bits(16)

@@ -13,7 +13,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from kiln.data import WIKITEXT2_TEST, data_path
 from kiln.kernels.native import load_native
-from kiln.kernels.quant_matmul import dequantize_reference, quant_matmul_reference
+from kiln.kernels.quant_matmul import dequantize_reference, quant_matmul_reference, set_activation_bits
 from kiln.layers.gguf_quant import GGUFQuantizedTensor, GGUFQuantLinearMethod, pack_blocks
 from kiln.layers.linear import Linear
 
@@ -54,7 +54,12 @@ needs_native = pytest.mark.skipif(not load_native(), reason="native kernels unav
 @pytest.mark.parametrize("m_rows", [1, 2, 3, 5, 16, 33, 64])
 @pytest.mark.parametrize("n, k", [(1, 32), (37, 96), (129, 576), (21, 1056)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_matmul_equals_reference(qtype: str, m_rows: int, n: int, k: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("bits", [16, 8])
+def test_native_matmul_equals_reference(qtype: str, m_rows: int, n: int, k: int, dtype: torch.dtype,
+                                        bits: int) -> None:
+    """At 8 bits the chunked Q4 kernel takes its vpdpbusd path (4 bytes per lane); the twin quantizes the
+    activations to int8 the same way."""
+    set_activation_bits(bits)
     t, _ = blocks(n, k, qtype, seed=n + k)
     qs, d, m = pack_blocks(t)
     x = (torch.randn(m_rows, k) * 3).to(dtype)

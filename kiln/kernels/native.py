@@ -58,7 +58,11 @@ def _march() -> str:
 
 def _cflags() -> list[str]:
     # -fopenmp: at::parallel_for is header code and runs serially without it.
-    flags = ["-O3", "-fopenmp"]
+    # -ffp-contract=off: GCC would otherwise fuse a scalar `a += b * c` into an FMA in some template
+    # instantiations of a kernel and not in others, so one output row could round differently depending on
+    # how many activation rows shared its tile; speculative verification (k + 1 rows) must reproduce decode
+    # (1 row) bit for bit. The SIMD loops use explicit FMA intrinsics and are unaffected.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if os.environ.get("KILN_PORTABLE_KERNELS") != "1":
         flags.append(f"-march={_march()}")
     return flags

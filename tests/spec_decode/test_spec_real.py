@@ -105,3 +105,19 @@ def test_adaptive_switch_off_spares_seeded_sampling(llm_fp32, monkeypatch) -> No
     assert engine.stats().spec.proposed_total > 0
     monkeypatch.undo()
     assert llm.generate(PROMPTS[:1], seeded)[0].outputs[0].token_ids == first
+
+
+
+def test_greedy_on_block_kernels_with_ngram_drafts_equals_plain_decoding(default_gguf_path) -> None:
+    """On the native block kernels (the default path): plain decoding runs 1-row matmuls inside the fused
+    step, verifying k = 8 drafts runs 9-row ones (on the block kernel's 2 x 4 tile, or the panel kernel where
+    the crossover table says so), and the tokens must still be the same."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    common = dict(kv_cache_memory="64MiB", quantized_weights="native")
+    plain = LLM(str(default_gguf_path), **common).generate(PROMPTS, params)
+    spec_llm = LLM(str(default_gguf_path), speculative_model="ngram", num_speculative_tokens=8,
+                   speculative_adaptive=False, speculative_disable_by_batch_size=8, **common)
+    spec = spec_llm.generate(PROMPTS, params)
+    for a, b in zip(spec, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, a.prompt
+    assert spec_llm.engine.stats().spec.accepted_total > 20

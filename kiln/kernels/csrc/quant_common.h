@@ -24,7 +24,13 @@
 namespace kiln {
 
 constexpr int64_t QK = 32;
-constexpr float QMAX = 32767.f;
+// The activation quantization's range: 32767 (int16, what kiln runs) or 127 (int8, llama.cpp's choice:
+// the chunked Q4 kernel then multiplies 4 bytes per int32 lane with vpdpbusd, twice the products per
+// instruction of int16's vpdpwssd, at a measured quality cost; see `set_activation_bits` in
+// kiln/kernels/quant_matmul.py). One value per process; every kernel reads it when it quantizes a row.
+inline float activation_qmax_value = 32767.f;
+inline float activation_qmax() { return activation_qmax_value; }
+inline bool int8_activations() { return activation_qmax_value == 127.f; }
 
 inline float half_to_float(const c10::Half* p) {
 #if defined(KILN_AVX512) || defined(KILN_AVX2)
@@ -42,6 +48,10 @@ struct QuantizedRows {
   // weight layout (vector t of a chunk: int32 lane j = elements 2t, 2t + 1 of block j); see
   // `transpose_chunks` in quant_gemm.cpp. Built only for the Q4 block kernel.
   std::vector<int16_t> qt;
+  // [M, K] or empty: under int8 activations (AVX-512 builds), each full chunk as 8 vectors of 64 bytes,
+  // vector t's int32 lane j = elements 4t .. 4t + 3 of the chunk's block j as int8 (`transpose_chunks`);
+  // the chunked Q4 kernel then multiplies 4 bytes per lane with vpdpbusd. Replaces qt there.
+  std::vector<int8_t> q8t;
 };
 
 #ifdef KILN_AVX512
@@ -74,13 +84,14 @@ template <typename T>
 QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK;
   QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  const float qmax = activation_qmax();
 #ifdef KILN_AVX512
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t b = 0; b < nb; ++b) {
       __m512 lo, hi;
       load_block(x + i * K + b * QK, lo, hi);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-      const float d = amax / QMAX;
+      const float d = amax / qmax;
       const float inv = d > 0.f ? 1.f / d : 0.f;
       const __m512 vinv = _mm512_set1_ps(inv);
       const __m512i qlo = round_away(_mm512_mul_ps(lo, vinv)), qhi = round_away(_mm512_mul_ps(hi, vinv));
@@ -101,7 +112,7 @@ QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
         xb[j] = static_cast<float>(x[i * K + b * QK + j]);
         amax = std::max(amax, std::fabs(xb[j]));
       }
-      const float d = amax / QMAX;
+      const float d = amax / qmax;
       const float inv = d > 0.f ? 1.f / d : 0.f;
       int sum = 0;
       int16_t* qb = r.q.data() + i * K + b * QK;

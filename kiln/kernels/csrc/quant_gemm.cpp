@@ -119,6 +119,19 @@ inline void unpack_q4_row(const uint8_t* row, int64_t nb, bool chunked, uint8_t*
 // a chunk meets the weight vector holding elements 2t, 2t + 1 of every block. The tail is unchanged.
 inline void transpose_chunks(QuantizedRows& xr, int64_t M, int64_t K) {
   const int64_t full = full_chunk_blocks(K / QK);
+#ifdef KILN_AVX512
+  if (int8_activations()) {  // xr.q8t instead (see QuantizedRows): quad t of block j → lane j of vector t
+    xr.q8t.assign(M * K, 0);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t c = 0; c < full; c += CHUNK_BLOCKS)
+        for (int j = 0; j < static_cast<int>(CHUNK_BLOCKS); ++j)
+          for (int t = 0; t < 8; ++t)
+            for (int e = 0; e < 4; ++e)
+              xr.q8t[i * K + c * QK + (t * CHUNK_BLOCKS + j) * 4 + e] =
+                  static_cast<int8_t>(xr.q[i * K + (c + j) * QK + 4 * t + e]);
+    return;
+  }
+#endif
   xr.qt = xr.q;
   for (int64_t i = 0; i < M; ++i) {
     const int16_t* src = xr.q.data() + i * K;
@@ -289,6 +302,16 @@ inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
 #endif
 }
 
+// int32 lanes += sums of four products of u8 (a) and s8 (b) lanes: one vpdpbusd with AVX512-VNNI, else
+// vpmaddubsw (|pair sum| <= 2 * 15 * 127: no saturation) + vpmaddwd by ones + add.
+inline __m512i dot_quads(__m512i acc, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)));
+#endif
+}
+
 // The Q4 block kernel on the chunked layout: NR output rows x MC activation rows. Per chunk, the
 // NR * MC int32 accumulators hold one block per lane; at the chunk's end one convert and one
 // multiply-add per accumulator apply the 16 blocks' scales d * dx (and one more adds the min term
@@ -307,12 +330,34 @@ void tile_dot_q4_chunked_avx512(const uint8_t* qs, int64_t row_bytes, const c10:
     prefetch_bytes<_MM_HINT_T1>(qs + (r + PREFETCH_ROWS_L2) * row_bytes, row_bytes);
   }
   const __m512i low_mask = _mm512_set1_epi16(0x0F);
+  const bool int8 = !xr.q8t.empty();
+  // int8: words 2j and 2j + 1 of the permuted 64 bytes are word j of group g and of group g + 1, so int32
+  // lane j holds bytes (j, 0), (j, 1) of both groups: elements 2g .. 2g + 3 of block j in the low nibbles
+  // and 2g + 16 .. 2g + 19 in the high ones, which meet xr.q8t's vectors g / 2 and g / 2 + 4
+  const __m512i pair_words = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int64_t c = 0; c < full; c += CHUNK_BLOCKS) {
     const int64_t chunk_byte = c * (QK / 2);
     __m512i ia[NR][MC];
     for (int r = 0; r < NR; ++r)
       for (int i = 0; i < MC; ++i) ia[r][i] = _mm512_setzero_si512();
-    for (int g = 0; g < 8; ++g) {
+    if (int8) {
+      for (int t = 0; t < 4; ++t) {
+        __m512i xlo[MC], xhi[MC];
+        for (int i = 0; i < MC; ++i) {
+          const int8_t* xc = xr.q8t.data() + (m0 + i) * K + c * QK;
+          xlo[i] = _mm512_loadu_si512(xc + t * 64);
+          xhi[i] = _mm512_loadu_si512(xc + (t + 4) * 64);
+        }
+        for (int r = 0; r < NR; ++r) {  // each row's two nibble vectors die at once: no spills at NR = 8
+          const __m512i v = _mm512_permutexvar_epi16(pair_words, _mm512_loadu_si512(qs + r * row_bytes + chunk_byte + t * 64));
+          const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          for (int i = 0; i < MC; ++i) ia[r][i] = dot_quads(dot_quads(ia[r][i], lo, xlo[i]), hi, xhi[i]);
+        }
+      }
+    }
+    for (int g = 0; g < 8 && !int8; ++g) {
       __m512i lo[NR], hi[NR];
       for (int r = 0; r < NR; ++r) {
         const uint8_t* src = qs + r * row_bytes + chunk_byte + g * QK;
@@ -591,33 +636,39 @@ inline void tile_q4_chunked(const uint8_t* qs, int64_t row_bytes, const c10::Hal
 #endif
 }
 
+// NR output rows from row n against every activation row, in passes of up to MCMAX (one tile per pass).
+template <int NR, int MCMAX, typename T>
+inline void q4_chunked_rows(const QuantizedRows& xr, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp,
+                            int64_t n, int64_t M, int64_t N, int64_t K, int64_t row_bytes, T* yp) {
+  const int64_t nb = K / QK;
+  float tmp[NR * MCMAX];
+  const uint8_t* qs = qp + n * row_bytes;
+  const c10::Half* d = dp + n * nb;
+  const c10::Half* m = mp + n * nb;
+  for (int64_t m0 = 0; m0 < M; m0 += MCMAX) {
+    const int64_t mc = std::min<int64_t>(MCMAX, M - m0);
+    if (mc == 1) tile_q4_chunked<NR, 1>(qs, row_bytes, d, m, xr, m0, K, tmp);
+    else if constexpr (MCMAX == 2) tile_q4_chunked<NR, 2>(qs, row_bytes, d, m, xr, m0, K, tmp);
+    else if (mc == 2) tile_q4_chunked<NR, 2>(qs, row_bytes, d, m, xr, m0, K, tmp);
+    else if (mc == 3) tile_q4_chunked<NR, 3>(qs, row_bytes, d, m, xr, m0, K, tmp);
+    else tile_q4_chunked<NR, MCMAX>(qs, row_bytes, d, m, xr, m0, K, tmp);
+    for (int r = 0; r < NR; ++r)
+      for (int64_t i = 0; i < mc; ++i) yp[(m0 + i) * N + n + r] = static_cast<T>(tmp[r * mc + i]);
+  }
+}
+
 // The Q4 block kernel on the chunked layout (xr.qt built): NR output rows per tile, activation rows in
-// passes of up to MCMAX. Output rows past the last whole tile take the portable path.
+// passes of up to MCMAX. Output rows past a thread's last whole tile run one-row tiles of the same
+// arithmetic (not the portable loop): which rows fall there depends on NR, which depends on M, and an
+// output must not change with the number of activation rows beside it (speculative verification must
+// reproduce decode bit for bit; tests/test_quant_rows_independent.py).
 template <int NR, int MCMAX, typename T>
 void quant_matmul_q4_chunked(const QuantizedRows& xr, const uint8_t* qp, const c10::Half* dp, const c10::Half* mp,
                              int64_t M, int64_t N, int64_t K, int64_t row_bytes, T* yp) {
-  const int64_t nb = K / QK;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     int64_t n = begin;
-    float tmp[NR * MCMAX];
-    for (; n + NR <= end; n += NR) {
-      const uint8_t* qs = qp + n * row_bytes;
-      const c10::Half* d = dp + n * nb;
-      const c10::Half* m = mp + n * nb;
-      for (int64_t m0 = 0; m0 < M; m0 += MCMAX) {
-        const int64_t mc = std::min<int64_t>(MCMAX, M - m0);
-        if (mc == 1) tile_q4_chunked<NR, 1>(qs, row_bytes, d, m, xr, m0, K, tmp);
-        else if constexpr (MCMAX == 2) tile_q4_chunked<NR, 2>(qs, row_bytes, d, m, xr, m0, K, tmp);
-        else if (mc == 2) tile_q4_chunked<NR, 2>(qs, row_bytes, d, m, xr, m0, K, tmp);
-        else if (mc == 3) tile_q4_chunked<NR, 3>(qs, row_bytes, d, m, xr, m0, K, tmp);
-        else tile_q4_chunked<NR, MCMAX>(qs, row_bytes, d, m, xr, m0, K, tmp);
-        for (int r = 0; r < NR; ++r)
-          for (int64_t i = 0; i < mc; ++i) yp[(m0 + i) * N + n + r] = static_cast<T>(tmp[r * mc + i]);
-      }
-    }
-    for (; n < end; ++n)
-      for (int64_t i = 0; i < M; ++i)
-        yp[i * N + n] = static_cast<T>(row_dot_scalar<true>(qp + n * row_bytes, dp + n * nb, mp + n * nb, xr, i, K));
+    for (; n + NR <= end; n += NR) q4_chunked_rows<NR, MCMAX>(xr, qp, dp, mp, n, M, N, K, row_bytes, yp);
+    for (; n < end; ++n) q4_chunked_rows<1, MCMAX>(xr, qp, dp, mp, n, M, N, K, row_bytes, yp);
   });
 }
 #endif
@@ -886,6 +937,14 @@ at::Tensor quant_matmul_panels_any(const at::Tensor& x_in, const at::Tensor& qs,
 #endif
 }
 
+// The activation quantization's range for every kernel of this process (quant_common.h): 8 or 16 bits.
+void set_activation_bits(int64_t bits) {
+  TORCH_CHECK(bits == 8 || bits == 16, "activation bits must be 8 or 16, got ", bits);
+  activation_qmax_value = bits == 8 ? 127.f : 32767.f;
+}
+
+int64_t activation_bits() { return int8_activations() ? 8 : 16; }
+
 // Which SIMD path this build of the library runs (for `kiln info`).
 int64_t quant_simd_level() {
 #if defined(KILN_AVX512)
@@ -901,6 +960,8 @@ int64_t quant_simd_level() {
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def("quant_simd_level() -> int", &kiln::quant_simd_level);  // no tensor argument: a catch-all kernel
+  m.def("set_activation_bits(int bits) -> ()", &kiln::set_activation_bits);
+  m.def("activation_bits() -> int", &kiln::activation_bits);
   m.def("quant_matmul(Tensor x, Tensor qs, Tensor d, Tensor m, bool is_q4) -> Tensor");
   m.def("quant_dequantize(Tensor qs, Tensor d, Tensor m, bool is_q4, ScalarType dtype) -> Tensor");
   m.def("quant_matmul_panels(Tensor x, Tensor qs, Tensor d, Tensor m, bool is_q4) -> Tensor");
