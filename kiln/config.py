@@ -213,7 +213,9 @@ class ModelLoadConfig:
     GGUF Q4_0/Q4_1/Q8_0 matrices stay in their blocks ('auto'/'native') or are expanded ('dequantize').
     `max_weight_memory` (bytes, None: no limit): decoder layers beyond it stream from a file in
     `offload_dir` (kiln.offload), with kiln's own read-ahead of the next layer if `offload_read_ahead`;
-    `offload_drop_page_cache` evicts them from the page cache after each use (a cold-cache measurement)."""
+    `offload_drop_page_cache` evicts them from the page cache after each use (a cold-cache measurement).
+    `huge_page_weights`: resident CPU weights move into one mapping advised for transparent huge pages
+    (kiln.offload.huge_pages)."""
 
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -223,6 +225,7 @@ class ModelLoadConfig:
     offload_dir: str | None = None
     offload_read_ahead: bool = False
     offload_drop_page_cache: bool = False
+    huge_page_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.quantized_weights not in QUANTIZED_WEIGHTS_MODES:

@@ -28,7 +28,7 @@ def load_rank_model(config: EngineConfig, group: TPGroup, model_path: str) -> Lo
     """This rank's share of the model (`model_path`: the resolved file or folder)."""
     m = config.model
     return load_model(model_path, m.dtype, group.device, quantized_weights=m.quantized_weights,
-                      prepare_model=lambda model: shard_model(model, group))
+                      prepare_model=lambda model: shard_model(model, group), huge_pages=m.huge_page_weights)
 
 
 def report_ready(group: TPGroup, error: str | None) -> list[str | None]:

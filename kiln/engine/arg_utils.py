@@ -54,6 +54,10 @@ class EngineArgs:
     offload_drop_page_cache: bool = _opt(False, "--max-weight-memory, for measurements: evict each streamed layer "
                                                 "from the page cache after use, so every step reads the disk",
                                          switch=True)
+    huge_page_weights: bool = _opt(True, "keep the resident CPU weights in ordinary 4 KiB pages instead of one "
+                                         "mapping advised for transparent huge pages (decode streams the weights "
+                                         "every step; huge pages measured faster here, see README)",
+                                   flag="--no-huge-page-weights", negate=True)
     # ---- the KV cache ----
     kv_cache_memory: str | int | None = _opt(None, "KV cache budget, e.g. 2GiB (default: 25%% of free RAM, at most 2 GiB)")
     kv_cache_dtype: str = _opt("auto", "KV cache storage: auto (the model dtype; float16 under a float32 model on "
@@ -217,7 +221,7 @@ class EngineArgs:
         return EngineConfig(
             model=ModelLoadConfig(self.model, self.dtype, self.device, self.quantized_weights,
                                   parse_memory(self.max_weight_memory, "--max-weight-memory"), self.offload_dir,
-                                  self.offload_read_ahead, self.offload_drop_page_cache),
+                                  self.offload_read_ahead, self.offload_drop_page_cache, self.huge_page_weights),
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=parse_memory(self.kv_cache_memory),
                               enable_prefix_caching=self.enable_prefix_caching, kv_cache_dtype=self.kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,

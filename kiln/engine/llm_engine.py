@@ -153,7 +153,7 @@ class LLMEngine(RequestValidation):
 
             ensure_tuned(model_path, torch.get_num_threads())
         loaded = load_model(model_path, m.dtype, m.device, quantized_weights=m.quantized_weights,
-                            weight_offload=weight_offload_config(m))
+                            weight_offload=weight_offload_config(m), huge_pages=m.huge_page_weights)
         return cls(loaded, config.cache, config.scheduler, config.speculative, lora_config=config.lora)
 
     @classmethod

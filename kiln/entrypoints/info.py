@@ -93,5 +93,6 @@ def weight_memory_line(loaded: "LoadedModel") -> str:  # noqa: F821 - kiln.loade
     how = ("GGUF blocks are repacked into kiln's kernel layouts at load (Q5_K/Q6_K rows kept as stored, but "
            "fused and un-permuted), so none is used in place from the file; "
            if loaded.file_format == "gguf" else "")
+    huge = f"; {loaded.huge_pages.summary()}" if loaded.huge_pages is not None else ""
     return (f"{resident / (1 << 20):.1f} MiB resident, 0 mapped ({how}--max-weight-memory streams layers "
-            "from a file)")
+            f"from a file){huge}")

@@ -28,6 +28,7 @@ class LoadedModel:
     file_format: str  # "gguf" | "safetensors"
     tensor_types: dict[str, int]  # storage type → tensor count, for `kiln info`
     offload: "OffloadReport | None" = None  # noqa: F821 - kiln.offload.weight_offload; set under a weight budget
+    huge_pages: "HugePageReport | None" = None  # noqa: F821 - kiln.offload.huge_pages; set when weights moved there
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -108,7 +109,8 @@ def safetensors_names(folder: Path) -> list[str]:
 def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                quantized_weights: str = "auto",
                prepare_model: Callable[[nn.Module], None] | None = None,
-               weight_offload: "WeightOffloadConfig | None" = None) -> LoadedModel:  # noqa: F821
+               weight_offload: "WeightOffloadConfig | None" = None,  # noqa: F821
+               huge_pages: bool = False) -> LoadedModel:
     """Load a GGUF file or a Hugging Face folder.
 
     `quantized_weights` (GGUF only): 'auto' keeps Q4_0/Q4_1/Q8_0 matrices in their blocks for
@@ -119,6 +121,8 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
     is planned or loaded (tensor parallel resizes the layers to one rank's share there).
     `weight_offload` (kiln.offload): keep at most its budget of weights in RAM and stream the other decoder
     layers from a file; block-quantized layers then keep no dense copies (as with 'native').
+    `huge_pages` (CPU, without `weight_offload`): the loaded weights move into one mapping advised for
+    transparent huge pages (kiln.offload.huge_pages); `LoadedModel.huge_pages` reports it.
     """
     from kiln.loader.tokenizer import Tokenizer
 
@@ -205,7 +209,12 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
                 offload = apply_offload(model, weight_offload)
             except ValueError as exc:
                 raise ModelLoadError(path, str(exc)) from None
-    return LoadedModel(model, cfg, tokenizer, path, fmt, types, offload)
+    huge = None
+    if huge_pages and weight_offload is None and device.type == "cpu":
+        from kiln.offload.huge_pages import move_weights_to_huge_pages
+
+        huge = move_weights_to_huge_pages(model)
+    return LoadedModel(model, cfg, tokenizer, path, fmt, types, offload, huge)
 
 
 def _load_gguf_resident(reader: object, cfg: ModelConfig, arch: object, path: Path, torch_dtype: torch.dtype,
