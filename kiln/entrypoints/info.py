@@ -50,7 +50,8 @@ def print_info(model: str, dtype: str = "auto", max_weight_memory: str | None = 
     path = resolve_model(model)
     budget = parse_memory(max_weight_memory, "--max-weight-memory")
     offload = weight_offload_config(ModelLoadConfig(str(path), dtype, max_weight_memory=budget))
-    loaded = load_model(path, dtype, weight_offload=offload)
+    # as the engine loads it (huge pages included), so the weight-memory line says what a served model gets
+    loaded = load_model(path, dtype, weight_offload=offload, huge_pages=True)
     print(f"file             {path} ({loaded.file_format}, {Path(path).stat().st_size / (1 << 20):.1f} MiB)"
           if Path(path).is_file() else f"folder           {path} ({loaded.file_format})")
     for line in describe_config(loaded.config):

@@ -95,3 +95,11 @@ def test_weights_under_a_budget_are_not_moved(tiny_gguf: Path) -> None:
     loaded = load_model(tiny_gguf, "float32", weight_offload=WeightOffloadConfig(1 << 30, Path("/tmp")),
                         huge_pages=True)
     assert loaded.huge_pages is None
+
+
+def test_kiln_info_reports_the_huge_page_mapping(tiny_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.entrypoints.cli import main as cli_main
+
+    assert cli_main(["info", str(tiny_gguf), "--dtype", "float32"]) in (0, None)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("weight memory"))
+    assert "MiB in one mapping advised for transparent huge pages" in line and f"THP mode: {thp_mode()}" in line
