@@ -8,8 +8,9 @@ from pathlib import Path
 from kiln.bench.profile import OP_FAMILIES
 
 CSRC = Path(__file__).resolve().parents[1] / "kiln" / "kernels" / "csrc"
-# ops that answer a question about the build and take no tensor: nothing to attribute
-QUERIES = {"quant_simd_level", "paged_prefill_supported"}
+# ops that answer a question about the build or set / read a process-wide setting, and take no tensor:
+# no compute to attribute
+QUERIES = {"quant_simd_level", "paged_prefill_supported", "set_activation_bits", "activation_bits"}
 
 
 def test_every_native_kernel_has_an_op_family() -> None:
