@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kiln.offload.spill_file import smaps_bytes
+
 HUGE_PAGE = 2 << 20
 TENSOR_ALIGN = 64  # SIMD loads in the kernels want at least cache-line alignment
 THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -87,16 +89,22 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return t.storage_offset() * item, (last + 1) * item
 
 
-def move_weights_to_huge_pages(model: nn.Module) -> HugePageReport:
-    """Copy every CPU weight tensor of `model` into one huge-page-advised mapping (see the module docstring)
-    and point the model at the copies. The old storages are freed as their tensors are re-pointed."""
-    slots = weight_slots(model)
-    spans: dict[int, tuple[int, int]] = {}  # storage address → [first, end) bytes used by its tensors
+def _storage_spans(slots: list[tuple[nn.Module, str, str, torch.Tensor]]) -> dict[int, tuple[int, int]]:
+    """Storage address → [first, end) bytes its tensors use."""
+    spans: dict[int, tuple[int, int]] = {}
     for _, _, _, t in slots:
         key = t.untyped_storage().data_ptr()
         lo, hi = _byte_span(t)
         old = spans.get(key)
         spans[key] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    return spans
+
+
+def move_weights_to_huge_pages(model: nn.Module) -> HugePageReport:
+    """Copy every CPU weight tensor of `model` into one huge-page-advised mapping (see the module docstring)
+    and point the model at the copies. The old storages are freed as their tensors are re-pointed."""
+    slots = weight_slots(model)
+    spans = _storage_spans(slots)
     offsets: dict[int, int] = {}
     size = 0
     for key, (lo, hi) in spans.items():
@@ -120,52 +128,46 @@ def move_weights_to_huge_pages(model: nn.Module) -> HugePageReport:
     whole = torch.frombuffer(mapping, dtype=torch.uint8)
     skew = (-whole.data_ptr()) % HUGE_PAGE
     arena = whole[skew:skew + length]
-    moved: dict[int, torch.Tensor] = {}  # id(old tensor) → its copy
+    # a copy per distinct view (storage, offset, shape, strides, dtype), not per old tensor object: the slots
+    # are dropped as they are re-pointed, so an old storage is freed once its last place moves and the move
+    # never holds two copies of the weights (a Parameter's slot frees nothing: the object stays, its data moves)
+    moved: dict[tuple[object, ...], torch.Tensor] = {}
     copied: set[int] = set()
     typed: dict[torch.dtype, torch.Tensor] = {}
+    moved_params: set[int] = set()  # a Parameter reachable from two modules moves once (it is one object)
     with torch.no_grad():
-        for module, kind, name, t in slots:
-            new = moved.get(id(t))
+        while slots:
+            module, kind, name, t = slots.pop()
+            if kind == "param" and id(t) in moved_params:
+                continue
+            key = t.untyped_storage().data_ptr()
+            view = (key, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            new = moved.get(view)
             if new is None:
-                key = t.untyped_storage().data_ptr()
                 lo, hi = spans[key]
                 base = offsets[key] - lo  # arena byte where the old storage's byte 0 would sit
                 if key not in copied:
                     source = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())[lo:hi]
                     arena[offsets[key]:offsets[key] + hi - lo].copy_(source)
+                    del source
                     copied.add(key)
                 item = t.element_size()
                 if t.dtype not in typed:
                     typed[t.dtype] = whole.view(t.dtype)  # storage offsets below count from the mapping's start
                 start = skew + base + t.storage_offset() * item  # a multiple of item: base is 64-aligned
                 new = typed[t.dtype].as_strided(t.shape, t.stride(), start // item)
-                moved[id(t)] = new
+                moved[view] = new
             if kind == "param":
                 t.data = new
+                moved_params.add(id(t))
             elif kind == "buffer":
                 module._buffers[name] = new
             else:
                 module.__dict__[name] = new
-    slots.clear()
+            del t
     moved.clear()
     from kiln.offload.weight_offload import return_freed_heap
 
     return_freed_heap()
-    return HugePageReport(size, _huge_bytes(arena.data_ptr(), length), mode)
+    return HugePageReport(size, smaps_bytes(arena.data_ptr(), "AnonHugePages"), mode)
 
-
-def _huge_bytes(start: int, length: int) -> int:
-    """AnonHugePages of the mapping containing [start, start + length), from /proc/self/smaps."""
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return 0
-    inside = False
-    for line in lines:
-        head = line.split(" ", 1)[0]
-        if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= start < hi
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    return 0

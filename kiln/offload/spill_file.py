@@ -194,7 +194,13 @@ class _Prefetcher:
 
 
 def mapping_rss(start_address: int) -> int:
-    """Rss of the mapping that begins at `start_address`, per /proc/self/smaps (0 if not found)."""
+    """Rss of the mapping that contains `start_address`, per /proc/self/smaps (0 if not found)."""
+    return smaps_bytes(start_address, "Rss")
+
+
+def smaps_bytes(address: int, field: str) -> int:
+    """A byte count (`Rss`, `AnonHugePages`, ...) of the mapping containing `address`, from /proc/self/smaps
+    (0 where the file, the mapping or the field is missing)."""
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
@@ -203,8 +209,8 @@ def mapping_rss(start_address: int) -> int:
     for line in lines:
         head = line.split(" ", 1)[0]
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            lo = int(head.split("-")[0], 16)
-            inside = lo == start_address
-        elif inside and line.startswith("Rss:"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
