@@ -9,8 +9,8 @@ steps except each sequence's next token:
 - each request's sampling needs nothing the trip does not do: no logprobs, prompt logprobs,
   penalties, logit_bias, structured output or pending min_tokens; and it runs the base model (the
   fused step has no LoRA deltas, kiln.lora);
-- the model runs pure decode steps through the fused native step on a single-process runner (no
-  tensor parallel, no hybrid sliding-window cache, no speculative decoder);
+- the model runs pure decode steps through its fused native step on a single-process runner (no
+  tensor parallel, no speculative decoder; plain and hybrid sliding-window caches both);
 - every request has room for K more tokens (max_tokens, the context length) and the KV pool has
   blocks for them: the lookahead slots are allocated here, all or nothing for the trip's length.
 K shrinks to what the tightest request allows; below 2 the step runs as a single step.

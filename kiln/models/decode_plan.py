@@ -8,17 +8,24 @@ step cannot run keeps the whole model on the plain path, and the reason names it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kiln.kernels import decode_step
-from kiln.kernels.decode_step import DecoderLayerWeights, LinearEntry
+from kiln.kernels.decode_step import DecoderLayerWeights, LinearEntry, cache_lists
+from kiln.kernels.kv_quant import KVCache
+from kiln.kernels.paged_attention import native_reads
 from kiln.layers.linear import Linear
 from kiln.layers.linear_method import LinearMethod
 
 if TYPE_CHECKING:
     from kiln.models.llama import LlamaForCausalLM
+
+# One decode step of a multi-step trip (kiln.worker.multi_step): (token ids [T], positions [T], per KV group
+# the slots [T] and block tables [T, W], context lengths [T] int32) → final normed hidden states [T, H].
+TripStep = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 class FusedStepMixin:
@@ -47,6 +54,33 @@ class FusedStepMixin:
         if self._decode_plan_status is not None:
             return self._decode_plan_status
         return "not built yet" if self.fused_decode_step else "plain path: fused decode step off for this model"
+
+    def trip_stepper(self, kv_caches: list[KVCache], layer_group: tuple[int, ...] | None) -> TripStep | None:
+        """The decode step multi-step trips run on these caches (`layer_group`: a hybrid cache's group per
+        layer, None for the plain cache), or None when this model's trips cannot run on them.
+
+        Invariant: for the steps a trip takes, the step computes exactly what `forward` computes for the
+        same pure decode step (the same embedding, the same native plan, the same arguments)."""
+        return None
+
+
+def llama_trip_stepper(model: "LlamaForCausalLM", kv_caches: list[KVCache],
+                       layer_group: tuple[int, ...] | None) -> TripStep | None:
+    """A Llama-family trip step: the fused plan over the plain cache (quantized KV included, as in `forward`).
+    The cache lists are taken once per trip, not per step."""
+    if layer_group is not None or not kv_caches or not model.fused_decode_step:
+        return None
+    plan = model.decode_plan()
+    if plan is None or not native_reads(model.dtype, kv_caches[0][0]):
+        return None
+    ks, vs, k_scales, v_scales = cache_lists(kv_caches)
+    embed = model.embed_tokens
+
+    def step(ids: torch.Tensor, positions: torch.Tensor, slots: list[torch.Tensor], block_tables: list[torch.Tensor],
+             seq_lens: torch.Tensor) -> torch.Tensor:
+        return plan.run(embed(ids), positions, slots[0], block_tables[0], seq_lens, ks, vs, k_scales, v_scales)
+
+    return step
 
 
 def build_decode_plan(model: "LlamaForCausalLM") -> tuple[Any | None, str]:

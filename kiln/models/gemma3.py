@@ -35,7 +35,7 @@ from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
 from kiln.models import gemma3_decode_plan
-from kiln.models.decode_plan import FusedStepMixin
+from kiln.models.decode_plan import FusedStepMixin, TripStep
 from kiln.models.llama import PACKED_MODULES
 from kiln.models.tied_head import TiedHeadMixin
 
@@ -125,8 +125,6 @@ class Gemma3ForCausalLM(FusedStepMixin, TiedHeadMixin, nn.Module):
     # Reads each layer's metadata with `meta.for_layer`, so local and global layers may keep separate
     # block tables (the hybrid KV cache, kiln.core.hybrid_kv_cache_manager).
     supports_kv_groups = True
-    # Multi-step trips (kiln.worker.multi_step) drive the Llama-shaped plan; Gemma 3's plan runs single steps.
-    multi_step_trips = False
     fused_step_label = "fused native decode step (Gemma 3)"
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
@@ -174,4 +172,7 @@ class Gemma3ForCausalLM(FusedStepMixin, TiedHeadMixin, nn.Module):
 
     def build_fused_plan(self) -> tuple[object | None, str]:
         return gemma3_decode_plan.build_gemma3_plan(self)
+
+    def trip_stepper(self, kv_caches: list[KVCache], layer_group: tuple[int, ...] | None) -> TripStep | None:
+        return gemma3_decode_plan.gemma3_trip_stepper(self, kv_caches, layer_group)
 

@@ -20,6 +20,7 @@ from kiln.kernels.switches import active as active_switches
 from kiln.layers.linear_method import LinearMethod
 
 if TYPE_CHECKING:
+    from kiln.models.decode_plan import TripStep
     from kiln.models.gemma3 import Gemma3ForCausalLM
 
 
@@ -101,3 +102,28 @@ def run_gemma3_plan(plan: GroupedPlan, hidden: torch.Tensor, positions: torch.Te
     native = plan.for_layout(layout)
     return native.run(hidden, positions, [g.slot_mapping for g in groups], [g.block_tables for g in groups],
                       [g.seq_lens_tensor for g in groups], [c[0] for c in kv_caches], [c[1] for c in kv_caches])
+
+
+def gemma3_trip_stepper(model: "Gemma3ForCausalLM", kv_caches: list[KVCache],
+                        layer_group: tuple[int, ...] | None) -> "TripStep | None":
+    """A Gemma 3 trip step (kiln.worker.multi_step): the scaled embedding and the plan of this cache's layer
+    layout, as `forward` runs them for a pure decode step; float caches only, like `can_run`. Every KV group
+    sees the same context lengths (a sequence's length does not depend on the group)."""
+    if not kv_caches or not model.fused_decode_step or type(kv_caches[0][0]) is QuantizedKV:
+        return None
+    if not native_reads(model.dtype, kv_caches[0][0]):
+        return None
+    plan = model.decode_plan()
+    if plan is None:
+        return None
+    layout = tuple(layer_group) if layer_group is not None else tuple([0] * len(kv_caches))
+    native = plan.for_layout(layout)
+    ks, vs = [c[0] for c in kv_caches], [c[1] for c in kv_caches]
+    num_groups = max(layout) + 1
+    embed, scale = model.embed_tokens, model.embed_scale
+
+    def step(ids: torch.Tensor, positions: torch.Tensor, slots: list[torch.Tensor], block_tables: list[torch.Tensor],
+             seq_lens: torch.Tensor) -> torch.Tensor:
+        return native.run(embed(ids) * scale, positions, slots, block_tables, [seq_lens] * num_groups, ks, vs)
+
+    return step

@@ -23,7 +23,7 @@ from kiln.kernels.paged_attention import paged_attention, write_kv
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
-from kiln.models.decode_plan import FusedStepMixin, build_decode_plan
+from kiln.models.decode_plan import FusedStepMixin, TripStep, build_decode_plan, llama_trip_stepper
 from kiln.models.tied_head import TiedHeadMixin
 
 # checkpoint sub-module name → (fused module name, shard name)
@@ -165,4 +165,7 @@ class LlamaForCausalLM(FusedStepMixin, TiedHeadMixin, nn.Module):
 
     def build_fused_plan(self) -> tuple[object | None, str]:
         return build_decode_plan(self)
+
+    def trip_stepper(self, kv_caches: list[KVCache], layer_group: tuple[int, ...] | None) -> TripStep | None:
+        return llama_trip_stepper(self, kv_caches, layer_group)
 

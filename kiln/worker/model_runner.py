@@ -17,7 +17,6 @@ from torch.profiler import record_function
 from kiln.core.kv_cache_groups import KVCacheGroup
 from kiln.core.scheduler import ScheduledRequest, SchedulerOutput
 from kiln.kernels.attention_metadata import AttentionMetadata, build_attention_metadata, build_group_metadata
-from kiln.kernels.paged_attention import native_reads
 from kiln.lora.manager import LoRAManager
 from kiln.models.architecture import CausalLM
 from kiln.sample.rejection_sampler import verify_drafts
@@ -101,13 +100,9 @@ class ModelRunner:
 
     def supports_multi_step(self) -> bool:
         """Whether pure decode batches may run as multi-step trips (kiln.worker.multi_step): a single
-        process whose model runs decode steps through the fused native plan on a plain paged cache."""
-        if self.layer_group is not None or not self.kv_caches or not getattr(self.model, "multi_step_trips", True):
-            return False
-        decode_plan = getattr(self.model, "decode_plan", None)
-        if decode_plan is None or not getattr(self.model, "fused_decode_step", False) or decode_plan() is None:
-            return False
-        return native_reads(self.model.dtype, self.kv_caches[0][0])
+        process whose model has a trip step (its fused native plan) for this runner's caches, plain or hybrid."""
+        stepper = getattr(self.model, "trip_stepper", None)
+        return bool(self.kv_caches) and stepper is not None and stepper(self.kv_caches, self.layer_group) is not None
 
     @torch.inference_mode()
     def execute_trip(self, sched: SchedulerOutput, num_steps: int,

@@ -4,9 +4,11 @@ A single-stream decode step of the default model costs ~7 ms, of which ~0.9 ms i
 native decoder stack: scheduling, building the flat batch and its attention metadata, the sampler's
 generality, output processing (tools: `kiln bench latency --profile`, benchmarks/results). When every
 sequence of a batch decodes and nothing waits, none of that changes from one step to the next except
-each sequence's position and last token, so this module runs up to k steps in one tight loop: embed →
-the fused native decoder stack (kiln.kernels.decode_step) → LM head → sample, with the block tables,
-the KV cache lists and the per-row sampling state built once per trip.
+each sequence's position and last token, so this module runs up to k steps in one tight loop: the
+model's trip step (`trip_stepper`: embedding → its fused native decoder stack, kiln.kernels.decode_step
+or Gemma 3's) → LM head → sample, with the block tables (one per KV group of a hybrid sliding-window
+cache), the KV cache lists and the per-row sampling state built once per trip. A hybrid cache frees
+no sliding-window block during a trip (the next allocation does): its tables stay valid throughout.
 
 Invariant (tested token for token): a trip of k steps produces exactly the tokens k single engine
 steps produce, seeded sampling included. It calls the same ops in the same order on the same rows:
@@ -30,7 +32,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from kiln.core.scheduler import ScheduledRequest
-from kiln.kernels.decode_step import cache_lists
 from kiln.sample.sampler import draw, greedy_tokens, truncate_probs
 
 if TYPE_CHECKING:
@@ -52,16 +53,19 @@ def run_trip(runner: "ModelRunner", items: list[ScheduledRequest], num_steps: in
     `interrupt()` says the engine has news (a new request, an abort): those wait one step at most."""
     from kiln.worker.model_runner import RunnerOutput
 
-    model = runner.model
-    plan = model.decode_plan()
-    if plan is None:
-        raise RuntimeError("multi-step decode needs the fused decode step (kiln.engine.multi_step checks this)")
+    step = runner.model.trip_stepper(runner.kv_caches, runner.layer_group)  # cache lists once per trip
+    if step is None:
+        raise RuntimeError("multi-step decode needs the model's fused trip step (kiln.engine.multi_step checks this)")
     device, bs = runner.device, runner.block_size
-    ks, vs, k_scales, v_scales = cache_lists(runner.kv_caches)  # once per trip, not per step
     T = len(items)
-    tables = [item.block_ids for item in items]
-    width = max(len(t) for t in tables)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+    # per item, per KV group (a plain cache is one group); every group's table has the same length
+    tables = [item.block_ids if runner.layer_group is not None else [item.block_ids] for item in items]
+    num_groups = len(tables[0])
+    block_tables = []
+    for g in range(num_groups):
+        width = max(len(t[g]) for t in tables)
+        block_tables.append(torch.tensor([t[g] + [0] * (width - len(t[g])) for t in tables], dtype=torch.int32,
+                                         device=device))
     positions = [item.start for item in items]
     tokens = [item.request.all_token_ids[item.start] for item in items]
     rows = [(item.request.sampling_params, runner._generator(item)) for item in items]
@@ -71,11 +75,10 @@ def run_trip(runner: "ModelRunner", items: list[ScheduledRequest], num_steps: in
     all_rows = list(range(T))
     for _ in range(num_steps):
         pos = torch.tensor(positions, dtype=torch.long, device=device)
-        slots = torch.tensor([tables[i][p // bs] * bs + p % bs for i, p in enumerate(positions)],
-                             dtype=torch.long, device=device)
+        slots = [torch.tensor([t[g][p // bs] * bs + p % bs for t, p in zip(tables, positions)], dtype=torch.long,
+                              device=device) for g in range(num_groups)]
         seq_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device)
-        hidden = model.embed_tokens(torch.tensor(tokens, dtype=torch.long, device=device))
-        hidden = plan.run(hidden, pos, slots, block_tables, seq_lens, ks, vs, k_scales, v_scales)
+        hidden = step(torch.tensor(tokens, dtype=torch.long, device=device), pos, slots, block_tables, seq_lens)
         logits = runner._compute_logits(hidden, all_rows)  # the single step's own logits path
         if all_greedy:
             tokens = greedy_tokens(logits)
