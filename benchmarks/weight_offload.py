@@ -17,7 +17,9 @@ the result file): `kiln.loader.load_peak` loads the model once in a fresh proces
 resident set after imports — kiln's default and blocks-only loads without a budget, the budget with the
 streamed load (built on the meta device, layer by layer into the spill file) and with the eager path
 (load fully, then move layers: what every budgeted load did before), and the vocabulary alone (header
-reader + tokenizer, no weights).
+reader + tokenizer, no weights). The same budget pair for a Hugging Face safetensors folder: the default
+model written as an fp16 folder (kiln's own folder writer, 2 shards) and loaded in bf16 under a third of
+its safetensors bytes, streamed (kiln.loader.streamed_load.SafetensorsSource) and eager.
 
 Each run decodes 128 greedy tokens (EOS ignored) after a chat prompt; tok/s between the first and the last
 token. Recorded per run: the tokens (every configuration must give the resident_lean tokens), resident
@@ -103,7 +105,31 @@ LOAD_CONFIGS: dict[str, dict[str, Any]] = {
     "budget_eager": {"budgeted": True, "streamed": False},
     "budget_streamed": {"budgeted": True, "streamed": True},
     "vocabulary_only": {"tokenizer_only": True},
+    "folder_budget_eager": {"folder": True, "streamed": False},
+    "folder_budget_streamed": {"folder": True, "streamed": True},
 }
+FOLDER_SHARDS = 2
+
+
+def write_folder(gguf: Path, out: Path) -> int:
+    """The GGUF model as an fp16 Hugging Face folder (dequantized; `FOLDER_SHARDS` safetensors files + index)
+    → its safetensors bytes."""
+    from safetensors.torch import save_file
+
+    from kiln.loader.model_loader import load_model
+    from kiln.quantization.checkpoint import checkpoint_tensors, save_quantized
+
+    loaded = load_model(gguf, dtype="float32", quantized_weights="dequantize")
+    save_quantized(out, loaded.model, loaded.config, loaded.tokenizer, None)
+    tensors = checkpoint_tensors(loaded.model)
+    (out / "model.safetensors").unlink()
+    names = sorted(tensors)
+    files = [f"model-{i + 1:05d}-of-{FOLDER_SHARDS:05d}.safetensors" for i in range(FOLDER_SHARDS)]
+    weight_map = {name: files[i * FOLDER_SHARDS // len(names)] for i, name in enumerate(names)}
+    for f in files:
+        save_file({n: tensors[n] for n in names if weight_map[n] == f}, str(out / f), metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return sum((out / f).stat().st_size for f in files)
 
 
 def load_peaks(gguf: Path, budget: int, rounds: int, threads: int) -> dict[str, Any]:
@@ -115,11 +141,19 @@ def load_peaks(gguf: Path, budget: int, rounds: int, threads: int) -> dict[str, 
     runs: dict[str, list[dict[str, Any]]] = {}
     start_load = os.getloadavg()
     with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory) / "hf-fp16"
+        folder_bytes = write_folder(gguf, folder)
+        spill = Path(directory) / "spill"
+        spill.mkdir()
         for _ in range(rounds):
             for name, cfg in LOAD_CONFIGS.items():
                 kwargs = dict(cfg)
                 b = budget if kwargs.pop("budgeted", False) else 0
-                run = measure_load_peak(gguf, b, directory=directory, threads=threads, **kwargs)
+                path = gguf
+                if kwargs.pop("folder", False):
+                    path, b = folder, folder_bytes // 3
+                    kwargs["dtype"] = "bfloat16"
+                run = measure_load_peak(path, b, directory=spill, threads=threads, **kwargs)
                 runs.setdefault(name, []).append(run)
                 print(f"load {name}: peak {run['load_peak_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
     summary = {name: {"median_load_peak_bytes": statistics.median(r["load_peak_bytes"] for r in rs),
@@ -131,7 +165,7 @@ def load_peaks(gguf: Path, budget: int, rounds: int, threads: int) -> dict[str, 
                       "weights_mapped_bytes": rs[0].get("weights_mapped_bytes", 0)}
                for name, rs in runs.items()}
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": rounds,
-            "load_average_start": start_load, "load_average_end": os.getloadavg(), "runs": runs, "summary": summary}
+            "folder_bytes": folder_bytes, "folder_budget_bytes": folder_bytes // 3, "load_average_start": start_load, "load_average_end": os.getloadavg(), "runs": runs, "summary": summary}
 
 
 def kiln_process(config: str, threads: int, budget: int) -> dict[str, Any]:

@@ -44,6 +44,9 @@ _LOAD_LABELS = {
     "budget_eager": "budget a third of the file, loaded fully then layers moved (before this change)",
     "budget_streamed": "budget a third of the file, streamed load (meta device, layer by layer into the spill file)",
     "vocabulary_only": "header and tokenizer only, no weights (the vocabulary's share of any load)",
+    "folder_budget_eager": "safetensors folder (fp16, loaded as bf16), budget a third of its files, loaded fully "
+                           "then layers moved",
+    "folder_budget_streamed": "safetensors folder, same budget, streamed load (layer by layer into the spill file)",
 }
 
 
@@ -67,11 +70,14 @@ def weight_offload_load_table() -> str:
     return ("\n".join(rows)
             + f"\n\n_From `benchmarks/weight_offload.py --load-peak-only` → `benchmarks/results/weight_offload.json` "
               f"(\"load_peak\"), {lp['date']}; {m['cpu']}, {m['threads']} threads, load average {load} at the start; "
-              f"{d['model']}, budget {d['budget_bytes'] / mib:.1f} MiB; {lp['rounds']} alternating rounds of fresh "
+              f"{d['model']}, budget {d['budget_bytes'] / mib:.1f} MiB"
+              + (f" (the folder rows: {lp['folder_bytes'] / mib:.1f} MiB of safetensors, budget "
+                 f"{lp['folder_budget_bytes'] / mib:.1f} MiB)" if "folder_bytes" in lp else "")
+              + f"; {lp['rounds']} alternating rounds of fresh "
               "processes (`kiln.loader.load_peak`: one `load_model`, VmHWM minus the resident set after imports, the "
               "peak reset in between). Peak and resident after load count anonymous memory and the model file's "
-              "pages mapped into the process. Load times are in the result file but not shown: they were taken at "
-              "nice 19 on a machine shared with other work, where they measure the neighbours more than the load._")
+              "pages mapped into the process. Load times are in the result file but not shown (they depend on the page "
+              "cache more than on the load)._")
 
 
 __all__ = ["weight_offload_table", "weight_offload_load_table"]

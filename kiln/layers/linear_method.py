@@ -90,4 +90,4 @@ def load_dense_rows(layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuan
     target = param.data[layer.shard_slice(shard)]
     if tuple(tensor.shape) != tuple(target.shape):
         raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(tensor.shape)}")
-    target.copy_(tensor.to(target.dtype))
+    target.copy_(tensor)  # copy_ casts element by element: no converted temporary

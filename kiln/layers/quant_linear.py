@@ -70,6 +70,12 @@ class QuantizedBuffersMethod(LinearMethod):
     def checkpoint_params(self, layer: "Linear") -> list[str]:
         return list(self.buffer_specs(layer))
 
+    def finalized_buffer_specs(self, layer: "Linear", device: torch.device) -> BufferSpecs:
+        """The buffers `process_weights_after_loading` will add on `device` (none here). The streamed load
+        (kiln.loader.streamed_load) sizes its split on a meta model before any weight is read, so it registers
+        these up front; invariant: exactly the names, shapes and dtypes the finalize then registers."""
+        return {}
+
     def load_param(self, layer: "Linear", name: str, tensor: "torch.Tensor | GGUFQuantizedTensor",
                    shard: str | None = None) -> None:
         """A buffer by name (exact shape and dtype), or the dense bias at `shard`'s rows; with
@@ -130,8 +136,21 @@ class IntWeightLinearMethod(QuantizedBuffersMethod):
         groups_ok = self.group_size == -1 or self.group_size % 32 == 0
         return k % 32 == 0 and groups_ok and (self.bits == 4 or self.sym)
 
+    def finalized_buffer_specs(self, layer: "Linear", device: torch.device) -> BufferSpecs:
+        from kiln.kernels.quant_matmul import QK, use_native_quant
+
+        if not self.block_layout_fits(layer) or not use_native_quant(torch.empty(0, device=device)):
+            return {}
+        n, k = sum(layer.output_sizes), layer.input_size
+        nb = k // QK
+        if self.bits == 4:  # pack_q4: pairs of blocks in one 32-byte row
+            return {"qs": ((n, -(-nb // 2), QK), torch.uint8), "d": ((n, nb), torch.float16),
+                    "m": ((n, nb), torch.float16)}
+        return {"qs": ((n, k), torch.int8), "d": ((n, nb), torch.float16), "m": ((0,), torch.float16)}
+
     def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
-        """Repack into the native block layout when the kernels are built and it fits."""
+        """Repack into the native block layout when the kernels are built and it fits (the buffers
+        `finalized_buffer_specs` names)."""
         from kiln.kernels.quant_matmul import QK, pack_q4, use_native_quant
         from kiln.layers.gguf_quant import GGUFQuantLinearMethod
 

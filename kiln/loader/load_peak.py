@@ -28,7 +28,7 @@ def _status(key: str) -> int:
 
 
 def _probe(path: str, budget: int, streamed: bool, quantized_weights: str, directory: str,
-           tokenizer_only: bool = False) -> dict[str, Any]:
+           tokenizer_only: bool = False, dtype: str = "auto") -> dict[str, Any]:
     import torch
 
     from kiln.kernels.native import load_native
@@ -51,7 +51,7 @@ def _probe(path: str, budget: int, streamed: bool, quantized_weights: str, direc
         return {"baseline_bytes": baseline, "load_peak_bytes": _status("VmHWM") - baseline}
     config = WeightOffloadConfig(budget, Path(directory), streamed_load=streamed) if budget else None
     start = time.perf_counter()
-    loaded = load_model(path, quantized_weights=quantized_weights, weight_offload=config)
+    loaded = load_model(path, dtype=dtype, quantized_weights=quantized_weights, weight_offload=config)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
     report = loaded.offload
@@ -72,11 +72,13 @@ def _largest_layer(model: Any) -> int:
 
 
 def measure_load_peak(path: Path | str, budget: int = 0, streamed: bool = True, quantized_weights: str = "auto",
-                      directory: Path | str = "/tmp", threads: int = 1, tokenizer_only: bool = False) -> dict[str, Any]:
+                      directory: Path | str = "/tmp", threads: int = 1, tokenizer_only: bool = False,
+                      dtype: str = "auto") -> dict[str, Any]:
     """Run one load in a fresh interpreter and return its figures (see the module docstring); budget 0: none.
     `tokenizer_only`: read the header and build the tokenizer, no weights (the vocabulary's share of the peak)."""
     cmd = [sys.executable, "-m", "kiln.loader.load_peak", str(path), "--budget", str(budget),
-           "--quantized-weights", quantized_weights, "--directory", str(directory), "--threads", str(threads)]
+           "--quantized-weights", quantized_weights, "--directory", str(directory), "--threads", str(threads),
+           "--dtype", dtype]
     if not streamed:
         cmd.append("--eager")
     if tokenizer_only:
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--quantized-weights", default="auto")
     parser.add_argument("--directory", default="/tmp")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--eager", action="store_true", help="load fully, then move layers (the old path)")
     parser.add_argument("--tokenizer-only", action="store_true", help="header and tokenizer only, no weights")
     args = parser.parse_args()
@@ -101,7 +104,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(json.dumps(_probe(args.path, args.budget, not args.eager, args.quantized_weights, args.directory,
-                            args.tokenizer_only)))
+                            args.tokenizer_only, args.dtype)))
 
 
 if __name__ == "__main__":

@@ -140,20 +140,33 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
 
         cfg = hf_model_config(path)
         arch = get_architecture(cfg.architecture, path)
-        model = arch.model_class(cfg, torch_dtype, device)
-        if prepare_model is not None:
-            prepare_model(model)
         config_json = read_config_json(path)
-        weights = iter_safetensors_weights(path)
-        if is_foreign(config_json.get("quantization_config")):  # GPTQ / AWQ / compressed-tensors
-            quantized = config_json["quantization_config"]
-            plan = plan_foreign_layers(model, quantized, path / "config.json", safetensors_names(path), arch.weight_names)
-            weights = plan.translate(weights)
+        foreign = is_foreign(config_json.get("quantization_config"))  # GPTQ / AWQ / compressed-tensors
+        # under a budget: built on the meta device and loaded layer by layer straight into the spill file
+        # (foreign checkpoints translate tensors across names, so they load whole and move layers after)
+        if weight_offload is not None and weight_offload.streamed_load and prepare_model is None and not foreign:
+            from kiln.loader.streamed_load import load_safetensors_streamed
+
+            try:
+                model, offload = load_safetensors_streamed(path, cfg, arch, config_json, torch_dtype, device,
+                                                           weight_offload)
+            except ValueError as exc:
+                raise ModelLoadError(path, str(exc)) from None
         else:
-            quantized = plan_quantized_layers(model, config_json, path / "config.json")
-        load_named_weights(model, weights, path, arch.weight_names)
-        if quantized is not None:
-            model.finalize_quantized_layers()  # repack for the native kernels where they apply
+            model = arch.model_class(cfg, torch_dtype, device)
+            if prepare_model is not None:
+                prepare_model(model)
+            weights = iter_safetensors_weights(path)
+            if foreign:
+                quantized = config_json["quantization_config"]
+                plan = plan_foreign_layers(model, quantized, path / "config.json", safetensors_names(path),
+                                           arch.weight_names)
+                weights = plan.translate(weights)
+            else:
+                quantized = plan_quantized_layers(model, config_json, path / "config.json")
+            load_named_weights(model, weights, path, arch.weight_names)
+            if quantized is not None:
+                model.finalize_quantized_layers()  # repack for the native kernels where they apply
         tokenizer = Tokenizer.from_hf_dir(path)
         types: dict[str, int] = {}
         from safetensors import safe_open

@@ -1,4 +1,5 @@
-"""Load a GGUF model under `--max-weight-memory` without ever holding all of its weights in RAM.
+"""Load a model under `--max-weight-memory` without ever holding all of its weights in RAM (GGUF files and
+Hugging Face safetensors folders alike: a `StreamedSource` per format).
 
 The eager path (kiln.offload.weight_offload.offload_weights) loads the whole model, then moves the decoder
 layers past the budget into the spill file: its load-time peak is the whole model and more. Here the model
@@ -17,7 +18,8 @@ is built on the meta device (no storage at all), and then:
    the resident set too (`release_tensor_pages`).
 
 So the load holds at most the resident part, one layer and one tensor's transient copies, plus the GGUF
-reader's own header objects.
+reader's own header objects. A safetensors folder loads the same way: its tensors are grouped by layer from
+their names, and each group opens, reads and closes the files that hold it (safetensors maps them).
 
 Invariants:
 - the resulting model is the eager path's: the same tensors in the same layout (same kernels, bit-identical
@@ -28,9 +30,10 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -107,26 +110,75 @@ def meta_bytes(tensors: list[torch.Tensor]) -> int:
     return total
 
 
+def layer_of(hf_name: str, names: WeightNames, num_layers: int) -> int:
+    """The decoder layer a checkpoint tensor (by its Hugging Face name) belongs to; FIXED for the rest."""
+    parts = names.target(hf_name)[0].split(".")
+    if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < num_layers:
+        return int(parts[1])
+    return FIXED
+
+
 def group_by_layer(reader: Any, names: WeightNames, num_layers: int) -> dict[int, list[Any]]:
-    """The file's tensors by decoder layer (FIXED for the rest), whatever order the file stores them in."""
+    """The GGUF file's tensors by decoder layer (FIXED for the rest), whatever order the file stores them in."""
     groups: dict[int, list[Any]] = {i: [] for i in [FIXED, *range(num_layers)]}
     for tensor in reader.tensors:
         hf = names.hf_name(tensor.name)
-        key = FIXED
-        if hf is not None:
-            parts = names.target(hf)[0].split(".")
-            if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < num_layers:
-                key = int(parts[1])
-        groups[key].append(tensor)
+        groups[FIXED if hf is None else layer_of(hf, names, num_layers)].append(tensor)
     return groups
+
+
+class StreamedSource(Protocol):
+    """One checkpoint format for `load_streamed`: its tensors grouped by decoder layer (FIXED: the rest), and a
+    group's (Hugging Face name, tensor) pairs, read when asked. `weights(group)` must leave none of the group's
+    file pages in the process once it is exhausted (the load's peak depends on it)."""
+
+    groups: dict[int, list[Any]]
+
+    def weights(self, group: list[Any]) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+class GGUFSource:
+    """A GGUF file's tensors (kiln.loader.gguf_loader), its blocks kept or dequantized as `keep_blocks` says."""
+
+    def __init__(self, reader: Any, cfg: Any, path: Path, names: WeightNames, num_layers: int,
+                 keep_blocks: bool) -> None:
+        self.reader, self.cfg, self.path, self.keep_blocks = reader, cfg, path, keep_blocks
+        self.groups = group_by_layer(reader, names, num_layers)
+
+    def weights(self, group: list[Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        from kiln.loader.gguf_loader import iter_gguf_weights, release_tensor_pages
+
+        yield from iter_gguf_weights(SimpleNamespace(tensors=group), self.cfg, self.path, keep_blocks=self.keep_blocks)
+        release_tensor_pages(self.reader, group)
+
+
+class SafetensorsSource:
+    """A Hugging Face folder's *.safetensors files (single or sharded), read as views of their mappings
+    (kiln.loader.safetensors_mapped): each tensor is copied once, from the file pages into the model's tensor,
+    and its pages leave the process as soon as it is loaded."""
+
+    def __init__(self, folder: Path, names: WeightNames, num_layers: int) -> None:
+        from kiln.loader.safetensors_loader import safetensors_files
+        from kiln.loader.safetensors_mapped import MappedSafetensors
+
+        self.files = {file: MappedSafetensors(file) for file in safetensors_files(folder)}
+        self.groups: dict[int, list[Any]] = {i: [] for i in [FIXED, *range(num_layers)]}
+        for file, mapped in self.files.items():
+            for name in mapped.keys():
+                self.groups[layer_of(name, names, num_layers)].append((file, name))
+
+    def weights(self, group: list[Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        for file, name in group:
+            mapped = self.files[file]
+            yield name, mapped.tensor(name)  # the loader copies it into the model before asking for the next
+            mapped.release(name)
 
 
 def load_gguf_streamed(reader: Any, cfg: Any, arch: Any, path: Path, dtype: torch.dtype, device: torch.device,
                        keep_blocks: bool, config: WeightOffloadConfig) -> tuple[nn.Module, OffloadReport]:
-    """Build and load the model in `path` within `config`'s budget (see the module docstring).
+    """Build and load the GGUF model in `path` within `config`'s budget (see the module docstring).
 
     Raises ValueError (the budget is below the fixed part) and ModelLoadError (bad tensors)."""
-    from kiln.loader.gguf_loader import iter_gguf_weights, release_tensor_pages
     from kiln.loader.model_loader import plan_gguf_quantized_layers
 
     names = arch.weight_names
@@ -136,16 +188,47 @@ def load_gguf_streamed(reader: Any, cfg: Any, arch: Any, path: Path, dtype: torc
         plan_gguf_quantized_layers(model, reader, False, names)  # buffers sized on meta: the split needs them
         model.keep_gguf_blocks = True
         model.keep_dense_copies = False
+    source = GGUFSource(reader, cfg, path, names, len(model.layers), keep_blocks)
+    return load_streamed(model, source, path, names, config)
+
+
+def load_safetensors_streamed(folder: Path, cfg: Any, arch: Any, config_json: dict, dtype: torch.dtype,
+                              device: torch.device, config: WeightOffloadConfig) -> tuple[nn.Module, OffloadReport]:
+    """Build and load the Hugging Face folder `folder` within `config`'s budget: full-precision weights and
+    kiln's own quantized checkpoints (`kiln quantize`; their methods are planned on the meta model, as the
+    eager path plans them on the built one). GPTQ / AWQ folders, whose tensors are translated across names,
+    take the eager path (the caller decides).
+
+    Raises ValueError (the budget is below the fixed part) and ModelLoadError (bad tensors)."""
+    from kiln.quantization.checkpoint import plan_quantized_layers
+
+    from kiln.layers.linear import Linear
+    from kiln.layers.quant_linear import QuantizedBuffersMethod
+
+    names = arch.weight_names
+    model = build_on_meta(arch.model_class, cfg, dtype)
+    model.device = device
+    plan_quantized_layers(model, config_json, folder / "config.json")
+    for module in model.modules():  # what finalize adds (native block layouts) counts in the split too
+        if isinstance(module, Linear) and isinstance(module.method, QuantizedBuffersMethod):
+            for name, (shape, dt) in module.method.finalized_buffer_specs(module, device).items():
+                module.register_buffer(name, torch.empty(shape, dtype=dt, device="meta"), persistent=False)
+    source = SafetensorsSource(folder, names, len(model.layers))
+    return load_streamed(model, source, folder, names, config)
+
+
+def load_streamed(model: nn.Module, source: StreamedSource, path: Path, names: WeightNames,
+                  config: WeightOffloadConfig) -> tuple[nn.Module, OffloadReport]:
+    """Load `source` into `model` (built on the meta device, its quantized layers planned) within `config`'s
+    budget: the fixed part, then the split, then layer by layer, each spilled layer moved into the spill file
+    before the next is read (see the module docstring)."""
     layers: nn.ModuleList = model.layers
-    groups = group_by_layer(reader, names, len(layers))
     needed = expected_shards(model)
 
-    def load(tensors: list[Any]) -> None:
-        weights = iter_gguf_weights(SimpleNamespace(tensors=tensors), cfg, path, keep_blocks=keep_blocks)
-        _load_weights(model, weights, path, names, needed)
-        release_tensor_pages(reader, tensors)
+    def load(group: list[Any]) -> None:
+        _load_weights(model, source.weights(group), path, names, needed)
 
-    load(groups[FIXED])
+    load(source.groups[FIXED])
     for _, child in model.named_children():
         if child is not layers:
             model.finalize_quantized_layers(child)  # the LM head (tied or not)
@@ -153,7 +236,7 @@ def load_gguf_streamed(reader: Any, cfg: Any, arch: Any, path: Path, dtype: torc
     layout, offsets, regions = plan_spill(planned)
     spill = SpillFile(layout.size, config.directory) if spilled else None
     for i, layer in enumerate(layers):
-        load(groups[i])
+        load(source.groups[i])
         model.finalize_quantized_layers(layer)
         if i in regions:
             entries = linear_tensors(layer)

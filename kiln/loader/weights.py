@@ -94,4 +94,4 @@ def load_tensor(module: nn.Module, param: str, tensor: "torch.Tensor | GGUFQuant
     target = getattr(module, param)
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(tensor.shape)}")
-    target.data.copy_(tensor.to(target.dtype))
+    target.data.copy_(tensor)  # copy_ casts element by element: no converted temporary of a large tensor
