@@ -22,6 +22,7 @@ OP_FAMILIES: dict[str, str] = {
     "kiln::kquant_matmul": "matmul: quantized block kernel",
     "kiln::kquant_matmul_panels": "matmul: panel kernel",
     "kiln::kquant_dequantize": "matmul: dequantize for dense GEMM",
+    "kiln::dense_matmul": "matmul: dense decode kernel",
     "aten::mm": "matmul: dense GEMM/GEMV",
     "aten::addmm": "matmul: dense GEMM/GEMV",
     "aten::bmm": "attention",

@@ -312,6 +312,7 @@ def soak_table() -> str:
 
 
 from kiln.bench.report_plan import plan_advise_table  # noqa: E402 (the planner's section, issue 18)
+from kiln.bench.report_dense import dense_decode_table  # noqa: E402 (dense weights' decode kernel, issue 21)
 from kiln.bench.report_replicas import replicas_table  # noqa: E402 (replicas on Ray Serve, issue 17)
 from kiln.bench.report_lora import lora_serving_table  # noqa: E402 (LoRA serve vs merge, issue 20)
 from kiln.bench.report_offload import weight_offload_load_table, weight_offload_table  # noqa: E402 (issue 19)
@@ -330,7 +331,8 @@ TABLES = {"plan_advise": plan_advise_table, "vs_llamacpp": vs_llamacpp_table, "f
           "concurrent_peers": concurrent_peers_table, "gemma3_decode": gemma3_decode_table,
           "kquant_decode_smollm2": kquant_decode_smollm2_table, "gemma3_perplexity": gemma3_perplexity_table,
           "replicas": replicas_table, "lora_serving": lora_serving_table,
-          "weight_offload": weight_offload_table, "weight_offload_load": weight_offload_load_table, "kquant_quality": kquant_quality_table}
+          "weight_offload": weight_offload_table, "weight_offload_load": weight_offload_load_table, "kquant_quality": kquant_quality_table,
+          "dense_decode": dense_decode_table}
 
 
 def render(readme: str) -> str:

@@ -58,8 +58,10 @@ class LinearEntry:
     panel_rows: int
 
 
-def dense_entry(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearEntry:
-    return LinearEntry((weight, _EMPTY, _EMPTY, _EMPTY, _or_empty(bias), _EMPTY), DENSE, 0, 0)
+def dense_entry(weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int = 0) -> LinearEntry:
+    """A dense weight: kiln's dense kernel for M <= `max_rows` (then + bias), torch's GEMM above — as
+    kiln.kernels.dense_matmul.dense_linear runs it on the plain path."""
+    return LinearEntry((weight, _EMPTY, _EMPTY, _EMPTY, _or_empty(bias), _EMPTY), DENSE, max_rows, 0)
 
 
 def block_entry(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dense: torch.Tensor | None,

@@ -36,7 +36,7 @@ from kiln.kernels.build_cache import (
 from kiln.kernels.build_lock import BuildLock
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["paged_attention.cpp", "prefill_attention.cpp", "fused_ops.cpp", "quant_gemm.cpp", "kquant_gemm.cpp", "decode_step.cpp", "gemma3_decode_step.cpp"]
+_SOURCES = ["paged_attention.cpp", "prefill_attention.cpp", "fused_ops.cpp", "quant_gemm.cpp", "kquant_gemm.cpp", "decode_step.cpp", "gemma3_decode_step.cpp", "dense_gemv.cpp"]
 _LIB_NAME = "kiln_native"
 _TAIL_LINES = 20  # compiler lines kept in a build error: the first error and its context, not the full log
 BUILDING_LINE = "kiln: building kiln's native kernels for this CPU (first run only, ~2 min)…"

@@ -20,6 +20,9 @@ $KILN_HOME/tune/<fingerprint>.json. The fingerprint names the CPU, its ISA flags
 kiln's version and its native build: a different machine or build is untuned until `kiln tune` runs
 there, and then kiln.layers.gguf_quant takes its thresholds from the file.
 Q8_0 linears (the default model's tied LM head) take the Q4 crossovers: they are not timed on their own.
+Dense fp32 / bf16 weights (models loaded from safetensors or dequantized): kiln's dense decode kernel
+(kiln.kernels.dense_matmul) against torch's GEMM on the same shapes up to DENSE_KERNEL_ROWS rows, stored as
+"dense_kernel_rows" per dtype.
 The K-quant kinds (Q4_K/Q5_K/Q6_K super-blocks) are timed on their own (kiln.tuning.kquant_tune) on the same
 shapes and stored under "kinds"; a tuning without them leaves those layers on the Q4 crossovers.
 Invariant: tuning changes which kernel runs, never what a kernel computes.
@@ -142,6 +145,25 @@ def crossovers(times: dict[str, dict[str, float]], rows: tuple[int, ...], reside
     return {"block_max": a, "panel": [next(m for m in rows if m > a), b] if b > a else [0, 0]}
 
 
+DENSE_KERNEL_ROWS = 16  # kiln's dense decode kernel is timed up to this M (it is a GEMV, not a GEMM)
+
+
+def dense_kernel_limit(times: dict[str, dict[str, float]], rows: tuple[int, ...]) -> int:
+    """One dtype's {M: {path: seconds}} → the largest M kiln's dense kernel (`dense_kernel`) runs dense weights
+    for, instead of torch's GEMM (`resident`): the threshold whose two regimes cost least summed over the
+    measured M (each M weighted by its faster path, as in `crossovers`); 0 when torch wins throughout."""
+    measured = [m for m in rows if "dense_kernel" in times[str(m)]]
+
+    def cost(a: int) -> float:
+        total = 0.0
+        for m in measured:
+            t = times[str(m)]
+            total += (t["dense_kernel"] if m <= a else t["resident"]) / min(t["dense_kernel"], t["resident"])
+        return total
+
+    return min((0, *measured), key=lambda a: (cost(a), -a))
+
+
 def dense_copy_dtype(times: dict[str, dict[str, float]], rows: tuple[int, ...]) -> str:
     """fp32 activations: keep the resident dense copy (what prefill and the largest batches run) in bf16 when
     its GEMM, casts included, beats the fp32 GEMM by 10 % or more at the largest measured M; else fp32.
@@ -201,10 +223,13 @@ def describe(tuning: dict[str, Any] | None) -> list[str]:
             c = by_copy["resident"]
             parts.append(f"{dtype} block M<={c['block_max']}" + (f", panel to M={c['panel'][1]}" if c["panel"][1] else ""))
         lines.append(f"                 {kind} super-block kernel (resident dense copy): {'; '.join(parts)}")
+    for dtype, limit in tuning.get("dense_kernel_rows", {}).items():
+        lines.append(f"                 dense {dtype} weights: kiln's dense kernel M<={limit}, torch GEMM above"
+                     if limit else f"                 dense {dtype} weights: torch GEMM at every M")
     if tuning.get("fp32_dense_copy") == "bfloat16":
         lines.append("                 fp32 models keep their dense copy in bf16 (prefill GEMMs in bf16: faster here; "
                      "the blocks stay exact for decode)")
     return lines
 
 
-__all__ = ["ROWS", "crossovers", "describe", "copy_dtype", "cpu_identity", "dense_copy_dtype", "fingerprint", "limits", "load_tuning", "save", "tune_file"]
+__all__ = ["ROWS", "DENSE_KERNEL_ROWS", "crossovers", "dense_kernel_limit", "describe", "copy_dtype", "cpu_identity", "dense_copy_dtype", "fingerprint", "limits", "load_tuning", "save", "tune_file"]

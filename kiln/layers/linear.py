@@ -26,15 +26,32 @@ if TYPE_CHECKING:
 
 
 class DenseLinearMethod(LinearMethod):
-    """Plain `x @ W.T (+ b)` in the layer's dtype (oneDNN on CPU, cuBLAS on CUDA)."""
+    """Plain `x @ W.T (+ b)` in the layer's dtype: on CPU, decode-sized batches on kiln's dense kernel
+    (kiln.kernels.dense_matmul: up to the tuned number of rows), the rest on torch's GEMM (oneDNN / MKL on
+    CPU, cuBLAS on CUDA)."""
 
     name = "dense"
 
+    def __init__(self) -> None:
+        self._max_rows: int | None = None  # decided at first use, once the weights' dtype and device are final
+
+    def max_rows(self, layer: "Linear") -> int:
+        if self._max_rows is None:
+            from kiln.kernels.dense_matmul import dense_kernel_rows
+
+            self._max_rows = dense_kernel_rows(layer.weight.dtype, layer.weight.device)
+        return self._max_rows
+
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        limit = self.max_rows(layer)
+        if limit == 0:
+            return F.linear(x, layer.weight, layer.bias)
+        from kiln.kernels.dense_matmul import dense_linear
+
+        return dense_linear(x, layer.weight, layer.bias, limit)
 
     def decode_plan_entry(self, layer: "Linear", dtype: torch.dtype) -> LinearEntry:
-        return dense_entry(layer.weight, layer.bias)
+        return dense_entry(layer.weight, layer.bias, self.max_rows(layer) if layer.weight.dtype == dtype else 0)
 
 
 class Linear(nn.Module):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kiln.kernels.dense_matmul import dense_kernel_rows, dense_linear
 from kiln.layers.linear import Linear
 
 if TYPE_CHECKING:
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
 
 
 class TiedHeadMixin:
+    _tied_head_rows: int | None = None  # the dense tied head's kernel limit (kiln.kernels.dense_matmul)
+
     def attach_quantized_tied_head(self, blocks: "GGUFQuantizedTensor") -> None:
         """Keep the tied embedding's GGUF blocks as a quantized LM head (embedding lookups stay dense)."""
         from kiln.layers.gguf_quant import block_method, family_of
@@ -44,4 +47,7 @@ class TiedHeadMixin:
             return self.lm_head(hidden).float()
         if self.quantized_tied_head is not None:
             return self.quantized_tied_head(hidden).float()
-        return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+        weight = self.embed_tokens.weight
+        if self._tied_head_rows is None:  # decided once the weights are final (kiln.kernels.dense_matmul)
+            self._tied_head_rows = dense_kernel_rows(weight.dtype, weight.device)
+        return dense_linear(hidden, weight, None, self._tied_head_rows).float()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kiln.kernels.tune import ROWS, crossovers, dense_copy_dtype, fingerprint, low, save
+from kiln.kernels.tune import DENSE_KERNEL_ROWS, ROWS, crossovers, dense_copy_dtype, dense_kernel_limit, fingerprint, low, save
 
 
 def _linears(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -52,6 +52,7 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     dense = {name: [dequantize(qs, d, m, True, dt) for qs, d, m in linears] for name, dt in dtypes.items()}
     panel_ok = simd_path() == "AVX-512"
+    simd = simd_path() in ("AVX-512", "AVX2")  # the dense kernel's scalar loop is never a candidate
     samples: dict[str, dict[str, dict[str, list[float]]]] = {n: {str(m): {} for m in rows} for n in dtypes}
     ops = torch.ops.kiln
     with torch.inference_mode():
@@ -70,6 +71,8 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
                         paths["resident_bf16"] = lambda: [
                             torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
                             for x, w in zip(xs, dense["bfloat16"])]
+                    if m <= DENSE_KERNEL_ROWS and simd:  # a dense model's weights, kiln's kernel
+                        paths["dense_kernel"] = lambda: [ops.dense_matmul(x, w) for x, w in zip(xs, dense[name])]
                     if panel_ok and name == "float32":
                         paths["panel"] = lambda: [ops.quant_matmul_panels(x, qs, d, mm, True)
                                                   for x, (qs, d, mm) in zip(xs, linears)]
@@ -86,7 +89,8 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
               "rows": list(rows), "seconds_per_step": times,
               "crossovers": {n: {"resident": crossovers(times[n], rows, True),
                                  "no_resident": crossovers(times[n], rows, False)} for n in dtypes},
-              "fp32_dense_copy": dense_copy_dtype(times["float32"], rows), "kinds": kinds}
+              "fp32_dense_copy": dense_copy_dtype(times["float32"], rows), "kinds": kinds,
+              "dense_kernel_rows": {n: dense_kernel_limit(times[n], rows) for n in dtypes} if simd else {}}
     save(result)
     return result
 

@@ -34,7 +34,12 @@ struct LinearWeights {
   c10::optional<at::Tensor> bias;
 
   at::Tensor apply(const at::Tensor& x) const {
-    if (kind == kDense) return at::linear(x, weight, bias);
+    if (kind == kDense) {
+      if (x.size(0) > max_rows || x.scalar_type() != weight.scalar_type()) return at::linear(x, weight, bias);
+      KILN_PROFILED("kiln::dense_matmul");  // as kiln.kernels.dense_matmul.dense_linear runs it
+      at::Tensor y = dense_matmul(x, weight);
+      return bias ? y + *bias : y;
+    }
     if (kind == kQ5) return apply_q5(x);
     if (kind >= kKQuant) return apply_kquant(x);
     if (x.size(0) <= max_rows) {

@@ -27,6 +27,8 @@ at::Tensor quant_dequantize_q5(const at::Tensor& qs, const at::Tensor& qh, const
 at::Tensor kquant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
 at::Tensor kquant_matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
 at::Tensor kquant_dequantize(const at::Tensor& w, int64_t K, int64_t qtype, at::ScalarType dtype);
+// y [M, N] = x [M, K] @ W^T for a dense fp32 / bf16 W, decode-sized M (dense_gemv.cpp); y in x's dtype.
+at::Tensor dense_matmul(const at::Tensor& x, const at::Tensor& w);
 // rms_norm(x + residual) * weight, with residual <- x + residual in place (has_residual); without a
 // residual, rms_norm(x) * weight (residual untouched).
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& weight, double eps,
