@@ -111,11 +111,14 @@ def main() -> None:
     if args.child:
         child(args.child, args.threads)
         return
-    from kiln.kernels.dense_matmul import dense_kernel_rows
     import torch
 
+    from kiln.kernels.dense_matmul import dense_kernel_rows
+    from kiln.planner.calibration import read_bandwidth_gb_s
+
+    torch.set_num_threads(args.threads)  # the bandwidth probe's threads, as every system's
     result: dict[str, Any] = {"benchmark": "dense_decode", "model": "smollm2-135m, every tensor dequantized",
-                              "tokens": TOKENS, "machine": machine(args.threads),
+                              "tokens": TOKENS, "machine": machine(read_bandwidth_gb_s()),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": {},
                               "dense_kernel_rows": {d: dense_kernel_rows(getattr(torch, d)) for d in ("float32", "bfloat16")}}
     for r in range(args.rounds):
@@ -130,7 +133,7 @@ def main() -> None:
         for other in (f"kiln_torch_{dtype}", f"transformers_{dtype}"):
             result["per_round"][f"kiln_kernel_{dtype}_vs_{other}"] = [
                 a / b["tok_s"] for a, b in zip(kernel, result["runs"][other])]
-    result["machine"]["load_average_end"] = os.getloadavg()
+    result["machine"].update(read_bandwidth_gb_s_end=read_bandwidth_gb_s(), load_average_end=os.getloadavg()[0])
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name, ratios in result["per_round"].items():
         print(f"{name}: median {statistics.median(ratios):.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})")

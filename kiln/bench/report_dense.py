@@ -28,7 +28,7 @@ def dense_decode_table() -> str:
     limits = ", ".join(f"{k} M ≤ {v}" for k, v in d.get("dense_kernel_rows", {}).items())
     return ("\n".join(rows)
             + f"\n\n_From `benchmarks/dense_decode.py` → `benchmarks/results/dense_decode.json`, {d['date']}; {m['cpu']}, "
-              f"{m['threads']} threads, load average {m['load_average_start'][0]:.1f} at the start; {d['model']}; "
+              f"{m['threads']} threads, load average {m['load_average_start']:.1f} at the start; {d['model']}; "
               f"{len(d['runs']['kiln_kernel_float32'])} alternating rounds of fresh processes, 128 tokens after a chat "
               f"prompt; the kernel's row limits in that run: {limits}._")
 
