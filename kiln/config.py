@@ -183,7 +183,7 @@ class KernelConfig:
     native: bool = True  # build/load the C++ kernel library at all
     fused_ops: bool = True  # native add+RMSNorm and in-place RoPE
     fused_decode_step: bool = True  # a pure decode batch's decoder stack in one native call
-    quant_kernels: bool = True  # GGUF/INT blocks through kiln's block/panel matmul kernels
+    quant_kernels: bool = True  # GGUF/INT blocks through kiln's block/panel matmul kernels; dense decode kernel
     prefill_attention: str = "native"  # "native": kiln's paged flash kernel; "sdpa": gather + torch SDPA
     auto_tune: bool = True  # no `kiln tune` file for this CPU, build and thread count: measure one (kiln.tuning.auto_tune)
 

@@ -55,6 +55,8 @@ def test_dense_linear_takes_the_kernel_up_to_its_limit_only() -> None:
     assert torch.equal(dense_linear(x, w, bias, 6), kernel)
     assert torch.equal(dense_linear(x, w, bias, 5), F.linear(x, w, bias))  # above the limit: torch's GEMM
     assert torch.equal(dense_linear(x.view(2, 3, 64), w, None, 6), torch.ops.kiln.dense_matmul(x, w).view(2, 3, 32))
+    wt = w.t().contiguous().t()  # a non-contiguous weight: torch's GEMM, never an error
+    assert torch.equal(dense_linear(x, wt, None, 6), F.linear(x, wt))
     xb, wb = x.bfloat16(), w.bfloat16()
     assert torch.equal(dense_linear(xb, wb, None, 6), torch.ops.kiln.dense_matmul(xb, wb))
     assert torch.equal(dense_linear(xb, wb, None, 0), F.linear(xb, wb))

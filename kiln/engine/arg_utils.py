@@ -113,7 +113,8 @@ class EngineArgs:
                                                 "call (env KILN_FUSED_STEP=0)", flag="--no-fused-decode-step",
                                           negate=True)
     quant_kernels: bool | None = _opt(None, "run quantized layers by dequantizing to the activation dtype instead "
-                                            "of kiln's block kernels (env KILN_QUANT_KERNELS=0)",
+                                            "of kiln's block kernels, and dense layers on torch's GEMM instead of "
+                                            "kiln's dense decode kernel (env KILN_QUANT_KERNELS=0)",
                                       flag="--no-quant-kernels", negate=True)
     prefill_attention: str | None = _opt(None, "prefill attention: native (kiln's paged flash kernel) or sdpa "
                                                "(gather + torch SDPA) (env KILN_PREFILL_ATTENTION)",

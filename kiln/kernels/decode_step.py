@@ -49,6 +49,7 @@ class LinearEntry:
 
     `tensors` = (weight or packed qs, d, m, dense copy, bias, Q5 high bits), empty tensors where a piece is absent;
     `kind` DENSE / Q4 / Q8 / a K-quant kind (`kquant_entry`); `max_rows` / `panel_rows`: the largest batch the block / panel kernel takes
+    (DENSE: `max_rows` bounds kiln's dense decode kernel, kiln.kernels.dense_matmul)
     (above them the plan uses the dense copy or dequantizes, exactly as the layer's own `apply` does).
     """
 

@@ -9,8 +9,12 @@ shapes: fp32 weights 1.3-1.9x torch up to M = 8; bf16 1.3-1.4x at M = 1, level a
 Above the limit (and without the native library or a SIMD build) the layer runs torch's GEMM.
 
 Invariants: the plain path (`dense_linear`) and the fused decode step (kiln.kernels.decode_step's dense
-entries) choose by the same limit and compute the same thing, so they stay bit-identical; a row's output
-does not depend on how many rows share the call (tests/test_dense_matmul.py).
+entries) choose by the same limit and compute the same thing, so they stay bit-identical; within the
+kernel (M <= the limit) a row's output does not depend on how many rows share the call
+(tests/test_dense_matmul.py) — above the limit torch's GEMM runs, whose rounding may depend on M, so a
+speculative verification of more rows than the limit is not bit-identical to decoding them one by one.
+A layer reads its limit once, at its first call (the weights are final by then); `kiln tune` in the same
+process applies to layers built after it.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """`F.linear(x, weight, bias)`, on kiln's kernel when x has at most `max_rows` rows of weight's dtype
     (then y = kernel(x, W) + b: the fused step adds the bias the same way)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows == 0 or rows > max_rows or x.dtype != weight.dtype:
+    if rows == 0 or rows > max_rows or x.dtype != weight.dtype or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     y = torch.ops.kiln.dense_matmul(x.reshape(rows, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias

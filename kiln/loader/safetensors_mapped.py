@@ -10,8 +10,9 @@ its dtype, shape and [begin, end) byte offsets in the data section that follows 
 Tests compare every tensor with `safe_open` on sharded and single files.
 
 Invariants: a view stays valid while it is referenced (it keeps the mapping alive; `release` only drops
-pages from the process, which the next touch reads back from the file); the mapping is private and
-copy-on-write, so nothing is ever written to the file.
+pages from the process, which the next touch reads back from the file); the mapping is read-only, so
+nothing is ever written to the file (a write through a view faults: callers copy). Every header entry is
+checked at open (dtype, offsets inside the file, byte length = shape): a bad file is one ModelLoadError.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,36 +44,57 @@ class MappedSafetensors:
                 if header_len <= 0 or 8 + header_len > size:
                     raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
                 header = json.loads(f.read(header_len))
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else None
         except (OSError, ValueError, struct.error) as exc:
             raise ModelLoadError(path, f"corrupt or truncated safetensors file ({exc})") from None
+        if not isinstance(header, dict):
+            raise ModelLoadError(path, "corrupt safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         self._data = 8 + header_len
         self._entries = header
         for name, e in header.items():
-            begin, end = e["data_offsets"]
-            if e["dtype"] not in _DTYPES:
-                raise ModelLoadError(path, f"tensor {name!r} has dtype {e['dtype']}, which kiln does not read")
-            if not 0 <= begin <= end <= size - self._data:
-                raise ModelLoadError(path, f"tensor {name!r} lies outside the file (truncated?)")
+            self._check(name, e, size - self._data)
+
+    def _check(self, name: str, e: object, data_bytes: int) -> None:
+        """Each entry: a known dtype, a shape, offsets inside the data whose length is the shape's bytes."""
+        try:
+            dtype, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]  # type: ignore[index]
+            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ModelLoadError(self.path, f"corrupt safetensors file (bad header entry for {name!r})")
+        if dtype not in _DTYPES:
+            raise ModelLoadError(self.path, f"tensor {name!r} has dtype {dtype}, which kiln does not read")
+        if not begin <= end <= data_bytes:
+            raise ModelLoadError(self.path, f"tensor {name!r} lies outside the file (truncated?)")
+        count = 1
+        for dim in shape:
+            count *= dim
+        if end - begin != count * torch.empty(0, dtype=_DTYPES[dtype]).element_size():
+            raise ModelLoadError(self.path, f"tensor {name!r}: {end - begin} bytes do not hold shape {shape} of {dtype}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A read-only-by-contract view of `name` (copy it before writing to it)."""
+        """A view of `name` (read-only mapping: copy it before writing to it; it keeps the mapping alive)."""
         e = self._entries[name]
         begin, end = e["data_offsets"]
         dtype = _DTYPES[e["dtype"]]
+        if end == begin:
+            return torch.empty(e["shape"], dtype=dtype)  # no elements (a 0 in the shape: checked at open)
         count = (end - begin) // torch.empty(0, dtype=dtype).element_size()
-        if count == 0:
-            return torch.empty(e["shape"], dtype=dtype)
-        flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._data + begin)
+        with warnings.catch_warnings():  # the mapping is read-only by design; torch warns about that
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._data + begin)
         return flat.view(e["shape"])
 
     def release(self, name: str) -> None:
         """Drop `name`'s file pages from this process (a neighbour sharing an edge page faults it back)."""
         begin, end = self._entries[name]["data_offsets"]
+        if self._map is None or end == begin:
+            return
         start = (self._data + begin) // mmap.PAGESIZE * mmap.PAGESIZE
         length = self._data + end - start
         if length > 0:

@@ -19,7 +19,8 @@ is built on the meta device (no storage at all), and then:
 
 So the load holds at most the resident part, one layer and one tensor's transient copies, plus the GGUF
 reader's own header objects. A safetensors folder loads the same way: its tensors are grouped by layer from
-their names, and each group opens, reads and closes the files that hold it (safetensors maps them).
+their names; every file is mapped read-only for the load (kiln.loader.safetensors_mapped) and each tensor's
+pages leave the process once it is copied into the model.
 
 Invariants:
 - the resulting model is the eager path's: the same tensors in the same layout (same kernels, bit-identical

@@ -5,6 +5,7 @@ streamed model's outputs against the fully resident model's."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,22 @@ def test_a_truncated_safetensors_file_is_one_clear_error(folders, tmp_path) -> N
     bad.write_bytes(b"\xff" * 8 + data[8:64])
     with pytest.raises(ModelLoadError, match="corrupt or truncated"):
         MappedSafetensors(bad)
+
+    def with_header(header: dict, payload: bytes) -> Path:
+        raw = json.dumps(header).encode()
+        bad.write_bytes(len(raw).to_bytes(8, "little") + raw + payload)
+        return bad
+
+    with pytest.raises(ModelLoadError, match="bytes do not hold shape"):  # 8 bytes for a [3] float32
+        MappedSafetensors(with_header({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)))
+    with pytest.raises(ModelLoadError, match="bytes do not hold shape"):  # no bytes for a non-empty shape
+        MappedSafetensors(with_header({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 0]}}, bytes(8)))
+    with pytest.raises(ModelLoadError, match="bad header entry"):
+        MappedSafetensors(with_header({"w": {"dtype": "F32", "shape": [2]}}, bytes(8)))
+    with pytest.raises(ModelLoadError, match="not a JSON object"):
+        MappedSafetensors(with_header([1, 2], bytes(8)))  # type: ignore[arg-type]
+    empty = MappedSafetensors(with_header({"w": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]}}, b""))
+    assert empty.tensor("w").shape == (0, 4)
 
 
 @pytest.mark.parametrize("spec", [dict(bits=4, group_size=32), dict(bits=8)], ids=["int4-g32", "int8"])

@@ -19,7 +19,8 @@ namespace plan {
 // kKQuant + 0/1/2: Q4_K/Q5_K/Q6_K; kQ5: the Q4 layout plus the high-bit plane `qh` (GGUF Q5_0)
 enum LinearKind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2, kKQuant = 3, kQ5 = 6 };
 
-// One Linear: a dense weight, or packed blocks (qs, d, m) run by the block kernel for M <= max_rows,
+// One Linear: a dense weight (kiln's dense decode kernel, dense_gemv.cpp, for M <= max_rows, torch's GEMM
+// above: kiln.kernels.dense_matmul.dense_linear's rule), or packed blocks (qs, d, m) run by the block kernel for M <= max_rows,
 // by the panel kernel (fp32) for M <= panel_rows, and by a dense GEMM above (on `dense` when the
 // layer keeps a resident copy, else dequantized per call) — the same rule as
 // GGUFQuantLinearMethod.apply.
@@ -35,7 +36,8 @@ struct LinearWeights {
 
   at::Tensor apply(const at::Tensor& x) const {
     if (kind == kDense) {
-      if (x.size(0) > max_rows || x.scalar_type() != weight.scalar_type()) return at::linear(x, weight, bias);
+      if (x.size(0) > max_rows || x.scalar_type() != weight.scalar_type() || !weight.is_contiguous())
+        return at::linear(x, weight, bias);
       KILN_PROFILED("kiln::dense_matmul");  // as kiln.kernels.dense_matmul.dense_linear runs it
       at::Tensor y = dense_matmul(x, weight);
       return bias ? y + *bias : y;

@@ -116,7 +116,9 @@ inline void tile_bf16(const c10::BFloat16* w, const c10::BFloat16* x, int64_t K,
     __m512bh wv[NR];
     for (int r = 0; r < NR; ++r) {
       // the tile two ahead (rows are contiguous): short rows give the hardware prefetcher too little to ramp
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * NR) * K + k), _MM_HINT_T0);
+      // (an address past the array for the last tiles: computed as an integer, a prefetch never faults)
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w + r * K + k) +
+                                                 2 * NR * K * sizeof(c10::BFloat16)), _MM_HINT_T0);
       wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
     }
     for (int i = 0; i < MC; ++i) {
