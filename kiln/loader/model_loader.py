@@ -143,8 +143,7 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "auto", device: str 
         config_json = read_config_json(path)
         foreign = is_foreign(config_json.get("quantization_config"))  # GPTQ / AWQ / compressed-tensors
         # under a budget: built on the meta device and loaded layer by layer straight into the spill file
-        # (foreign checkpoints translate tensors across names, so they load whole and move layers after)
-        if weight_offload is not None and weight_offload.streamed_load and prepare_model is None and not foreign:
+        if weight_offload is not None and weight_offload.streamed_load and prepare_model is None:
             from kiln.loader.streamed_load import load_safetensors_streamed
 
             try:

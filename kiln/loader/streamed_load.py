@@ -31,7 +31,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -156,22 +156,36 @@ class GGUFSource:
 class SafetensorsSource:
     """A Hugging Face folder's *.safetensors files (single or sharded), read as views of their mappings
     (kiln.loader.safetensors_mapped): each tensor is copied once, from the file pages into the model's tensor,
-    and its pages leave the process as soon as it is loaded."""
+    and its pages leave the process as soon as it is loaded. `translate` (a GPTQ / AWQ / compressed-tensors
+    folder's `ForeignPlan.translate`) turns each group's tensors into kiln's buffers: a module's parts all
+    belong to one layer, so a group holds every part it needs."""
 
-    def __init__(self, folder: Path, names: WeightNames, num_layers: int) -> None:
+    def __init__(self, folder: Path, names: WeightNames, num_layers: int,
+                 translate: Callable[[Iterable[tuple[str, torch.Tensor]]], Iterator[tuple[str, torch.Tensor]]]
+                 | None = None) -> None:
         from kiln.loader.safetensors_loader import safetensors_files
         from kiln.loader.safetensors_mapped import MappedSafetensors
 
         self.files = {file: MappedSafetensors(file) for file in safetensors_files(folder)}
+        self.translate = translate
         self.groups: dict[int, list[Any]] = {i: [] for i in [FIXED, *range(num_layers)]}
         for file, mapped in self.files.items():
             for name in mapped.keys():
                 self.groups[layer_of(name, names, num_layers)].append((file, name))
 
+    def tensor_names(self) -> list[str]:
+        return [name for group in self.groups.values() for _, name in group]
+
     def weights(self, group: list[Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        raw = self._read(group)
+        return self.translate(raw) if self.translate is not None else raw
+
+    def _read(self, group: list[Any]) -> Iterator[tuple[str, torch.Tensor]]:
         for file, name in group:
             mapped = self.files[file]
-            yield name, mapped.tensor(name)  # the loader copies it into the model before asking for the next
+            # the consumer copies it (or, translating, holds the view until its module is complete: a released
+            # page of a view is read back from the file when touched)
+            yield name, mapped.tensor(name)
             mapped.release(name)
 
 
@@ -195,26 +209,31 @@ def load_gguf_streamed(reader: Any, cfg: Any, arch: Any, path: Path, dtype: torc
 
 def load_safetensors_streamed(folder: Path, cfg: Any, arch: Any, config_json: dict, dtype: torch.dtype,
                               device: torch.device, config: WeightOffloadConfig) -> tuple[nn.Module, OffloadReport]:
-    """Build and load the Hugging Face folder `folder` within `config`'s budget: full-precision weights and
-    kiln's own quantized checkpoints (`kiln quantize`; their methods are planned on the meta model, as the
-    eager path plans them on the built one). GPTQ / AWQ folders, whose tensors are translated across names,
-    take the eager path (the caller decides).
+    """Build and load the Hugging Face folder `folder` within `config`'s budget: full-precision weights, kiln's
+    own quantized checkpoints (`kiln quantize`) and GPTQ / AWQ / compressed-tensors ones (translated to kiln's
+    INT layout group by group). Their methods are planned on the meta model, as the eager path plans them on
+    the built one.
 
     Raises ValueError (the budget is below the fixed part) and ModelLoadError (bad tensors)."""
-    from kiln.quantization.checkpoint import plan_quantized_layers
-
     from kiln.layers.linear import Linear
     from kiln.layers.quant_linear import QuantizedBuffersMethod
+    from kiln.quantization.checkpoint import plan_quantized_layers
+    from kiln.quantization.foreign import is_foreign, plan_foreign_layers
 
     names = arch.weight_names
     model = build_on_meta(arch.model_class, cfg, dtype)
     model.device = device
-    plan_quantized_layers(model, config_json, folder / "config.json")
+    qc = config_json.get("quantization_config")
+    source = SafetensorsSource(folder, names, len(model.layers))
+    if is_foreign(qc):
+        plan = plan_foreign_layers(model, qc, folder / "config.json", source.tensor_names(), names)
+        source.translate = plan.translate
+    else:
+        plan_quantized_layers(model, config_json, folder / "config.json")
     for module in model.modules():  # what finalize adds (native block layouts) counts in the split too
         if isinstance(module, Linear) and isinstance(module.method, QuantizedBuffersMethod):
             for name, (shape, dt) in module.method.finalized_buffer_specs(module, device).items():
                 module.register_buffer(name, torch.empty(shape, dtype=dt, device="meta"), persistent=False)
-    source = SafetensorsSource(folder, names, len(model.layers))
     return load_streamed(model, source, folder, names, config)
 
 
