@@ -1,4 +1,4 @@
-"""The AVX2 path of the quantized matmul, checked on this machine whatever its own SIMD level.
+"""The AVX2 path of the quantized (and dense decode) matmul, checked on this machine whatever its own SIMD level.
 
 The library is compiled for one instruction set (-march); an AVX-512 machine would never run the
 AVX2 code. Here it is built a second time with KILN_KERNEL_MARCH=haswell (AVX2 + FMA + F16C, its
@@ -49,8 +49,9 @@ def test_avx2_build_equals_the_reference() -> None:
     assert check.stdout.strip() == "AVX2", check.stderr[-2000:]
     run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_quant_kernels.py",
                           "tests/test_kquant_kernels.py",  # the K-quant super-block kernels' AVX2 tiles too
+                          "tests/test_dense_matmul.py",  # and the dense decode kernel's
                           "-k", "native_matmul_equals_reference or native_dequantize_equals_reference or fused_linear"
-                                " or native_kquant"],
+                                " or native_kquant or kernel_matches_the_twin or a_row_does_not_depend"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
