@@ -7,8 +7,9 @@ kiln), in fp32 and in bf16. Systems, each in a fresh process, alternating over R
   multi-step trips);
 - kiln, torch GEMM: the same with KILN_QUANT_KERNELS=0 (kiln's own matmul kernels off: on this all-dense
   model that changes only the dense layers' and the tied head's GEMM);
-- transformers: `generate` on the same GGUF (dequantized by transformers), greedy, the same dtype, sdpa
-  attention, `torch.inference_mode` — decode tok/s from a 128-token generation minus a 1-token one.
+- transformers: `generate` on the same GGUF (dequantized by transformers), greedy, the same dtype, its
+  default attention (recorded; sdpa), `torch.inference_mode` — decode tok/s from a 128-token generation
+  minus a 1-token one (kiln.bench.peers.transformers_decode_tok_s, as the latency benchmark times it).
 Each run decodes 128 tokens (EOS ignored) after a chat prompt, 2 threads. kiln's figure is tok/s between
 the first and the last token. Writes benchmarks/results/dense_decode.json.
 """
@@ -65,25 +66,17 @@ def kiln_run(dtype: str, threads: int) -> dict[str, Any]:
 
 def transformers_run(dtype: str, threads: int) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from kiln.bench.peers import load_transformers, transformers_decode_tok_s
     from kiln.hub import pull
 
     torch.set_num_threads(threads)
-    gguf = pull("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype),
-                                                 attn_implementation="sdpa").eval()
-    ids = torch.tensor([_prompt_ids()])
+    model = load_transformers(pull("smollm2-135m"), dtype)
+    prompt = _prompt_ids()
     with torch.inference_mode():
-        model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)  # warm-up
-        start = time.perf_counter()
-        model.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(input_ids=ids, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
-        total = time.perf_counter() - start
-    n = out.shape[1] - ids.shape[1]
-    return {"tok_s": (n - 1) / (total - first)}
+        model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False)  # warm-up
+    return {"tok_s": transformers_decode_tok_s(model, prompt, TOKENS),
+            "attn_implementation": model.config._attn_implementation}
 
 
 def child(system: str, threads: int) -> None:

@@ -23,6 +23,15 @@ def default_gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Gemma 3 (tests/models/tiny_gemma3.py) as a GGUF file, built once per session."""
+    pytest.importorskip("transformers", reason="the tiny Gemma 3 is built with transformers")
+    from models.tiny_gemma3 import build
+
+    return build(tmp_path_factory.mktemp("tiny-gemma3-shared")).gguf
+
+
+@pytest.fixture(scope="session")
 def llm_fp32(default_gguf_path: Path):
     """The real default model in fp32 (the precision the reference comparisons use)."""
     from kiln import LLM

@@ -38,13 +38,30 @@ def llama_cpp_server_available() -> bool:
     return True
 
 
-def load_transformers(gguf_path: Path):
+def load_transformers(gguf_path: Path, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=getattr(torch, dtype))
     model.eval()
     return model
+
+
+def transformers_decode_tok_s(model, prompt: list[int], max_tokens: int) -> float:
+    """Greedy decode tok/s of `generate` after `prompt`: a `max_tokens` generation minus a 1-token one
+    (the prefill and the first token), in inference mode."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+        total = time.perf_counter() - start
+    return (out.shape[1] - len(prompt) - 1) / max(total - first, 1e-9)
 
 
 def transformers_generate_static(
@@ -79,15 +96,8 @@ def transformers_latency(gguf_path: Path, prompt: list[int], long_prompt: list[i
         start = time.perf_counter()
         model(torch.tensor([long_prompt]))
         prefill = len(long_prompt) / (time.perf_counter() - start)
-        ids = torch.tensor([prompt])
-        start = time.perf_counter()
-        model.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(input_ids=ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
-        total = time.perf_counter() - start
-    n = out.shape[1] - len(prompt)
-    return {"system": "transformers (fp32)", "prefill_tok_s": prefill, "decode_tok_s": (n - 1) / max(total - first, 1e-9)}
+    return {"system": "transformers (fp32)", "prefill_tok_s": prefill,
+            "decode_tok_s": transformers_decode_tok_s(model, prompt, max_tokens)}
 
 
 def _llama(gguf_path: Path, threads: int, n_ctx: int = 4096):

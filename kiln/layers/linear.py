@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels.decode_step import LinearEntry, dense_entry
+from kiln.kernels.dense_matmul import dense_kernel_rows, dense_linear
 from kiln.layers.linear_method import LinearMethod
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ class DenseLinearMethod(LinearMethod):
 
     def max_rows(self, layer: "Linear") -> int:
         if self._max_rows is None:
-            from kiln.kernels.dense_matmul import dense_kernel_rows
-
             self._max_rows = dense_kernel_rows(layer.weight.dtype, layer.weight.device)
         return self._max_rows
 
@@ -46,8 +45,6 @@ class DenseLinearMethod(LinearMethod):
         limit = self.max_rows(layer)
         if limit == 0:
             return F.linear(x, layer.weight, layer.bias)
-        from kiln.kernels.dense_matmul import dense_linear
-
         return dense_linear(x, layer.weight, layer.bias, limit)
 
     def decode_plan_entry(self, layer: "Linear", dtype: torch.dtype) -> LinearEntry:

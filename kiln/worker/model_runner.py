@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import record_function
@@ -25,8 +26,12 @@ from kiln.structured_output.manager import GrammarRow, PendingMasks, StructuredO
 from kiln.worker.forward import allocate_model_kv_caches
 from kiln.worker.multi_step import run_trip
 
+if TYPE_CHECKING:
+    from kiln.models.decode_plan import TripStep
+
 TopLogprobs = list[tuple[int, float]]
 _NOT_STARTED = object()  # `_sample` was given no grammar masks: it starts them itself
+_NOT_BUILT = object()  # `trip_step` not asked for yet
 
 
 @dataclass(slots=True)
@@ -55,6 +60,7 @@ class ModelRunner:
             owner = {layer: g for g, group in enumerate(kv_groups) for layer in group.layers}
             self.layer_group = tuple(owner[i] for i in range(len(owner)))
         self.sampler = Sampler()
+        self._trip_step: object = _NOT_BUILT  # kiln.worker.multi_step's step, see `trip_step`
         self.generators: dict[str, torch.Generator] = {}
         self.structured: StructuredOutputManager | None = None
         self.lora: LoRAManager | None = None  # set by the engine when it serves LoRA adapters
@@ -101,8 +107,16 @@ class ModelRunner:
     def supports_multi_step(self) -> bool:
         """Whether pure decode batches may run as multi-step trips (kiln.worker.multi_step): a single
         process whose model has a trip step (its fused native plan) for this runner's caches, plain or hybrid."""
-        stepper = getattr(self.model, "trip_stepper", None)
-        return bool(self.kv_caches) and stepper is not None and stepper(self.kv_caches, self.layer_group) is not None
+        return self.trip_step() is not None
+
+    def trip_step(self) -> "TripStep | None":
+        """The model's trip step over this runner's caches, built at the first pure decode step and kept (the
+        caches, their layout and the model's plan are fixed by then); None when the model has none."""
+        if self._trip_step is _NOT_BUILT:
+            stepper = getattr(self.model, "trip_stepper", None)
+            self._trip_step = (stepper(self.kv_caches, self.layer_group)
+                               if stepper is not None and self.kv_caches else None)
+        return self._trip_step  # type: ignore[return-value]
 
     @torch.inference_mode()
     def execute_trip(self, sched: SchedulerOutput, num_steps: int,

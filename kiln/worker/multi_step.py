@@ -53,7 +53,7 @@ def run_trip(runner: "ModelRunner", items: list[ScheduledRequest], num_steps: in
     `interrupt()` says the engine has news (a new request, an abort): those wait one step at most."""
     from kiln.worker.model_runner import RunnerOutput
 
-    step = runner.model.trip_stepper(runner.kv_caches, runner.layer_group)  # cache lists once per trip
+    step = runner.trip_step()  # the cache lists and the plan's layout, taken once
     if step is None:
         raise RuntimeError("multi-step decode needs the model's fused trip step (kiln.engine.multi_step checks this)")
     device, bs = runner.device, runner.block_size

@@ -20,7 +20,7 @@ from kiln.engine.llm_engine import LLMEngine
 from kiln.loader.model_loader import load_model
 
 from loader.tiny_model import one_torch_thread
-from models.tiny_gemma3 import WINDOW, build
+from models.tiny_gemma3 import WINDOW
 
 BS, CHUNK = 4, 256
 
@@ -31,14 +31,8 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("transformers", reason="the tiny Gemma 3 is built with transformers")
-    return build(tmp_path_factory.mktemp("tiny-gemma3-engine")).gguf
-
-
-def _engine(gguf, hybrid: bool, kv_memory: int, max_num_seqs: int = 8, chunk: int = CHUNK) -> LLMEngine:
-    loaded = load_model(gguf, dtype="float32", quantized_weights="dequantize")
+def _engine(tiny_gemma3_gguf, hybrid: bool, kv_memory: int, max_num_seqs: int = 8, chunk: int = CHUNK) -> LLMEngine:
+    loaded = load_model(tiny_gemma3_gguf, dtype="float32", quantized_weights="dequantize")
     if not hybrid:
         loaded.model.supports_kv_groups = False  # the plain cache: the never-freeing reference
     cache = CacheConfig(block_size=BS, kv_cache_memory=kv_memory, kv_cache_dtype="float32")
@@ -57,10 +51,10 @@ def _run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, on
     return [done[i] for i in ids]
 
 
-def test_a_4000_token_conversation_is_bounded_and_identical(gguf) -> None:
+def test_a_4000_token_conversation_is_bounded_and_identical(tiny_gemma3_gguf) -> None:
     prompt = [(i * 7919) % 250 + 3 for i in range(3000)]
     params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
-    hybrid = _engine(gguf, True, 4 << 20)
+    hybrid = _engine(tiny_gemma3_gguf, True, 4 << 20)
     assert isinstance(hybrid.kv_manager, HybridKVCacheManager)
     n_local = sum(g.window is not None for g in hybrid.kv_groups)
     n_global = len(hybrid.kv_groups) - n_local
@@ -83,7 +77,7 @@ def test_a_4000_token_conversation_is_bounded_and_identical(gguf) -> None:
     assert worst["prefill"] <= n_local * (window_blocks + -(-CHUNK // BS)) + n_global * -(-CHUNK // BS)
     assert hybrid.kv_manager.get_num_free_blocks() == hybrid.kv_manager.num_blocks
 
-    plain = _engine(gguf, False, 4 << 20)
+    plain = _engine(tiny_gemma3_gguf, False, 4 << 20)
     assert isinstance(plain.kv_manager, KVCacheManager)
     assert got == _run(plain, [prompt], params)[0]
     assert len(got) == 1000
@@ -93,12 +87,12 @@ def _conversations() -> list[list[int]]:
     return [[(i * 31 + s * 17) % 250 + 3 for i in range(90 + 10 * s)] for s in range(3)]
 
 
-def test_prefix_hits_after_the_window_slid_match_the_plain_cache(gguf) -> None:
+def test_prefix_hits_after_the_window_slid_match_the_plain_cache(tiny_gemma3_gguf) -> None:
     """Turn two of three conversations reuses turn one's prefix, whose early local blocks were given
     back long ago: the hit must bring the window's blocks and still generate what the plain cache does."""
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    hybrid = _engine(gguf, True, 1 << 20, max_num_seqs=3, chunk=32)
-    plain = _engine(gguf, False, 1 << 20, max_num_seqs=3, chunk=32)
+    hybrid = _engine(tiny_gemma3_gguf, True, 1 << 20, max_num_seqs=3, chunk=32)
+    plain = _engine(tiny_gemma3_gguf, False, 1 << 20, max_num_seqs=3, chunk=32)
     first = _conversations()
     turn1 = _run(hybrid, first, params)
     assert turn1 == _run(plain, first, params)
@@ -110,11 +104,11 @@ def test_prefix_hits_after_the_window_slid_match_the_plain_cache(gguf) -> None:
     assert turn2 == _run(plain, second, params)
 
 
-def test_preemption_under_a_small_pool_matches_the_plain_cache(gguf) -> None:
+def test_preemption_under_a_small_pool_matches_the_plain_cache(tiny_gemma3_gguf) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     # 25 plain blocks of 6 layers' K/V = 150 hybrid blocks of one layer: under two sequences at once
-    hybrid = _engine(gguf, True, 150 * 512, max_num_seqs=3, chunk=32)
-    plain = _engine(gguf, False, 1 << 20, max_num_seqs=3, chunk=32)
+    hybrid = _engine(tiny_gemma3_gguf, True, 150 * 512, max_num_seqs=3, chunk=32)
+    plain = _engine(tiny_gemma3_gguf, False, 1 << 20, max_num_seqs=3, chunk=32)
     prompts = _conversations()
     assert _run(hybrid, prompts, params) == _run(plain, prompts, params)
     assert hybrid.scheduler.num_preemptions > 0 and plain.scheduler.num_preemptions == 0

@@ -17,7 +17,7 @@ from kiln.loader.model_loader import load_model
 from kiln.models import gemma3_decode_plan
 
 from loader.tiny_model import one_torch_thread
-from models.tiny_gemma3 import WINDOW, build
+from models.tiny_gemma3 import WINDOW
 
 PROMPTS = [list(range(5, 5 + 3)), list(range(9, 9 + 2 * WINDOW + 3)), list(range(20, 20 + WINDOW))]
 
@@ -28,14 +28,8 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("transformers", reason="the tiny Gemma 3 is built with transformers")
-    return build(tmp_path_factory.mktemp("tiny-gemma3-plan")).gguf
-
-
-def _generate(gguf, fused: bool, hybrid: bool, dtype: str, kv_dtype: str) -> tuple[list, str]:
-    loaded = load_model(gguf, dtype=dtype, quantized_weights="dequantize")
+def _generate(tiny_gemma3_gguf, fused: bool, hybrid: bool, dtype: str, kv_dtype: str) -> tuple[list, str]:
+    loaded = load_model(tiny_gemma3_gguf, dtype=dtype, quantized_weights="dequantize")
     loaded.model.fused_decode_step = fused
     if not hybrid:
         loaded.model.supports_kv_groups = False
@@ -55,22 +49,22 @@ def _generate(gguf, fused: bool, hybrid: bool, dtype: str, kv_dtype: str) -> tup
 
 @pytest.mark.parametrize("hybrid", [True, False])
 @pytest.mark.parametrize("dtype, kv_dtype", [("float32", "float32"), ("float32", "float16"), ("bfloat16", "bfloat16")])
-def test_fused_step_equals_the_plain_path(gguf, hybrid, dtype, kv_dtype, monkeypatch) -> None:
+def test_fused_step_equals_the_plain_path(tiny_gemma3_gguf, hybrid, dtype, kv_dtype, monkeypatch) -> None:
     calls = []
     real = gemma3_decode_plan.run_gemma3_plan
     monkeypatch.setattr(gemma3_decode_plan, "run_gemma3_plan", lambda *a: calls.append(1) or real(*a))
-    fused, status = _generate(gguf, True, hybrid, dtype, kv_dtype)
-    plain, plain_status = _generate(gguf, False, hybrid, dtype, kv_dtype)
+    fused, status = _generate(tiny_gemma3_gguf, True, hybrid, dtype, kv_dtype)
+    plain, plain_status = _generate(tiny_gemma3_gguf, False, hybrid, dtype, kv_dtype)
     assert status == "fused native decode step (Gemma 3)" and plain_status.startswith("plain path")
     assert len(calls) >= 3 * WINDOW - 1  # every pure decode step went through the plan
     assert fused == plain
 
 
-def test_int8_cache_and_other_steps_keep_the_plain_path(gguf) -> None:
+def test_int8_cache_and_other_steps_keep_the_plain_path(tiny_gemma3_gguf) -> None:
     from kiln.kernels.attention_metadata import build_attention_metadata
 
     def caches(kv_dtype: str):
-        loaded = load_model(gguf, dtype="float32", quantized_weights="dequantize")
+        loaded = load_model(tiny_gemma3_gguf, dtype="float32", quantized_weights="dequantize")
         engine = LLMEngine(loaded, CacheConfig(block_size=4, kv_cache_memory=1 << 21, kv_cache_dtype=kv_dtype),
                            SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8))
         return engine.runner.kv_caches

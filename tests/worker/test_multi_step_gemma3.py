@@ -19,7 +19,7 @@ from kiln.loader.model_loader import load_model
 from kiln.worker import multi_step
 
 from loader.tiny_model import one_torch_thread
-from models.tiny_gemma3 import WINDOW, build
+from models.tiny_gemma3 import WINDOW
 
 pytestmark = pytest.mark.skipif(not load_native(), reason="multi-step trips run the fused native decode step")
 
@@ -34,13 +34,7 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("transformers", reason="the tiny Gemma 3 is built with transformers")
-    return build(tmp_path_factory.mktemp("tiny-gemma3-trips")).gguf
-
-
-def _generate(gguf, steps: int, params: list[SamplingParams], hybrid: bool = True, dtype: str = "float32",
+def _generate(tiny_gemma3_gguf, steps: int, params: list[SamplingParams], hybrid: bool = True, dtype: str = "float32",
               monkeypatch=None) -> tuple[list, list[int], int]:
     """(token ids per request, trip lengths planned, the most blocks one request held at once)."""
     trips: list[int] = []
@@ -48,7 +42,7 @@ def _generate(gguf, steps: int, params: list[SamplingParams], hybrid: bool = Tru
         real = multi_step.run_trip
         monkeypatch.setattr("kiln.worker.model_runner.run_trip",
                             lambda r, items, k, *rest: trips.append(k) or real(r, items, k, *rest))
-    loaded = load_model(gguf, dtype=dtype, quantized_weights="dequantize")
+    loaded = load_model(tiny_gemma3_gguf, dtype=dtype, quantized_weights="dequantize")
     if not hybrid:
         loaded.model.supports_kv_groups = False
     engine = LLMEngine(loaded, CacheConfig(block_size=BLOCK, kv_cache_memory=1 << 21, kv_cache_dtype="auto"),
@@ -68,33 +62,32 @@ def _generate(gguf, steps: int, params: list[SamplingParams], hybrid: bool = Tru
 
 @pytest.mark.parametrize("hybrid", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_trips_equal_single_steps(gguf, hybrid, dtype, monkeypatch) -> None:
+def test_greedy_trips_equal_single_steps(tiny_gemma3_gguf, hybrid, dtype, monkeypatch) -> None:
     # different lengths: rows leave the batch at different steps, so trips shrink and the batch changes
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3 * WINDOW, 2 * WINDOW + 1, 9)]
-    single, none, _ = _generate(gguf, 1, params, hybrid, dtype, monkeypatch)
+    single, none, _ = _generate(tiny_gemma3_gguf, 1, params, hybrid, dtype, monkeypatch)
     assert none == []
-    multi, trips, _ = _generate(gguf, 4, params, hybrid, dtype)
+    multi, trips, _ = _generate(tiny_gemma3_gguf, 4, params, hybrid, dtype, monkeypatch)
     assert multi == single
-    _, trips, _ = _generate(gguf, 4, params, hybrid, dtype, monkeypatch)
     assert trips and max(trips) == 4
 
 
-def test_seeded_sampling_trips_equal_single_steps(gguf, monkeypatch) -> None:
+def test_seeded_sampling_trips_equal_single_steps(tiny_gemma3_gguf, monkeypatch) -> None:
     params = [SamplingParams(temperature=0.9, top_k=20, seed=1, max_tokens=2 * WINDOW, ignore_eos=True),
               SamplingParams(temperature=0.7, top_p=0.8, seed=2, max_tokens=2 * WINDOW, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=2 * WINDOW, ignore_eos=True)]
-    single, _, _ = _generate(gguf, 1, params)
-    multi, trips, _ = _generate(gguf, 8, params, monkeypatch=monkeypatch)
+    single, _, _ = _generate(tiny_gemma3_gguf, 1, params)
+    multi, trips, _ = _generate(tiny_gemma3_gguf, 8, params, monkeypatch=monkeypatch)
     assert max(trips) == 8
     assert multi == single
 
 
-def test_windows_still_free_blocks_during_trips(gguf) -> None:
+def test_windows_still_free_blocks_during_trips(tiny_gemma3_gguf) -> None:
     """A long generation holds the global group's blocks plus a bounded window per sliding group, with
     trips as without: a trip's lookahead adds at most one block per group beyond a single step's bound."""
     params = [SamplingParams(temperature=0, max_tokens=6 * WINDOW, ignore_eos=True)] * 3
-    single, _, held_single = _generate(gguf, 1, params)
-    multi, _, held_multi = _generate(gguf, 8, params)
+    single, _, held_single = _generate(tiny_gemma3_gguf, 1, params)
+    multi, _, held_multi = _generate(tiny_gemma3_gguf, 8, params)
     assert multi == single
     longest = len(PROMPTS[1]) + 6 * WINDOW
     global_blocks = -(-longest // BLOCK)

@@ -106,7 +106,7 @@ inline void tile(const W* w, const float* x, int64_t K, float* out) {
 // bf16 weights and bf16 activations on AVX512-BF16: vdpbf16ps multiplies 32 pairs per instruction (each
 // product exact, a lane adding its two products to its fp32 sum), a fixed order as above.
 template <int NR, int MC>
-inline void tile_bf16(const c10::BFloat16* w, const c10::BFloat16* x, int64_t K, float* out) {
+inline void tile(const c10::BFloat16* w, const c10::BFloat16* x, int64_t K, float* out) {
   __m512 acc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MC; ++i) acc[r][i] = _mm512_setzero_ps();
@@ -129,20 +129,12 @@ inline void tile_bf16(const c10::BFloat16* w, const c10::BFloat16* x, int64_t K,
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MC; ++i) out[r * MC + i] = vsum(acc[r][i]);
 }
-
-template <int NR>
-inline void tile_rows(int64_t mc, const c10::BFloat16* w, const c10::BFloat16* x, int64_t K, float* out) {
-  switch (mc) {
-    case 1: tile_bf16<NR, 1>(w, x, K, out); break;
-    case 2: tile_bf16<NR, 2>(w, x, K, out); break;
-    case 3: tile_bf16<NR, 3>(w, x, K, out); break;
-    default: tile_bf16<NR, 4>(w, x, K, out); break;
-  }
-}
 #endif
 
-template <int NR, typename W>
-inline void tile_rows(int64_t mc, const W* w, const float* x, int64_t K, float* out) {
+// mc (1-4) activation rows: `tile`'s overload for the weight and activation types (bf16 x bf16 on
+// AVX512-BF16, else fp32 activations with fp32 or bf16 weights).
+template <int NR, typename W, typename X>
+inline void tile_rows(int64_t mc, const W* w, const X* x, int64_t K, float* out) {
   switch (mc) {
     case 1: tile<NR, 1>(w, x, K, out); break;
     case 2: tile<NR, 2>(w, x, K, out); break;
