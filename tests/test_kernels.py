@@ -100,17 +100,32 @@ def test_paged_attention_matches_reference(dtype, cache_dtype, query_lens, seq_l
 
 
 @pytest.mark.parametrize("dtype, cache_dtype", DTYPE_PAIRS, ids=lambda t: str(t).removeprefix("torch."))
-def test_short_query_after_prefix_equals_decoding_token_by_token(dtype, cache_dtype) -> None:
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("seq_lens", [[1, 15, 16, 17, 33], [70, 5, 131]])
+def test_paged_decode_head_sizes_with_simd_task(dtype, cache_dtype, d, seq_lens) -> None:
+    """Head sizes 64 and 128 run the AVX-512 task (16-key score groups, vector softmax and V walk by
+    block) where present: every length around a 16-key group boundary against the reference."""
+    q, k_cache, v_cache, meta = _random_paged_batch(dtype, [1] * len(seq_lens), seq_lens, hq=6, hkv=2, d=d,
+                                                    block_size=16, cache_dtype=cache_dtype)
+    ref = paged_attention_reference(q, k_cache, v_cache, meta)
+    out = paged_attention(q, k_cache, v_cache, meta)
+    assert torch.allclose(out.float(), ref.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype, cache_dtype", DTYPE_PAIRS, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("d, block_size", [(32, 4), (64, 16), (128, 16)])
+def test_short_query_after_prefix_equals_decoding_token_by_token(dtype, cache_dtype, d, block_size) -> None:
     """Speculative verification (last token + k drafts in one call) must give bit-identical
-    attention rows to decoding those tokens one at a time."""
+    attention rows to decoding those tokens one at a time (d 64 / 128: the AVX-512 task with its
+    16-key score groups and vector softmax, where present)."""
     from kiln.kernels.native import load_native
 
     if not load_native():
         pytest.skip("native kernels unavailable (no compiler)")
-    q, k_cache, v_cache, meta = _random_paged_batch(dtype, [5], [37], cache_dtype=cache_dtype)
+    q, k_cache, v_cache, meta = _random_paged_batch(dtype, [5], [37], d=d, block_size=block_size,
+                                                    cache_dtype=cache_dtype)
     together = paged_attention(q, k_cache, v_cache, meta)
     for r in range(5):
-        block_size = k_cache.shape[1]
         blocks = meta.block_tables[0].tolist()[: (33 + r + block_size - 1) // block_size]
         one = build_attention_metadata([1], [33 + r], [blocks], block_size)
         alone = paged_attention(q[r:r + 1], k_cache, v_cache, one)

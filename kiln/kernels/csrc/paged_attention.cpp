@@ -149,10 +149,59 @@ inline __m512 load16(const c10::Float8_e4m3fn* p) {
   return _mm512_load_ps(tmp);
 }
 
-// One task of decode_kernel with the K/V rows held in registers (head_dim = 16 * DV): the same
-// operations in the same order as the generic loop below (per score: a zeroed accumulator, DV
-// FMAs, one horizontal add; per output: one FMA per token in token order), so results are
-// bit-identical to it; only the round trips through the `row` and `acc` buffers are gone.
+// Lane i of the result = the sum of a[i]'s 16 lanes: three rounds of unpack / shuffle + add, 45
+// instructions for 16 sums where 16 horizontal adds take ~10 each. Each lane's sum is a fixed tree
+// over its own vector only, so a score never depends on which other keys share its group of 16.
+inline __m512 reduce_add_16(__m512 (&a)[16]) {
+  __m512 b[8];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: [A0+A2, B0+B2, A1+A3, B1+B3] of A = a[2k], B = a[2k+1]
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  __m512 c[4];
+  for (int k = 0; k < 4; ++k) {  // element m of 128-bit lane L: a[4k + m]'s four lanes of L, summed
+    const __m512d p = _mm512_castps_pd(b[2 * k]), q = _mm512_castps_pd(b[2 * k + 1]);
+    c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  }
+  // 128-bit lane k of the result: c[k]'s four 128-bit lanes summed (L0 + L2) + (L1 + L3)
+  const __m512 f01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const __m512 f23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(f01, f23, 0x88), _mm512_shuffle_f32x4(f01, f23, 0xDD));
+}
+
+// out[g] (GN query heads of one kv head, D = 16 * DV each) = sum over t in [t0, S) of p[g * S + t] * V[t],
+// one FMA per token in token order per lane. The cache is walked block by block (no division per token).
+// vbase: the kv head's first value in block 0; vsc: its scales (quantized caches), else nullptr.
+template <typename C, int DV, int GN, bool kQuant>
+inline void accumulate_v(const float* p, const C* vbase, const float* vsc, const int32_t* table, int64_t t0,
+                         int64_t S, int64_t BS, int64_t block_stride, int64_t token_stride, int64_t Hkv, float* out) {
+  __m512 o[GN][DV];
+  for (int g = 0; g < GN; ++g)
+    for (int c = 0; c < DV; ++c) o[g][c] = _mm512_setzero_ps();
+  for (int64_t t = t0; t < S;) {
+    const int64_t block = table[t / BS], end = std::min<int64_t>(S, (t / BS + 1) * BS);
+    for (int64_t i = t % BS; t < end; ++t, ++i) {
+      const C* vrow = vbase + block * block_stride + i * token_stride;
+      __m512 v[DV];
+      for (int c = 0; c < DV; ++c) v[c] = load16(vrow + 16 * c);
+      const float vs = kQuant ? vsc[(block * BS + i) * Hkv] : 1.f;
+      for (int g = 0; g < GN; ++g) {
+        float pg = p[g * S + t];
+        if constexpr (kQuant) pg *= vs;
+        const __m512 pv = _mm512_set1_ps(pg);
+        for (int c = 0; c < DV; ++c) o[g][c] = _mm512_fmadd_ps(pv, v[c], o[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < GN; ++g)
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(out + g * 16 * DV + 16 * c, o[g][c]);
+}
+
+// One task of decode_kernel on AVX-512 (head_dim = 16 * DV). Scores are made 16 keys at a time: per
+// key a zeroed accumulator and DV FMAs in c order (the K row in registers, reread from L1 by each
+// query head of its group), then reduce_add_16 turns the 16 accumulators into 16 scores at once.
+// A score is a function of its query and key only (not of t0, S or the batch), which keeps a row
+// verified with drafts bit-identical to the same row decoded alone. V: one FMA per token in token
+// order per output lane. The generic loop in decode_kernel (other head sizes, no AVX-512) sums in
+// another order: same values to fp32 rounding, not bit for bit.
 // qf: NH * D scaled queries; scores: NH * S; returns per-head max and denominators in row_max/denom
 // and writes the unnormalized outputs to acc (NH * D).
 template <typename C, int DV, bool kQuant>
@@ -162,55 +211,70 @@ void decode_task_avx512(const float* qf, const C* kp, const C* vp, const int32_t
                         float* denom, float* acc) {
   constexpr int64_t D = 16 * DV;
   const int64_t NH = heads * G;
-  for (int64_t j = 0; j < NH; ++j) row_max[j] = -std::numeric_limits<float>::infinity();
-  for (int64_t t = t0; t < S; ++t) {
-    const int64_t slot = table[t / BS] * BS + t % BS;
-    const C* krow = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
+  constexpr int64_t KT = 16;  // keys per score group
+  std::vector<__m512> max_lanes(NH, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+  for (int64_t tb = t0; tb < S; tb += KT) {
+    const int64_t nt = std::min<int64_t>(KT, S - tb);
+    const __mmask16 valid = static_cast<__mmask16>((1u << nt) - 1u);
+    const C* krows[KT];
+    int64_t slots[KT];
+    for (int64_t i = 0; i < KT; ++i) {
+      const int64_t t = tb + std::min<int64_t>(i, nt - 1);  // lanes past the end repeat the last key (masked off)
+      slots[i] = static_cast<int64_t>(table[t / BS]) * BS + t % BS;
+      krows[i] = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
+    }
     for (int64_t hh = 0; hh < heads; ++hh) {
-      __m512 k[DV];
-      for (int c = 0; c < DV; ++c) k[c] = load16(krow + hh * D + 16 * c);
-      const float ks = kQuant ? k_scales[slot * Hkv + h0 + hh] : 1.f;
+      __m512 ks = _mm512_set1_ps(1.f);
+      if constexpr (kQuant) {
+        alignas(64) float kss[KT];
+        for (int64_t i = 0; i < KT; ++i) kss[i] = k_scales[slots[i] * Hkv + h0 + hh];
+        ks = _mm512_load_ps(kss);
+      }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t j = hh * G + g;
-        __m512 a = _mm512_setzero_ps();
-        for (int c = 0; c < DV; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + j * D + 16 * c), k[c], a);
-        float sc = _mm512_reduce_add_ps(a);
-        if constexpr (kQuant) sc *= ks;
-        scores[j * S + t] = sc;
-        if (sc > row_max[j]) row_max[j] = sc;
+        __m512 qv[DV];
+        for (int c = 0; c < DV; ++c) qv[c] = _mm512_loadu_ps(qf + j * D + 16 * c);
+        __m512 a[KT];
+        for (int64_t i = 0; i < KT; ++i) {
+          a[i] = _mm512_setzero_ps();
+          for (int c = 0; c < DV; ++c) a[i] = _mm512_fmadd_ps(qv[c], load16(krows[i] + hh * D + 16 * c), a[i]);
+        }
+        __m512 sc = reduce_add_16(a);
+        if constexpr (kQuant) sc = _mm512_mul_ps(sc, ks);
+        _mm512_mask_storeu_ps(scores + j * S + tb, valid, sc);
+        max_lanes[j] = _mm512_mask_max_ps(max_lanes[j], valid, max_lanes[j], sc);
       }
     }
   }
+  for (int64_t j = 0; j < NH; ++j) row_max[j] = _mm512_reduce_max_ps(max_lanes[j]);
+  // softmax numerators in place, 16 lanes at a time from t0; lane l of the sum takes keys t0 + l + 16 i
   for (int64_t j = 0; j < NH; ++j) {
     float* sg = scores + j * S;
-    float z = 0.f;
-    const float m = row_max[j];
-#pragma omp simd reduction(+ : z)
-    for (int64_t t = t0; t < S; ++t) { sg[t] = kiln_exp(sg[t] - m); z += sg[t]; }
-    denom[j] = z;
+    const __m512 m = _mm512_set1_ps(row_max[j]);
+    __m512 z = _mm512_setzero_ps();
+    for (int64_t t = t0; t < S; t += 16) {
+      const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, S - t)) - 1u);
+      const __m512 e = kiln_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, sg + t), m));
+      _mm512_mask_storeu_ps(sg + t, valid, e);
+      z = _mm512_mask_add_ps(z, valid, z, e);
+    }
+    denom[j] = _mm512_reduce_add_ps(z);
   }
-  // V: per kv head, up to 4 query heads' accumulators at a time stay in registers over all tokens.
+  // V: per kv head, up to GB query heads' accumulators stay in registers over all tokens.
   constexpr int64_t GB = DV <= 4 ? 4 : 2;
   for (int64_t hh = 0; hh < heads; ++hh) {
     for (int64_t g0 = 0; g0 < G; g0 += GB) {
       const int64_t gn = std::min<int64_t>(GB, G - g0);
-      __m512 o[GB][DV];
-      for (int64_t g = 0; g < GB; ++g)
-        for (int c = 0; c < DV; ++c) o[g][c] = _mm512_setzero_ps();
-      for (int64_t t = t0; t < S; ++t) {
-        const C* vrow = vp + table[t / BS] * block_stride + (t % BS) * token_stride + (h0 + hh) * D;
-        __m512 v[DV];
-        for (int c = 0; c < DV; ++c) v[c] = load16(vrow + 16 * c);
-        const float vs = kQuant ? v_scales[(table[t / BS] * BS + t % BS) * Hkv + h0 + hh] : 1.f;
-        for (int64_t g = 0; g < gn; ++g) {
-          float p = scores[(hh * G + g0 + g) * S + t];
-          if constexpr (kQuant) p *= vs;
-          const __m512 pv = _mm512_set1_ps(p);
-          for (int c = 0; c < DV; ++c) o[g][c] = _mm512_fmadd_ps(pv, v[c], o[g][c]);
-        }
+      const float* p = scores + (hh * G + g0) * S;
+      float* out = acc + (hh * G + g0) * D;
+      const C* vbase = vp + (h0 + hh) * D;
+      const float* vsc = kQuant ? v_scales + h0 + hh : nullptr;
+      switch (gn) {  // a compile-time head count keeps the accumulators in registers
+        case 1: accumulate_v<C, DV, 1, kQuant>(p, vbase, vsc, table, t0, S, BS, block_stride, token_stride, Hkv, out); break;
+        case 2: accumulate_v<C, DV, 2, kQuant>(p, vbase, vsc, table, t0, S, BS, block_stride, token_stride, Hkv, out); break;
+        case 3: accumulate_v<C, DV, 3, kQuant>(p, vbase, vsc, table, t0, S, BS, block_stride, token_stride, Hkv, out); break;
+        default: accumulate_v<C, DV, GB, kQuant>(p, vbase, vsc, table, t0, S, BS, block_stride, token_stride, Hkv, out);
       }
-      for (int64_t g = 0; g < gn; ++g)
-        for (int c = 0; c < DV; ++c) _mm512_storeu_ps(acc + (hh * G + g0 + g) * D + 16 * c, o[g][c]);
     }
   }
 }
