@@ -178,6 +178,7 @@ class KernelConfig:
       KILN_QUANT_KERNELS=0      → quant_kernels=False     [--no-quant-kernels]
       KILN_PREFILL_ATTENTION=sdpa → prefill_attention="sdpa" [--prefill-attention sdpa]
       KILN_NO_AUTO_TUNE=1       → auto_tune=False         [--no-auto-tune]
+      KILN_PACKED_GEMM=0        → packed_gemm=False       [--no-packed-gemm]
     """
 
     native: bool = True  # build/load the C++ kernel library at all
@@ -186,6 +187,7 @@ class KernelConfig:
     quant_kernels: bool = True  # GGUF/INT blocks through kiln's block/panel matmul kernels; dense decode kernel
     prefill_attention: str = "native"  # "native": kiln's paged flash kernel; "sdpa": gather + torch SDPA
     auto_tune: bool = True  # no `kiln tune` file for this CPU, build and thread count: measure one (kiln.tuning.auto_tune)
+    packed_gemm: bool = True  # bf16 dense copies pre-packed for oneDNN's GEMM (kiln.kernels.packed_linear)
 
     def __post_init__(self) -> None:
         if self.prefill_attention not in PREFILL_ATTENTION_CHOICES:
@@ -203,6 +205,7 @@ class KernelConfig:
             quant_kernels=env.get("KILN_QUANT_KERNELS", "1") != "0",
             prefill_attention=env.get("KILN_PREFILL_ATTENTION", "native"),
             auto_tune=env.get("KILN_NO_AUTO_TUNE", "0") != "1",
+            packed_gemm=env.get("KILN_PACKED_GEMM", "1") != "0",
         )
 
 

@@ -25,6 +25,7 @@ OP_FAMILIES: dict[str, str] = {
     "kiln::dense_matmul": "matmul: dense decode kernel",
     "aten::mm": "matmul: dense GEMM/GEMV",
     "aten::addmm": "matmul: dense GEMM/GEMV",
+    "mkldnn::_linear_pointwise": "matmul: dense GEMM/GEMV",
     "aten::bmm": "attention",
     "kiln::paged_decode_attention": "attention",
     "kiln::paged_decode_attention_quant": "attention",

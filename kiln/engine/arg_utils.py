@@ -122,6 +122,9 @@ class EngineArgs:
     auto_tune: bool | None = _opt(None, "do not time this CPU's kernel crossovers at the first start without a "
                                         "`kiln tune` file (kiln then uses built-in crossovers measured elsewhere; "
                                         "env KILN_NO_AUTO_TUNE=1)", flag="--no-auto-tune", negate=True)
+    packed_gemm: bool | None = _opt(None, "keep bf16 dense copies as plain tensors for torch's GEMM instead of "
+                                          "pre-packing them for oneDNN's (env KILN_PACKED_GEMM=0)",
+                                    flag="--no-packed-gemm", negate=True)
 
     # ---- CLI ----------------------------------------------------------------------------------
     @classmethod
@@ -198,6 +201,7 @@ class EngineArgs:
             quant_kernels=env.quant_kernels if self.quant_kernels is None else self.quant_kernels,
             prefill_attention=env.prefill_attention if self.prefill_attention is None else self.prefill_attention,
             auto_tune=env.auto_tune if self.auto_tune is None else self.auto_tune,
+            packed_gemm=env.packed_gemm if self.packed_gemm is None else self.packed_gemm,
         )
 
     def create_engine_config(self) -> EngineConfig:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.decode_step import LinearEntry, block_entry
+from kiln.kernels.packed_linear import is_packed, pack_bf16, packed_linear, packing_available
 from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, quant_matmul, quant_matmul_panels, use_native_quant
 from kiln.kernels.tune import copy_dtype, limits, load_tuning
 from kiln.layers.linear_method import LinearMethod
@@ -193,9 +194,17 @@ class GGUFQuantLinearMethod(LinearMethod):
         layer.dense_dtype = copy_dtype(self.tuning, dtype) if self.keep_dense else dtype
 
     def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
-        """After every shard is loaded: build (or adopt, e.g. a tied embedding) the dense copy."""
-        if self.keep_dense:
-            layer.dense_weight = dense if dense is not None else self.dequantize_weight(layer, layer.dense_dtype)
+        """After every shard is loaded: build (or adopt, e.g. a tied embedding) the dense copy.
+
+        A bf16 copy is kept pre-packed for oneDNN where that works (kiln.kernels.packed_linear): an adopted
+        table is then copied into the packed form (the table itself stays for embedding lookups)."""
+        if not self.keep_dense:
+            return
+        if layer.dense_dtype == torch.bfloat16 and packing_available(next(layer.buffers()).device):
+            source = dense if dense is not None else self.dequantize_weight(layer, torch.bfloat16)
+            layer.dense_weight = pack_bf16(source)
+            return
+        layer.dense_weight = dense if dense is not None else self.dequantize_weight(layer, layer.dense_dtype)
 
     # The three kernels `apply` chooses between; a subclass holding another block layout overrides them.
     def block_matmul(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
@@ -254,6 +263,8 @@ class GGUFQuantLinearMethod(LinearMethod):
                 y = y + layer.bias
         else:
             w = layer.dense_weight
+            if is_packed(w):
+                return packed_linear(x2, w, layer.bias).reshape(*lead, -1)
             if w is not None and w.dtype == torch.bfloat16 and x2.dtype == torch.float32:
                 y = F.linear(x2.to(torch.bfloat16), w).float()  # the tuned bf16 copy (see create_weights)
                 if layer.bias is not None:

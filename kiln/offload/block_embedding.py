@@ -46,6 +46,7 @@ def serve_embedding_from_blocks(model: nn.Module) -> bool:
     if head is None or not isinstance(embed, nn.Embedding):
         return False
     model.embed_tokens = BlockEmbedding(head, embed.weight.dtype)
-    if getattr(head, "dense_weight", None) is embed.weight:
-        head.dense_weight = None  # the head adopted the table as its dense copy; lean mode has none
+    dense = getattr(head, "dense_weight", None)
+    if dense is embed.weight or (dense is not None and dense.is_mkldnn):
+        head.dense_weight = None  # the head's dense copy (the table itself, or packed from it); lean mode has none
     return True

@@ -79,7 +79,9 @@ def weight_slots(model: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tens
         for name, value in vars(module).items():
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                 slots.append((module, "attr", name, value))
-    return [s for s in slots if s[3].device.type == "cpu" and s[3].numel() > 0 and not s[3].is_sparse]
+    # an opaque oneDNN copy (kiln.kernels.packed_linear) has no storage to move; oneDNN allocated it itself
+    return [s for s in slots if s[3].device.type == "cpu" and s[3].numel() > 0 and not s[3].is_sparse
+            and not s[3].is_mkldnn]
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:

@@ -155,7 +155,8 @@ def linear_tensors(layer: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]
     unique = []
     for entry in out:  # one tensor reachable twice must move once
         t = entry[2]
-        key = id(t) if t.is_meta else t.data_ptr()  # meta tensors have no address (streamed_load plans on them)
+        # meta tensors (streamed_load plans on them) and opaque oneDNN copies have no address
+        key = id(t) if t.is_meta or t.is_mkldnn else t.data_ptr()
         if key not in seen:
             seen.add(key)
             unique.append(entry)
@@ -169,7 +170,7 @@ def unique_bytes(tensors: list[torch.Tensor]) -> int:
     total = 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
-        key = (t.data_ptr(), nbytes)
+        key = (id(t) if t.is_mkldnn else t.data_ptr(), nbytes)  # an opaque oneDNN copy has no address
         if key in seen or t.device.type != "cpu":
             continue
         seen.add(key)

@@ -170,8 +170,29 @@ def runtime_copies(source: ModelSource, req: PlanRequest, fmt_matrix: str) -> in
         extra = 0
     if (req.device == "cpu" and req.quantized_weights == "auto" and req.max_weight_memory is None
             and fmt_matrix in NATIVE_BLOCK_TYPES):
-        extra += sum(rows * cols for _, _, rows, cols in _layer_matrices(a)) * a.num_layers * act
+        copy = _dense_copy_bytes(act)
+        extra += sum(rows * cols for _, _, rows, cols in _layer_matrices(a)) * a.num_layers * copy
+        if copy == 2 and a.tie_word_embeddings and emb_type not in DENSE_BYTES and _packing():
+            # the tied head's bf16 copy of the dense table, packed for oneDNN (kiln.kernels.packed_linear); without
+            # packing the head adopts the table itself
+            extra += a.vocab_size * a.hidden_size * copy
     return extra
+
+
+def _dense_copy_bytes(act: int) -> int:
+    """Bytes per value of a block layer's resident dense copy: fp32 models keep it in bf16 where `kiln tune`
+    found that faster (kiln.kernels.tune.copy_dtype)."""
+    if act != 4:
+        return act
+    from kiln.planner.predict import dense_copy_path
+
+    return 2 if dense_copy_path("float32") == "bfloat16" else 4
+
+
+def _packing() -> bool:
+    from kiln.kernels.packed_linear import packing_available
+
+    return packing_available("cpu")
 
 
 def _embedding_type(source: ModelSource, req: PlanRequest) -> str:

@@ -19,6 +19,34 @@ namespace plan {
 // kKQuant + 0/1/2: Q4_K/Q5_K/Q6_K; kQ5: the Q4 layout plus the high-bit plane `qh` (GGUF Q5_0)
 enum LinearKind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2, kKQuant = 3, kQ5 = 6 };
 
+// y = x @ W^T (+ bias) on a layer's resident dense copy, for M above its decode kernels, as
+// GGUFQuantLinearMethod.apply runs it: a copy pre-packed for oneDNN (kiln.kernels.packed_linear: an opaque
+// mkldnn tensor) through mkldnn::_linear_pointwise in bf16; a plain bf16 copy under fp32 activations
+// through torch's GEMM in bf16; a copy in x's dtype through torch's GEMM. Returns an undefined tensor when
+// the copy cannot serve x (absent, or another dtype): the caller then dequantizes.
+inline at::Tensor dense_copy_linear(const at::Tensor& x, const at::Tensor& dense, const c10::optional<at::Tensor>& bias) {
+  if (!dense.defined()) return at::Tensor();
+  if (dense.is_mkldnn()) {
+    static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    std::vector<c10::IValue> stack;
+    stack.emplace_back(x.to(at::kBFloat16).contiguous());
+    stack.emplace_back(dense);
+    stack.emplace_back(c10::IValue());  // no bias inside: added below in x's dtype, as packed_linear does
+    stack.emplace_back(std::string("none"));
+    stack.emplace_back(c10::List<c10::optional<at::Scalar>>());
+    stack.emplace_back(c10::IValue());  // algorithm: none
+    op.callBoxed(&stack);
+    at::Tensor y = stack.back().toTensor().to(x.scalar_type());
+    return bias ? y + *bias : y;
+  }
+  if (dense.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
+    at::Tensor y = at::linear(x.to(at::kBFloat16), dense).to(at::kFloat);
+    return bias ? y + *bias : y;
+  }
+  if (dense.scalar_type() == x.scalar_type()) return at::linear(x, dense, bias);
+  return at::Tensor();
+}
+
 // One Linear: a dense weight (kiln's dense decode kernel, dense_gemv.cpp, for M <= max_rows, torch's GEMM
 // above: kiln.kernels.dense_matmul.dense_linear's rule), or packed blocks (qs, d, m) run by the block kernel for M <= max_rows,
 // by the panel kernel (fp32) for M <= panel_rows, and by a dense GEMM above (on `dense` when the
@@ -54,17 +82,10 @@ struct LinearWeights {
       at::Tensor y = quant_matmul_panels(x, weight, d, m, kind == kQ4);
       return bias ? y + *bias : y;
     }
-    at::Tensor w = dense;
-    if (w.defined() && w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
-      // a bf16 copy under fp32 activations (`kiln tune`'s choice): as GGUFQuantLinearMethod.apply runs it
-      at::Tensor y = at::linear(x.to(at::kBFloat16), w).to(at::kFloat);
-      return bias ? y + *bias : y;
-    }
-    if (!w.defined() || w.scalar_type() != x.scalar_type()) {
-      KILN_PROFILED("kiln::quant_dequantize");
-      w = quant_dequantize(weight, d, m, kind == kQ4, x.scalar_type());
-    }
-    return at::linear(x, w, bias);
+    at::Tensor y = dense_copy_linear(x, dense, bias);
+    if (y.defined()) return y;
+    KILN_PROFILED("kiln::quant_dequantize");
+    return at::linear(x, quant_dequantize(weight, d, m, kind == kQ4, x.scalar_type()), bias);
   }
 
   // GGUF Q5_0 in the Q5 layout (quant_gemm.cpp), by the same rule as the Q4 layout.
@@ -76,10 +97,8 @@ struct LinearWeights {
     } else if (x.size(0) <= panel_rows && x.scalar_type() == at::kFloat) {
       KILN_PROFILED("kiln::quant_matmul_panels");
       y = quant_matmul_panels_q5(x, weight, qh, d, m);
-    } else if (dense.defined() && dense.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
-      y = at::linear(x.to(at::kBFloat16), dense).to(at::kFloat);
-    } else if (dense.defined() && dense.scalar_type() == x.scalar_type()) {
-      return at::linear(x, dense, bias);
+    } else if (at::Tensor yd = dense_copy_linear(x, dense, bias); yd.defined()) {
+      return yd;
     } else {
       KILN_PROFILED("kiln::quant_dequantize");
       return at::linear(x, quant_dequantize_q5(weight, qh, d, m, x.scalar_type()), bias);
@@ -97,10 +116,8 @@ struct LinearWeights {
     } else if (x.size(0) <= panel_rows && x.scalar_type() == at::kFloat) {
       KILN_PROFILED("kiln::kquant_matmul_panels");
       y = kquant_matmul_panels(x, weight, qtype);
-    } else if (dense.defined() && dense.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
-      y = at::linear(x.to(at::kBFloat16), dense).to(at::kFloat);
-    } else if (dense.defined() && dense.scalar_type() == x.scalar_type()) {
-      return at::linear(x, dense, bias);
+    } else if (at::Tensor yd = dense_copy_linear(x, dense, bias); yd.defined()) {
+      return yd;
     } else {
       KILN_PROFILED("kiln::kquant_dequantize");
       return at::linear(x, kquant_dequantize(weight, x.size(1), qtype, x.scalar_type()), bias);

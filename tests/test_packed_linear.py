@@ -1,0 +1,126 @@
+"""bf16 dense copies pre-packed for oneDNN (kiln.kernels.packed_linear) against the plain copies they replace.
+
+The packed GEMM must compute what `F.linear` computes on the plain bf16 copy, bit for bit, on the op
+itself, inside a quantized layer's large-M path, and inside the fused decode step (csrc/decode_linear.h
+calls the same oneDNN op); the switch (`--no-packed-gemm`) must give the plain copy back; the memory
+accounting and the huge-page move must treat the opaque tensor correctly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels import switches
+from kiln.kernels.packed_linear import is_packed, pack_bf16, packed_linear, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available("cpu"), reason="this torch build has no working oneDNN")
+
+
+@pytest.mark.parametrize("rows", [1, 17, 40, 129])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_plain_bf16_linear(rows: int, x_dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 160, generator=g)
+    x = torch.randn(rows, 160, generator=g).to(x_dtype)
+    packed = pack_bf16(w)
+    assert is_packed(packed) and not is_packed(w) and packed.shape == w.shape
+    want = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).to(x_dtype)
+    got = packed_linear(x, packed)
+    assert got.dtype == x_dtype and torch.equal(got, want)
+    bias = torch.randn(96, generator=g).to(x_dtype)
+    assert torch.equal(packed_linear(x, packed, bias), want + bias)
+    # leading dimensions are kept
+    assert torch.equal(packed_linear(x.reshape(1, rows, 160), packed), want.reshape(1, rows, 96))
+
+
+def test_pack_refuses_a_non_matrix() -> None:
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        pack_bf16(torch.randn(4, 4, 4))
+
+
+def test_switch_turns_packing_off() -> None:
+    with switches.overridden(packed_gemm=False):
+        assert not packing_available("cpu")
+    assert not packing_available("meta")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    from loader.tiny_model import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.getbasetemp() / "kiln-tiny-models")
+
+
+def _bf16_model(path: Path, packed: bool):
+    """The tiny GGUF in bf16 with resident dense copies, its block kernels limited to one row (so every
+    batch of two or more rows takes the dense-copy path)."""
+    from kiln import LLM
+    from kiln.layers.gguf_quant import GGUFQuantLinearMethod
+
+    llm = LLM(str(path), dtype="bfloat16", kv_cache_memory=1 << 20, max_num_batched_tokens=64, packed_gemm=packed)
+    model = llm.engine.loaded.model
+    methods = [m.method for m in model.modules() if isinstance(getattr(m, "method", None), GGUFQuantLinearMethod)]
+    assert methods, "the tiny model has block layers"
+    for method in methods:
+        method.tuning, method.dense_threshold = None, 1
+        method._tuned_limits.clear()
+    return llm, model
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+def test_block_layers_pack_their_bf16_copies_and_compute_the_same(tiny, variant: str) -> None:
+    from kiln.layers.gguf_quant import GGUFQuantLinearMethod
+
+    _, packed_model = _bf16_model(tiny.gguf[variant], packed=True)
+    _, plain_model = _bf16_model(tiny.gguf[variant], packed=False)
+    layers = [(name, m) for name, m in packed_model.named_modules()
+              if isinstance(getattr(m, "method", None), GGUFQuantLinearMethod) and m.method.keep_dense]
+    assert layers
+    plain = dict(plain_model.named_modules())
+    g = torch.Generator().manual_seed(0)
+    for name, layer in layers:
+        assert is_packed(layer.dense_weight), name
+        assert not is_packed(plain[name].dense_weight) and plain[name].dense_weight.dtype == torch.bfloat16
+        x = torch.randn(24, layer.input_size, generator=g).to(torch.bfloat16)
+        assert torch.equal(layer(x), plain[name](x)), name
+    head = packed_model.quantized_tied_head
+    if head is not None:  # the tied head packs a copy of the table; the table itself still serves lookups
+        assert is_packed(head.dense_weight) and packed_model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+def test_fused_step_on_packed_copies_equals_the_plain_path(tiny, variant: str) -> None:
+    from kiln.kernels.native import load_native
+
+    if not load_native():
+        pytest.skip("the fused decode step is part of the native kernel library")
+    from test_decode_step import _decode_steps
+
+    _, model = _bf16_model(tiny.gguf[variant], packed=True)
+    assert model.decode_plan() is not None, model.decode_plan_status
+    prompt_lens = [2, 7, 4, 11, 5, 8]  # six rows per decode step: the packed dense path
+    fused = _decode_steps(model, True, "auto", prompt_lens, steps=2)
+    plain = _decode_steps(model, False, "auto", prompt_lens, steps=2)
+    for f, p in zip(fused, plain):
+        assert torch.equal(f, p)
+    _, unpacked = _bf16_model(tiny.gguf[variant], packed=False)
+    for f, u in zip(fused, _decode_steps(unpacked, True, "auto", prompt_lens, steps=2)):
+        assert torch.equal(f, u)  # and the same as on plain bf16 copies
+
+
+def test_memory_accounting_and_huge_pages_skip_the_opaque_copies(tiny) -> None:
+    from kiln.offload.huge_pages import weight_slots
+    from kiln.offload.weight_offload import model_weight_tensors, unique_bytes
+
+    _, model = _bf16_model(tiny.gguf["untied"], packed=True)
+    tensors = model_weight_tensors(model)
+    packed = [t for t in tensors if is_packed(t)]
+    assert packed
+    total = unique_bytes(tensors)
+    plain = unique_bytes([t for t in tensors if not is_packed(t)])
+    assert total == plain + sum(t.numel() * t.element_size() for t in packed)
+    assert not any(is_packed(s[3]) for s in weight_slots(model))
