@@ -32,7 +32,9 @@ def test_packed_linear_equals_plain_bf16_linear(rows: int, x_dtype: torch.dtype)
     got = packed_linear(x, packed)
     assert got.dtype == x_dtype and torch.equal(got, want)
     bias = torch.randn(96, generator=g).to(x_dtype)
-    assert torch.equal(packed_linear(x, packed, bias), want + bias)
+    # the bias where the plain path adds it: inside the bf16 GEMM, after the cast for fp32 activations
+    want_biased = (F.linear(x, w.to(torch.bfloat16), bias) if x_dtype == torch.bfloat16 else want + bias)
+    assert torch.equal(packed_linear(x, packed, bias), want_biased)
     # leading dimensions are kept
     assert torch.equal(packed_linear(x.reshape(1, rows, 160), packed), want.reshape(1, rows, 96))
 
@@ -55,18 +57,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return build_tiny_models(tmp_path_factory.getbasetemp() / "kiln-tiny-models")
 
 
-def _bf16_model(path: Path, packed: bool):
-    """The tiny GGUF in bf16 with resident dense copies, its block kernels limited to one row (so every
-    batch of two or more rows takes the dense-copy path)."""
+def _bf16_model(path: Path, packed: bool, dtype: str = "bfloat16"):
+    """The tiny GGUF with resident bf16 dense copies (in a bf16 model, or in an fp32 one where `kiln tune` keeps
+    them in bf16: `bf16_copies_under_fp32`), its block kernels limited to one row (so every batch of two or more
+    rows takes the dense-copy path)."""
     from kiln import LLM
     from kiln.layers.gguf_quant import GGUFQuantLinearMethod
 
-    llm = LLM(str(path), dtype="bfloat16", kv_cache_memory=1 << 20, max_num_batched_tokens=64, packed_gemm=packed)
+    llm = LLM(str(path), dtype=dtype, kv_cache_memory=1 << 20, max_num_batched_tokens=64, packed_gemm=packed)
     model = llm.engine.loaded.model
     methods = [m.method for m in model.modules() if isinstance(getattr(m, "method", None), GGUFQuantLinearMethod)]
     assert methods, "the tiny model has block layers"
     for method in methods:
-        method.tuning, method.dense_threshold = None, 1
+        method.tuning, method.dense_threshold, method.panel_rows = None, 1, (0, 0)  # no fp32 panel kernel either
         method._tuned_limits.clear()
     return llm, model
 
@@ -77,8 +80,12 @@ def test_block_layers_pack_their_bf16_copies_and_compute_the_same(tiny, variant:
 
     _, packed_model = _bf16_model(tiny.gguf[variant], packed=True)
     _, plain_model = _bf16_model(tiny.gguf[variant], packed=False)
+    head = packed_model.quantized_tied_head
+    if head is not None:  # a bf16 table is adopted as it is (a packed copy would double its memory)
+        assert head.dense_weight is packed_model.embed_tokens.weight
     layers = [(name, m) for name, m in packed_model.named_modules()
-              if isinstance(getattr(m, "method", None), GGUFQuantLinearMethod) and m.method.keep_dense]
+              if isinstance(getattr(m, "method", None), GGUFQuantLinearMethod) and m.method.keep_dense
+              and m is not head]
     assert layers
     plain = dict(plain_model.named_modules())
     g = torch.Generator().manual_seed(0)
@@ -87,9 +94,33 @@ def test_block_layers_pack_their_bf16_copies_and_compute_the_same(tiny, variant:
         assert not is_packed(plain[name].dense_weight) and plain[name].dense_weight.dtype == torch.bfloat16
         x = torch.randn(24, layer.input_size, generator=g).to(torch.bfloat16)
         assert torch.equal(layer(x), plain[name](x)), name
-    head = packed_model.quantized_tied_head
-    if head is not None:  # the tied head packs a copy of the table; the table itself still serves lookups
-        assert is_packed(head.dense_weight) and packed_model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.fixture
+def bf16_copies_under_fp32(monkeypatch):
+    """An fp32 model whose dense copies `kiln tune` keeps in bf16 (as on the AMD EPYC of the benchmarks)."""
+    import kiln.layers.gguf_quant as gq
+
+    monkeypatch.setattr(gq, "copy_dtype", lambda tuning, dtype: torch.bfloat16)
+
+
+def test_fp32_model_with_bf16_copies_packs_them_and_the_tied_head(tiny, bf16_copies_under_fp32) -> None:
+    _, packed_model = _bf16_model(tiny.gguf["tied"], packed=True, dtype="float32")
+    _, plain_model = _bf16_model(tiny.gguf["tied"], packed=False, dtype="float32")
+    head, plain_head = packed_model.quantized_tied_head, plain_model.quantized_tied_head
+    assert head is not None
+    # the head packs a bf16 copy of the fp32 table (which still serves lookups); unpacked it adopts the table
+    assert is_packed(head.dense_weight) and packed_model.embed_tokens.weight.dtype == torch.float32
+    assert plain_head.dense_weight is plain_model.embed_tokens.weight
+    hidden = torch.randn(24, head.input_size, generator=torch.Generator().manual_seed(1))
+    want = F.linear(hidden.to(torch.bfloat16), packed_model.embed_tokens.weight.to(torch.bfloat16)).float()
+    assert torch.equal(packed_model.compute_logits(hidden), want)
+    plain = dict(plain_model.named_modules())
+    for name, layer in packed_model.named_modules():
+        if name.endswith("mlp.down_proj"):
+            assert is_packed(layer.dense_weight) and plain[name].dense_weight.dtype == torch.bfloat16
+            x = torch.randn(24, layer.input_size, generator=torch.Generator().manual_seed(2))
+            assert torch.equal(layer(x), plain[name](x))
 
 
 @pytest.mark.parametrize("variant", ["tied", "untied"])

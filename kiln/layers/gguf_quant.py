@@ -196,14 +196,20 @@ class GGUFQuantLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
         """After every shard is loaded: build (or adopt, e.g. a tied embedding) the dense copy.
 
-        A bf16 copy is kept pre-packed for oneDNN where that works (kiln.kernels.packed_linear): an adopted
-        table is then copied into the packed form (the table itself stays for embedding lookups)."""
+        A bf16 copy is kept pre-packed for oneDNN where that works (kiln.kernels.packed_linear). A tied head
+        adopts the table itself, except under fp32 activations with bf16 copies (`kiln tune`'s choice): its
+        batched rows would then run an fp32 GEMM on the fp32 table (4.4x slower than a packed bf16 copy at 32
+        rows here), so it packs a bf16 copy of the table (which stays for embedding lookups). A bf16 table is
+        adopted as it is: a packed copy would double its memory for ~1.3x on the head's GEMM."""
         if not self.keep_dense:
             return
         if layer.dense_dtype == torch.bfloat16 and packing_available(next(layer.buffers()).device):
-            source = dense if dense is not None else self.dequantize_weight(layer, torch.bfloat16)
-            layer.dense_weight = pack_bf16(source)
-            return
+            if dense is None:
+                layer.dense_weight = pack_bf16(self.dequantize_weight(layer, torch.bfloat16))
+                return
+            if dense.dtype == torch.float32:
+                layer.dense_weight = pack_bf16(dense)
+                return
         layer.dense_weight = dense if dense is not None else self.dequantize_weight(layer, layer.dense_dtype)
 
     # The three kernels `apply` chooses between; a subclass holding another block layout overrides them.

@@ -172,9 +172,9 @@ def runtime_copies(source: ModelSource, req: PlanRequest, fmt_matrix: str) -> in
             and fmt_matrix in NATIVE_BLOCK_TYPES):
         copy = _dense_copy_bytes(act)
         extra += sum(rows * cols for _, _, rows, cols in _layer_matrices(a)) * a.num_layers * copy
-        if copy == 2 and a.tie_word_embeddings and emb_type not in DENSE_BYTES and _packing():
-            # the tied head's bf16 copy of the dense table, packed for oneDNN (kiln.kernels.packed_linear); without
-            # packing the head adopts the table itself
+        if copy == 2 and act == 4 and a.tie_word_embeddings and emb_type not in DENSE_BYTES and _packing():
+            # the tied head's bf16 copy of the fp32 table, packed for oneDNN (kiln.kernels.packed_linear); without
+            # packing, or with a bf16 table, the head adopts the table itself
             extra += a.vocab_size * a.hidden_size * copy
     return extra
 

@@ -28,16 +28,18 @@ inline at::Tensor dense_copy_linear(const at::Tensor& x, const at::Tensor& dense
   if (!dense.defined()) return at::Tensor();
   if (dense.is_mkldnn()) {
     static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    // the bias inside the GEMM for bf16 x (one rounding, as F.linear), added after the cast for fp32 x
+    const bool inner = bias.has_value() && x.scalar_type() == at::kBFloat16;
     std::vector<c10::IValue> stack;
     stack.emplace_back(x.to(at::kBFloat16).contiguous());
     stack.emplace_back(dense);
-    stack.emplace_back(c10::IValue());  // no bias inside: added below in x's dtype, as packed_linear does
+    stack.emplace_back(inner ? c10::IValue(bias->to(at::kBFloat16)) : c10::IValue());
     stack.emplace_back(std::string("none"));
     stack.emplace_back(c10::List<c10::optional<at::Scalar>>());
     stack.emplace_back(c10::IValue());  // algorithm: none
     op.callBoxed(&stack);
     at::Tensor y = stack.back().toTensor().to(x.scalar_type());
-    return bias ? y + *bias : y;
+    return bias && !inner ? y + *bias : y;
   }
   if (dense.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat) {
     at::Tensor y = at::linear(x.to(at::kBFloat16), dense).to(at::kFloat);
