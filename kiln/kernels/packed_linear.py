@@ -78,7 +78,3 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
         y = y + bias
     return y.reshape(*lead, y.shape[-1])
 
-
-def packed_bytes(weight: torch.Tensor) -> int:
-    """Bytes a packed copy holds (its values; oneDNN's blocked layout pads at most a tile)."""
-    return weight.numel() * weight.element_size()

@@ -170,9 +170,11 @@ def runtime_copies(source: ModelSource, req: PlanRequest, fmt_matrix: str) -> in
         extra = 0
     if (req.device == "cpu" and req.quantized_weights == "auto" and req.max_weight_memory is None
             and fmt_matrix in NATIVE_BLOCK_TYPES):
+        from kiln.kernels.packed_linear import packing_available
+
         copy = _dense_copy_bytes(act)
         extra += sum(rows * cols for _, _, rows, cols in _layer_matrices(a)) * a.num_layers * copy
-        if copy == 2 and act == 4 and a.tie_word_embeddings and emb_type not in DENSE_BYTES and _packing():
+        if copy == 2 and act == 4 and a.tie_word_embeddings and emb_type not in DENSE_BYTES and packing_available("cpu"):
             # the tied head's bf16 copy of the fp32 table, packed for oneDNN (kiln.kernels.packed_linear); without
             # packing, or with a bf16 table, the head adopts the table itself
             extra += a.vocab_size * a.hidden_size * copy
@@ -188,11 +190,6 @@ def _dense_copy_bytes(act: int) -> int:
 
     return 2 if dense_copy_path("float32") == "bfloat16" else 4
 
-
-def _packing() -> bool:
-    from kiln.kernels.packed_linear import packing_available
-
-    return packing_available("cpu")
 
 
 def _embedding_type(source: ModelSource, req: PlanRequest) -> str:
