@@ -67,6 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--llama-server", type=Path, help="default: benchmarks/build_llama_cpp.py's build")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help="result file (default %(default)s; a second machine kind gets its own file, e.g. concurrent_peers_avx2.json)")
     args = parser.parse_args()
     server_bin = args.llama_server or (existing(build_dir(build_flags(cpu_flags())[0])) or {}).get("llama-server")
     if server_bin is None:
@@ -109,7 +111,7 @@ def main() -> None:
                                     "ttft_p95_target_s": 1.0 if c == 32 else None}
     result["machine"].update(read_bandwidth_gb_s_end=read_bandwidth_gb_s(), load_average_end=os.getloadavg()[0])
     result["wall_s"] = time.time() - t0
-    OUT.write_text(json.dumps(result, indent=1))
+    args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {OUT}", file=sys.stderr)
 
 

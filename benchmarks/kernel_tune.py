@@ -12,6 +12,7 @@ benchmarks/kernel_tune.py` with the other work niced and autogroup scheduling of
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -93,6 +94,10 @@ def bf16_copy_quality(windows: int = 4) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help="result file (default %(default)s; a second machine kind gets its own file, e.g. kernel_tune_avx2.json)")
+    out = parser.parse_args().out
     from kiln.kernels.native import simd_path
     from kiln.tuning.kernel_tune import measure
     from kiln.layers.gguf_quant import PANEL_ROWS, SCALAR_THRESHOLDS, THRESHOLDS
@@ -115,8 +120,8 @@ def main() -> None:
         result["bf16_copy_quality"] = bf16_copy_quality()
     result["engine_decode_runs"] = runs
     result["load_average"] = os.getloadavg()[0]
-    OUT.write_text(json.dumps(result, indent=1))
-    print(f"wrote {OUT}", file=sys.stderr)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--llama-bench", type=Path, help="default: benchmarks/build_llama_cpp.py's build")
     parser.add_argument("--llama-server", type=Path, help="default: benchmarks/build_llama_cpp.py's build")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help="result file (default %(default)s; a second machine kind gets its own file, e.g. single_stream_peers_avx2.json)")
     args = parser.parse_args()
     built = existing(build_dir(build_flags(cpu_flags())[0])) or {}
     bench_bin, server_bin = args.llama_bench or built.get("llama-bench"), args.llama_server or built.get("llama-server")
@@ -179,7 +181,7 @@ def main() -> None:
     result["bandwidth_limit_tok_s"] = limit
     result["kiln_decode_fraction_of_limit"] = result["medians"]["kiln offline decode"] / limit
     result["wall_s"] = time.time() - t0
-    OUT.write_text(json.dumps(result, indent=1))
+    args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {OUT}", file=sys.stderr)
 
 

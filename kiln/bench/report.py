@@ -332,7 +332,11 @@ TABLES = {"plan_advise": plan_advise_table, "vs_llamacpp": vs_llamacpp_table, "f
           "kquant_decode_smollm2": kquant_decode_smollm2_table, "gemma3_perplexity": gemma3_perplexity_table,
           "replicas": replicas_table, "lora_serving": lora_serving_table,
           "weight_offload": weight_offload_table, "weight_offload_load": weight_offload_load_table, "kquant_quality": kquant_quality_table,
-          "dense_decode": dense_decode_table}
+          "dense_decode": dense_decode_table,
+          # the same benchmarks on a second machine kind (an AVX2-only AMD EPYC, no AVX-512): their own files
+          "single_stream_peers_avx2": lambda: single_stream_peers_table("single_stream_peers_avx2"),
+          "concurrent_peers_avx2": lambda: concurrent_peers_table("concurrent_peers_avx2"),
+          "kernel_tune_avx2": lambda: kernel_tune_table("kernel_tune_avx2")}
 
 
 def render(readme: str) -> str:

@@ -15,12 +15,13 @@ LABELS = {"serve_vs_llama_server": "`kiln serve` / `llama-server -np 1`, streame
           "prefill_vs_llama_bench_pp1024": "kiln prefill / `llama-bench` pp1024"}
 
 
-def _spread(values: list[float]) -> str:
+def _range(values: list[float]) -> str:
+    # not `_spread` (defined below for the ratio rows): a second def of that name shadowed this one
     return f"{min(values):.1f}–{max(values):.1f}"
 
 
-def single_stream_peers_table() -> str:
-    d = _load("single_stream_peers")
+def single_stream_peers_table(name: str = "single_stream_peers") -> str:
+    d = _load(name)
     if d is None:
         return "_not measured yet_"
     m, rounds = d["machine"], d["rounds"]
@@ -35,7 +36,7 @@ def single_stream_peers_table() -> str:
              ("llama-bench pp512", "`llama-bench` pp512 (best of flash attention off/on)")]
     for key, label in names:
         values = [r[key] for r in rounds]
-        rows.append(f"| {label} | {d['medians'][key]:.1f} | {_spread(values)} |")
+        rows.append(f"| {label} | {d['medians'][key]:.1f} | {_range(values)} |")
     ratio_rows = ["| ratio | per round | median | target | verdict |", "|---|---|---:|---:|---|"]
     for key, label in LABELS.items():
         r = d["ratios"][key]
@@ -50,7 +51,7 @@ def single_stream_peers_table() -> str:
             + f"\n\nkiln's decode is {100 * d['kiln_decode_fraction_of_limit']:.0f} % of the bandwidth limit "
             f"({d['file_bytes'] / 2**20:.1f} MiB per token at the measured read bandwidth: "
             f"{d['bandwidth_limit_tok_s']:.0f} tok/s)."
-            + f"\n\n_From `benchmarks/single_stream_peers.py` → `benchmarks/results/single_stream_peers.json`, one run of "
+            + f"\n\n_From `benchmarks/single_stream_peers.py` → `benchmarks/results/{name}.json`, one run of "
             f"{len(rounds)} alternating rounds (each system a fresh process every round), {d['date']}; {m['cpu']} "
             f"({', '.join(m['flags'])}), {m['cores']} cores, {m['threads']} threads per system; read bandwidth "
             f"{m['read_bandwidth_gb_s_start']:.1f} GB/s at the start, {m['read_bandwidth_gb_s_end']:.1f} at the end; "
@@ -62,10 +63,10 @@ def single_stream_peers_table() -> str:
 
 
 
-def kernel_tune_table() -> str:
+def kernel_tune_table(name: str = "kernel_tune") -> str:
     """`kiln tune` on the machine of the run: each path's time at each M, the fitted crossovers, and the
     engine's decode with them against the built-in ones."""
-    d = _load("kernel_tune")
+    d = _load(name)
     if d is None:
         return "_not measured yet_"
     fp, rows = d["fingerprint"], d["rows"]
@@ -108,7 +109,7 @@ def kernel_tune_table() -> str:
         if p:
             lines.append(f"| prefill, 1,024-token prompt | {p['tuned']:.0f} | {p['built-in']:.0f} | "
                          f"{p['tuned'] / p['built-in']:.2f} |")
-    lines.append(f"\n_From `benchmarks/kernel_tune.py` → `benchmarks/results/kernel_tune.json` (`kiln tune`), one run, "
+    lines.append(f"\n_From `benchmarks/kernel_tune.py` → `benchmarks/results/{name}.json` (`kiln tune`), one run, "
                  f"{d['date']}; {fp['cpu']} ({', '.join(fp['flags'])}), {fp['threads']} threads, {fp['simd']} build, "
                  f"torch {fp['torch']}; 10th percentile of 5 alternating rounds; load average {d['load_average']:.1f} "
                  "(other work niced, this run at nice -20)._")
@@ -117,18 +118,18 @@ def kernel_tune_table() -> str:
 
 
 
-def concurrent_peers_table() -> str:
+def concurrent_peers_table(name: str = "concurrent_peers") -> str:
     """`kiln serve` against the best `llama-server -np` at 32 and 64 streaming clients (issue 21)."""
-    d = _load("concurrent_peers")
+    d = _load(name)
     if d is None:
         return "_not measured yet_"
     m = d["machine"]
     rows = ["| clients | system | output tok/s | TTFT p50 | TTFT p95 | errors |", "|---:|---|---:|---:|---:|---:|"]
     verdicts = []
     for c, level in d["levels"].items():
-        for name, r in sorted(level["runs"].items(), key=lambda kv: -kv[1]["output_tok_s"]):
-            mark = " (best peer)" if name == level["best_peer"] else ""
-            rows.append(f"| {c} | {name}{mark} | {r['output_tok_s']:.0f} | {r['ttft_p50_s']:.2f} s | "
+        for system, r in sorted(level["runs"].items(), key=lambda kv: -kv[1]["output_tok_s"]):
+            mark = " (best peer)" if system == level["best_peer"] else ""
+            rows.append(f"| {c} | {system}{mark} | {r['output_tok_s']:.0f} | {r['ttft_p50_s']:.2f} s | "
                         f"{r['ttft_p95_s']:.2f} s | {r['errors']} |")
         per = ", ".join(f"{x:.2f}" for x in level["ratio_per_kiln_run"])
         ttft = level["runs"]["kiln serve"]["ttft_p95_s"]
@@ -139,7 +140,7 @@ def concurrent_peers_table() -> str:
                     f"{'met' if ttft <= level['ttft_p95_target_s'] else 'not met'}"
         verdicts.append(line)
     return ("\n".join(rows) + "\n\n" + "\n".join(verdicts)
-            + f"\n\n_From `benchmarks/concurrent_peers.py` → `benchmarks/results/concurrent_peers.json`, one run, {d['date']}; "
+            + f"\n\n_From `benchmarks/concurrent_peers.py` → `benchmarks/results/{name}.json`, one run, {d['date']}; "
             f"{m['cpu']}, {m['threads']} threads per server; GSM8K chat questions, {d['decode_tokens']} new tokens, "
             f"2 x clients requests closed loop; kiln serve before and after the peers (mean of the two); "
             f"scheduling: {m.get('scheduling', 'normal')}._")
