@@ -112,7 +112,7 @@ def main() -> None:
     result["machine"].update(read_bandwidth_gb_s_end=read_bandwidth_gb_s(), load_average_end=os.getloadavg()[0])
     result["wall_s"] = time.time() - t0
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {OUT}", file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

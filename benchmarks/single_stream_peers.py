@@ -182,7 +182,7 @@ def main() -> None:
     result["kiln_decode_fraction_of_limit"] = result["medians"]["kiln offline decode"] / limit
     result["wall_s"] = time.time() - t0
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {OUT}", file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
