@@ -24,7 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #endif
 #include <limits>
@@ -280,6 +280,150 @@ void decode_task_avx512(const float* qf, const C* kp, const C* vp, const int32_t
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KILN_ATTN_AVX2 1
+// 8 cache values → fp32 lanes (exactly what to_float produces for them).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 load8(const c10::Float8_e4m3fn* p) {
+  alignas(32) float tmp[8];
+  to_float(p, tmp, 8);
+  return _mm256_load_ps(tmp);
+}
+
+// Lane i of the result = the sum of a[i]'s 8 lanes (the AVX2 twin of reduce_add_16): a fixed tree over
+// each vector's own lanes, so a score never depends on which other keys share its group of 8.
+inline __m256 reduce_add_8(__m256 (&a)[8]) {
+  __m256 b[4];
+  for (int k = 0; k < 4; ++k)  // per 128-bit lane: [A0+A2, B0+B2, A1+A3, B1+B3] of A = a[2k], B = a[2k+1]
+    b[k] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm256_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  __m256 c[2];
+  for (int k = 0; k < 2; ++k) {  // element m of 128-bit lane L: a[4k + m]'s four lanes of L, summed
+    const __m256d p = _mm256_castps_pd(b[2 * k]), q = _mm256_castps_pd(b[2 * k + 1]);
+    c[k] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(p, q)), _mm256_castpd_ps(_mm256_unpackhi_pd(p, q)));
+  }
+  // 128-bit lane k of the result: c[k]'s two 128-bit lanes summed
+  return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[0], c[1], 0x31));
+}
+
+// Lanes [0, n) all ones (n in 0..8): the mask of a partial group of keys.
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// out (one query head, columns [c0, c0 + 8 * CB)) = sum over t in [t0, S) of p[t] * V[t], one FMA per token in
+// token order per lane, the cache walked block by block.
+template <typename C, int CB, bool kQuant>
+inline void accumulate_v_avx2(const float* p, const C* vbase, const float* vsc, const int32_t* table, int64_t t0,
+                              int64_t S, int64_t BS, int64_t block_stride, int64_t token_stride, int64_t Hkv,
+                              float* out) {
+  __m256 o[CB];
+  for (int c = 0; c < CB; ++c) o[c] = _mm256_setzero_ps();
+  for (int64_t t = t0; t < S;) {
+    const int64_t block = table[t / BS], end = std::min<int64_t>(S, (t / BS + 1) * BS);
+    for (int64_t i = t % BS; t < end; ++t, ++i) {
+      const C* vrow = vbase + block * block_stride + i * token_stride;
+      float pg = p[t];
+      if constexpr (kQuant) pg *= vsc[(block * BS + i) * Hkv];
+      const __m256 pv = _mm256_set1_ps(pg);
+      for (int c = 0; c < CB; ++c) o[c] = _mm256_fmadd_ps(pv, load8(vrow + 8 * c), o[c]);
+    }
+  }
+  for (int c = 0; c < CB; ++c) _mm256_storeu_ps(out + 8 * c, o[c]);
+}
+
+// One task of decode_kernel on AVX2 + FMA (head_dim a multiple of 8, at most 256): decode_task_avx512
+// with 8 lanes. Scores 8 keys at a time (per key a zeroed accumulator and D / 8 FMAs in column order,
+// then reduce_add_8), so a score depends only on its query and key, and a verification row is
+// bit-identical to the same row decoded alone. Softmax numerators on 8 lanes; V per query head in
+// column blocks of 64 (8 accumulators in registers), one FMA per token in token order per lane.
+template <typename C, bool kQuant>
+void decode_task_avx2(const float* qf, const C* kp, const C* vp, const int32_t* table, int64_t t0, int64_t S,
+                      int64_t D, int64_t BS, int64_t block_stride, int64_t token_stride, int64_t h0, int64_t heads,
+                      int64_t G, int64_t Hkv, const float* k_scales, const float* v_scales, float* scores,
+                      float* row_max, float* denom, float* acc) {
+  const int64_t NH = heads * G, DV = D / 8;
+  constexpr int64_t KT = 8;  // keys per score group
+  __m256 max_lanes[64];      // NH <= 64 (checked by the caller)
+  for (int64_t j = 0; j < NH; ++j) max_lanes[j] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t tb = t0; tb < S; tb += KT) {
+    const int64_t nt = std::min<int64_t>(KT, S - tb);
+    const __m256i valid = first_lanes(nt);
+    const C* krows[KT];
+    int64_t slots[KT];
+    for (int64_t i = 0; i < KT; ++i) {
+      const int64_t t = tb + std::min<int64_t>(i, nt - 1);  // lanes past the end repeat the last key (masked off)
+      slots[i] = static_cast<int64_t>(table[t / BS]) * BS + t % BS;
+      krows[i] = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
+    }
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      __m256 ks = _mm256_set1_ps(1.f);
+      if constexpr (kQuant) {
+        alignas(32) float kss[KT];
+        for (int64_t i = 0; i < KT; ++i) kss[i] = k_scales[slots[i] * Hkv + h0 + hh];
+        ks = _mm256_load_ps(kss);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t j = hh * G + g;
+        const float* qj = qf + j * D;
+        __m256 a[KT];
+        for (int64_t i = 0; i < KT; ++i) {
+          a[i] = _mm256_setzero_ps();
+          const C* kr = krows[i] + hh * D;
+          for (int64_t c = 0; c < DV; ++c) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8 * c), load8(kr + 8 * c), a[i]);
+        }
+        __m256 sc = reduce_add_8(a);
+        if constexpr (kQuant) sc = _mm256_mul_ps(sc, ks);
+        _mm256_maskstore_ps(scores + j * S + tb, valid, sc);
+        max_lanes[j] = _mm256_blendv_ps(max_lanes[j], _mm256_max_ps(max_lanes[j], sc), _mm256_castsi256_ps(valid));
+      }
+    }
+  }
+  for (int64_t j = 0; j < NH; ++j) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, max_lanes[j]);
+    float m = lanes[0];
+    for (int l = 1; l < 8; ++l) m = std::max(m, lanes[l]);
+    row_max[j] = m;
+  }
+  // softmax numerators in place, 8 lanes at a time from t0; lane l of the sum takes keys t0 + l + 8 i
+  for (int64_t j = 0; j < NH; ++j) {
+    float* sg = scores + j * S;
+    const __m256 m = _mm256_set1_ps(row_max[j]);
+    __m256 z = _mm256_setzero_ps();
+    for (int64_t t = t0; t < S; t += 8) {
+      const __m256i valid = first_lanes(std::min<int64_t>(8, S - t));
+      const __m256 e = kiln_exp8(_mm256_sub_ps(_mm256_maskload_ps(sg + t, valid), m));
+      _mm256_maskstore_ps(sg + t, valid, e);
+      z = _mm256_add_ps(z, _mm256_and_ps(e, _mm256_castsi256_ps(valid)));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, z);
+    denom[j] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  }
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    const C* vbase = vp + (h0 + hh) * D;
+    const float* vsc = kQuant ? v_scales + h0 + hh : nullptr;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* p = scores + (hh * G + g) * S;
+      float* out = acc + (hh * G + g) * D;
+      int64_t c0 = 0;
+      for (; c0 + 64 <= D; c0 += 64)
+        accumulate_v_avx2<C, 8, kQuant>(p, vbase + c0, vsc, table, t0, S, BS, block_stride, token_stride, Hkv, out + c0);
+      for (; c0 < D; c0 += 8)
+        accumulate_v_avx2<C, 1, kQuant>(p, vbase + c0, vsc, table, t0, S, BS, block_stride, token_stride, Hkv, out + c0);
+    }
+  }
+}
+#endif
+
 // `window` > 0: each query sees only the last `window` keys of its sequence (sliding-window
 // attention): tokens before t0 = S - window are never read, so their blocks may already be reused.
 // T: q/out dtype; C: cache element type: a float type (T itself, or a 16-bit cache under fp32
@@ -329,6 +473,18 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         const auto task = D == 64 ? decode_task_avx512<C, 4, kQuant> : decode_task_avx512<C, 8, kQuant>;
         task(qf.data(), kp, vp, table, t0, S, BS, block_stride, token_stride, h0, heads_per_task, G, Hkv, k_scales,
              v_scales, scores.data(), row_max.data(), denom.data(), acc.data());
+        for (int64_t j = 0; j < NH; ++j) {
+          const float inv = 1.f / denom[j];
+          T* o = op + (b * Hq + q_head0 + j) * D;
+          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[j * D + i] * inv);
+        }
+        continue;
+      }
+#elif defined(KILN_ATTN_AVX2)
+      if (D % 8 == 0 && D <= 256 && NH <= 64) {
+        decode_task_avx2<C, kQuant>(qf.data(), kp, vp, table, t0, S, D, BS, block_stride, token_stride, h0,
+                                    heads_per_task, G, Hkv, k_scales, v_scales, scores.data(), row_max.data(),
+                                    denom.data(), acc.data());
         for (int64_t j = 0; j < NH; ++j) {
           const float inv = 1.f / denom[j];
           T* o = op + (b * Hq + q_head0 + j) * D;
