@@ -182,14 +182,7 @@ float row_dot_scalar(const uint8_t* qs_row, const c10::Half* d_row, const c10::H
   return acc;
 }
 
-#ifdef KILN_AVX512
-// Blocks are walked in chunks of 16. For each chunk the combined scales d[r,b] * dx[i,b] of the
-// NR x MC (output row, activation row) pairs are computed 16 at a time (one vcvtph2ps and one
-// multiply per pair) into `sc`, so the per-block inner step is only vpmaddwd, a conversion and an
-// FMA whose scale operand is an embedded broadcast from `sc` (a load, not a shuffle-port uop).
-// The Q4 min term m[r,b] * dx[i,b] * sum(xq_b) is folded into the same accumulators, 16 blocks per
-// FMA, instead of a scalar loop per output row.
-constexpr int64_t CHUNK = 16;
+#if defined(KILN_AVX512) || defined(KILN_AVX2)
 // Software prefetch distance in output rows: the tile NR rows ahead is 2-5 KB away, about the time
 // one tile takes, so its lines arrive as they are needed. Row streams of 300-600 bytes are too
 // short for the hardware prefetcher to catch up on (measured: the 49152 x 576 Q8_0 LM head ran at
@@ -200,6 +193,28 @@ constexpr int64_t PREFETCH_ROWS = 8;
 // and 1.09 ms with this one added (24, 32 and 64 rows ahead: 1.30, 1.09, 1.23 ms; AMD EPYC, 2026-11-30);
 // single-stream decode of the default model went from 7.6 to 6.2 ms per step.
 constexpr int64_t PREFETCH_ROWS_L2 = 4 * PREFETCH_ROWS;
+
+// Every cache line of [p, p + bytes) into the cache `hint` names. The chunked kernels prefetch the rows
+// of a later tile whole at the start of a tile: prefetching inside the chunk loop missed the line of
+// a row's tail blocks (rows of 288 or 576 bytes straddle lines), whose demand misses stalled the
+// stream (a DRAM-bound 3072 x 576 Q4 matmul ran ~7 % slower than the pair-layout kernel before this).
+template <int HINT>
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(c) & ~static_cast<uintptr_t>(63);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(c + bytes - 1);
+  for (uintptr_t a = first; a <= last; a += 64) _mm_prefetch(reinterpret_cast<const char*>(a), static_cast<_mm_hint>(HINT));
+}
+#endif
+
+#ifdef KILN_AVX512
+// Blocks are walked in chunks of 16. For each chunk the combined scales d[r,b] * dx[i,b] of the
+// NR x MC (output row, activation row) pairs are computed 16 at a time (one vcvtph2ps and one
+// multiply per pair) into `sc`, so the per-block inner step is only vpmaddwd, a conversion and an
+// FMA whose scale operand is an embedded broadcast from `sc` (a load, not a shuffle-port uop).
+// The Q4 min term m[r,b] * dx[i,b] * sum(xq_b) is folded into the same accumulators, 16 blocks per
+// FMA, instead of a scalar loop per output row.
+constexpr int64_t CHUNK = 16;
 
 template <int NR, int MC>
 inline void accumulate_block(__m512 (&acc)[NR][MC], const __m512i (&w)[NR], const float (&sc)[NR][MC][CHUNK],
@@ -281,17 +296,6 @@ void tile_dot_avx512(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, c
 }
 
 
-// Every cache line of [p, p + bytes) into the cache `hint` names. The chunked kernels prefetch the rows
-// of a later tile whole at the start of a tile: prefetching inside the chunk loop missed the line of
-// a row's tail blocks (rows of 288 or 576 bytes straddle lines), whose demand misses stalled the
-// stream (a DRAM-bound 3072 x 576 Q4 matmul ran ~7 % slower than the pair-layout kernel before this).
-template <int HINT>
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  const uintptr_t first = reinterpret_cast<uintptr_t>(c) & ~static_cast<uintptr_t>(63);
-  const uintptr_t last = reinterpret_cast<uintptr_t>(c + bytes - 1);
-  for (uintptr_t a = first; a <= last; a += 64) _mm_prefetch(reinterpret_cast<const char*>(a), static_cast<_mm_hint>(HINT));
-}
 
 // int32 lanes += pairwise products of int16 lanes: one vpdpwssd with AVX512-VNNI, else vpmaddwd + add.
 inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
@@ -457,6 +461,11 @@ void tile_dot_avx2(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, con
   __m256 acc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MC; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int r = 0; r < NR; ++r) {  // as the AVX-512 kernels: later tiles' rows whole, to L1 and farther to L2
+    prefetch_bytes<_MM_HINT_T0>(qs + (r + PREFETCH_ROWS) * row_bytes, row_bytes);
+    prefetch_bytes<_MM_HINT_T1>(qs + (r + PREFETCH_ROWS_L2) * row_bytes, row_bytes);
+    prefetch_bytes<_MM_HINT_T0>(d + (r + PREFETCH_ROWS) * nb, nb * 2);
+  }
   if constexpr (Q4) {
     const __m256i low_mask = _mm256_set1_epi16(0x0F);
     for (int64_t b = 0; b < nb; b += 2) {
@@ -514,6 +523,12 @@ void tile_dot_q4_chunked_avx2(const uint8_t* qs, int64_t row_bytes, const c10::H
   __m256 acc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MC; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int r = 0; r < NR; ++r) {  // the rows PREFETCH_ROWS (L1) and PREFETCH_ROWS_L2 ahead, whole
+    prefetch_bytes<_MM_HINT_T0>(qs + (r + PREFETCH_ROWS) * row_bytes, row_bytes);
+    prefetch_bytes<_MM_HINT_T1>(qs + (r + PREFETCH_ROWS_L2) * row_bytes, row_bytes);
+    prefetch_bytes<_MM_HINT_T0>(d + (r + PREFETCH_ROWS) * nb, nb * 2);
+    prefetch_bytes<_MM_HINT_T0>(m + (r + PREFETCH_ROWS) * nb, nb * 2);
+  }
   const __m256i low_mask = _mm256_set1_epi16(0x0F);
   for (int64_t c = 0; c < full; c += CHUNK_BLOCKS) {
     for (int r = 0; r < NR; ++r) {
@@ -552,13 +567,24 @@ void tile_dot_q4_chunked_avx2(const uint8_t* qs, int64_t row_bytes, const c10::H
   for (int r = 0; r < NR; ++r) {
     for (int i = 0; i < MC; ++i) {
       float v = hsum256(acc[r][i]);
-      // the tail in the pair layout: the portable step (at most 15 blocks per row)
+      // the tail in the pair layout (at most 15 blocks per row): the block's exact integer dot product
+      // with vpmaddwd (the portable step's sum, bit for bit), then the portable step's float arithmetic
       for (int64_t b = full; b < nb; ++b) {
         const uint8_t* pair = qs + r * row_bytes + (b / 2) * QK;
         const int shift = static_cast<int>(b % 2) * 4;
         const int16_t* xq = xr.q.data() + (m0 + i) * K + b * QK;
-        int32_t sum = 0;
-        for (int j = 0; j < QK; ++j) sum += static_cast<int32_t>((pair[j] >> shift) & 0x0F) * xq[j];
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair));
+        const __m256i w0 = _mm256_and_si256(_mm256_srl_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(raw)),
+                                                             _mm_cvtsi32_si128(shift)), low_mask);
+        const __m256i w1 = _mm256_and_si256(_mm256_srl_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(raw, 1)),
+                                                             _mm_cvtsi32_si128(shift)), low_mask);
+        const __m256i s = _mm256_add_epi32(
+            _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
+            _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        const int32_t sum = _mm_cvtsi128_si32(s4);
         v += half_to_float(d + r * nb + b) * xr.dx[(m0 + i) * nb + b] * static_cast<float>(sum) +
              half_to_float(m + r * nb + b) * xr.sx[(m0 + i) * nb + b];
       }
