@@ -13,7 +13,8 @@ from gguf.quants import quantize as gguf_quantize
 
 from kiln.data import WIKITEXT2_TEST, data_path
 from kiln.kernels.native import load_native
-from kiln.kernels.quant_matmul import dequantize_reference, quant_matmul_reference, set_activation_bits
+from kiln.kernels.quant_matmul import (dequantize_reference, quant_matmul_reference, quantize_activations_reference,
+                                       set_activation_bits)
 from kiln.layers.gguf_quant import GGUFQuantizedTensor, GGUFQuantLinearMethod, pack_blocks
 from kiln.layers.linear import Linear
 
@@ -208,3 +209,32 @@ def test_q4_chunked_layout_is_the_documented_one(num_blocks: int) -> None:
                 byte = flat[:, (b // 2) * 32 + e]
                 got = (byte >> (4 * (b % 2))) & 0x0F
             assert torch.equal(got, q[:, b, e]), (b, e)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [16, 8])
+def test_native_activation_quantizer_equals_twin_bit_for_bit(dtype: torch.dtype, bits: int) -> None:
+    """The native quantizer (AVX-512, AVX2 or portable, whichever this CPU built) gives the twin's values and
+    scales exactly: a Q8_0 identity matrix with unit scales makes y[i, n] = dx[i, n // 32] * q[i, n] exact, so
+    any rounding difference (ties, a zero block, a scale off by one ulp) shows as a mismatch."""
+    set_activation_bits(bits)
+    try:
+        k = 576
+        qs = torch.zeros(k, k, dtype=torch.int8)
+        qs[torch.arange(k), torch.arange(k)] = 1
+        d = torch.ones(k, k // 32, dtype=torch.float16)
+        gen = torch.Generator().manual_seed(7)
+        for trial in range(24):
+            x = torch.randn(1 + trial % 5, k, generator=gen) * 10.0 ** (trial % 7 - 3)
+            if trial % 3 == 0:
+                x[:, 32:64] = 0  # an all-zero block: scale 0, values 0
+            if trial % 4 == 0:
+                x = (x * 2).round() / 2  # many exact halves after scaling: ties away from zero
+            x = x.to(dtype)
+            got = torch.ops.kiln.quant_matmul(x, qs.view(torch.uint8), d, torch.zeros(0, dtype=torch.float16), False)
+            values, dx = quantize_activations_reference(x.float())
+            want = (values * dx.unsqueeze(-1)).reshape(x.shape).to(dtype)
+            assert torch.equal(got, want), f"trial {trial}: max diff {(got.float() - want.float()).abs().max()}"
+    finally:
+        set_activation_bits(16)

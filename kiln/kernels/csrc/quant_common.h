@@ -77,9 +77,26 @@ inline __m512i round_away(__m512 v) {
 }
 #endif
 
+#ifdef KILN_AVX2
+// Eight activations as fp32 (bf16 → fp32 is the upper half of the fp32 bit pattern).
+inline __m256 load8_activations(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8_activations(const c10::BFloat16* x) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
+}
+// std::round (ties away from zero), exactly, on 8 lanes: round_away's steps with AVX2 instructions.
+inline __m256i round_away8(__m256 v) {
+  const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m256 frac = _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_sub_ps(v, t));
+  const __m256 up = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m256 sign_one = _mm256_or_ps(_mm256_set1_ps(1.f), _mm256_and_ps(v, _mm256_set1_ps(-0.f)));
+  return _mm256_cvttps_epi32(_mm256_blendv_ps(t, _mm256_add_ps(t, sign_one), up));
+}
+#endif
+
 // x [M, K] → int16 per-32-block quantization (round to nearest, ties away from zero). The AVX-512
 // path computes the same values as the scalar loop (same max, same scale, same products, same
-// rounding): it runs once per linear of every decode step, before the threads split the work.
+// rounding; the AVX2 path likewise): it runs once per linear of every decode step, before the threads split the work.
 template <typename T>
 QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK;
@@ -100,6 +117,39 @@ QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 16), _mm512_cvtepi32_epi16(qhi));
       r.dx[i * nb + b] = d;
       r.sx[i * nb + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+    }
+  }
+  return r;
+#endif
+#ifdef KILN_AVX2
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const T* xs = x + i * K + b * QK;
+      __m256 v[4];
+      for (int k = 0; k < 4; ++k) v[k] = load8_activations(xs + 8 * k);
+      const __m256 abs_mask = _mm256_set1_ps(-0.f);
+      __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(abs_mask, v[0]), _mm256_andnot_ps(abs_mask, v[1])),
+                                _mm256_max_ps(_mm256_andnot_ps(abs_mask, v[2]), _mm256_andnot_ps(abs_mask, v[3])));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float amax = _mm_cvtss_f32(m4);
+      const float d = amax / qmax;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      __m256i q[4];
+      for (int k = 0; k < 4; ++k) q[k] = round_away8(_mm256_mul_ps(v[k], vinv));
+      int16_t* qb = r.q.data() + i * K + b * QK;
+      // packs works per 128-bit lane: [a0-3 b0-3 a4-7 b4-7] → element order by a 64-bit permute
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 16),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+      const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      r.dx[i * nb + b] = d;
+      r.sx[i * nb + b] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
     }
   }
   return r;
