@@ -137,6 +137,18 @@ inline void axpy_f32(float p, const float* x, float* y, int64_t d) {
   for (int64_t i = 0; i < d; ++i) y[i] += p * x[i];
 }
 
+// The cache rows (at element offset `off`) and slots of keys tb .. tb + KT - 1 for one group of the SIMD
+// decode tasks; lanes past nt repeat the last key (their scores are masked off).
+template <int64_t KT, typename C>
+inline void key_group(const C* kp, const int32_t* table, int64_t tb, int64_t nt, int64_t BS, int64_t block_stride,
+                      int64_t token_stride, int64_t off, const C* (&krows)[KT], int64_t (&slots)[KT]) {
+  for (int64_t i = 0; i < KT; ++i) {
+    const int64_t t = tb + std::min<int64_t>(i, nt - 1);
+    slots[i] = static_cast<int64_t>(table[t / BS]) * BS + t % BS;
+    krows[i] = kp + table[t / BS] * block_stride + (t % BS) * token_stride + off;
+  }
+}
+
 #if defined(__AVX512F__)
 // 16 cache values → fp32 lanes (exactly what to_float produces for them); the float types' overloads
 // are in avx512_load.h, shared with the prefill kernel.
@@ -218,11 +230,7 @@ void decode_task_avx512(const float* qf, const C* kp, const C* vp, const int32_t
     const __mmask16 valid = static_cast<__mmask16>((1u << nt) - 1u);
     const C* krows[KT];
     int64_t slots[KT];
-    for (int64_t i = 0; i < KT; ++i) {
-      const int64_t t = tb + std::min<int64_t>(i, nt - 1);  // lanes past the end repeat the last key (masked off)
-      slots[i] = static_cast<int64_t>(table[t / BS]) * BS + t % BS;
-      krows[i] = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
-    }
+    key_group<KT>(kp, table, tb, nt, BS, block_stride, token_stride, h0 * D, krows, slots);
     for (int64_t hh = 0; hh < heads; ++hh) {
       __m512 ks = _mm512_set1_ps(1.f);
       if constexpr (kQuant) {
@@ -358,11 +366,7 @@ void decode_task_avx2(const float* qf, const C* kp, const C* vp, const int32_t* 
     const __m256i valid = first_lanes(nt);
     const C* krows[KT];
     int64_t slots[KT];
-    for (int64_t i = 0; i < KT; ++i) {
-      const int64_t t = tb + std::min<int64_t>(i, nt - 1);  // lanes past the end repeat the last key (masked off)
-      slots[i] = static_cast<int64_t>(table[t / BS]) * BS + t % BS;
-      krows[i] = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
-    }
+    key_group<KT>(kp, table, tb, nt, BS, block_stride, token_stride, h0 * D, krows, slots);
     for (int64_t hh = 0; hh < heads; ++hh) {
       __m256 ks = _mm256_set1_ps(1.f);
       if constexpr (kQuant) {
@@ -457,6 +461,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t NH = heads_per_task * G;  // query heads served by one task
     std::vector<float> qf(NH * D), acc(NH * D), scores, row(heads_per_task * D), row_max(NH), denom(NH);
+    // the task's NH normalized outputs: acc / denom per query head, in the output dtype
+    const auto write_out = [&](int64_t b, int64_t q_head0) {
+      for (int64_t j = 0; j < NH; ++j) {
+        const float inv = 1.f / denom[j];
+        T* o = op + (b * Hq + q_head0 + j) * D;
+        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[j * D + i] * inv);
+      }
+    };
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = split_heads ? item / Hkv : item;
       const int64_t h0 = split_heads ? item % Hkv : 0;
@@ -473,11 +485,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         const auto task = D == 64 ? decode_task_avx512<C, 4, kQuant> : decode_task_avx512<C, 8, kQuant>;
         task(qf.data(), kp, vp, table, t0, S, BS, block_stride, token_stride, h0, heads_per_task, G, Hkv, k_scales,
              v_scales, scores.data(), row_max.data(), denom.data(), acc.data());
-        for (int64_t j = 0; j < NH; ++j) {
-          const float inv = 1.f / denom[j];
-          T* o = op + (b * Hq + q_head0 + j) * D;
-          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[j * D + i] * inv);
-        }
+        write_out(b, q_head0);
         continue;
       }
 #elif defined(KILN_ATTN_AVX2)
@@ -485,11 +493,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         decode_task_avx2<C, kQuant>(qf.data(), kp, vp, table, t0, S, D, BS, block_stride, token_stride, h0,
                                     heads_per_task, G, Hkv, k_scales, v_scales, scores.data(), row_max.data(),
                                     denom.data(), acc.data());
-        for (int64_t j = 0; j < NH; ++j) {
-          const float inv = 1.f / denom[j];
-          T* o = op + (b * Hq + q_head0 + j) * D;
-          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[j * D + i] * inv);
-        }
+        write_out(b, q_head0);
         continue;
       }
 #endif
@@ -524,11 +528,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
           for (int64_t j = 0; j < NH; ++j) axpy_f32(scores[j * S + t], row.data() + (j / G) * D, acc.data() + j * D, D);
         }
       }
-      for (int64_t j = 0; j < NH; ++j) {
-        const float inv = 1.f / denom[j];
-        T* o = op + (b * Hq + q_head0 + j) * D;
-        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[j * D + i] * inv);
-      }
+      write_out(b, q_head0);
     }
   });
 }
