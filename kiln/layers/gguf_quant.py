@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.decode_step import LinearEntry, block_entry
-from kiln.kernels.packed_linear import is_packed, pack_bf16, packed_linear, packing_available
+from kiln.kernels.packed_linear import is_packed, pack, packed_linear, packing_available
 from kiln.kernels.quant_matmul import QK, dequantize, pack_q4, quant_matmul, quant_matmul_panels, use_native_quant
 from kiln.kernels.tune import copy_dtype, limits, load_tuning
 from kiln.layers.linear_method import LinearMethod
@@ -196,19 +196,21 @@ class GGUFQuantLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: "Linear", dense: torch.Tensor | None = None) -> None:
         """After every shard is loaded: build (or adopt, e.g. a tied embedding) the dense copy.
 
-        A bf16 copy is kept pre-packed for oneDNN where that works (kiln.kernels.packed_linear). A tied head
-        adopts the table itself, except under fp32 activations with bf16 copies (`kiln tune`'s choice): its
-        batched rows would then run an fp32 GEMM on the fp32 table (4.4x slower than a packed bf16 copy at 32
-        rows here), so it packs a bf16 copy of the table (which stays for embedding lookups). A bf16 table is
-        adopted as it is: a packed copy would double its memory for ~1.3x on the head's GEMM."""
+        The copy is kept pre-packed for oneDNN where that works for its dtype (kiln.kernels.packed_linear: bf16,
+        and fp32 where oneDNN's packed GEMM matches torch's). A tied head's fp32 table (an fp32 model) is
+        packed into a copy of the head's dtype, and the table stays for embedding lookups: its batched rows
+        would otherwise run torch's GEMM on the plain table (at 32 rows 4.4x slower than a packed bf16 copy on
+        an AVX-512 EPYC, 2x slower than a packed fp32 copy on an AVX2 EPYC). A bf16 table is adopted as it
+        is: a packed copy would double its memory for ~1.3x on the head's GEMM."""
         if not self.keep_dense:
             return
-        if layer.dense_dtype == torch.bfloat16 and packing_available(next(layer.buffers()).device):
+        copy = layer.dense_dtype
+        if packing_available(next(layer.buffers()).device, copy):
             if dense is None:
-                layer.dense_weight = pack_bf16(self.dequantize_weight(layer, torch.bfloat16))
+                layer.dense_weight = pack(self.dequantize_weight(layer, copy), copy)
                 return
             if dense.dtype == torch.float32:
-                layer.dense_weight = pack_bf16(dense)
+                layer.dense_weight = pack(dense, copy)
                 return
         layer.dense_weight = dense if dense is not None else self.dequantize_weight(layer, layer.dense_dtype)
 

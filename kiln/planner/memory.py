@@ -170,12 +170,15 @@ def runtime_copies(source: ModelSource, req: PlanRequest, fmt_matrix: str) -> in
         extra = 0
     if (req.device == "cpu" and req.quantized_weights == "auto" and req.max_weight_memory is None
             and fmt_matrix in NATIVE_BLOCK_TYPES):
+        import torch
+
         from kiln.kernels.packed_linear import packing_available
 
         copy = _dense_copy_bytes(act)
         extra += sum(rows * cols for _, _, rows, cols in _layer_matrices(a)) * a.num_layers * copy
-        if copy == 2 and act == 4 and a.tie_word_embeddings and emb_type not in DENSE_BYTES and packing_available("cpu"):
-            # the tied head's bf16 copy of the fp32 table, packed for oneDNN (kiln.kernels.packed_linear); without
+        copy_dtype = torch.bfloat16 if copy == 2 else torch.float32
+        if act == 4 and a.tie_word_embeddings and emb_type not in DENSE_BYTES and packing_available("cpu", copy_dtype):
+            # the tied head's copy of the fp32 table, packed for oneDNN (kiln.kernels.packed_linear); without
             # packing, or with a bf16 table, the head adopts the table itself
             extra += a.vocab_size * a.hidden_size * copy
     return extra

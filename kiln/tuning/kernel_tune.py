@@ -38,6 +38,7 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
     """Time every path at every M on `model`'s Q4 linears, save the crossovers for this machine, return them."""
     from kiln.hub import resolve_model
     from kiln.kernels.native import load_native, simd_path
+    from kiln.kernels.packed_linear import resident_copy, resident_linear
     from kiln.kernels.quant_matmul import dequantize
     from kiln.loader.model_loader import load_model
 
@@ -51,6 +52,8 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
         raise RuntimeError(f"{model} has no GGUF Q4 linears to tune on; use a Q4_0/Q4_1 GGUF")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     dense = {name: [dequantize(qs, d, m, True, dt) for qs, d, m in linears] for name, dt in dtypes.items()}
+    # the resident path as the engine keeps it: packed for oneDNN where that works (kiln.kernels.packed_linear)
+    resident = {name: [resident_copy(w) for w in ws] for name, ws in dense.items()}
     panel_ok = simd_path() == "AVX-512"
     simd = simd_path() in ("AVX-512", "AVX2")  # the dense kernel's scalar loop is never a candidate
     samples: dict[str, dict[str, dict[str, list[float]]]] = {n: {str(m): {} for m in rows} for n in dtypes}
@@ -63,14 +66,12 @@ def measure(model: str = "smollm2-135m", threads: int | None = None, rounds: int
                     xs = [torch.randn(m, d.shape[1] * 32, dtype=dt) for _, d, _ in linears]
                     paths: dict[str, Callable[[], None]] = {
                         "block": lambda: [ops.quant_matmul(x, qs, d, mm, True) for x, (qs, d, mm) in zip(xs, linears)],
-                        "resident": lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, dense[name])],
+                        "resident": lambda: [resident_linear(x, w) for x, w in zip(xs, resident[name])],
                         "dequantize": lambda: [torch.nn.functional.linear(x, dequantize(qs, d, mm, True, dt))
                                                for x, (qs, d, mm) in zip(xs, linears)],
                     }
                     if name == "float32":  # fp32 activations through a bf16 copy: the casts in and out included
-                        paths["resident_bf16"] = lambda: [
-                            torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
-                            for x, w in zip(xs, dense["bfloat16"])]
+                        paths["resident_bf16"] = lambda: [resident_linear(x, w) for x, w in zip(xs, resident["bfloat16"])]
                     if m <= DENSE_KERNEL_ROWS and simd:  # a dense model's weights, kiln's kernel
                         paths["dense_kernel"] = lambda: [ops.dense_matmul(x, w) for x, w in zip(xs, dense[name])]
                     if panel_ok and name == "float32":

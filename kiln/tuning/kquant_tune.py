@@ -41,6 +41,7 @@ def measure_kinds(shapes: list[tuple[int, int]], rows: tuple[int, ...], rounds: 
     """{kind: {"seconds_per_step": {dtype: {M: {path: s}}}, "crossovers": {dtype: {"resident"|"no_resident": ...}}}}
     for `shapes` [(N, K)] (one weight each, distinct, as a decode step streams them)."""
     from kiln.kernels.kquant_matmul import KQUANT_CODES, QKK
+    from kiln.kernels.packed_linear import resident_copy, resident_linear
 
     rng = np.random.default_rng(0)
     shapes = [(n, -(-k // QKK) * QKK) for n, k in shapes]
@@ -52,6 +53,7 @@ def measure_kinds(shapes: list[tuple[int, int]], rows: tuple[int, ...], rounds: 
         ws = [_random_blocks(kind, n, k, rng) for n, k in shapes]
         dense = {name: [ops.kquant_dequantize(w, k, code, dt) for w, (_, k) in zip(ws, shapes)]
                  for name, dt in dtypes.items()}
+        resident = {name: [resident_copy(d) for d in ds] for name, ds in dense.items()}  # as the engine keeps them
         samples: dict[str, dict[str, dict[str, list[float]]]] = {n: {str(m): {} for m in rows} for n in dtypes}
         with torch.inference_mode():
             for _ in range(rounds):
@@ -60,13 +62,12 @@ def measure_kinds(shapes: list[tuple[int, int]], rows: tuple[int, ...], rounds: 
                         xs = [torch.randn(m, k, dtype=dt) for _, k in shapes]
                         paths: dict[str, Callable[[], None]] = {
                             "block": lambda: [ops.kquant_matmul(x, w, code) for x, w in zip(xs, ws)],
-                            "resident": lambda: [torch.nn.functional.linear(x, d) for x, d in zip(xs, dense[name])],
+                            "resident": lambda: [resident_linear(x, d) for x, d in zip(xs, resident[name])],
                             "dequantize": lambda: [torch.nn.functional.linear(x, ops.kquant_dequantize(w, x.shape[1], code, dt))
                                                    for x, w in zip(xs, ws)],
                         }
                         if name == "float32":
-                            paths["resident_bf16"] = lambda: [torch.nn.functional.linear(x.to(torch.bfloat16), d).float()
-                                                              for x, d in zip(xs, dense["bfloat16"])]
+                            paths["resident_bf16"] = lambda: [resident_linear(x, d) for x, d in zip(xs, resident["bfloat16"])]
                             if panel_ok:
                                 paths["panel"] = lambda: [ops.kquant_matmul_panels(x, w, code) for x, w in zip(xs, ws)]
                         for path, fn in paths.items():

@@ -21,19 +21,21 @@ enum LinearKind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2, kKQuant = 3, kQ5 = 6 }
 
 // y = x @ W^T (+ bias) on a layer's resident dense copy, for M above its decode kernels, as
 // GGUFQuantLinearMethod.apply runs it: a copy pre-packed for oneDNN (kiln.kernels.packed_linear: an opaque
-// mkldnn tensor) through mkldnn::_linear_pointwise in bf16; a plain bf16 copy under fp32 activations
-// through torch's GEMM in bf16; a copy in x's dtype through torch's GEMM. Returns an undefined tensor when
-// the copy cannot serve x (absent, or another dtype): the caller then dequantizes.
+// mkldnn tensor, bf16 or fp32) through mkldnn::_linear_pointwise in the copy's dtype; a plain bf16 copy under
+// fp32 activations through torch's GEMM in bf16; a copy in x's dtype through torch's GEMM. Returns an
+// undefined tensor when the copy cannot serve x (absent, or another dtype): the caller then dequantizes.
 inline at::Tensor dense_copy_linear(const at::Tensor& x, const at::Tensor& dense, const c10::optional<at::Tensor>& bias) {
   if (!dense.defined()) return at::Tensor();
   if (dense.is_mkldnn()) {
     static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-    // the bias inside the GEMM for bf16 x (one rounding, as F.linear), added after the cast for fp32 x
-    const bool inner = bias.has_value() && x.scalar_type() == at::kBFloat16;
+    // the bias inside the GEMM when x has the copy's dtype (one rounding, as F.linear), added after the cast
+    // for fp32 x on a bf16 copy (as packed_linear)
+    const at::ScalarType copy = dense.scalar_type();
+    const bool inner = bias.has_value() && x.scalar_type() == copy;
     std::vector<c10::IValue> stack;
-    stack.emplace_back(x.to(at::kBFloat16).contiguous());
+    stack.emplace_back(x.to(copy).contiguous());
     stack.emplace_back(dense);
-    stack.emplace_back(inner ? c10::IValue(bias->to(at::kBFloat16)) : c10::IValue());
+    stack.emplace_back(inner ? c10::IValue(bias->to(copy)) : c10::IValue());
     stack.emplace_back(std::string("none"));
     stack.emplace_back(c10::List<c10::optional<at::Scalar>>());
     stack.emplace_back(c10::IValue());  // algorithm: none
