@@ -84,6 +84,19 @@ inline void silu_mul_row_avx512(const float* g, const float* u, float* o, int64_
   }
   for (; i < I; ++i) o[i] = g[i] / (1.f + kiln_exp(-g[i])) * u[i];
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// The AVX2 twin (8 lanes, kiln_exp8): the same steps, so the same values as the AVX-512 row. Without it
+// an AVX2-only CPU ran the scalar loop at ~4-5 ns per element: 1.8 s of a 33 s run of 32 streams there.
+inline void silu_mul_row_avx2(const float* g, const float* u, float* o, int64_t I) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= I; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 act = _mm256_div_ps(gv, _mm256_add_ps(one, kiln_exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(act, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < I; ++i) o[i] = g[i] / (1.f + kiln_exp(-g[i])) * u[i];
+}
 #endif
 
 // silu(gate) * up for gate_up = [gate | up] along the last dim.
@@ -100,6 +113,11 @@ void silu_mul_kernel(const at::Tensor& gate_up, at::Tensor& out) {
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<T, float>) {
         silu_mul_row_avx512(g, u, o, I);
+        continue;
+      }
+#elif defined(__AVX2__) && defined(__FMA__)
+      if constexpr (std::is_same_v<T, float>) {
+        silu_mul_row_avx2(g, u, o, I);
         continue;
       }
 #endif
