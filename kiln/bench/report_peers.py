@@ -118,6 +118,14 @@ def kernel_tune_table(name: str = "kernel_tune") -> str:
 
 
 
+def _bandwidth(m: dict) -> str:
+    """'; read bandwidth X GB/s at the start, Y at the end' where the run recorded it."""
+    if "read_bandwidth_gb_s_start" not in m:
+        return ""
+    end = f", {m['read_bandwidth_gb_s_end']:.1f} at the end" if "read_bandwidth_gb_s_end" in m else ""
+    return f"; read bandwidth {m['read_bandwidth_gb_s_start']:.1f} GB/s at the start{end}"
+
+
 def concurrent_peers_table(name: str = "concurrent_peers") -> str:
     """`kiln serve` against the best `llama-server -np` at 32 and 64 streaming clients (issue 21)."""
     d = _load(name)
@@ -141,7 +149,9 @@ def concurrent_peers_table(name: str = "concurrent_peers") -> str:
         verdicts.append(line)
     return ("\n".join(rows) + "\n\n" + "\n".join(verdicts)
             + f"\n\n_From `benchmarks/concurrent_peers.py` → `benchmarks/results/{name}.json`, one run, {d['date']}; "
-            f"{m['cpu']}, {m['threads']} threads per server; GSM8K chat questions, {d['decode_tokens']} new tokens, "
+            f"{m['cpu']}{' (' + ', '.join(m['flags']) + ')' if m.get('flags') else ''}, {m['threads']} threads per server"
+            f"{_bandwidth(m)}{'; kiln' + chr(39) + 's kernel choice: ' + m['kiln_kernel_choice'] if m.get('kiln_kernel_choice') else ''}"
+            f"; GSM8K chat questions, {d['decode_tokens']} new tokens, "
             f"2 x clients requests closed loop; kiln serve before and after the peers (mean of the two); "
             f"scheduling: {m.get('scheduling', 'normal')}._")
 
