@@ -102,7 +102,8 @@ def main() -> None:
     from kiln.tuning.kernel_tune import measure
     from kiln.layers.gguf_quant import PANEL_ROWS, SCALAR_THRESHOLDS, THRESHOLDS
 
-    result = measure("smollm2-135m", threads=2, rounds=int(os.environ.get("ROUNDS", "5")),
+    rounds = int(os.environ.get("ROUNDS", "5"))
+    result = measure("smollm2-135m", threads=2, rounds=rounds,
                      log=lambda s: print(s, file=sys.stderr))
     resident, dequantize = THRESHOLDS.get(simd_path(), SCALAR_THRESHOLDS)
     result["built_in"] = {"simd": simd_path(), "block_max_vs_resident": resident, "block_max_vs_dequantize": dequantize,
@@ -120,6 +121,7 @@ def main() -> None:
         result["bf16_copy_quality"] = bf16_copy_quality()
     result["engine_decode_runs"] = runs
     result["load_average"] = os.getloadavg()[0]
+    result["tune_rounds"] = rounds
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}", file=sys.stderr)
 

@@ -111,7 +111,7 @@ def kernel_tune_table(name: str = "kernel_tune") -> str:
                          f"{p['tuned'] / p['built-in']:.2f} |")
     lines.append(f"\n_From `benchmarks/kernel_tune.py` → `benchmarks/results/{name}.json` (`kiln tune`), one run, "
                  f"{d['date']}; {fp['cpu']} ({', '.join(fp['flags'])}), {fp['threads']} threads, {fp['simd']} build, "
-                 f"torch {fp['torch']}; 10th percentile of 5 alternating rounds; load average {d['load_average']:.1f} "
+                 f"torch {fp['torch']}; 10th percentile of {d.get('tune_rounds', 5)} alternating rounds; load average {d['load_average']:.1f} "
                  "(other work niced, this run at nice -20)._")
     return "\n".join(lines)
 
