@@ -113,6 +113,21 @@ def test_paged_decode_head_sizes_with_simd_task(dtype, cache_dtype, d, seq_lens)
 
 
 @pytest.mark.parametrize("dtype, cache_dtype", DTYPE_PAIRS, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (6, 2), (8, 2), (10, 2), (4, 1)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_paged_decode_gqa_group_sizes(dtype, cache_dtype, hq, hkv, batch) -> None:
+    """Every GQA group size the SIMD decode tasks special-case (the AVX2 task loads each key and value row once
+    for groups of 2-4 query heads) and two they do not (1, 5), one sequence (a task per KV head) and five (a
+    task per sequence), head size 64 and lengths around the key-group boundaries: against the reference."""
+    seq_lens = [1, 7, 8, 9, 23][:batch] if batch > 1 else [41]
+    q, k_cache, v_cache, meta = _random_paged_batch(dtype, [1] * len(seq_lens), seq_lens, hq=hq, hkv=hkv, d=64,
+                                                    block_size=16, cache_dtype=cache_dtype, seed=hq * 10 + hkv)
+    ref = paged_attention_reference(q, k_cache, v_cache, meta)
+    out = paged_attention(q, k_cache, v_cache, meta)
+    assert torch.allclose(out.float(), ref.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype, cache_dtype", DTYPE_PAIRS, ids=lambda t: str(t).removeprefix("torch."))
 @pytest.mark.parametrize("d, block_size", [(32, 4), (64, 16), (128, 16)])
 def test_short_query_after_prefix_equals_decoding_token_by_token(dtype, cache_dtype, d, block_size) -> None:
     """Speculative verification (last token + k drafts in one call) must give bit-identical

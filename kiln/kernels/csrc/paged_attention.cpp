@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #endif
@@ -347,6 +348,59 @@ inline void accumulate_v_avx2(const float* p, const C* vbase, const float* vsc, 
   for (int c = 0; c < CB; ++c) _mm256_storeu_ps(out + 8 * c, o[c]);
 }
 
+// The G query heads of one KV head over one group of 8 keys, each key row loaded (converted, for a 16-bit or
+// 8-bit cache) once for all G heads instead of once per head: a[g][i] is head g's accumulator for key i,
+// zeroed, then one FMA per column block in column order: the per-head loop's arithmetic, so its sums are
+// bit-identical to that loop's. Keys in passes of KP so that G x KP accumulators stay in registers.
+template <typename C, int G, int KP>
+inline void group_scores_avx2(const float* q /* [G][D] */, const C* const (&krows)[8], int64_t off, int64_t D,
+                              __m256 (&a)[G][8]) {
+  const int64_t DV = D / 8;
+  for (int i0 = 0; i0 < 8; i0 += KP) {
+    __m256 s[G][KP];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < KP; ++i) s[g][i] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < DV; ++c) {
+      for (int i = 0; i < KP; ++i) {
+        const __m256 k = load8(krows[i0 + i] + off + 8 * c);
+        for (int g = 0; g < G; ++g) s[g][i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + 8 * c), k, s[g][i]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < KP; ++i) a[g][i0 + i] = s[g][i];
+  }
+}
+
+// out (G query heads of one KV head, columns [c0, c0 + 8 * CB) of each, rows D apart) = sum over t of
+// p_g[t] * V[t] (p_g rows ps apart): accumulate_v_avx2 for G heads at once, each V row loaded (converted) once
+// for all of them; per output lane the same FMAs in the same token order, so the same values.
+template <typename C, int G, int CB, bool kQuant>
+inline void accumulate_v_group_avx2(const float* p, int64_t ps, const C* vbase, const float* vsc, const int32_t* table,
+                                    int64_t t0, int64_t S, int64_t BS, int64_t block_stride, int64_t token_stride,
+                                    int64_t Hkv, float* out, int64_t D) {
+  __m256 o[G][CB];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CB; ++c) o[g][c] = _mm256_setzero_ps();
+  for (int64_t t = t0; t < S;) {
+    const int64_t block = table[t / BS], end = std::min<int64_t>(S, (t / BS + 1) * BS);
+    for (int64_t i = t % BS; t < end; ++t, ++i) {
+      const C* vrow = vbase + block * block_stride + i * token_stride;
+      __m256 pv[G];
+      for (int g = 0; g < G; ++g) {
+        float pg = p[g * ps + t];
+        if constexpr (kQuant) pg *= vsc[(block * BS + i) * Hkv];
+        pv[g] = _mm256_set1_ps(pg);
+      }
+      for (int c = 0; c < CB; ++c) {
+        const __m256 v = load8(vrow + 8 * c);
+        for (int g = 0; g < G; ++g) o[g][c] = _mm256_fmadd_ps(pv[g], v, o[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CB; ++c) _mm256_storeu_ps(out + g * D + 8 * c, o[g][c]);
+}
+
 // One task of decode_kernel on AVX2 + FMA (head_dim a multiple of 8, at most 256): decode_task_avx512
 // with 8 lanes. Scores 8 keys at a time (per key a zeroed accumulator and D / 8 FMAs in column order,
 // then reduce_add_8), so a score depends only on its query and key, and a verification row is
@@ -374,19 +428,37 @@ void decode_task_avx2(const float* qf, const C* kp, const C* vp, const int32_t* 
         for (int64_t i = 0; i < KT; ++i) kss[i] = k_scales[slots[i] * Hkv + h0 + hh];
         ks = _mm256_load_ps(kss);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t j = hh * G + g;
-        const float* qj = qf + j * D;
-        __m256 a[KT];
-        for (int64_t i = 0; i < KT; ++i) {
-          a[i] = _mm256_setzero_ps();
-          const C* kr = krows[i] + hh * D;
-          for (int64_t c = 0; c < DV; ++c) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8 * c), load8(kr + 8 * c), a[i]);
-        }
+      const auto finish = [&](int64_t j, __m256 (&a)[KT]) {
         __m256 sc = reduce_add_8(a);
         if constexpr (kQuant) sc = _mm256_mul_ps(sc, ks);
         _mm256_maskstore_ps(scores + j * S + tb, valid, sc);
         max_lanes[j] = _mm256_blendv_ps(max_lanes[j], _mm256_max_ps(max_lanes[j], sc), _mm256_castsi256_ps(valid));
+      };
+      // GQA groups of 2-4 query heads share each key row's load (group_scores_avx2: the same sums)
+      const auto shared = [&](auto heads_tag, auto keys_tag) {
+        constexpr int GG = decltype(heads_tag)::value, KP = decltype(keys_tag)::value;
+        __m256 a[GG][KT];
+        group_scores_avx2<C, GG, KP>(qf + hh * G * D, krows, hh * D, D, a);
+        for (int g = 0; g < GG; ++g) finish(hh * G + g, a[g]);
+      };
+      if (G == 2) {
+        shared(std::integral_constant<int, 2>(), std::integral_constant<int, 4>());
+      } else if (G == 3) {
+        shared(std::integral_constant<int, 3>(), std::integral_constant<int, 4>());
+      } else if (G == 4) {
+        shared(std::integral_constant<int, 4>(), std::integral_constant<int, 2>());
+      } else {
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t j = hh * G + g;
+          const float* qj = qf + j * D;
+          __m256 a[KT];
+          for (int64_t i = 0; i < KT; ++i) {
+            a[i] = _mm256_setzero_ps();
+            const C* kr = krows[i] + hh * D;
+            for (int64_t c = 0; c < DV; ++c) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8 * c), load8(kr + 8 * c), a[i]);
+          }
+          finish(j, a);
+        }
       }
     }
   }
@@ -415,9 +487,30 @@ void decode_task_avx2(const float* qf, const C* kp, const C* vp, const int32_t* 
   for (int64_t hh = 0; hh < heads; ++hh) {
     const C* vbase = vp + (h0 + hh) * D;
     const float* vsc = kQuant ? v_scales + h0 + hh : nullptr;
+    const float* ph = scores + hh * G * S;
+    float* oh = acc + hh * G * D;
+    // GQA groups of 2-4 query heads: each V row loaded once for the group (accumulate_v_group_avx2)
+    if (G == 2 && D % 32 == 0) {
+      for (int64_t c0 = 0; c0 < D; c0 += 32)
+        accumulate_v_group_avx2<C, 2, 4, kQuant>(ph, S, vbase + c0, vsc, table, t0, S, BS, block_stride, token_stride,
+                                                 Hkv, oh + c0, D);
+      continue;
+    }
+    if (G == 3 && D % 32 == 0) {
+      for (int64_t c0 = 0; c0 < D; c0 += 32)
+        accumulate_v_group_avx2<C, 3, 4, kQuant>(ph, S, vbase + c0, vsc, table, t0, S, BS, block_stride, token_stride,
+                                                 Hkv, oh + c0, D);
+      continue;
+    }
+    if (G == 4 && D % 16 == 0) {
+      for (int64_t c0 = 0; c0 < D; c0 += 16)
+        accumulate_v_group_avx2<C, 4, 2, kQuant>(ph, S, vbase + c0, vsc, table, t0, S, BS, block_stride, token_stride,
+                                                 Hkv, oh + c0, D);
+      continue;
+    }
     for (int64_t g = 0; g < G; ++g) {
-      const float* p = scores + (hh * G + g) * S;
-      float* out = acc + (hh * G + g) * D;
+      const float* p = ph + g * S;
+      float* out = oh + g * D;
       int64_t c0 = 0;
       for (; c0 + 64 <= D; c0 += 64)
         accumulate_v_avx2<C, 8, kQuant>(p, vbase + c0, vsc, table, t0, S, BS, block_stride, token_stride, Hkv, out + c0);
